@@ -1,0 +1,12 @@
+"""bigmodel: fused LSTM and attention kernels for PyTorch, as drop-in layers.
+
+Importing the package loads the compiled extension (``bigmodel._C``), which registers the ops as
+``torch.ops.bigmodel.*``; the Python side registers their fake kernels and autograd formulas.
+"""
+
+import torch  # noqa: F401  (the extension links against libtorch)
+
+from . import _C  # noqa: F401  (registers torch.ops.bigmodel.*)
+from . import ops  # noqa: F401  (fake kernels and autograd)
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+from . import lstm  # noqa: F401

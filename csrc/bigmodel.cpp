@@ -1,0 +1,52 @@
+// Every op schema of the bigmodel library. Kernels register themselves per device at the end of
+// their own files (TORCH_LIBRARY_IMPL); autograd and fake kernels are registered from Python.
+#include <torch/library.h>
+
+#include <string>
+
+#include "common/pool.h"
+
+#ifndef BIGMODEL_CPU_ARCH
+#define BIGMODEL_CPU_ARCH "unknown"
+#endif
+#ifndef BIGMODEL_CPU_CAPABILITY
+#define BIGMODEL_CPU_CAPABILITY "DEFAULT"
+#endif
+#ifndef BIGMODEL_CUDA_ARCHS
+#define BIGMODEL_CUDA_ARCHS ""
+#endif
+
+namespace {
+
+// "key=value" lines describing how this binary was compiled; `python -m bigmodel info` prints them.
+std::string build_info() {
+  std::string s;
+  s += "cpu_arch=" BIGMODEL_CPU_ARCH "\n";
+  s += "cpu_capability=" BIGMODEL_CPU_CAPABILITY "\n";
+#ifdef BIGMODEL_WITH_CUDA
+  s += "cuda=1\n";
+#else
+  s += "cuda=0\n";
+#endif
+  s += "cuda_archs=" BIGMODEL_CUDA_ARCHS "\n";
+  return s;
+}
+
+int64_t empty_cache() { return bigmodel::empty_cache(); }
+
+}  // namespace
+
+TORCH_LIBRARY(bigmodel, m) {
+  m.def(
+      "lstm_layer(Tensor input, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
+      "Tensor? b_hh, Tensor? w_hr, Tensor? lengths, bool reverse, bool train) "
+      "-> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)");
+  m.def(
+      "lstm_layer_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor? grad_c_n, Tensor input, "
+      "Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor? lengths, Tensor output, "
+      "Tensor gates, Tensor cells, bool reverse, bool has_bias) "
+      "-> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, "
+      "Tensor grad_bias, Tensor grad_w_hr)");
+  m.def("build_info() -> str", &build_info);
+  m.def("empty_cache() -> int", &empty_cache);
+}

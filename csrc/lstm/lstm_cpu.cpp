@@ -1,0 +1,405 @@
+// CPU kernels of the fused LSTM layer (contract in lstm.h).
+//
+// Forward: one GEMM projects every step's input at once (into the gate buffer); then per step one
+// GEMM adds h_{t-1} W_hh^T to the b_t running rows and one vectorized pass applies the gate
+// nonlinearities, the cell update and h = o * tanh(c), in place. Backward walks the steps in the
+// opposite order with the pointwise derivative fused into one pass and one GEMM for dh_{t-1}; the
+// input and weight gradients are time-batched GEMMs after the loop.
+//
+// The GEMMs go through gemm::rowmajor and the pointwise passes through *_row functions below, so a
+// faster micro-kernel can replace either without changing the ops.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <cstring>
+
+#include "common/checks.h"
+#include "common/gemm.h"
+#include "common/pool.h"
+#include "lstm/lstm.h"
+
+namespace bigmodel::lstm {
+namespace {
+
+using at::Tensor;
+using at::vec::Vectorized;
+
+template <typename T>
+inline Vectorized<T> vsigmoid(const Vectorized<T>& x) {
+  const Vectorized<T> one(T(1));
+  return one / (one + x.neg().exp());
+}
+
+// Applies `body(k, n)` over [0, H) in vector-width chunks; the tail chunk has n < width.
+template <typename T, typename F>
+inline void for_each_chunk(int64_t H, const F& body) {
+  constexpr int64_t W = Vectorized<T>::size();
+  int64_t k = 0;
+  for (; k + W <= H; k += W) body(k, W);
+  if (k < H) body(k, H - k);
+}
+
+// One row of the forward gate math. `g` holds the 4H pre-activations (input and recurrent
+// projections, without bias); with kTrain they are overwritten by the activated gates.
+template <typename T, bool kTrain>
+inline void gates_forward_row(T* g, const T* bias, T* c, T* h, T* cell_out, int64_t H) {
+  using V = Vectorized<T>;
+  for_each_chunk<T>(H, [&](int64_t k, int64_t n) {
+    V gi = V::loadu(g + k, n), gf = V::loadu(g + H + k, n);
+    V gg = V::loadu(g + 2 * H + k, n), go = V::loadu(g + 3 * H + k, n);
+    if (bias != nullptr) {
+      gi = gi + V::loadu(bias + k, n);
+      gf = gf + V::loadu(bias + H + k, n);
+      gg = gg + V::loadu(bias + 2 * H + k, n);
+      go = go + V::loadu(bias + 3 * H + k, n);
+    }
+    const V i = vsigmoid(gi), f = vsigmoid(gf), gt = gg.tanh(), o = vsigmoid(go);
+    const V cn = f * V::loadu(c + k, n) + i * gt;
+    const V hn = o * cn.tanh();
+    cn.store(c + k, n);
+    hn.store(h + k, n);
+    if constexpr (kTrain) {
+      i.store(g + k, n);
+      f.store(g + H + k, n);
+      gt.store(g + 2 * H + k, n);
+      o.store(g + 3 * H + k, n);
+      cn.store(cell_out + k, n);
+    }
+  });
+}
+
+// One row of the backward gate math: from dh (w.r.t. o*tanh(c)) and the running dc, writes the
+// pre-activation gradients and carries dc to the previous step. With hpre != nullptr also stores
+// o*tanh(c) (the projection's input, for grad_w_hr).
+template <typename T>
+inline void gates_backward_row(const T* g, const T* cell, const T* cprev, const T* dh, T* dc, T* dg,
+                               T* hpre, int64_t H) {
+  using V = Vectorized<T>;
+  const V one(T(1));
+  for_each_chunk<T>(H, [&](int64_t k, int64_t n) {
+    const V i = V::loadu(g + k, n), f = V::loadu(g + H + k, n);
+    const V gt = V::loadu(g + 2 * H + k, n), o = V::loadu(g + 3 * H + k, n);
+    const V tc = V::loadu(cell + k, n).tanh();
+    const V dhv = V::loadu(dh + k, n);
+    const V dcv = V::loadu(dc + k, n) + dhv * o * (one - tc * tc);
+    (dhv * tc * o * (one - o)).store(dg + 3 * H + k, n);
+    (dcv * gt * i * (one - i)).store(dg + k, n);
+    (dcv * V::loadu(cprev + k, n) * f * (one - f)).store(dg + H + k, n);
+    (dcv * i * (one - gt * gt)).store(dg + 2 * H + k, n);
+    (dcv * f).store(dc + k, n);
+    if (hpre != nullptr) (o * tc).store(hpre + k, n);
+  });
+}
+
+// Rows per parallel chunk so that each chunk holds a few thousand elements.
+inline int64_t row_grain(int64_t row_elems) { return std::max<int64_t>(1, 4096 / std::max<int64_t>(1, row_elems)); }
+
+struct ForwardBuffers {
+  const void* w_hh;
+  const void* w_hr;
+  const void* bias;
+  void* gates;  // [N, 4H], holds x W_ih^T on entry
+  void* cells;  // [T*B, H] (train) or nullptr
+  void* h;      // [B, P] running state, sorted rows
+  void* c;      // [B, H]
+  void* hout;   // [N, P] packed output
+  void* hpre;   // [B, H] (proj) or nullptr
+};
+
+template <typename T, bool kTrain>
+void forward_loop(const PackPlan& p, const Dims& d, bool reverse, const ForwardBuffers& buf) {
+  const int64_t G = 4 * d.H, H = d.H, P = d.P;
+  const T* w_hh = static_cast<const T*>(buf.w_hh);
+  const T* w_hr = static_cast<const T*>(buf.w_hr);
+  const T* bias = static_cast<const T*>(buf.bias);
+  T* gates = static_cast<T*>(buf.gates);
+  T* cells = static_cast<T*>(buf.cells);
+  T* h = static_cast<T*>(buf.h);
+  T* c = static_cast<T*>(buf.c);
+  T* hout = static_cast<T*>(buf.hout);
+  T* hpre = static_cast<T*>(buf.hpre);
+  for (int64_t s = 0; s < d.T; ++s) {
+    const int64_t t = reverse ? d.T - 1 - s : s;
+    const int64_t b = p.batch_sizes[t], off = p.offsets[t];
+    T* gt = gates + off * G;
+    gemm::rowmajor<T>(false, true, b, G, P, T(1), h, P, w_hh, P, T(1), gt, G);
+    at::parallel_for(0, b, row_grain(G), [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        T* hdst = d.proj ? hpre + j * H : hout + (off + j) * P;
+        gates_forward_row<T, kTrain>(gt + j * G, bias, c + j * H, hdst,
+                                     kTrain ? cells + (off + j) * H : nullptr, H);
+        if (!d.proj) std::memcpy(h + j * P, hdst, P * sizeof(T));
+      }
+    });
+    if (d.proj) {
+      gemm::rowmajor<T>(false, true, b, P, H, T(1), hpre, H, w_hr, H, T(0), hout + off * P, P);
+      std::memcpy(h, hout + off * P, b * P * sizeof(T));
+    }
+  }
+}
+
+struct BackwardBuffers {
+  const void* w_hh;
+  const void* w_hr;
+  const void* gates;     // [N, 4H] activated
+  const void* cells;     // [N, H]
+  const void* c0;        // [B, H] sorted rows
+  const void* grad_out;  // [N, P] packed, or nullptr
+  void* dh;              // [B, P] running, starts as grad_h_n
+  void* dc;              // [B, H] running, starts as grad_c_n
+  void* dgates;          // [N, 4H]
+  void* dh_all;          // [N, P] (proj) or nullptr
+  void* hpre_all;        // [N, H] (proj) or nullptr
+  void* dhp;             // [B, H] (proj) or nullptr
+};
+
+template <typename T>
+void backward_loop(const PackPlan& p, const Dims& d, bool reverse, const BackwardBuffers& buf) {
+  using V = Vectorized<T>;
+  const int64_t G = 4 * d.H, H = d.H, P = d.P;
+  const T* w_hh = static_cast<const T*>(buf.w_hh);
+  const T* w_hr = static_cast<const T*>(buf.w_hr);
+  const T* gates = static_cast<const T*>(buf.gates);
+  const T* cells = static_cast<const T*>(buf.cells);
+  const T* c0 = static_cast<const T*>(buf.c0);
+  const T* gout = static_cast<const T*>(buf.grad_out);
+  T* dh = static_cast<T*>(buf.dh);
+  T* dc = static_cast<T*>(buf.dc);
+  T* dgates = static_cast<T*>(buf.dgates);
+  T* dh_all = static_cast<T*>(buf.dh_all);
+  T* hpre_all = static_cast<T*>(buf.hpre_all);
+  T* dhp = static_cast<T*>(buf.dhp);
+  for (int64_t s = d.T - 1; s >= 0; --s) {
+    const int64_t t = reverse ? d.T - 1 - s : s;
+    const int64_t b = p.batch_sizes[t], off = p.offsets[t];
+    if (gout != nullptr || d.proj) {
+      at::parallel_for(0, b, row_grain(P), [&](int64_t j0, int64_t j1) {
+        for (int64_t j = j0; j < j1; ++j) {
+          T* dst = dh + j * P;
+          if (gout != nullptr) {
+            const T* src = gout + (off + j) * P;
+            for_each_chunk<T>(P, [&](int64_t k, int64_t n) {
+              (V::loadu(dst + k, n) + V::loadu(src + k, n)).store(dst + k, n);
+            });
+          }
+          if (d.proj) std::memcpy(dh_all + (off + j) * P, dst, P * sizeof(T));
+        }
+      });
+    }
+    const T* dh_pre = dh;
+    if (d.proj) {
+      gemm::rowmajor<T>(false, false, b, H, P, T(1), dh, P, w_hr, H, T(0), dhp, H);
+      dh_pre = dhp;
+    }
+    at::parallel_for(0, b, row_grain(G), [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t pr = p.prev_row(t, j, reverse);
+        const T* cprev = pr >= 0 ? cells + pr * H : c0 + j * H;
+        gates_backward_row<T>(gates + (off + j) * G, cells + (off + j) * H, cprev, dh_pre + j * H, dc + j * H,
+                              dgates + (off + j) * G, d.proj ? hpre_all + (off + j) * H : nullptr, H);
+      }
+    });
+    gemm::rowmajor<T>(false, false, b, P, G, T(1), dgates + off * G, G, w_hh, P, T(0), dh, P);
+  }
+}
+
+// ---- layout helpers: padded [T, B, F] <-> packed [N, F], and sorted rows ----
+
+Tensor to_packed(const Tensor& padded, const PackPlan& p, at::ScalarType ct) {
+  const int64_t F = padded.size(2);
+  Tensor src = padded.to(ct).contiguous();
+  if (p.identity) return src.view({p.N, F});
+  Tensor dst = pooled_empty({p.N, F}, ct);
+  const size_t row = F * src.element_size();
+  const char* s = static_cast<const char*>(src.const_data_ptr());
+  char* o = static_cast<char*>(dst.data_ptr());
+  at::parallel_for(0, p.T, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t j = 0; j < p.batch_sizes[t]; ++j)
+        std::memcpy(o + (p.offsets[t] + j) * row, s + (t * p.B + p.order[j]) * row, row);
+  });
+  return dst;
+}
+
+Tensor from_packed(const Tensor& packed, const PackPlan& p, at::ScalarType dtype) {
+  const int64_t F = packed.size(1);
+  if (p.identity) return packed.view({p.T, p.B, F}).to(dtype);
+  Tensor dst = pooled_empty({p.T, p.B, F}, packed.scalar_type());
+  const size_t row = F * packed.element_size();
+  const char* s = static_cast<const char*>(packed.const_data_ptr());
+  char* o = static_cast<char*>(dst.data_ptr());
+  at::parallel_for(0, p.T, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t j = 0; j < p.B; ++j) {
+        char* d = o + (t * p.B + p.order[j]) * row;
+        if (j < p.batch_sizes[t])
+          std::memcpy(d, s + (p.offsets[t] + j) * row, row);
+        else
+          std::memset(d, 0, row);
+      }
+  });
+  return dst.to(dtype);
+}
+
+Tensor order_tensor(const PackPlan& p) {
+  return at::from_blob(const_cast<int64_t*>(p.order.data()), {p.B}, at::kLong).clone();
+}
+
+// A fresh [B, F] copy of `t` in compute dtype with rows in sorted order (safe to update in place).
+Tensor rows_sorted(const Tensor& t, const PackPlan& p, at::ScalarType ct) {
+  Tensor r = t.to(ct);
+  return p.identity ? r.contiguous().clone() : r.index_select(0, order_tensor(p)).contiguous();
+}
+
+Tensor rows_original(const Tensor& t, const PackPlan& p, at::ScalarType dtype) {
+  if (p.identity) return t.to(dtype);
+  return at::empty_like(t).index_copy_(0, order_tensor(p), t).to(dtype);
+}
+
+// ---- ops ----
+
+constexpr const char* kOp = "lstm";
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_cpu(
+    const Tensor& input, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
+    const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh, const std::optional<Tensor>& w_hr,
+    const std::optional<Tensor>& lengths, bool reverse, bool train) {
+  const Dims d = check_layer_args(kOp, input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
+  const PackPlan p = make_plan(d.T, d.B, lengths, kOp);
+  const at::ScalarType ct = compute_dtype(input.scalar_type());
+  const int64_t G = 4 * d.H;
+
+  Tensor x = to_packed(input, p, ct);
+  Tensor wih = w_ih.to(ct).contiguous(), whh = w_hh.to(ct).contiguous();
+  Tensor whr = d.proj ? w_hr->to(ct).contiguous() : Tensor();
+  Tensor bias = d.bias ? (b_ih->to(ct) + b_hh->to(ct)).contiguous() : Tensor();
+  Tensor h = rows_sorted(h0, p, ct), c = rows_sorted(c0, p, ct);
+  Tensor gates = pooled_empty({train ? d.T * d.B : p.N, G}, ct);
+  Tensor cells = train ? pooled_empty({d.T * d.B, d.H}, ct) : at::empty({0}, ct);
+  Tensor hout = pooled_empty({p.N, d.P}, ct);
+  Tensor hpre = d.proj ? at::empty({d.B, d.H}, ct) : Tensor();
+
+  AT_DISPATCH_FLOATING_TYPES(ct, "bigmodel.lstm", [&] {
+    using T = scalar_t;
+    gemm::rowmajor<T>(false, true, p.N, G, d.I, T(1), x.const_data_ptr<T>(), d.I, wih.const_data_ptr<T>(), d.I,
+                      T(0), gates.data_ptr<T>(), G);
+    ForwardBuffers buf{whh.const_data_ptr(), d.proj ? whr.const_data_ptr() : nullptr,
+                       d.bias ? bias.const_data_ptr() : nullptr, gates.data_ptr(),
+                       train ? cells.data_ptr() : nullptr, h.data_ptr(), c.data_ptr(), hout.data_ptr(),
+                       d.proj ? hpre.data_ptr() : nullptr};
+    if (train)
+      forward_loop<T, true>(p, d, reverse, buf);
+    else
+      forward_loop<T, false>(p, d, reverse, buf);
+  });
+
+  Tensor output = from_packed(hout, p, input.scalar_type());
+  Tensor h_n = rows_original(h, p, input.scalar_type());
+  Tensor c_n = rows_original(c, p, input.scalar_type());
+  if (!train) gates = at::empty({0}, ct);
+  return {output, h_n, c_n, gates, cells};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward_cpu(
+    const std::optional<Tensor>& grad_output, const std::optional<Tensor>& grad_h_n,
+    const std::optional<Tensor>& grad_c_n, const Tensor& input, const Tensor& h0, const Tensor& c0,
+    const Tensor& w_ih, const Tensor& w_hh, const std::optional<Tensor>& w_hr,
+    const std::optional<Tensor>& lengths, const Tensor& output, const Tensor& gates, const Tensor& cells,
+    bool reverse, bool has_bias) {
+  const char* op = "lstm_backward";
+  const Dims d = check_layer_args(op, input, h0, c0, w_ih, w_hh, std::nullopt, std::nullopt, w_hr);
+  const PackPlan p = make_plan(d.T, d.B, lengths, op);
+  const at::ScalarType ct = compute_dtype(input.scalar_type());
+  const int64_t G = 4 * d.H, H = d.H, P = d.P;
+  BM_CHECK(gates.numel() > 0 && cells.numel() > 0, op,
+           "gates/cells are empty: the forward ran with train=False, so there is nothing to differentiate");
+  BM_CHECK(gates.scalar_type() == ct && cells.scalar_type() == ct, op, "gates/cells must have dtype ", ct);
+  check_shape(gates, {d.T * d.B, G}, op, "gates", "(T*B, 4*hidden_size)");
+  check_shape(cells, {d.T * d.B, H}, op, "cells", "(T*B, hidden_size)");
+  check_shape(output, {d.T, d.B, P}, op, "output", "(T, B, proj_size or hidden_size)");
+  if (grad_output.has_value()) check_shape(*grad_output, {d.T, d.B, P}, op, "grad_output", "(T, B, P)");
+  if (grad_h_n.has_value()) check_shape(*grad_h_n, {d.B, P}, op, "grad_h_n", "(B, P)");
+  if (grad_c_n.has_value()) check_shape(*grad_c_n, {d.B, H}, op, "grad_c_n", "(B, hidden_size)");
+
+  Tensor x = to_packed(input, p, ct);
+  Tensor hout = to_packed(output, p, ct);
+  Tensor gout = grad_output.has_value() ? to_packed(*grad_output, p, ct) : Tensor();
+  Tensor wih = w_ih.to(ct).contiguous(), whh = w_hh.to(ct).contiguous();
+  Tensor whr = d.proj ? w_hr->to(ct).contiguous() : Tensor();
+  Tensor h0s = rows_sorted(h0, p, ct), c0s = rows_sorted(c0, p, ct);
+  Tensor dh = grad_h_n.has_value() ? rows_sorted(*grad_h_n, p, ct) : at::zeros({d.B, P}, ct);
+  Tensor dc = grad_c_n.has_value() ? rows_sorted(*grad_c_n, p, ct) : at::zeros({d.B, H}, ct);
+  Tensor dgates = pooled_empty({p.N, G}, ct);
+  Tensor dh_all = d.proj ? pooled_empty({p.N, P}, ct) : Tensor();
+  Tensor hpre_all = d.proj ? pooled_empty({p.N, H}, ct) : Tensor();
+  Tensor dhp = d.proj ? at::empty({d.B, H}, ct) : Tensor();
+  Tensor dx = pooled_empty({p.N, d.I}, ct);
+  Tensor dwih = at::empty({G, d.I}, ct), dwhh = at::empty({G, P}, ct);
+  Tensor dwhr = d.proj ? at::empty({P, H}, ct) : at::empty({0}, ct);
+
+  AT_DISPATCH_FLOATING_TYPES(ct, "bigmodel.lstm_backward", [&] {
+    using T = scalar_t;
+    BackwardBuffers buf{whh.const_data_ptr(), d.proj ? whr.const_data_ptr() : nullptr, gates.const_data_ptr(),
+                        cells.const_data_ptr(), c0s.const_data_ptr(),
+                        gout.defined() ? gout.const_data_ptr() : nullptr, dh.data_ptr(), dc.data_ptr(),
+                        dgates.data_ptr(), d.proj ? dh_all.data_ptr() : nullptr,
+                        d.proj ? hpre_all.data_ptr() : nullptr, d.proj ? dhp.data_ptr() : nullptr};
+    backward_loop<T>(p, d, reverse, buf);
+
+    const T* dg = dgates.const_data_ptr<T>();
+    gemm::rowmajor<T>(false, false, p.N, d.I, G, T(1), dg, G, wih.const_data_ptr<T>(), d.I, T(0),
+                      dx.data_ptr<T>(), d.I);
+    gemm::rowmajor<T>(true, false, G, d.I, p.N, T(1), dg, G, x.const_data_ptr<T>(), d.I, T(0),
+                      dwih.data_ptr<T>(), d.I);
+    // grad_w_hh = sum_t dgates_t^T h_{t-1}: each row's previous state is h0 where it starts a
+    // sequence, else the output row of the previously processed step.
+    const T* ho = hout.const_data_ptr<T>();
+    if (p.identity) {
+      const int64_t B = d.B, N = p.N;
+      const T* dg_first = reverse ? dg + (N - B) * G : dg;  // rows whose previous state is h0
+      const T* dg_rest = reverse ? dg : dg + B * G;
+      const T* h_rest = reverse ? ho + B * P : ho;
+      gemm::rowmajor<T>(true, false, G, P, B, T(1), dg_first, G, h0s.const_data_ptr<T>(), P, T(0),
+                        dwhh.data_ptr<T>(), P);
+      if (N > B)
+        gemm::rowmajor<T>(true, false, G, P, N - B, T(1), dg_rest, G, h_rest, P, T(1), dwhh.data_ptr<T>(), P);
+    } else {
+      Tensor hprev = pooled_empty({p.N, P}, ct);
+      T* hp = hprev.data_ptr<T>();
+      const T* h0p = h0s.const_data_ptr<T>();
+      at::parallel_for(0, d.T, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t)
+          for (int64_t j = 0; j < p.batch_sizes[t]; ++j) {
+            const int64_t pr = p.prev_row(t, j, reverse);
+            std::memcpy(hp + (p.offsets[t] + j) * P, pr >= 0 ? ho + pr * P : h0p + j * P, P * sizeof(T));
+          }
+      });
+      gemm::rowmajor<T>(true, false, G, P, p.N, T(1), dg, G, hp, P, T(0), dwhh.data_ptr<T>(), P);
+    }
+    if (d.proj)
+      gemm::rowmajor<T>(true, false, P, H, p.N, T(1), dh_all.const_data_ptr<T>(), P,
+                        hpre_all.const_data_ptr<T>(), H, T(0), dwhr.data_ptr<T>(), H);
+  });
+
+  const auto wt = w_ih.scalar_type();
+  Tensor dbias = has_bias ? dgates.sum(0).to(wt) : at::empty({0}, w_ih.options());
+  return {from_packed(dx, p, input.scalar_type()),
+          rows_original(dh, p, input.scalar_type()),
+          rows_original(dc, p, input.scalar_type()),
+          dwih.to(wt),
+          dwhh.to(wt),
+          dbias,
+          d.proj ? dwhr.to(wt) : at::empty({0}, w_ih.options())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bigmodel, CPU, m) {
+  m.impl("lstm_layer", &lstm_layer_cpu);
+  m.impl("lstm_layer_backward", &lstm_layer_backward_cpu);
+}
+
+}  // namespace bigmodel::lstm
