@@ -98,6 +98,10 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = b_ih is not None
     ctx.has_proj = w_hr is not None
     ctx.train = train
+    # gates/cells are workspace: never differentiated, and their (52 MB at the seed shape) zero
+    # gradients must not be materialized.
+    ctx.mark_non_differentiable(gates, cells)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(input, h0, c0, w_ih, w_hh, w_hr, lengths, out, gates, cells)
 
 

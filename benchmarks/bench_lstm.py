@@ -1,0 +1,85 @@
+"""nn.LSTM vs bigmodel.nn.LSTM, side by side in one parametrization (float32, all cores).
+
+Run through `python -m bigmodel bench`, which runs this file twice (glibc's allocator as users
+run it, and tuned to keep freed blocks) and prints the table. Directly:
+
+    python -m pytest benchmarks/bench_lstm.py --benchmark-json=out.json
+"""
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import bigmodel.nn
+
+# (name, T, B, I, H, num_layers, bidirectional)
+SHAPES = [
+    ("seed", 256, 64, 100, 200, 1, False),
+    ("long", 512, 32, 256, 256, 1, False),
+    ("small", 128, 16, 128, 128, 1, False),
+    ("2L-bidir", 256, 32, 256, 256, 2, True),
+]
+MODES = ["forward", "train", "varlen-train"]
+IMPLS = ["native", "bigmodel"]
+
+
+def _make(impl, shape):
+    _, T, B, I, H, L, bidir = shape
+    torch.manual_seed(0)
+    ref = nn.LSTM(I, H, num_layers=L, bidirectional=bidir)
+    if impl == "native":
+        return ref
+    ours = bigmodel.nn.LSTM(I, H, num_layers=L, bidirectional=bidir)
+    ours.load_state_dict(ref.state_dict())
+    return ours
+
+
+def _step(impl, mode, model, x, lengths):
+    params = list(model.parameters())
+    if mode == "forward":
+        def fn():
+            with torch.no_grad():
+                return model(x)
+        return fn
+
+    if mode == "train":
+        def fn():
+            for p in params:
+                p.grad = None
+            out, _ = model(x)
+            out.sum().backward()
+        return fn
+
+    def fn():  # varlen-train
+        for p in params:
+            p.grad = None
+        if impl == "native":
+            packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+            out, _ = model(packed)
+            out.data.sum().backward()
+        else:
+            out, _ = model(x, lengths=lengths)
+            out.sum().backward()
+    return fn
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
+def test_lstm(benchmark, quick, shape, mode, impl):
+    if quick and shape[0] != "seed":
+        pytest.skip("--quick runs the seed shape only")
+    _, T, B, I, H, L, bidir = shape
+    model = _make(impl, shape)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(T, B, I, generator=g)
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    fn = _step(impl, mode, model, x, lengths)
+    slow = mode != "forward"
+    rounds = (3 if slow else 5) if quick else (7 if slow else 15)
+    benchmark.extra_info.update(
+        op="lstm", case=shape[0], shape=f"T={T} B={B} I={I} H={H} L={L}" + (" bidir" if bidir else ""),
+        mode=mode, impl=impl, tokens=int(lengths.sum()) if mode == "varlen-train" else T * B,
+    )
+    benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1, iterations=1)

@@ -1,0 +1,3 @@
+from bigmodel.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The `bigmodel` command: info, bench."""

@@ -1,0 +1,39 @@
+"""Entry point of the `bigmodel` command (also `python -m bigmodel`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bigmodel", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("info", help="version, torch, kernels built, CPU ISA and CUDA archs")
+
+    bench = sub.add_parser("bench", help="benchmark bigmodel against native PyTorch, print a Markdown table")
+    bench.add_argument("--quick", action="store_true", help="seed shape only, fewer rounds")
+    bench.add_argument("--ops", default="lstm", help="comma-separated op families (available: lstm)")
+    bench.add_argument("--json", metavar="FILE", help="also write all results as JSON")
+    bench.add_argument("--markdown", metavar="FILE", help="also write the table to FILE")
+    bench.add_argument(
+        "--baseline", choices=["both", "default"], default="both",
+        help="'both' also runs a second process with glibc's allocator tuned (default: both)",
+    )
+
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        from .info import run_info
+
+        return run_info()
+    if args.command == "bench":
+        from .bench import run_bench
+
+        return run_bench(args)
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
