@@ -8,5 +8,6 @@ import torch  # noqa: F401  (the extension links against libtorch)
 
 from . import _C  # noqa: F401  (registers torch.ops.bigmodel.*)
 from . import ops  # noqa: F401  (fake kernels and autograd)
+from . import nn  # noqa: F401  (drop-in modules)
 
 __version__ = "0.1.0"

@@ -1,0 +1,5 @@
+"""Drop-in modules on bigmodel's fused ops, and ``swap`` to put them into an existing model."""
+
+from .lstm import LSTM, LSTMCell, swap
+
+__all__ = ["LSTM", "LSTMCell", "swap"]

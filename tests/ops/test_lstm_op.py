@@ -1,0 +1,208 @@
+"""torch.ops.bigmodel.lstm_layer against bigmodel.reference, gradcheck and opcheck."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from bigmodel.ops.lstm import lstm_layer
+from bigmodel.reference import lstm_layer_reference
+
+# (T, B, I, H, P): P = 0 means no projection is possible (H = 1).
+SIZES = [(1, 1, 1, 1, 0), (13, 3, 4, 5, 3), (13, 7, 6, 33, 7), (2, 3, 1, 1, 0)]
+FLAGS = list(itertools.product([False, True], repeat=4))  # has_lengths, reverse, proj, bias
+TOL = {torch.float64: {"atol": 1e-12, "rtol": 1e-10}, torch.float32: {"atol": 1e-5, "rtol": 1e-4}}
+
+
+def make_args(T, B, IN, H, P, *, proj, bias, has_lengths, dtype, device, requires_grad=True):
+    """Random op arguments (weights scaled like nn.LSTM's init); lengths cover 1 and T when B > 1."""
+    proj = proj and P > 0
+    Pout = P if proj else H
+    k = H**-0.5
+
+    def rand(*shape, scale=1.0):
+        t = (torch.rand(shape, dtype=torch.float64) * 2 - 1) * scale
+        return t.to(dtype=dtype, device=device).requires_grad_(requires_grad)
+
+    args = [
+        rand(T, B, IN),
+        rand(B, Pout),
+        rand(B, H),
+        rand(4 * H, IN, scale=k),
+        rand(4 * H, Pout, scale=k),
+        rand(4 * H, scale=k) if bias else None,
+        rand(4 * H, scale=k) if bias else None,
+        rand(Pout, H, scale=k) if proj else None,
+    ]
+    lengths = None
+    if has_lengths:
+        lengths = torch.randint(1, T + 1, (B,))
+        if B > 1:
+            lengths[0], lengths[-1] = 1, T
+        lengths = lengths.to(device)
+    return args, lengths
+
+
+def grads(outputs, inputs, seed_grads):
+    loss = sum((o * g).sum() for o, g in zip(outputs, seed_grads, strict=True))
+    present = [t for t in inputs if t is not None]
+    return torch.autograd.grad(loss, present)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: "T{}B{}I{}H{}P{}".format(*s))
+@pytest.mark.parametrize("has_lengths,reverse,proj,bias", FLAGS)
+def test_matches_reference(device, dtype, size, has_lengths, reverse, proj, bias):
+    args, lengths = make_args(
+        *size, proj=proj, bias=bias, has_lengths=has_lengths, dtype=dtype, device=device
+    )
+    out = lstm_layer(*args, lengths=lengths, reverse=reverse)
+    ref = lstm_layer_reference(*args, lengths=lengths, reverse=reverse)
+    for o, r in zip(out, ref, strict=True):
+        torch.testing.assert_close(o, r, **TOL[dtype])
+    if has_lengths:
+        T = size[0]
+        past_end = torch.arange(T, device=device).unsqueeze(1) >= lengths.unsqueeze(0)
+        assert (out[0][past_end] == 0).all()
+
+    seed_grads = [torch.randn_like(o) for o in out]
+    for g, gr in zip(grads(out, args, seed_grads), grads(ref, args, seed_grads), strict=True):
+        torch.testing.assert_close(g, gr, **TOL[dtype])
+
+
+@pytest.mark.parametrize("used", ["output", "h_n", "c_n", "h_n+c_n"])
+def test_gradient_of_some_outputs(device, used):
+    """Outputs that do not reach the loss get no gradient (None) in backward; that must mean zero."""
+    args, lengths = make_args(
+        5, 3, 4, 5, 3, proj=True, bias=True, has_lengths=True, dtype=torch.float64, device=device
+    )
+    names = ["output", "h_n", "c_n"]
+    out = lstm_layer(*args, lengths=lengths, reverse=True)
+    ref = lstm_layer_reference(*args, lengths=lengths, reverse=True)
+    pick = [names.index(n) for n in used.split("+")]
+    loss, loss_ref = sum(out[i].sum() for i in pick), sum(ref[i].sum() for i in pick)
+    present = [t for t in args if t is not None]
+    for g, gr in zip(torch.autograd.grad(loss, present), torch.autograd.grad(loss_ref, present), strict=True):
+        torch.testing.assert_close(g, gr, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_computes_in_float32(device, dtype):
+    """bf16/fp16 in, fp32 inside: the result is the float32 reference rounded once (plus GEMM order)."""
+    args, lengths = make_args(
+        13,
+        7,
+        6,
+        33,
+        7,
+        proj=True,
+        bias=True,
+        has_lengths=True,
+        dtype=dtype,
+        device=device,
+        requires_grad=False,
+    )
+    out = lstm_layer(*args, lengths=lengths)
+    ref = lstm_layer_reference(*[a.double() if a is not None else None for a in args], lengths=lengths)
+    eps = torch.finfo(dtype).eps
+    for o, r in zip(out, ref, strict=True):
+        assert o.dtype == dtype
+        torch.testing.assert_close(o.double(), r, atol=4 * eps, rtol=4 * eps)
+
+
+@pytest.mark.parametrize("has_lengths,reverse,proj,bias", FLAGS)
+def test_gradcheck(device, has_lengths, reverse, proj, bias):
+    args, lengths = make_args(
+        4, 3, 2, 3, 2, proj=proj, bias=bias, has_lengths=has_lengths, dtype=torch.float64, device=device
+    )
+
+    def fn(*a):
+        return lstm_layer(*a, lengths=lengths, reverse=reverse)
+
+    assert torch.autograd.gradcheck(fn, tuple(args), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+OPCHECK_CASES = {
+    "plain": dict(has_lengths=False, reverse=False, proj=False, bias=True, train=True),
+    "lengths-reverse": dict(has_lengths=True, reverse=True, proj=False, bias=True, train=True),
+    "proj-lengths-nobias": dict(has_lengths=True, reverse=False, proj=True, bias=False, train=True),
+    "inference": dict(has_lengths=True, reverse=True, proj=True, bias=True, train=False),
+}
+
+
+@pytest.mark.parametrize("case", list(OPCHECK_CASES))
+def test_opcheck(device, case):
+    c = OPCHECK_CASES[case]
+    args, lengths = make_args(
+        5,
+        3,
+        4,
+        5,
+        3,
+        proj=c["proj"],
+        bias=c["bias"],
+        has_lengths=c["has_lengths"],
+        dtype=torch.float32,
+        device=device,
+        requires_grad=c["train"],
+    )
+    torch.library.opcheck(torch.ops.bigmodel.lstm_layer.default, (*args, lengths, c["reverse"], c["train"]))
+
+
+def test_opcheck_backward(device):
+    args, lengths = make_args(
+        5,
+        3,
+        4,
+        5,
+        3,
+        proj=True,
+        bias=True,
+        has_lengths=True,
+        dtype=torch.float32,
+        device=device,
+        requires_grad=False,
+    )
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = args
+    out, h_n, c_n, gates, cells = torch.ops.bigmodel.lstm_layer(*args, lengths, True, True)
+    torch.library.opcheck(
+        torch.ops.bigmodel.lstm_layer_backward.default,
+        (
+            torch.randn_like(out),
+            torch.randn_like(h_n),
+            None,
+            x,
+            h0,
+            c0,
+            w_ih,
+            w_hh,
+            w_hr,
+            lengths,
+            out,
+            gates,
+            cells,
+            True,
+            True,
+        ),
+    )
+
+
+@pytest.mark.parametrize("bad,match", [(0, r"lengths\[1\] = 0"), (6, r"lengths\[1\] = 6")])
+def test_lengths_out_of_range(device, bad, match):
+    args, _ = make_args(
+        5, 3, 4, 5, 0, proj=False, bias=True, has_lengths=False, dtype=torch.float32, device=device
+    )
+    lengths = torch.tensor([5, bad, 2], device=device)
+    with pytest.raises(RuntimeError, match=r"bigmodel\.lstm: lengths must lie in \[1, T=5\].*" + match):
+        lstm_layer(*args, lengths=lengths)
+
+
+def test_backward_without_train_raises(device):
+    args, _ = make_args(
+        3, 2, 4, 5, 0, proj=False, bias=True, has_lengths=False, dtype=torch.float32, device=device
+    )
+    out, _, _ = lstm_layer(*args, train=False)
+    with pytest.raises(RuntimeError, match="train=False"):
+        out.sum().backward()
