@@ -69,6 +69,10 @@ Dims check_layer_args(const char* op, const at::Tensor& input, const at::Tensor&
   BM_CHECK(w_ih.size(1) == d.I, op, "input feature size ", d.I, " does not match w_ih's input_size ",
            w_ih.size(1), " (w_ih shape ", w_ih.sizes(), ")");
   d.proj = w_hr.has_value();
+  if (d.proj) {
+    BM_CHECK(w_hr->dim() == 2, op, "w_hr must be 2-D (proj_size, hidden_size=", d.H, "), got shape ",
+             w_hr->sizes());
+  }
   d.P = d.proj ? w_hr->size(0) : d.H;
   check_same_dtype_device(w_ih, input, op, "w_ih", "input");
   check_same_dtype_device(w_hh, input, op, "w_hh", "input");
@@ -76,7 +80,7 @@ Dims check_layer_args(const char* op, const at::Tensor& input, const at::Tensor&
   check_same_dtype_device(c0, input, op, "c0", "input");
   if (d.proj) {
     check_same_dtype_device(*w_hr, input, op, "w_hr", "input");
-    BM_CHECK(w_hr->dim() == 2 && w_hr->size(1) == d.H && d.P >= 1, op,
+    BM_CHECK(w_hr->size(1) == d.H && d.P >= 1, op,
              "w_hr must be (proj_size, hidden_size=", d.H, "), got shape ", w_hr->sizes());
   }
   check_shape(w_hh, {4 * d.H, d.P}, op, "w_hh", "(4*hidden_size, proj_size or hidden_size)");

@@ -106,6 +106,11 @@ inline void gates_backward_row(const T* g, const T* cell, const T* cprev, const 
 // Rows per parallel chunk so that each chunk holds a few thousand elements.
 inline int64_t row_grain(int64_t row_elems) { return std::max<int64_t>(1, 4096 / std::max<int64_t>(1, row_elems)); }
 
+// Steps per parallel chunk for the layout copies: a thread team only for at least 64 KiB a chunk.
+inline int64_t step_grain(int64_t B, size_t row_bytes) {
+  return std::max<int64_t>(1, int64_t(65536 / std::max<size_t>(1, B * row_bytes)));
+}
+
 struct ForwardBuffers {
   const void* w_hh;
   const void* w_hr;
@@ -229,7 +234,7 @@ Tensor to_packed(const Tensor& padded, const PackPlan& p, at::ScalarType ct) {
   const size_t row = F * src.element_size();
   const char* s = static_cast<const char*>(src.const_data_ptr());
   char* o = static_cast<char*>(dst.data_ptr());
-  at::parallel_for(0, p.T, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, p.T, step_grain(p.B, row), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)
       for (int64_t j = 0; j < p.batch_sizes[t]; ++j)
         std::memcpy(o + (p.offsets[t] + j) * row, s + (t * p.B + p.order[j]) * row, row);
@@ -244,7 +249,7 @@ Tensor from_packed(const Tensor& packed, const PackPlan& p, at::ScalarType dtype
   const size_t row = F * packed.element_size();
   const char* s = static_cast<const char*>(packed.const_data_ptr());
   char* o = static_cast<char*>(dst.data_ptr());
-  at::parallel_for(0, p.T, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, p.T, step_grain(p.B, row), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)
       for (int64_t j = 0; j < p.B; ++j) {
         char* d = o + (t * p.B + p.order[j]) * row;
@@ -312,7 +317,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_cpu(
   Tensor output = from_packed(hout, p, input.scalar_type());
   Tensor h_n = rows_original(h, p, input.scalar_type());
   Tensor c_n = rows_original(c, p, input.scalar_type());
-  if (!train) gates = at::empty({0}, ct);
+  if (!train) {
+    gates = at::empty({0}, ct);
+  } else if (p.N < d.T * d.B) {
+    // Rows past N are capacity, not data; define them so that the op is deterministic.
+    gates.narrow(0, p.N, d.T * d.B - p.N).zero_();
+    cells.narrow(0, p.N, d.T * d.B - p.N).zero_();
+  }
   return {output, h_n, c_n, gates, cells};
 }
 
@@ -383,7 +394,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
       Tensor hprev = pooled_empty({p.N, P}, ct);
       T* hp = hprev.data_ptr<T>();
       const T* h0p = h0s.const_data_ptr<T>();
-      at::parallel_for(0, d.T, 1, [&](int64_t t0, int64_t t1) {
+      at::parallel_for(0, d.T, step_grain(d.B, P * sizeof(T)), [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t)
           for (int64_t j = 0; j < p.batch_sizes[t]; ++j) {
             const int64_t pr = p.prev_row(t, j, reverse);
