@@ -47,6 +47,7 @@ def _step(impl, mode, model, x, lengths):
         def fn():
             for p in params:
                 p.grad = None
+            x.grad = None
             out, _ = model(x)
             out.sum().backward()
         return fn
@@ -54,6 +55,7 @@ def _step(impl, mode, model, x, lengths):
     def fn():  # varlen-train
         for p in params:
             p.grad = None
+        x.grad = None
         if impl == "native":
             packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
             out, _ = model(packed)
@@ -73,7 +75,9 @@ def test_lstm(benchmark, quick, shape, mode, impl):
     _, T, B, I, H, L, bidir = shape
     model = _make(impl, shape)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(T, B, I, generator=g)
+    # In training the input requires grad, as in the seed classifier where an Embedding feeds the
+    # LSTM: both sides must compute the input gradient.
+    x = torch.randn(T, B, I, generator=g).requires_grad_(mode != "forward")
     lengths = torch.randint(1, T + 1, (B,), generator=g)
     fn = _step(impl, mode, model, x, lengths)
     slow = mode != "forward"
