@@ -17,6 +17,7 @@
 #include <cstring>
 
 #include "common/checks.h"
+#include "common/denormals.h"
 #include "common/gemm.h"
 #include "common/pool.h"
 #include "lstm/lstm.h"
@@ -287,6 +288,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_cpu(
     const std::optional<Tensor>& lengths, bool reverse, bool train) {
   const Dims d = check_layer_args(kOp, input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
   const PackPlan p = make_plan(d.T, d.B, lengths, kOp);
+  FlushDenormalsGuard ftz;
   const at::ScalarType ct = compute_dtype(input.scalar_type());
   const int64_t G = 4 * d.H;
 
@@ -336,6 +338,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
   const char* op = "lstm_backward";
   const Dims d = check_layer_args(op, input, h0, c0, w_ih, w_hh, std::nullopt, std::nullopt, w_hr);
   const PackPlan p = make_plan(d.T, d.B, lengths, op);
+  FlushDenormalsGuard ftz;
   const at::ScalarType ct = compute_dtype(input.scalar_type());
   const int64_t G = 4 * d.H, H = d.H, P = d.P;
   BM_CHECK(gates.numel() > 0 && cells.numel() > 0, op,
