@@ -3,7 +3,9 @@
 Run through `python -m bigmodel bench`, which runs this file twice (glibc's allocator as users
 run it, and tuned to keep freed blocks) and prints the table. Directly:
 
-    python -m pytest benchmarks/bench_lstm.py --benchmark-json=out.json
+    python -m pytest benchmarks/bench_lstm.py --benchmark-json=out.json [--device cuda]
+
+On CUDA every timed call ends with a synchronize, so the time is kernel time, not launch time.
 """
 
 import pytest
@@ -24,15 +26,26 @@ MODES = ["forward", "train", "varlen-train"]
 IMPLS = ["native", "bigmodel"]
 
 
-def _make(impl, shape):
+def _make(impl, shape, device):
     _, T, B, I, H, L, bidir = shape
     torch.manual_seed(0)
     ref = nn.LSTM(I, H, num_layers=L, bidirectional=bidir)
     if impl == "native":
-        return ref
+        return ref.to(device)
     ours = bigmodel.nn.LSTM(I, H, num_layers=L, bidirectional=bidir)
     ours.load_state_dict(ref.state_dict())
-    return ours
+    return ours.to(device)
+
+
+def _synced(fn, device):
+    if device != "cuda":
+        return fn
+
+    def timed():
+        fn()
+        torch.cuda.synchronize()
+
+    return timed
 
 
 def _step(impl, mode, model, x, lengths):
@@ -69,7 +82,7 @@ def _step(impl, mode, model, x, lengths):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
-def test_lstm(benchmark, quick, shape, mode, impl):
+def test_lstm(benchmark, quick, device, shape, mode, impl):
     if quick and shape[0] != "seed":
         pytest.skip("--quick runs the seed shape only")
     _, T, B, I, H, L, bidir = shape
@@ -79,11 +92,11 @@ def test_lstm(benchmark, quick, shape, mode, impl):
     # LSTM: both sides must compute the input gradient.
     x = torch.randn(T, B, I, generator=g).requires_grad_(mode != "forward")
     lengths = torch.randint(1, T + 1, (B,), generator=g)
-    fn = _step(impl, mode, model, x, lengths)
+    fn = _synced(_step(impl, mode, model, x, lengths), device)
     slow = mode != "forward"
     rounds = (3 if slow else 5) if quick else (7 if slow else 15)
     benchmark.extra_info.update(
         op="lstm", case=shape[0], shape=f"T={T} B={B} I={I} H={H} L={L}" + (" bidir" if bidir else ""),
-        mode=mode, impl=impl, tokens=int(lengths.sum()) if mode == "varlen-train" else T * B,
+        mode=mode, impl=impl, device=device, tokens=int(lengths.sum()) if mode == "varlen-train" else T * B,
     )
     benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1, iterations=1)

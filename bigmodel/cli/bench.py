@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 TUNED_MALLOC = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184"
-FAMILIES = {"lstm": "bench_lstm.py"}
+FAMILIES = {"lstm": "bench_lstm.py", "classifier": "bench_classifier.py"}
 
 
 def benchmarks_dir() -> Path:
@@ -31,7 +31,7 @@ def benchmarks_dir() -> Path:
     return here
 
 
-def _run_pytest(path: Path, quick: bool, tuned: bool, out_json: Path) -> None:
+def _run_pytest(path: Path, quick: bool, tuned: bool, out_json: Path, device: str = "cpu") -> None:
     env = dict(os.environ)
     if tuned:
         env["GLIBC_TUNABLES"] = TUNED_MALLOC
@@ -40,7 +40,7 @@ def _run_pytest(path: Path, quick: bool, tuned: bool, out_json: Path) -> None:
     cmd = [
         sys.executable, "-m", "pytest", str(path), "-q", "-p", "no:cacheprovider",
         f"--benchmark-json={out_json}", "--benchmark-disable-gc", "--benchmark-sort=name",
-        "--benchmark-columns=median,min,max,rounds",
+        "--benchmark-columns=median,min,max,rounds", f"--device={device}",
     ]
     if quick:
         cmd.append("--quick")
@@ -59,6 +59,7 @@ def _medians(path: Path) -> dict[tuple, dict]:
         e = b["extra_info"]
         rows[(e["op"], e["case"], e["mode"], e["impl"])] = {
             "shape": e["shape"], "median_ms": b["stats"]["median"] * 1e3, "tokens": e.get("tokens"),
+            "device": e.get("device", "cpu"),
         }
     return rows
 
@@ -97,38 +98,97 @@ def build_table(default: dict, tuned: dict | None) -> tuple[str, list[dict]]:
     return "\n".join(lines), records
 
 
-def machine_line() -> str:
+def machine_line(device: str = "cpu") -> str:
     from .info import cpu_model
 
-    return (
-        f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-        f"medians of pytest-benchmark rounds"
-    )
+    if device == "cuda":
+        where = f"GPU {torch.cuda.get_device_name()}"
+    else:
+        where = f"{torch.get_num_threads()} threads"
+    return f"{cpu_model()}, {where}, torch {torch.__version__}, medians of pytest-benchmark rounds"
 
 
-def run_bench(args) -> int:
+def _check_devices(rows: dict[tuple, dict], device: str, family_file: str) -> None:
+    """A benchmark file that does not take ``--device`` runs on the CPU whatever was asked: say so."""
+    ran = sorted({row["device"] for row in rows.values()})
+    if ran and ran != [device]:
+        raise SystemExit(
+            f"bigmodel bench: {family_file} ran on {', '.join(ran)}, not {device} (it does not take --device)"
+        )
+
+
+def plot_speedups(records: list[dict], path: str | Path, title: str) -> None:
+    """A bar chart of bigmodel's speedup over native per case (and vs the tuned allocator, if run)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['op']} {r['case']}\n{r['mode']}" for r in records]
+    series = [("default allocator", [r["speedup"] for r in records])]
+    if any("speedup_tuned" in r for r in records):
+        series.append(("tuned allocator", [r.get("speedup_tuned", 0.0) for r in records]))
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(records) + 2), 4.5))
+    for i, (name, values) in enumerate(series):
+        xs = [x + (i - (len(series) - 1) / 2) * width for x in range(len(records))]
+        bars = ax.bar(xs, values, width, label=name)
+        ax.bar_label(bars, labels=[f"{v:.1f}x" if v else "" for v in values], fontsize=7)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(records)), labels, fontsize=7, rotation=45, ha="right")
+    ax.set_ylabel("speedup over native (x)")
+    ax.set_title(title, fontsize=8)
+    if len(series) > 1:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _preflight(args) -> str | None:
+    """Why the run cannot go, checked before any benchmark runs; None if it can."""
     families = [f.strip() for f in args.ops.split(",") if f.strip()]
     unknown = [f for f in families if f not in FAMILIES]
     if unknown:
-        print(f"bigmodel bench: unknown --ops {unknown}; available: {sorted(FAMILIES)}", file=sys.stderr)
+        return f"unknown --ops {unknown}; available: {sorted(FAMILIES)}"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return "--device cuda: CUDA is not available (no GPU visible or a CPU-only torch build)"
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            return "--plot needs matplotlib, which is not installed: pip install matplotlib"
+    return None
+
+
+def run_bench(args) -> int:
+    problem = _preflight(args)
+    if problem is not None:
+        print(f"bigmodel bench: {problem}", file=sys.stderr)
         return 2
+    families = [f.strip() for f in args.ops.split(",") if f.strip()]
     bdir = benchmarks_dir()
     default, tuned = {}, ({} if args.baseline == "both" else None)
     with tempfile.TemporaryDirectory() as tmp:
         for fam in families:
             path = bdir / FAMILIES[fam]
             out = Path(tmp) / f"{fam}-default.json"
-            _run_pytest(path, args.quick, False, out)
-            default.update(_medians(out))
+            _run_pytest(path, args.quick, False, out, args.device)
+            rows = _medians(out)
+            _check_devices(rows, args.device, path.name)
+            default.update(rows)
             if tuned is not None:
                 out = Path(tmp) / f"{fam}-tuned.json"
-                _run_pytest(path, args.quick, True, out)
+                _run_pytest(path, args.quick, True, out, args.device)
                 tuned.update(_medians(out))
     table, records = build_table(default, tuned)
-    text = f"Machine: {machine_line()}\n\n{table}\n"
+    text = f"Machine: {machine_line(args.device)}\n\n{table}\n"
     print(text)
     if args.markdown:
         Path(args.markdown).write_text(text)
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine_line(), "results": records}, indent=2))
+        machine = machine_line(args.device)
+        Path(args.json).write_text(json.dumps({"machine": machine, "results": records}, indent=2))
+    if args.plot:
+        plot_speedups(records, args.plot, machine_line(args.device))
     return 0

@@ -12,9 +12,22 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("info", help="version, torch, kernels built, CPU ISA and CUDA archs")
 
+    from .train import add_train_arguments
+
+    train = sub.add_parser(
+        "train",
+        help="train the text classifier (under torchrun: DistributedDataParallel)",
+        description="Train bigmodel.models.TextClassifier on a corpus, testing after each epoch.",
+    )
+    add_train_arguments(train)
+
     bench = sub.add_parser("bench", help="benchmark bigmodel against native PyTorch, print a Markdown table")
     bench.add_argument("--quick", action="store_true", help="seed shape only, fewer rounds")
-    bench.add_argument("--ops", default="lstm", help="comma-separated op families (available: lstm)")
+    bench.add_argument(
+        "--ops", default="lstm", help="comma-separated op families: lstm, classifier (default: lstm)"
+    )
+    bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run (default: cpu)")
+    bench.add_argument("--plot", metavar="FILE.png", help="also draw the speedups (needs matplotlib)")
     bench.add_argument("--json", metavar="FILE", help="also write all results as JSON")
     bench.add_argument("--markdown", metavar="FILE", help="also write the table to FILE")
     bench.add_argument(
@@ -27,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         from .info import run_info
 
         return run_info()
+    if args.command == "train":
+        from .train import run_train
+
+        return run_train(args)
     if args.command == "bench":
         from .bench import run_bench
 

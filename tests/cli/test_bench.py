@@ -1,0 +1,43 @@
+import sys
+
+import pytest
+import torch
+
+from bigmodel.cli.bench import build_table, plot_speedups
+from bigmodel.cli.main import main
+
+
+def _rows(native_ms, ours_ms):
+    row = {"shape": "T=8", "tokens": 8, "device": "cpu"}
+    return {
+        ("classifier", "seed", "train-step", "native"): {**row, "median_ms": native_ms},
+        ("classifier", "seed", "train-step", "bigmodel"): {**row, "median_ms": ours_ms},
+    }
+
+
+def test_unknown_ops(capsys):
+    assert main(["bench", "--ops", "lstm,gru"]) == 2
+    assert "unknown --ops ['gru']" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_missing_is_a_clear_error(capsys):
+    assert main(["bench", "--ops", "classifier", "--device", "cuda"]) == 2
+    assert "--device cuda: CUDA is not available" in capsys.readouterr().err
+
+
+def test_plot_without_matplotlib_says_how_to_get_it(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    assert main(["bench", "--ops", "classifier", "--plot", str(tmp_path / "s.png")]) == 2
+    assert "pip install matplotlib" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_table_and_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    table, records = build_table(_rows(30.0, 10.0), _rows(24.0, 8.0))
+    assert "| classifier | seed | T=8 | train-step | 30.0 | 10.0 | 3.00x |" in table
+    assert records[0]["speedup"] == pytest.approx(3.0)
+    path = tmp_path / "speedups.png"
+    plot_speedups(records, path, "test machine")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

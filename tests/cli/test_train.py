@@ -1,0 +1,129 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bigmodel.cli.train import CHECKPOINT_NAME, weights_digest
+from bigmodel.models import TextClassifier
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_synthetic_corpus_two_epochs_reach_90_percent(tmp_path, train, read_json):
+    out = tmp_path / "result.json"
+    rc = train(
+        "--epochs",
+        "2",
+        "--embed-dim",
+        "32",
+        "--hidden-dim",
+        "64",
+        "--lr",
+        "0.003",
+        "--threads",
+        "1",
+        "--json",
+        out,
+    )
+    assert rc == 0
+    epochs = read_json(out)["epochs"]
+    assert [e["epoch"] for e in epochs] == [1, 2]
+    assert set(epochs[0]) == {"epoch", "loss", "accuracy", "epoch_seconds", "tokens_per_second"}
+    assert epochs[-1]["accuracy"] >= 0.90
+    assert epochs[-1]["loss"] < epochs[0]["loss"]
+
+
+def test_fused_and_native_follow_the_same_loss_curve(small_corpus, tmp_path, train, tiny, read_json):
+    runs = {}
+    for backend in ("fused", "native"):
+        out = tmp_path / f"{backend}.json"
+        assert train("--data", small_corpus, "--epochs", "2", *tiny, "--backend", backend, "--json", out) == 0
+        runs[backend] = read_json(out)["epochs"]
+    for fused, native in zip(runs["fused"], runs["native"], strict=True):
+        assert fused["loss"] == pytest.approx(native["loss"], rel=1e-5)
+        assert fused["accuracy"] == pytest.approx(native["accuracy"], abs=1 / 40 + 1e-9)
+
+
+def _checkpoint(out_dir):
+    return torch.load(out_dir / CHECKPOINT_NAME, weights_only=True)
+
+
+def test_resume_continues_exactly(small_corpus, tmp_path, train, tiny, read_json):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    args = ("--data", small_corpus, *tiny, "--dropout", "0.3")
+    assert train(*args, "--epochs", "2", "--out", straight, "--json", tmp_path / "a.json") == 0
+    assert train(*args, "--epochs", "1", "--out", split) == 0
+    assert _checkpoint(split)["epoch"] == 1
+    # On resume the run settings come from the checkpoint; restating them is allowed.
+    assert (
+        train("--epochs", "2", "--out", split, "--resume", "--threads", "1", "--json", tmp_path / "b.json")
+        == 0
+    )
+    a, b = _checkpoint(straight), _checkpoint(split)
+    assert a["epoch"] == b["epoch"] == 2
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    assert a["history"][1]["loss"] == b["history"][1]["loss"]
+    ja, jb = read_json(tmp_path / "a.json"), read_json(tmp_path / "b.json")
+    assert ja["weights_sha256"] == jb["weights_sha256"]
+    assert [e["loss"] for e in ja["epochs"]] == [e["loss"] for e in jb["epochs"]]
+
+
+def test_resume_into_the_other_backend(small_corpus, tmp_path, train, tiny):
+    out = tmp_path / "run"
+    assert train("--data", small_corpus, *tiny, "--epochs", "1", "--out", out, "--backend", "fused") == 0
+    assert train("--epochs", "2", "--out", out, "--resume", "--backend", "native", "--threads", "1") == 0
+    assert _checkpoint(out)["epoch"] == 2
+
+
+def test_checkpoint_loads_weights_only_into_a_classifier(small_corpus, tmp_path, train, tiny, read_json):
+    out = tmp_path / "run"
+    assert (
+        train("--data", small_corpus, *tiny, "--epochs", "1", "--out", out, "--json", tmp_path / "r.json")
+        == 0
+    )
+    ckpt = _checkpoint(out)
+    model = TextClassifier(len(ckpt["vocab"]), 8, 8, backend="native")
+    model.load_state_dict(ckpt["model"])
+    assert read_json(tmp_path / "r.json")["weights_sha256"] == [weights_digest(model)]
+    assert [p.name for p in out.iterdir()] == [CHECKPOINT_NAME]  # no temporary files left
+
+
+def test_torchrun_two_processes_end_with_identical_weights(small_corpus, tmp_path, train, tiny, read_json):
+    out = tmp_path / "result.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "bigmodel",
+        "train",
+        "--data",
+        str(small_corpus),
+        *tiny,
+        "--epochs",
+        "2",
+        "--out",
+        str(tmp_path / "run"),
+        "--json",
+        str(out),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    result = read_json(out)
+    assert result["world_size"] == 2
+    first, second = result["weights_sha256"]
+    assert first == second
+    assert len(result["epochs"]) == 2
+    # rank 0 alone logged the epochs
+    assert res.stdout.count("epoch 2/2") == 1
+    ckpt = _checkpoint(tmp_path / "run")
+    model = TextClassifier(len(ckpt["vocab"]), 8, 8)
+    model.load_state_dict(ckpt["model"])
+    assert weights_digest(model) == first
