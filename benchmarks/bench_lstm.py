@@ -86,12 +86,12 @@ def test_lstm(benchmark, quick, device, shape, mode, impl):
     if quick and shape[0] != "seed":
         pytest.skip("--quick runs the seed shape only")
     _, T, B, I, H, L, bidir = shape
-    model = _make(impl, shape)
+    model = _make(impl, shape, device)
     g = torch.Generator().manual_seed(1)
     # In training the input requires grad, as in the seed classifier where an Embedding feeds the
     # LSTM: both sides must compute the input gradient.
-    x = torch.randn(T, B, I, generator=g).requires_grad_(mode != "forward")
-    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    x = torch.randn(T, B, I, generator=g).to(device).requires_grad_(mode != "forward")
+    lengths = torch.randint(1, T + 1, (B,), generator=g)  # on the CPU, as pack_padded_sequence wants
     fn = _synced(_step(impl, mode, model, x, lengths), device)
     slow = mode != "forward"
     rounds = (3 if slow else 5) if quick else (7 if slow else 15)
