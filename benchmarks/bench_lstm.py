@@ -15,7 +15,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import bigmodel.nn
 
-# (name, T, B, I, H, num_layers, bidirectional)
+# (name, T, B, IN, H, num_layers, bidirectional)
 SHAPES = [
     ("seed", 256, 64, 100, 200, 1, False),
     ("long", 512, 32, 256, 256, 1, False),
@@ -27,12 +27,12 @@ IMPLS = ["native", "bigmodel"]
 
 
 def _make(impl, shape, device):
-    _, T, B, I, H, L, bidir = shape
+    _, T, B, IN, H, L, bidir = shape
     torch.manual_seed(0)
-    ref = nn.LSTM(I, H, num_layers=L, bidirectional=bidir)
+    ref = nn.LSTM(IN, H, num_layers=L, bidirectional=bidir)
     if impl == "native":
         return ref.to(device)
-    ours = bigmodel.nn.LSTM(I, H, num_layers=L, bidirectional=bidir)
+    ours = bigmodel.nn.LSTM(IN, H, num_layers=L, bidirectional=bidir)
     ours.load_state_dict(ref.state_dict())
     return ours.to(device)
 
@@ -51,18 +51,22 @@ def _synced(fn, device):
 def _step(impl, mode, model, x, lengths):
     params = list(model.parameters())
     if mode == "forward":
+
         def fn():
             with torch.no_grad():
                 return model(x)
+
         return fn
 
     if mode == "train":
+
         def fn():
             for p in params:
                 p.grad = None
             x.grad = None
             out, _ = model(x)
             out.sum().backward()
+
         return fn
 
     def fn():  # varlen-train
@@ -76,6 +80,7 @@ def _step(impl, mode, model, x, lengths):
         else:
             out, _ = model(x, lengths=lengths)
             out.sum().backward()
+
     return fn
 
 
@@ -85,18 +90,23 @@ def _step(impl, mode, model, x, lengths):
 def test_lstm(benchmark, quick, device, shape, mode, impl):
     if quick and shape[0] != "seed":
         pytest.skip("--quick runs the seed shape only")
-    _, T, B, I, H, L, bidir = shape
+    _, T, B, IN, H, L, bidir = shape
     model = _make(impl, shape, device)
     g = torch.Generator().manual_seed(1)
     # In training the input requires grad, as in the seed classifier where an Embedding feeds the
     # LSTM: both sides must compute the input gradient.
-    x = torch.randn(T, B, I, generator=g).to(device).requires_grad_(mode != "forward")
+    x = torch.randn(T, B, IN, generator=g).to(device).requires_grad_(mode != "forward")
     lengths = torch.randint(1, T + 1, (B,), generator=g)  # on the CPU, as pack_padded_sequence wants
     fn = _synced(_step(impl, mode, model, x, lengths), device)
     slow = mode != "forward"
     rounds = (3 if slow else 5) if quick else (7 if slow else 15)
     benchmark.extra_info.update(
-        op="lstm", case=shape[0], shape=f"T={T} B={B} I={I} H={H} L={L}" + (" bidir" if bidir else ""),
-        mode=mode, impl=impl, device=device, tokens=int(lengths.sum()) if mode == "varlen-train" else T * B,
+        op="lstm",
+        case=shape[0],
+        shape=f"T={T} B={B} I={IN} H={H} L={L}" + (" bidir" if bidir else ""),
+        mode=mode,
+        impl=impl,
+        device=device,
+        tokens=int(lengths.sum()) if mode == "varlen-train" else T * B,
     )
     benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1, iterations=1)

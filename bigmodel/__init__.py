@@ -6,8 +6,10 @@ Importing the package loads the compiled extension (``bigmodel._C``), which regi
 
 import torch  # noqa: F401  (the extension links against libtorch)
 
-from . import _C  # noqa: F401  (registers torch.ops.bigmodel.*)
-from . import ops  # noqa: F401  (fake kernels and autograd)
-from . import nn  # noqa: F401  (drop-in modules)
+from . import (
+    _C,  # noqa: F401  (registers torch.ops.bigmodel.*)
+    nn,  # noqa: F401  (drop-in modules)
+    ops,  # noqa: F401  (fake kernels and autograd)
+)
 
 __version__ = "0.1.0"

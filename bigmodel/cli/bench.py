@@ -38,15 +38,26 @@ def _run_pytest(path: Path, quick: bool, tuned: bool, out_json: Path, device: st
     else:
         env.pop("GLIBC_TUNABLES", None)
     cmd = [
-        sys.executable, "-m", "pytest", str(path), "-q", "-p", "no:cacheprovider",
-        f"--benchmark-json={out_json}", "--benchmark-disable-gc", "--benchmark-sort=name",
-        "--benchmark-columns=median,min,max,rounds", f"--device={device}",
+        sys.executable,
+        "-m",
+        "pytest",
+        str(path),
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        f"--benchmark-json={out_json}",
+        "--benchmark-disable-gc",
+        "--benchmark-sort=name",
+        "--benchmark-columns=median,min,max,rounds",
+        f"--device={device}",
     ]
     if quick:
         cmd.append("--quick")
     label = "tuned allocator" if tuned else "default allocator"
     print(f"# running {path.name} ({label}) ...", file=sys.stderr, flush=True)
-    res = subprocess.run(cmd, env=env, cwd=path.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    res = subprocess.run(
+        cmd, env=env, cwd=path.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     if res.returncode != 0:
         sys.stderr.write(res.stdout)
         raise SystemExit(f"bigmodel bench: {path.name} failed (exit {res.returncode})")
@@ -58,14 +69,18 @@ def _medians(path: Path) -> dict[tuple, dict]:
     for b in data["benchmarks"]:
         e = b["extra_info"]
         rows[(e["op"], e["case"], e["mode"], e["impl"])] = {
-            "shape": e["shape"], "median_ms": b["stats"]["median"] * 1e3, "tokens": e.get("tokens"),
+            "shape": e["shape"],
+            "median_ms": b["stats"]["median"] * 1e3,
+            "tokens": e.get("tokens"),
             "device": e.get("device", "cpu"),
         }
     return rows
 
 
 def build_table(default: dict, tuned: dict | None) -> tuple[str, list[dict]]:
-    keys = sorted({k[:3] for k in default}, key=lambda k: list(dict.fromkeys(kk[:3] for kk in default)).index(k))
+    keys = sorted(
+        {k[:3] for k in default}, key=lambda k: list(dict.fromkeys(kk[:3] for kk in default)).index(k)
+    )
     header = "| op | case | shape | mode | native ms | bigmodel ms | speedup |"
     sep = "|---|---|---|---|---:|---:|---:|"
     if tuned is not None:
@@ -77,8 +92,12 @@ def build_table(default: dict, tuned: dict | None) -> tuple[str, list[dict]]:
         if nat is None or ours is None:
             continue
         rec = {
-            "op": op, "case": case, "shape": nat["shape"], "mode": mode,
-            "native_ms": nat["median_ms"], "bigmodel_ms": ours["median_ms"],
+            "op": op,
+            "case": case,
+            "shape": nat["shape"],
+            "mode": mode,
+            "native_ms": nat["median_ms"],
+            "bigmodel_ms": ours["median_ms"],
             "speedup": nat["median_ms"] / ours["median_ms"],
         }
         line = (
@@ -88,8 +107,11 @@ def build_table(default: dict, tuned: dict | None) -> tuple[str, list[dict]]:
         if tuned is not None:
             tn, to = tuned.get((op, case, mode, "native")), tuned.get((op, case, mode, "bigmodel"))
             if tn and to:
-                rec.update(native_tuned_ms=tn["median_ms"], bigmodel_tuned_ms=to["median_ms"],
-                           speedup_tuned=tn["median_ms"] / to["median_ms"])
+                rec.update(
+                    native_tuned_ms=tn["median_ms"],
+                    bigmodel_tuned_ms=to["median_ms"],
+                    speedup_tuned=tn["median_ms"] / to["median_ms"],
+                )
                 line += f" {tn['median_ms']:.1f} | {to['median_ms']:.1f} | {rec['speedup_tuned']:.2f}x |"
             else:
                 line += " - | - | - |"

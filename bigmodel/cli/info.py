@@ -39,7 +39,9 @@ def cpu_model() -> str:
 def run_info() -> int:
     info = build_info()
     print(f"bigmodel {bigmodel.__version__}")
-    print(f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), python {platform.python_version()}")
+    print(
+        f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), python {platform.python_version()}"
+    )
     print(f"CPU: {cpu_model()}, {torch.get_num_threads()} threads")
     print(f"compiled for CPU: -march={info.get('cpu_arch')} (at::vec {info.get('cpu_capability')})")
     if info.get("cuda") == "1":

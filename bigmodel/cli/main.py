@@ -31,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--json", metavar="FILE", help="also write all results as JSON")
     bench.add_argument("--markdown", metavar="FILE", help="also write the table to FILE")
     bench.add_argument(
-        "--baseline", choices=["both", "default"], default="both",
+        "--baseline",
+        choices=["both", "default"],
+        default="both",
         help="'both' also runs a second process with glibc's allocator tuned (default: both)",
     )
 

@@ -211,10 +211,23 @@ def test_backward_without_train_raises(device):
 def test_cpu_op_restores_floating_point_mode():
     """The op flushes denormals while it runs (a recurrent backward otherwise crawls through
     microcode assists) and must leave the caller's floating-point mode as it found it."""
-    tiny = torch.full((1 << 16,), 1e-39, dtype=torch.float32)  # denormal in float32, big enough to be parallel
+    tiny = torch.full(
+        (1 << 16,), 1e-39, dtype=torch.float32
+    )  # denormal in float32, big enough to be parallel
     assert (tiny * 1.0).ne(0).all()
-    args, lengths = make_args(7, 3, 4, 5, 0, proj=False, bias=True, has_lengths=True, dtype=torch.float32,
-                              device="cpu", requires_grad=True)
+    args, lengths = make_args(
+        7,
+        3,
+        4,
+        5,
+        0,
+        proj=False,
+        bias=True,
+        has_lengths=True,
+        dtype=torch.float32,
+        device="cpu",
+        requires_grad=True,
+    )
     out, h_n, c_n = lstm_layer(*args, lengths, True)
     (out.sum() + h_n.sum()).backward()
     assert (tiny * 1.0).ne(0).all(), "denormals are flushed after the op: the caller's FP mode leaked"
