@@ -214,3 +214,30 @@ def run_bench(args) -> int:
     if args.plot:
         plot_speedups(records, args.plot, machine_line(args.device))
     return 0
+
+
+def run_table(args) -> int:
+    """`bigmodel table`: the Markdown table from pytest-benchmark JSON files already on disk."""
+    rows = {}
+    for name in [args.json] + ([args.tuned] if args.tuned else []):
+        path = Path(name)
+        try:
+            rows[name] = _medians(path)
+        except (OSError, ValueError, KeyError) as e:
+            print(
+                f"bigmodel table: {path}: not a pytest-benchmark JSON of bigmodel's benchmarks ({e})",
+                file=sys.stderr,
+            )
+            return 2
+    default = rows[args.json]
+    tuned = rows[args.tuned] if args.tuned else None
+    table, _ = build_table(default, tuned)
+    if not table.count("\n") > 1:
+        print(
+            f"bigmodel table: {args.json}: no case has both a native and a bigmodel result", file=sys.stderr
+        )
+        return 2
+    print(table)
+    if args.markdown:
+        Path(args.markdown).write_text(table + "\n")
+    return 0

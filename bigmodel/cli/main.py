@@ -37,6 +37,15 @@ def main(argv: list[str] | None = None) -> int:
         help="'both' also runs a second process with glibc's allocator tuned (default: both)",
     )
 
+    table = sub.add_parser(
+        "table",
+        help="turn pytest-benchmark JSON from the benchmark files into the Markdown table",
+        description="Build the native-vs-bigmodel table from `pytest benchmarks/... --benchmark-json=F`.",
+    )
+    table.add_argument("json", metavar="JSON", help="pytest-benchmark JSON (default allocator)")
+    table.add_argument("--tuned", metavar="JSON", help="the same run with glibc's allocator tuned")
+    table.add_argument("--markdown", metavar="FILE", help="also write the table to FILE")
+
     args = parser.parse_args(argv)
     if args.command == "info":
         from .info import run_info
@@ -50,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import run_bench
 
         return run_bench(args)
+    if args.command == "table":
+        from .bench import run_table
+
+        return run_table(args)
     parser.error(f"unknown command {args.command}")
     return 2
 
