@@ -12,7 +12,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["lstm_cell_reference", "lstm_layer_reference", "lstm_reference"]
+__all__ = [
+    "attention_reference",
+    "dropout_keep",
+    "lstm_cell_reference",
+    "lstm_layer_reference",
+    "lstm_reference",
+]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -157,3 +163,94 @@ def lstm_reference(
             c_n.append(c)
         x = torch.cat(outputs, dim=2)
     return x, (torch.stack(h_n), torch.stack(c_n))
+
+
+def attention_reference(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    key_lengths: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """The semantics of ``bigmodel.ops.attention.attention``, with the full score matrix.
+
+    Args:
+        query: ``(B, Hq, Lq, d)``; key: ``(B, Hkv, Lk, d)``; value: ``(B, Hkv, Lk, dv)``; ``Hq % Hkv == 0``
+            and query head ``h`` reads kv head ``h // (Hq // Hkv)``.
+        attn_mask: broadcastable to ``(B, Hq, Lq, Lk)``: bool (True = attend) or added to the scores.
+        key_lengths: ``(B,)`` integers in ``[0, Lk]``; keys ``j >= key_lengths[b]`` are masked.
+        is_causal: query ``i`` sees keys ``j <= i``.
+        scale: default ``1 / sqrt(d)``.
+        dropout_p, seed: each probability is kept where ``dropout_keep(seed, ...)`` says so and scaled
+            by ``1 / (1 - dropout_p)``, the rest zeroed; logsumexp does not see dropout.
+
+    Returns:
+        ``(out (B, Hq, Lq, dv), logsumexp (B, Hq, Lq))``. A row with no valid key gets output 0 and
+        logsumexp ``-inf``. Computed in float32 (float64 for float64) and ``out`` rounded to query's dtype.
+    """
+    ct = _compute_dtype(query.dtype)
+    q, k, v = query.to(ct), key.to(ct), value.to(ct)
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)) * scale  # (B, Hq, Lq, Lk)
+    Lq, Lk = scores.shape[-2:]
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask.to(ct)
+    valid = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device)
+    if is_causal:
+        valid = valid.tril()
+    valid = valid.expand(q.shape[0], 1, Lq, Lk)
+    if key_lengths is not None:
+        in_length = torch.arange(Lk, device=q.device) < key_lengths.to(q.device).view(-1, 1, 1, 1)
+        valid = valid & in_length
+    scores = scores.masked_fill(~valid, float("-inf"))
+    empty = torch.isneginf(scores).all(dim=-1, keepdim=True)
+    # Empty rows take a finite stand-in so that no NaN reaches autograd; their probabilities are 0.
+    lse = torch.logsumexp(scores.masked_fill(empty, 0.0), dim=-1, keepdim=True)
+    probs = torch.exp(scores - lse).masked_fill(empty, 0.0)
+    if dropout_p > 0.0:
+        keep = dropout_keep(seed, *probs.shape, dropout_p, device=probs.device)
+        probs = probs * keep / (1.0 - dropout_p)
+    out = probs @ v
+    return out.to(query.dtype), lse.masked_fill(empty, float("-inf")).squeeze(-1)
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """32-bit integer finalizer on int64 tensors holding values in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def dropout_keep(
+    seed: int, B: int, H: int, Lq: int, Lk: int, p: float, device: torch.device | str = "cpu"
+) -> Tensor:
+    """Attention dropout's keep mask ``(B, H, Lq, Lk)`` (bool): a hash of ``(seed, b, h, i, j)``.
+
+    Score ``(b, h, i, j)`` is kept iff ``hash >= p * 2**32``, so with probability ``1 - p``; the
+    kernel computes the same bits (csrc/attention/attention_cpu.cpp, ``Dropout``).
+    """
+
+    def idx(n: int, dim: int) -> Tensor:
+        shape = [1, 1, 1, 1]
+        shape[dim] = n
+        return torch.arange(n, dtype=torch.int64, device=device).view(shape)
+
+    x = _mix32(torch.tensor(((seed & _MASK32) + 0x9E3779B9) & _MASK32, dtype=torch.int64, device=device))
+    for n, dim in ((B, 0), (H, 1), (Lq, 2), (Lk, 3)):
+        x = _mix32(x ^ idx(n, dim))
+    return x >= min(int(p * 2**32), _MASK32)

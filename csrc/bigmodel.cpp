@@ -47,6 +47,15 @@ TORCH_LIBRARY(bigmodel, m) {
       "Tensor gates, Tensor cells, bool reverse, bool has_bias) "
       "-> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, "
       "Tensor grad_bias, Tensor grad_w_hr)");
+  m.def(
+      "attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, Tensor? key_lengths=None, "
+      "bool is_causal=False, float? scale=None, float dropout_p=0.0, int seed=0) "
+      "-> (Tensor out, Tensor logsumexp)");
+  m.def(
+      "attention_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, "
+      "Tensor logsumexp, Tensor? attn_mask, Tensor? key_lengths, bool is_causal, float? scale, "
+      "float dropout_p, int seed) "
+      "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
   m.def("build_info() -> str", &build_info);
   m.def("empty_cache() -> int", &empty_cache);
 }

@@ -8,26 +8,44 @@ import torch
 import bigmodel  # noqa: F401  (registers torch.ops.bigmodel.*)
 
 
-def _cuda_skip_reason() -> str | None:
+def _cuda_skip_reason(op: str) -> str | None:
     if not torch.cuda.is_available():
         return "CUDA is not available"
     if not torch._C._dispatch_has_kernel_for_dispatch_key("bigmodel::lstm_layer", "CUDA"):
         return "bigmodel was built without its CUDA kernels"
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"):
+        return f"{op} has no CUDA kernel yet"
     return None
 
 
-_CUDA_SKIP = _cuda_skip_reason()
-
-DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(_CUDA_SKIP is not None, reason=_CUDA_SKIP or "")),
-]
+_LSTM_CUDA_SKIP = _cuda_skip_reason("bigmodel::lstm_layer")
 
 
-@pytest.fixture(params=DEVICES)
+@pytest.fixture(
+    params=[
+        "cpu",
+        pytest.param(
+            "cuda", marks=pytest.mark.skipif(_LSTM_CUDA_SKIP is not None, reason=_LSTM_CUDA_SKIP or "")
+        ),
+    ]
+)
 def device(request) -> str:
-    """Each device bigmodel's kernels were built for; CUDA skips with the reason when absent."""
+    """Each device bigmodel's kernels were built for; CUDA skips with the reason when absent.
+
+    A module testing another op says so with ``pytestmark = pytest.mark.op("bigmodel::<name>")``;
+    its CUDA cases then skip while that op has no CUDA kernel."""
     return request.param
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        marker = item.get_closest_marker("op")
+        if marker is None or callspec is None or callspec.params.get("device") != "cuda":
+            continue
+        reason = _cuda_skip_reason(marker.args[0])
+        if reason is not None:
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(autouse=True)
@@ -36,6 +54,7 @@ def _seed() -> None:
 
 
 def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "op(name): the bigmodel op a test module exercises (for CUDA skips)")
     # nn.LSTM (the oracle) says so on every projected CPU call; it is about PyTorch, not bigmodel.
     config.addinivalue_line(
         "filterwarnings", "ignore:LSTM with projections is not supported with oneDNN:UserWarning"

@@ -1,1 +1,1 @@
-from . import lstm  # noqa: F401
+from . import attention, lstm  # noqa: F401

@@ -1,0 +1,90 @@
+"""F.scaled_dot_product_attention vs bigmodel's, side by side in one parametrization (float32).
+
+    python -m pytest benchmarks/bench_attention.py --benchmark-json=out.json [--quick] [--device cuda]
+
+Key padding: native gets the equivalent boolean attn_mask, bigmodel gets key_lengths (its padded
+key blocks are skipped). On CUDA every timed call ends with a synchronize.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bigmodel.nn.functional as BF
+
+# (name, B, L, heads, d)
+SHAPES = [
+    ("seed", 32, 256, 8, 32),
+    ("long", 8, 1024, 8, 32),
+    ("longer", 4, 2048, 8, 64),
+]
+MASKS = ["none", "causal", "key-padding"]
+MODES = ["forward", "train"]
+IMPLS = ["native", "bigmodel"]
+
+
+def _call(impl, q, k, v, mask, lengths):
+    if mask == "causal":
+        kwargs = {"is_causal": True}
+    elif mask == "key-padding":
+        L = k.shape[2]
+        bool_mask = torch.arange(L, device=k.device) < lengths.view(-1, 1, 1, 1)
+        kwargs = {"attn_mask": bool_mask} if impl == "native" else {"key_lengths": lengths}
+    else:
+        kwargs = {}
+    if impl == "native":
+        return lambda: F.scaled_dot_product_attention(
+            q, k, v, attn_mask=kwargs.get("attn_mask"), is_causal=kwargs.get("is_causal", False)
+        )
+    return lambda: BF.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
+def test_attention(benchmark, quick, device, shape, mask, mode, impl):
+    if quick and shape[0] != "seed":
+        pytest.skip("--quick runs the seed shape only")
+    if impl == "bigmodel" and device == "cuda":
+        pytest.skip("bigmodel.attention has no CUDA kernel yet")
+    name, B, L, H, d = shape
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (
+        torch.randn(B, H, L, d, generator=g).to(device).requires_grad_(mode == "train") for _ in range(3)
+    )
+    # Lengths between L/4 and L, the longest present (so no row is fully masked for native).
+    lengths = torch.randint(L // 4, L + 1, (B,), generator=g)
+    lengths[0] = L
+    lengths = lengths.to(device)
+    attend = _call(impl, q, k, v, mask, lengths)
+
+    if mode == "forward":
+
+        def fn():
+            with torch.no_grad():
+                attend()
+    else:
+
+        def fn():
+            q.grad = k.grad = v.grad = None
+            attend().sum().backward()
+
+    if device == "cuda":
+        step = fn
+
+        def fn():
+            step()
+            torch.cuda.synchronize()
+
+    slow = mode == "train" or L >= 1024
+    rounds = (3 if slow else 5) if quick else (7 if slow else 15)
+    benchmark.extra_info.update(
+        op="attention",
+        case=f"{name}/{mask}",
+        shape=f"B={B} L={L} heads={H} d={d}",
+        mode=mode,
+        impl=impl,
+        device=device,
+    )
+    benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1, iterations=1)

@@ -1,0 +1,125 @@
+"""``MultiheadAttention``: ``nn.MultiheadAttention`` with its attention on bigmodel's kernel."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops.attention import attention
+
+__all__ = ["MultiheadAttention"]
+
+
+class MultiheadAttention(nn.MultiheadAttention):
+    """Drop-in for ``nn.MultiheadAttention``: same constructor, parameters, state dict and forward.
+
+    ``forward`` with ``need_weights=False`` runs the projections with ``F.linear`` and the attention
+    with ``bigmodel.ops.attention``; a right-padded boolean ``key_padding_mask`` becomes
+    ``key_lengths``, so padded key blocks are skipped; dropout (while training) is the kernel's, with
+    its own random stream. Calls the kernel cannot serve - ``need_weights=True`` (the default, as in
+    PyTorch), ``add_bias_kv``, ``add_zero_attn`` - take ``nn.MultiheadAttention``'s own (slower)
+    path. Unlike PyTorch, a query with no key to attend to gets zeros rather than NaN on the fast path.
+    """
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Args and returns as ``nn.MultiheadAttention.forward``."""
+        if (
+            need_weights
+            or self.bias_k is not None
+            or self.add_zero_attn
+            or (is_causal and attn_mask is None)
+            or query.device.type != "cpu"
+        ):
+            return super().forward(
+                query,
+                key,
+                value,
+                key_padding_mask=key_padding_mask,
+                need_weights=need_weights,
+                attn_mask=attn_mask,
+                average_attn_weights=average_attn_weights,
+                is_causal=is_causal,
+            )
+        batched = query.dim() == 3
+        if not batched:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif self.batch_first:
+            query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+        L, N, E = query.shape
+        S = key.shape[0]
+        H, hd = self.num_heads, self.head_dim
+
+        if self._qkv_same_embed_dim:
+            w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        else:
+            w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
+        q = F.linear(query, w_q, b_q).view(L, N, H, hd).permute(1, 2, 0, 3)
+        k = F.linear(key, w_k, b_k).view(S, N, H, hd).permute(1, 2, 0, 3)
+        v = F.linear(value, w_v, b_v).view(S, N, H, hd).permute(1, 2, 0, 3)
+
+        mask = _attend_mask(attn_mask, N, H, L, S, query.dtype)
+        key_lengths = None
+        if key_padding_mask is not None:
+            key_lengths = _right_padded_lengths(key_padding_mask)
+            if key_lengths is None:
+                kpm = _attend_mask(key_padding_mask.view(N, 1, 1, S), N, H, L, S, query.dtype)
+                mask = _merge(mask, kpm, query.dtype)
+        causal = is_causal and key_padding_mask is None  # as PyTorch: then attn_mask is only a hint
+        if causal:
+            mask = None
+        dropout_p = self.dropout if self.training else 0.0
+        out, _ = attention(q, k, v, mask, key_lengths, causal, None, dropout_p)
+        out = F.linear(out.permute(2, 0, 1, 3).reshape(L, N, E), self.out_proj.weight, self.out_proj.bias)
+        if not batched:
+            out = out.squeeze(1)
+        elif self.batch_first:
+            out = out.transpose(0, 1)
+        return out, None
+
+
+def _attend_mask(mask: Tensor | None, N: int, H: int, L: int, S: int, dtype: torch.dtype) -> Tensor | None:
+    """nn.MultiheadAttention's mask (bool True = masked, or additive; ``(L, S)``, ``(N*H, L, S)`` or
+    ``(N, 1, 1, S)``) as the kernel's: bool True = attend, or additive, broadcastable to (N, H, L, S)."""
+    if mask is None:
+        return None
+    if mask.dim() == 3:
+        mask = mask.view(N, H, L, S)
+    return mask.logical_not() if mask.dtype == torch.bool else mask.to(dtype)
+
+
+def _merge(a: Tensor | None, b: Tensor, dtype: torch.dtype) -> Tensor:
+    """Both masks at once: bool if both are, else additive in ``dtype``."""
+    if a is None:
+        return b
+    if a.dtype == torch.bool and b.dtype == torch.bool:
+        return a & b
+    return _additive(a, dtype) + _additive(b, dtype)
+
+
+def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    if mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+
+
+def _right_padded_lengths(key_padding_mask: Tensor) -> Tensor | None:
+    """Lengths if every row of the boolean ``(N, S)`` mask is ``False * n + True * (S - n)``."""
+    if key_padding_mask.dtype != torch.bool:
+        return None
+    lengths = (~key_padding_mask).sum(dim=1)
+    padded = torch.arange(key_padding_mask.shape[1], device=key_padding_mask.device) >= lengths.unsqueeze(1)
+    return lengths if bool((padded == key_padding_mask).all()) else None

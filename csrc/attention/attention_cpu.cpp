@@ -1,0 +1,428 @@
+// CPU kernels of bigmodel's attention (contract in attention.h).
+//
+// Forward is flash-style: each task owns one (batch, query head, block of kBlockQ query rows) and
+// walks the key blocks it can see with an online softmax (running max m, running sum l, output
+// accumulator rescaled when m grows), so the [Lq, Lk] score matrix never exists. Key blocks past
+// key_lengths[b], or wholly above the causal diagonal, are never read. It saves only logsumexp.
+//
+// Backward recomputes P = exp(s - logsumexp) block by block. One task owns one (batch, kv head):
+// it is the only writer of that head's grad_k / grad_v rows (summed over the query heads of its GQA
+// group) and of the grad_q rows of those query heads, so no two threads write the same rows.
+//
+// Block products go through gemm::rowmajor, which serves every d and dv. Each call has a fixed
+// cost (tensor views + dispatch), so blocks are large: at (B, L, H, d) = (32, 256, 8, 32) on 2 cores,
+// 128 x 256 was the fastest of 64 x 256, 128 x 128, 64 x 128 and 128 x 256 without a mask and within
+// noise of the best (128 x 128) with is_causal, forward and forward+backward.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "attention/attention.h"
+#include "common/checks.h"
+#include "common/denormals.h"
+#include "common/gemm.h"
+
+namespace bigmodel::attention {
+namespace {
+
+using at::Tensor;
+using at::vec::Vectorized;
+
+constexpr int64_t kBlockQ = 128;
+constexpr int64_t kBlockK = 256;
+
+// Dropout's keep/drop decision for score (b, h, i, j) is a pure function of (seed, b, h, i, j), so
+// backward regenerates forward's mask without storing it. mix32 is a 32-bit integer finalizer
+// (xorshift-multiply, "lowbias32"); bigmodel.reference.dropout_keep computes the same bits.
+inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352dU;
+  x ^= x >> 15;
+  x *= 0x846ca68bU;
+  x ^= x >> 16;
+  return x;
+}
+
+struct Dropout {
+  double p = 0.0;
+  uint32_t seed = 0;
+  uint32_t threshold = 0;  // keep iff hash >= threshold, i.e. with probability 1 - p
+
+  bool active() const { return p > 0.0; }
+  uint32_t row_key(int64_t b, int64_t h, int64_t i) const {
+    uint32_t x = mix32(seed + 0x9e3779b9U);
+    x = mix32(x ^ static_cast<uint32_t>(b));
+    x = mix32(x ^ static_cast<uint32_t>(h));
+    return mix32(x ^ static_cast<uint32_t>(i));
+  }
+  bool keep(uint32_t row, int64_t j) const { return mix32(row ^ static_cast<uint32_t>(j)) >= threshold; }
+};
+
+Dropout make_dropout(const char* op, double p, int64_t seed) {
+  BM_CHECK(p >= 0.0 && p < 1.0, op, "dropout_p must be in [0, 1), got ", p);
+  Dropout d;
+  d.p = p;
+  d.seed = static_cast<uint32_t>(seed);
+  d.threshold = static_cast<uint32_t>(std::min(p * 4294967296.0, 4294967295.0));
+  return d;
+}
+
+struct Dims {
+  int64_t B, Hq, Hkv, Lq, Lk, d, dv;
+};
+
+at::ScalarType compute_dtype(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
+
+Dims check_inputs(const char* op, const Tensor& q, const Tensor& k, const Tensor& v,
+                  const std::optional<Tensor>& attn_mask, const std::optional<Tensor>& key_lengths) {
+  BM_CHECK(q.dim() == 4, op, "query must be 4-D [B, Hq, Lq, d], got ", q.sizes());
+  BM_CHECK(k.dim() == 4, op, "key must be 4-D [B, Hkv, Lk, d], got ", k.sizes());
+  BM_CHECK(v.dim() == 4, op, "value must be 4-D [B, Hkv, Lk, dv], got ", v.sizes());
+  check_float_dtype(q, op, "query");
+  check_same_dtype_device(k, q, op, "key", "query");
+  check_same_dtype_device(v, q, op, "value", "query");
+  const Dims d{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3)};
+  BM_CHECK(k.size(0) == d.B, op, "key has batch size ", k.size(0), " but query has ", d.B);
+  BM_CHECK(v.size(0) == d.B, op, "value has batch size ", v.size(0), " but query has ", d.B);
+  BM_CHECK(v.size(1) == d.Hkv, op, "value has ", v.size(1), " heads but key has ", d.Hkv);
+  BM_CHECK(v.size(2) == d.Lk, op, "value has ", v.size(2), " keys (dim 2) but key has ", d.Lk);
+  BM_CHECK(k.size(3) == d.d, op, "key has head dim ", k.size(3), " but query has ", d.d);
+  BM_CHECK(d.Hkv > 0 && d.Hq % d.Hkv == 0, op, "query heads (", d.Hq,
+           ") must be a multiple of key/value heads (", d.Hkv, ")");
+  if (key_lengths.has_value()) {
+    const Tensor& kl = *key_lengths;
+    BM_CHECK(kl.scalar_type() == at::kLong || kl.scalar_type() == at::kInt, op,
+             "key_lengths must be int32 or int64, got ", kl.scalar_type());
+    BM_CHECK(kl.dim() == 1 && kl.size(0) == d.B, op, "key_lengths must have shape [", d.B,
+             "] (one length per batch entry), got ", kl.sizes());
+    BM_CHECK(kl.device() == q.device(), op, "key_lengths is on ", kl.device(), " but query is on ", q.device());
+    if (d.B > 0) {
+      const int64_t lo = kl.min().item<int64_t>(), hi = kl.max().item<int64_t>();
+      BM_CHECK(lo >= 0 && hi <= d.Lk, op, "key_lengths must lie in [0, Lk = ", d.Lk, "], got values in [", lo,
+               ", ", hi, "]");
+    }
+  }
+  if (attn_mask.has_value()) {
+    const Tensor& m = *attn_mask;
+    BM_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == q.scalar_type(), op,
+             "attn_mask must be bool or have query's dtype ", q.scalar_type(), ", got ", m.scalar_type());
+    BM_CHECK(m.device() == q.device(), op, "attn_mask is on ", m.device(), " but query is on ", q.device());
+    const int64_t full[4] = {d.B, d.Hq, d.Lq, d.Lk};
+    bool ok = m.dim() <= 4;
+    for (int64_t i = 0; ok && i < m.dim(); ++i) {
+      const int64_t s = m.size(m.dim() - 1 - i);
+      ok = s == 1 || s == full[3 - i];
+    }
+    BM_CHECK(ok, op, "attn_mask must be broadcastable to [B, Hq, Lq, Lk] = ", at::IntArrayRef(full, 4), ", got ",
+             m.sizes());
+  }
+  return d;
+}
+
+// The additive mask in the compute dtype, broadcast (by strides, not copies) to [B, Hq, Lq, Lk].
+Tensor additive_mask(const std::optional<Tensor>& attn_mask, const Dims& d, at::ScalarType ct) {
+  if (!attn_mask.has_value()) return Tensor();
+  Tensor m = *attn_mask;
+  if (m.scalar_type() == at::kBool)
+    m = at::zeros(m.sizes(), m.options().dtype(ct)).masked_fill_(m.logical_not(), -std::numeric_limits<double>::infinity());
+  else
+    m = m.to(ct);
+  return m.expand({d.B, d.Hq, d.Lq, d.Lk});
+}
+
+template <typename T>
+struct Problem {
+  Dims d;
+  T scale;
+  bool causal;
+  const T* q;
+  const T* k;
+  const T* v;
+  const int64_t* lengths;  // [B] or nullptr
+  const T* mask;           // additive, indexed by mask_stride; or nullptr
+  int64_t mask_stride[4];
+  Dropout dropout;
+
+  int64_t group() const { return d.Hq / d.Hkv; }
+  int64_t valid_keys(int64_t b) const { return lengths ? lengths[b] : d.Lk; }
+  // Keys that rows [.., i1) of batch b can see at all: later key blocks are skipped.
+  int64_t key_end(int64_t b, int64_t i1) const {
+    const int64_t e = valid_keys(b);
+    return causal ? std::min(e, i1) : e;
+  }
+  const T* q_rows(int64_t b, int64_t h, int64_t i0) const { return q + ((b * d.Hq + h) * d.Lq + i0) * d.d; }
+  const T* k_rows(int64_t b, int64_t hk, int64_t j0) const { return k + ((b * d.Hkv + hk) * d.Lk + j0) * d.d; }
+  const T* v_rows(int64_t b, int64_t hk, int64_t j0) const { return v + ((b * d.Hkv + hk) * d.Lk + j0) * d.dv; }
+
+  // S[r, c] holds scale * q_{i0+r} . k_{j0+c}; applies attn_mask and the causal diagonal.
+  // Z[r, c] for the scores of rows i0.., keys j0..: 0 if dropped, 1 / (1 - p) if kept.
+  void dropout_factors(int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t j0, int64_t nk, T* Z, int64_t ldZ) const {
+    const T kept = static_cast<T>(1.0 / (1.0 - dropout.p));
+    for (int64_t r = 0; r < nq; ++r) {
+      const uint32_t row = dropout.row_key(b, h, i0 + r);
+      T* z = Z + r * ldZ;
+      for (int64_t c = 0; c < nk; ++c) z[c] = dropout.keep(row, j0 + c) ? kept : T(0);
+    }
+  }
+
+  void mask_scores(int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t j0, int64_t nk, T* S, int64_t ldS) const {
+    if (mask) {
+      for (int64_t r = 0; r < nq; ++r) {
+        const T* m = mask + b * mask_stride[0] + h * mask_stride[1] + (i0 + r) * mask_stride[2] + j0 * mask_stride[3];
+        T* s = S + r * ldS;
+        for (int64_t c = 0; c < nk; ++c) s[c] += m[c * mask_stride[3]];
+      }
+    }
+    if (causal && j0 + nk - 1 > i0) {
+      const T ninf = -std::numeric_limits<T>::infinity();
+      for (int64_t r = 0; r < nq; ++r) {
+        const int64_t first = std::max<int64_t>(0, i0 + r + 1 - j0);
+        std::fill(S + r * ldS + std::min(first, nk), S + r * ldS + nk, ninf);
+      }
+    }
+  }
+};
+
+template <typename T>
+T row_max(const T* s, int64_t n) {
+  using V = Vectorized<T>;
+  T mx = -std::numeric_limits<T>::infinity();
+  int64_t c = 0;
+  if (n >= V::size()) {
+    V vm(mx);
+    for (; c + V::size() <= n; c += V::size()) vm = at::vec::maximum(vm, V::loadu(s + c));
+    mx = at::vec::vec_reduce_all<T>([](V& a, V& b) { return at::vec::maximum(a, b); }, vm);
+  }
+  for (; c < n; ++c) mx = std::max(mx, s[c]);
+  return mx;
+}
+
+// s <- exp(s - shift) in place; returns the sum. exp(-inf) = 0 covers masked scores.
+template <typename T>
+T exp_shifted(T* s, int64_t n, T shift) {
+  using V = Vectorized<T>;
+  const V vs(shift);
+  V acc(T(0));
+  int64_t c = 0;
+  for (; c + V::size() <= n; c += V::size()) {
+    const V e = (V::loadu(s + c) - vs).exp_u20();
+    e.store(s + c);
+    acc = acc + e;
+  }
+  T sum = at::vec::vec_reduce_all<T>([](V& a, V& b) { return a + b; }, acc);
+  for (; c < n; ++c) {
+    s[c] = std::exp(s[c] - shift);
+    sum += s[c];
+  }
+  return sum;
+}
+
+template <typename T>
+void scale_row(T* x, int64_t n, T a) {
+  at::vec::map([a](Vectorized<T> v) { return v * Vectorized<T>(a); }, x, x, n);
+}
+
+template <typename T>
+void forward(const Problem<T>& p, T* out, T* lse) {
+  const Dims& d = p.d;
+  const int64_t nqb = (d.Lq + kBlockQ - 1) / kBlockQ;
+  at::parallel_for(0, d.B * d.Hq * nqb, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<T> S(kBlockQ * kBlockK), acc(kBlockQ * d.dv), m(kBlockQ), l(kBlockQ);
+    std::vector<T> Z(p.dropout.active() ? kBlockQ * kBlockK : 0);
+    const T ninf = -std::numeric_limits<T>::infinity();
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / (d.Hq * nqb), h = (t / nqb) % d.Hq, i0 = (t % nqb) * kBlockQ;
+      const int64_t hk = h / p.group(), nq = std::min(kBlockQ, d.Lq - i0);
+      const int64_t kend = p.key_end(b, i0 + nq);
+      std::fill(m.begin(), m.end(), ninf);
+      std::fill(l.begin(), l.end(), T(0));
+      std::fill(acc.begin(), acc.end(), T(0));
+      const T* qp = p.q_rows(b, h, i0);
+      for (int64_t j0 = 0; j0 < kend; j0 += kBlockK) {
+        const int64_t nk = std::min(kBlockK, kend - j0);
+        gemm::rowmajor<T>(false, true, nq, nk, d.d, p.scale, qp, d.d, p.k_rows(b, hk, j0), d.d, T(0), S.data(),
+                          kBlockK);
+        p.mask_scores(b, h, i0, nq, j0, nk, S.data(), kBlockK);
+        for (int64_t r = 0; r < nq; ++r) {
+          T* s = S.data() + r * kBlockK;
+          const T mnew = std::max(m[r], row_max(s, nk));
+          if (mnew == ninf) {  // nothing valid yet: contributes zero
+            std::fill(s, s + nk, T(0));
+            continue;
+          }
+          const T alpha = std::exp(m[r] - mnew);
+          const T sum = exp_shifted(s, nk, mnew);
+          if (alpha != T(1)) scale_row(acc.data() + r * d.dv, d.dv, alpha);
+          l[r] = l[r] * alpha + sum;
+          m[r] = mnew;
+        }
+        if (p.dropout.active()) {  // the normalizer l counts every key; only the values see dropout
+          p.dropout_factors(b, h, i0, nq, j0, nk, Z.data(), kBlockK);
+          at::vec::map2([](Vectorized<T> x, Vectorized<T> z) { return x * z; }, S.data(), S.data(), Z.data(),
+                        kBlockQ * kBlockK);
+        }
+        gemm::rowmajor<T>(false, false, nq, d.dv, nk, T(1), S.data(), kBlockK, p.v_rows(b, hk, j0), d.dv, T(1),
+                          acc.data(), d.dv);
+      }
+      const int64_t row0 = (b * d.Hq + h) * d.Lq + i0;
+      for (int64_t r = 0; r < nq; ++r) {
+        T* o = out + (row0 + r) * d.dv;
+        if (l[r] > T(0)) {
+          at::vec::map([inv = T(1) / l[r]](Vectorized<T> x) { return x * Vectorized<T>(inv); }, o,
+                       acc.data() + r * d.dv, d.dv);
+          lse[row0 + r] = m[r] + std::log(l[r]);
+        } else {
+          std::fill(o, o + d.dv, T(0));
+          lse[row0 + r] = ninf;
+        }
+      }
+    }
+  });
+}
+
+// grad_* are zero-filled [B, H*, L*, *] buffers; delta[row] = grad_out[row] . out[row].
+template <typename T>
+void backward(const Problem<T>& p, const T* grad_out, const T* lse, const T* delta, T* grad_q, T* grad_k,
+              T* grad_v) {
+  const Dims& d = p.d;
+  at::parallel_for(0, d.B * d.Hkv, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<T> P(kBlockQ * kBlockK), dS(kBlockQ * kBlockK);
+    // With dropout: Z holds the factors and PZ = P * Z, the probabilities the values saw.
+    std::vector<T> Z(p.dropout.active() ? kBlockQ * kBlockK : 0), PZ(Z.size());
+    const T ninf = -std::numeric_limits<T>::infinity();
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / d.Hkv, hk = t % d.Hkv;
+      const int64_t kv_valid = p.valid_keys(b);
+      for (int64_t j0 = 0; j0 < kv_valid; j0 += kBlockK) {
+        const int64_t nk = std::min(kBlockK, kv_valid - j0);
+        const T* kp = p.k_rows(b, hk, j0);
+        const T* vp = p.v_rows(b, hk, j0);
+        T* dk = grad_k + ((b * d.Hkv + hk) * d.Lk + j0) * d.d;
+        T* dv = grad_v + ((b * d.Hkv + hk) * d.Lk + j0) * d.dv;
+        for (int64_t h = hk * p.group(); h < (hk + 1) * p.group(); ++h) {
+          // Causal: rows above j0 see none of these keys.
+          const int64_t first = p.causal ? (j0 / kBlockQ) * kBlockQ : 0;
+          for (int64_t i0 = first; i0 < d.Lq; i0 += kBlockQ) {
+            const int64_t nq = std::min(kBlockQ, d.Lq - i0);
+            const int64_t row0 = (b * d.Hq + h) * d.Lq + i0;
+            const T* qp = p.q_rows(b, h, i0);
+            const T* go = grad_out + row0 * d.dv;
+            gemm::rowmajor<T>(false, true, nq, nk, d.d, p.scale, qp, d.d, kp, d.d, T(0), P.data(), kBlockK);
+            p.mask_scores(b, h, i0, nq, j0, nk, P.data(), kBlockK);
+            for (int64_t r = 0; r < nq; ++r) {
+              T* s = P.data() + r * kBlockK;
+              if (lse[row0 + r] == ninf)
+                std::fill(s, s + nk, T(0));
+              else
+                exp_shifted(s, nk, lse[row0 + r]);
+            }
+            const T* seen = P.data();
+            if (p.dropout.active()) {
+              p.dropout_factors(b, h, i0, nq, j0, nk, Z.data(), kBlockK);
+              at::vec::map2([](Vectorized<T> x, Vectorized<T> z) { return x * z; }, PZ.data(), P.data(), Z.data(),
+                            kBlockQ * kBlockK);
+              seen = PZ.data();
+            }
+            gemm::rowmajor<T>(true, false, nk, d.dv, nq, T(1), seen, kBlockK, go, d.dv, T(1), dv, d.dv);
+            gemm::rowmajor<T>(false, true, nq, nk, d.dv, T(1), go, d.dv, vp, d.dv, T(0), dS.data(), kBlockK);
+            if (p.dropout.active())
+              at::vec::map2([](Vectorized<T> x, Vectorized<T> z) { return x * z; }, dS.data(), dS.data(), Z.data(),
+                            kBlockQ * kBlockK);
+            for (int64_t r = 0; r < nq; ++r) {
+              const Vectorized<T> D(delta[row0 + r]), sc(p.scale);
+              T* ds = dS.data() + r * kBlockK;
+              at::vec::map2([&](Vectorized<T> pv, Vectorized<T> dp) { return pv * (dp - D) * sc; }, ds,
+                            P.data() + r * kBlockK, ds, nk);
+            }
+            gemm::rowmajor<T>(false, false, nq, d.d, nk, T(1), dS.data(), kBlockK, kp, d.d, T(1),
+                              grad_q + row0 * d.d, d.d);
+            gemm::rowmajor<T>(true, false, nk, d.d, nq, T(1), dS.data(), kBlockK, qp, d.d, T(1), dk, d.d);
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+Problem<T> make_problem(const Dims& d, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& lengths,
+                        const Tensor& mask, bool is_causal, std::optional<double> scale, const Dropout& dropout) {
+  Problem<T> p{d, static_cast<T>(scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(d.d))),
+               is_causal, q.const_data_ptr<T>(), k.const_data_ptr<T>(), v.const_data_ptr<T>(),
+               lengths.defined() ? lengths.const_data_ptr<int64_t>() : nullptr,
+               mask.defined() ? mask.const_data_ptr<T>() : nullptr, {0, 0, 0, 0}, dropout};
+  if (mask.defined())
+    for (int i = 0; i < 4; ++i) p.mask_stride[i] = mask.stride(i);
+  return p;
+}
+
+Tensor lengths_int64(const std::optional<Tensor>& key_lengths) {
+  return key_lengths.has_value() ? key_lengths->to(at::kLong).contiguous() : Tensor();
+}
+
+std::tuple<Tensor, Tensor> attention_cpu(const Tensor& query, const Tensor& key, const Tensor& value,
+                                         const std::optional<Tensor>& attn_mask,
+                                         const std::optional<Tensor>& key_lengths, bool is_causal,
+                                         std::optional<double> scale, double dropout_p, int64_t seed) {
+  const char* op = "attention";
+  const Dims d = check_inputs(op, query, key, value, attn_mask, key_lengths);
+  const Dropout dropout = make_dropout(op, dropout_p, seed);
+  FlushDenormalsGuard ftz;
+  const at::ScalarType ct = compute_dtype(query.scalar_type());
+  const Tensor q = query.to(ct).contiguous(), k = key.to(ct).contiguous(), v = value.to(ct).contiguous();
+  const Tensor lengths = lengths_int64(key_lengths), mask = additive_mask(attn_mask, d, ct);
+  Tensor out = at::empty({d.B, d.Hq, d.Lq, d.dv}, q.options());
+  Tensor lse = at::empty({d.B, d.Hq, d.Lq}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(ct, "bigmodel.attention", [&] {
+    forward<scalar_t>(make_problem<scalar_t>(d, q, k, v, lengths, mask, is_causal, scale, dropout), out.data_ptr<scalar_t>(),
+                      lse.data_ptr<scalar_t>());
+  });
+  return {out.to(query.scalar_type()), lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor> attention_backward_cpu(
+    const Tensor& grad_out, const Tensor& query, const Tensor& key, const Tensor& value, const Tensor& out,
+    const Tensor& logsumexp, const std::optional<Tensor>& attn_mask, const std::optional<Tensor>& key_lengths,
+    bool is_causal, std::optional<double> scale, double dropout_p, int64_t seed) {
+  const char* op = "attention_backward";
+  const Dims d = check_inputs(op, query, key, value, attn_mask, key_lengths);
+  const Dropout dropout = make_dropout(op, dropout_p, seed);
+  const at::ScalarType ct = compute_dtype(query.scalar_type());
+  check_shape(grad_out, {d.B, d.Hq, d.Lq, d.dv}, op, "grad_out", "[B, Hq, Lq, dv]");
+  check_shape(out, {d.B, d.Hq, d.Lq, d.dv}, op, "out", "[B, Hq, Lq, dv]");
+  check_shape(logsumexp, {d.B, d.Hq, d.Lq}, op, "logsumexp", "[B, Hq, Lq]");
+  BM_CHECK(logsumexp.scalar_type() == ct, op, "logsumexp must be ", ct, ", got ", logsumexp.scalar_type());
+  FlushDenormalsGuard ftz;
+  const Tensor q = query.to(ct).contiguous(), k = key.to(ct).contiguous(), v = value.to(ct).contiguous();
+  const Tensor go = grad_out.to(ct).contiguous(), lse = logsumexp.contiguous();
+  const Tensor delta = (go * out.to(ct)).sum(-1).contiguous();
+  const Tensor lengths = lengths_int64(key_lengths), mask = additive_mask(attn_mask, d, ct);
+  Tensor gq = at::zeros_like(q), gk = at::zeros_like(k), gv = at::zeros_like(v);
+  AT_DISPATCH_FLOATING_TYPES(ct, "bigmodel.attention_backward", [&] {
+    using T = scalar_t;
+    backward<T>(make_problem<T>(d, q, k, v, lengths, mask, is_causal, scale, dropout), go.const_data_ptr<T>(),
+                lse.const_data_ptr<T>(), delta.const_data_ptr<T>(), gq.data_ptr<T>(), gk.data_ptr<T>(),
+                gv.data_ptr<T>());
+  });
+  const auto st = query.scalar_type();
+  return {gq.to(st), gk.to(st), gv.to(st)};
+}
+
+}  // namespace
+}  // namespace bigmodel::attention
+
+TORCH_LIBRARY_IMPL(bigmodel, CPU, m) {
+  m.impl("attention", &bigmodel::attention::attention_cpu);
+  m.impl("attention_backward", &bigmodel::attention::attention_backward_cpu);
+}

@@ -1,0 +1,130 @@
+"""bigmodel.nn.MultiheadAttention against nn.MultiheadAttention with the same weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import bigmodel.nn
+
+pytestmark = pytest.mark.op("bigmodel::attention")
+
+
+TOL = {"atol": 2e-5, "rtol": 1e-4}
+
+
+def pair(device, **kwargs):
+    ref = nn.MultiheadAttention(**kwargs).to(device)
+    ours = bigmodel.nn.MultiheadAttention(**kwargs).to(device)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def check(ref, ours, inputs, **fw):
+    inputs = [x.detach().requires_grad_() for x in inputs]
+    out, w = ours(*inputs, **fw)
+    ref_out, ref_w = ref(*inputs, **fw)
+    torch.testing.assert_close(out, ref_out, **TOL)
+    if ref_w is None:
+        assert w is None
+    else:
+        torch.testing.assert_close(w, ref_w, **TOL)
+    seed = torch.randn_like(out)
+    params = [p for p in ours.parameters()]
+    g = torch.autograd.grad((out * seed).sum(), inputs + params)
+    gr = torch.autograd.grad((ref_out * seed).sum(), inputs + list(ref.parameters()))
+    for a, b in zip(g, gr, strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("kvdim", [None, 6])
+def test_matches_native(device, batch_first, bias, kvdim):
+    ref, ours = pair(
+        device, embed_dim=16, num_heads=4, bias=bias, kdim=kvdim, vdim=kvdim, batch_first=batch_first
+    )
+    N, L, S = 3, 7, 9
+    E_kv = kvdim or 16
+    shape = (lambda a, b, c: (b, a, c)) if batch_first else (lambda a, b, c: (a, b, c))
+    q = torch.randn(*shape(L, N, 16), device=device)
+    k = torch.randn(*shape(S, N, E_kv), device=device)
+    v = torch.randn(*shape(S, N, E_kv), device=device)
+    check(ref, ours, [q, k, v], need_weights=False)
+    check(ref, ours, [q, k, v], need_weights=True)
+
+
+# Mixing a float key_padding_mask with a bool attn_mask (or back) is deprecated in PyTorch, still supported.
+@pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask and attn_mask:UserWarning")
+@pytest.mark.parametrize("padding", ["right", "arbitrary", "float"])
+@pytest.mark.parametrize("mask", [None, "bool", "float", "per-head"])
+def test_masks(device, padding, mask):
+    ref, ours = pair(device, embed_dim=16, num_heads=2)
+    N, L = 3, 8
+    x = torch.randn(L, N, 16, device=device)
+    lengths = torch.tensor([8, 3, 5], device=device)
+    kpm = torch.arange(L, device=device) >= lengths.unsqueeze(1)
+    if padding == "arbitrary":
+        kpm = kpm.flip(1)
+    elif padding == "float":
+        kpm = torch.zeros(N, L, device=device).masked_fill(kpm, float("-inf"))
+    attn_mask = None
+    if mask == "bool":
+        attn_mask = torch.ones(L, L, dtype=torch.bool, device=device).triu(1)  # causal
+    elif mask == "float":
+        attn_mask = torch.randn(L, L, device=device)
+    elif mask == "per-head":
+        attn_mask = torch.randn(N * 2, L, L, device=device)
+    if mask == "bool" and padding == "arbitrary":
+        attn_mask = attn_mask.flip(1)  # keep every row with at least one key (native gives NaN)
+    check(ref, ours, [x, x, x], key_padding_mask=kpm, attn_mask=attn_mask, need_weights=False)
+
+
+def test_is_causal_hint(device):
+    ref, ours = pair(device, embed_dim=8, num_heads=2, batch_first=True)
+    x = torch.randn(2, 5, 8, device=device)
+    causal = nn.Transformer.generate_square_subsequent_mask(5, device=device)
+    check(ref, ours, [x, x, x], attn_mask=causal, is_causal=True, need_weights=False)
+
+
+def test_unbatched(device):
+    ref, ours = pair(device, embed_dim=8, num_heads=2)
+    x = torch.randn(5, 8, device=device)
+    check(ref, ours, [x, x, x], need_weights=False)
+    check(
+        ref,
+        ours,
+        [x, x, x],
+        key_padding_mask=torch.tensor([False] * 4 + [True], device=device),
+        need_weights=False,
+    )
+
+
+def test_slow_path_options(device):
+    """need_weights, add_bias_kv and add_zero_attn take nn.MultiheadAttention's path."""
+    ref, ours = pair(device, embed_dim=8, num_heads=2, add_bias_kv=True, add_zero_attn=True)
+    x = torch.randn(5, 2, 8, device=device)
+    check(ref, ours, [x, x, x], need_weights=False)
+    check(ref, ours, [x, x, x], average_attn_weights=False)
+
+
+def test_training_dropout_uses_the_kernel(device):
+    ref, ours = pair(device, embed_dim=8, num_heads=2, dropout=0.5)
+    x = torch.randn(6, 2, 8, device=device)
+    torch.manual_seed(1)
+    a, _ = ours(x, x, x, need_weights=False)
+    torch.manual_seed(1)
+    b, _ = ours(x, x, x, need_weights=False)
+    torch.testing.assert_close(a, b)
+    ref.eval()
+    ours.eval()
+    assert not torch.allclose(a, ours(x, x, x, need_weights=False)[0])
+    check(ref, ours, [x, x, x], need_weights=False)
+
+
+def test_state_dict_round_trip():
+    ours = bigmodel.nn.MultiheadAttention(8, 2, kdim=4, vdim=3)
+    ref = nn.MultiheadAttention(8, 2, kdim=4, vdim=3)
+    ref.load_state_dict(ours.state_dict())
+    assert ours.state_dict().keys() == ref.state_dict().keys()

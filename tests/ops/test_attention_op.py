@@ -1,0 +1,292 @@
+"""torch.ops.bigmodel.attention against F.scaled_dot_product_attention and bigmodel.reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bigmodel.ops.attention import attention
+from bigmodel.reference import attention_reference, dropout_keep
+
+pytestmark = pytest.mark.op("bigmodel::attention")
+
+
+TOL = {torch.float64: {"atol": 1e-10, "rtol": 1e-8}, torch.float32: {"atol": 2e-5, "rtol": 1e-4}}
+
+# (B, Hq, Hkv, Lq, Lk, d, dv)
+SHAPES = [
+    (1, 1, 1, 1, 1, 8, 8),
+    (2, 3, 3, 7, 7, 32, 32),
+    (2, 4, 2, 33, 129, 64, 80),
+    (1, 2, 1, 129, 33, 80, 8),
+    (3, 2, 2, 300, 300, 8, 16),
+    (2, 4, 2, 260, 520, 16, 8),  # several query and key blocks, GQA
+]
+
+
+def qkv(B, Hq, Hkv, Lq, Lk, d, dv, *, dtype=torch.float32, device="cpu", requires_grad=True):
+    def rand(*shape):
+        return torch.randn(shape, dtype=dtype, device=device).requires_grad_(requires_grad)
+
+    return rand(B, Hq, Lq, d), rand(B, Hkv, Lk, d), rand(B, Hkv, Lk, dv)
+
+
+def grads(out, inputs, seed):
+    return torch.autograd.grad((out * seed).sum(), inputs)
+
+
+def native(q, k, v, **kw):
+    return F.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1], **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}Hq{}Hkv{}Lq{}Lk{}d{}dv{}".format(*s))
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_matches_native(device, dtype, shape, is_causal):
+    q, k, v = qkv(*shape, dtype=dtype, device=device)
+    out, lse = attention(q, k, v, is_causal=is_causal)
+    ref = native(q, k, v, is_causal=is_causal)
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+    _, ref_lse = attention_reference(q, k, v, is_causal=is_causal)
+    torch.testing.assert_close(lse, ref_lse, **TOL[dtype])
+    seed = torch.randn_like(out)
+    for g, gr in zip(grads(out, (q, k, v), seed), grads(ref, (q, k, v), seed), strict=True):
+        torch.testing.assert_close(g, gr, **TOL[dtype])
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_key_lengths_match_bool_mask(device, is_causal):
+    B, H, L, d = 4, 2, 300, 16  # several key blocks: padded ones are skipped
+    q, k, v = qkv(B, H, H, L, L, d, d, device=device)
+    lengths = torch.tensor([300, 1, 257, 128], device=device)
+    out, _ = attention(q, k, v, key_lengths=lengths, is_causal=is_causal)
+    mask = torch.arange(L, device=device) < lengths.view(B, 1, 1, 1)
+    if is_causal:
+        mask = mask & torch.ones(L, L, dtype=torch.bool, device=device).tril()
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+    seed = torch.randn_like(out)
+    for g, gr in zip(grads(out, (q, k, v), seed), grads(ref, (q, k, v), seed), strict=True):
+        torch.testing.assert_close(g, gr, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("kind", ["bool", "float", "bool_broadcast"])
+def test_attn_mask_matches_native(device, kind):
+    B, Hq, Hkv, Lq, Lk, d = 2, 4, 2, 9, 300, 8
+    q, k, v = qkv(B, Hq, Hkv, Lq, Lk, d, d, device=device)
+    if kind == "float":
+        mask = torch.randn(B, Hq, Lq, Lk, device=device)
+    elif kind == "bool":
+        mask = torch.rand(B, Hq, Lq, Lk, device=device) > 0.3
+        mask[..., 0] = True
+    else:
+        mask = torch.rand(Lq, 1, device=device).expand(Lq, Lk).contiguous() > 2  # all False...
+        mask = mask | (torch.arange(Lk, device=device) % 3 == 0)  # ...but every third key
+    out, _ = attention(q, k, v, attn_mask=mask)
+    ref = native(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+    seed = torch.randn_like(out)
+    for g, gr in zip(grads(out, (q, k, v), seed), grads(ref, (q, k, v), seed), strict=True):
+        torch.testing.assert_close(g, gr, **TOL[torch.float32])
+
+
+def test_rows_without_keys_are_zero(device):
+    B, H, Lq, Lk, d = 3, 2, 5, 6, 8
+    q, k, v = qkv(B, H, H, Lq, Lk, d, d, dtype=torch.float64, device=device)
+    lengths = torch.tensor([0, 6, 3], device=device)
+    mask = torch.ones(B, H, Lq, Lk, dtype=torch.bool, device=device)
+    mask[1, :, 2] = False  # row 2 of batch 1 sees no key
+    out, lse = attention(q, k, v, attn_mask=mask, key_lengths=lengths)
+    ref, ref_lse = attention_reference(q, k, v, attn_mask=mask, key_lengths=lengths)
+    assert (out[0] == 0).all() and (out[1, :, 2] == 0).all()
+    assert torch.isneginf(lse[0]).all() and torch.isneginf(lse[1, :, 2]).all()
+    torch.testing.assert_close(out, ref, **TOL[torch.float64])
+    torch.testing.assert_close(lse, ref_lse, **TOL[torch.float64])
+    seed = torch.randn_like(out)
+    g = grads(out, (q, k, v), seed)
+    for gi, gr in zip(g, grads(ref, (q, k, v), seed), strict=True):
+        assert torch.isfinite(gi).all()
+        torch.testing.assert_close(gi, gr, **TOL[torch.float64])
+    assert (g[0][0] == 0).all() and (g[0][1, :, 2] == 0).all()
+    assert (g[1][0] == 0).all() and (g[2][0] == 0).all()
+
+
+def test_scale(device):
+    q, k, v = qkv(2, 2, 2, 5, 7, 8, 8, device=device)
+    out, _ = attention(q, k, v, scale=0.3)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, scale=0.3), **TOL[torch.float32])
+
+
+def test_bfloat16_close_to_float64(device):
+    q, k, v = qkv(2, 4, 2, 33, 40, 32, 32, dtype=torch.bfloat16, device=device)
+    out, lse = attention(q, k, v, is_causal=True)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    q64, k64, v64 = (t.detach().double() for t in (q, k, v))
+    exact = native(q64, k64, v64, is_causal=True)
+    native_err = (native(q, k, v, is_causal=True).double() - exact).abs().max()
+    assert (out.double() - exact).abs().max() <= 2 * native_err + 1e-6
+    dq, dk, dv = grads(out, (q, k, v), torch.ones_like(out))
+    assert dq.dtype == dk.dtype == dv.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_gradcheck(device, is_causal):
+    q, k, v = qkv(2, 4, 2, 5, 6, 3, 4, dtype=torch.float64, device=device)
+    lengths = torch.tensor([6, 2], device=device)
+    mask = torch.randn(1, 4, 5, 6, dtype=torch.float64, device=device)
+    torch.autograd.gradcheck(
+        lambda q, k, v: attention(q, k, v, key_lengths=lengths, is_causal=is_causal)[0], (q, k, v)
+    )
+    torch.autograd.gradcheck(lambda q, k, v: attention(q, k, v, attn_mask=mask)[0], (q, k, v))
+
+
+@pytest.mark.parametrize("extras", ["none", "mask+lengths", "causal"])
+def test_opcheck(device, extras):
+    q, k, v = qkv(2, 4, 2, 5, 6, 8, 4, device=device)
+    mask = torch.rand(2, 1, 5, 6, device=device) > 0.2 if extras == "mask+lengths" else None
+    lengths = torch.tensor([6, 3], device=device) if extras == "mask+lengths" else None
+    args = (q, k, v, mask, lengths, extras == "causal", None)
+    torch.library.opcheck(torch.ops.bigmodel.attention.default, args)
+    out, lse = torch.ops.bigmodel.attention(*args)
+    torch.library.opcheck(
+        torch.ops.bigmodel.attention_backward.default,
+        (
+            torch.randn_like(out),
+            q.detach(),
+            k.detach(),
+            v.detach(),
+            out.detach(),
+            lse,
+            mask,
+            lengths,
+            args[5],
+            0.5,
+            0.0,
+            0,
+        ),
+    )
+
+
+def test_compile_fullgraph(device):
+    q, k, v = qkv(2, 2, 2, 9, 9, 8, 8, device=device)
+    lengths = torch.tensor([9, 4], device=device)
+
+    def f(q, k, v):
+        return attention(q * 2, k, v, key_lengths=lengths, is_causal=True)[0].sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, v), f(q, k, v))
+    g = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    gr = torch.autograd.grad(f(q, k, v), (q, k, v))
+    for a, b in zip(g, gr, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_no_grad_needed_for_lse_only():
+    q, k, v = qkv(1, 1, 1, 3, 3, 4, 4)
+    _, lse = attention(q, k, v)
+    assert not lse.requires_grad
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_dropout_matches_reference(device, is_causal):
+    q, k, v = qkv(2, 4, 2, 150, 300, 16, 8, dtype=torch.float64, device=device)
+    lengths = torch.tensor([300, 77], device=device)
+    kw = {"key_lengths": lengths, "is_causal": is_causal, "dropout_p": 0.3, "seed": 1234}
+    out, lse = attention(q, k, v, **kw)
+    ref, ref_lse = attention_reference(q, k, v, **kw)
+    torch.testing.assert_close(out, ref, **TOL[torch.float64])
+    torch.testing.assert_close(lse, ref_lse, **TOL[torch.float64])
+    seed = torch.randn_like(out)
+    for g, gr in zip(grads(out, (q, k, v), seed), grads(ref, (q, k, v), seed), strict=True):
+        torch.testing.assert_close(g, gr, **TOL[torch.float64])
+    other, _ = attention(q, k, v, **{**kw, "seed": 1235})
+    assert not torch.allclose(other, out)
+
+
+def test_dropout_gradcheck(device):
+    q, k, v = qkv(1, 2, 1, 4, 5, 3, 2, dtype=torch.float64, device=device)
+    torch.autograd.gradcheck(lambda q, k, v: attention(q, k, v, dropout_p=0.4, seed=7)[0], (q, k, v))
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_dropout_rate(p):
+    keep = dropout_keep(3, 2, 4, 128, 128, p)
+    assert abs(keep.double().mean().item() - (1 - p)) < 0.01
+
+
+def test_dropout_opcheck(device):
+    q, k, v = qkv(2, 2, 1, 5, 6, 8, 4, device=device)
+    torch.library.opcheck(torch.ops.bigmodel.attention.default, (q, k, v, None, None, False, None, 0.2, 5))
+
+
+BAD = [
+    (lambda q, k, v: (q[0], k, v), {}, "query must be 4-D"),
+    (lambda q, k, v: (q, k[0], v), {}, "key must be 4-D"),
+    (lambda q, k, v: (q, k, v[..., :3, :]), {}, "value has 3 keys"),
+    (lambda q, k, v: (q[:1], k, v), {}, "key has batch size"),
+    (lambda q, k, v: (q, k[..., :4], v), {}, "key has head dim"),
+    (lambda q, k, v: (q[:, :3], k, v), {}, "query heads \\(3\\) must be a multiple"),
+    (lambda q, k, v: (q, k.double(), v), {}, "key has dtype"),
+    (lambda q, k, v: (q, k, v.double()), {}, "value has dtype"),
+    (lambda q, k, v: (q.int(), k, v), {}, "query must be float"),
+    (
+        lambda q, k, v: (q, k, v),
+        {"key_lengths": torch.tensor([1.0, 2.0])},
+        "key_lengths must be int32 or int64",
+    ),
+    (
+        lambda q, k, v: (q, k, v),
+        {"key_lengths": torch.tensor([1, 2, 3])},
+        "key_lengths must have shape \\[2\\]",
+    ),
+    (
+        lambda q, k, v: (q, k, v),
+        {"key_lengths": torch.tensor([1, 7])},
+        "key_lengths must lie in \\[0, Lk = 6\\]",
+    ),
+    (lambda q, k, v: (q, k, v), {"key_lengths": torch.tensor([-1, 2])}, "key_lengths must lie"),
+    (
+        lambda q, k, v: (q, k, v),
+        {"attn_mask": torch.ones(5, 5, dtype=torch.bool)},
+        "attn_mask must be broadcastable",
+    ),
+    (lambda q, k, v: (q, k, v), {"attn_mask": torch.ones(5, 6, dtype=torch.int64)}, "attn_mask must be bool"),
+    (lambda q, k, v: (q, k, v), {"dropout_p": 1.0}, "dropout_p must be in \\[0, 1\\)"),
+]
+
+
+@pytest.mark.parametrize("make,kwargs,match", BAD, ids=[m for _, _, m in BAD])
+def test_bad_inputs(make, kwargs, match):
+    q, k, v = qkv(2, 4, 2, 5, 6, 8, 8, requires_grad=False)
+    with pytest.raises(RuntimeError, match="bigmodel.attention: " + match):
+        attention(*make(q, k, v), **kwargs)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    B=st.integers(1, 3),
+    Hkv=st.integers(1, 2),
+    group=st.integers(1, 3),
+    Lq=st.integers(1, 80),
+    Lk=st.integers(1, 80),
+    d=st.sampled_from([1, 5, 8, 17]),
+    dv=st.sampled_from([1, 8, 13]),
+    is_causal=st.booleans(),
+    use_lengths=st.booleans(),
+    dropout_p=st.sampled_from([0.0, 0.3]),
+)
+def test_fuzz_against_reference(B, Hkv, group, Lq, Lk, d, dv, is_causal, use_lengths, dropout_p):
+    q, k, v = qkv(B, Hkv * group, Hkv, Lq, Lk, d, dv, dtype=torch.float64)
+    lengths = torch.randint(0, Lk + 1, (B,)) if use_lengths else None
+    kw = {"key_lengths": lengths, "is_causal": is_causal, "dropout_p": dropout_p, "seed": B * Lq + Lk}
+    out, lse = attention(q, k, v, **kw)
+    ref, ref_lse = attention_reference(q, k, v, **kw)
+    torch.testing.assert_close(out, ref, **TOL[torch.float64])
+    torch.testing.assert_close(lse, ref_lse, **TOL[torch.float64])
+    seed = torch.randn_like(out)
+    for g, gr in zip(grads(out, (q, k, v), seed), grads(ref, (q, k, v), seed), strict=True):
+        torch.testing.assert_close(g, gr, **TOL[torch.float64])
