@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 TUNED_MALLOC = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184"
-FAMILIES = {"lstm": "bench_lstm.py", "classifier": "bench_classifier.py"}
+FAMILIES = {"lstm": "bench_lstm.py", "attention": "bench_attention.py", "classifier": "bench_classifier.py"}
 
 
 def benchmarks_dir() -> Path:

@@ -24,7 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="benchmark bigmodel against native PyTorch, print a Markdown table")
     bench.add_argument("--quick", action="store_true", help="seed shape only, fewer rounds")
     bench.add_argument(
-        "--ops", default="lstm", help="comma-separated op families: lstm, classifier (default: lstm)"
+        "--ops",
+        default="lstm,attention",
+        help="comma-separated op families: lstm, attention, classifier (default: lstm,attention)",
     )
     bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run (default: cpu)")
     bench.add_argument("--plot", metavar="FILE.png", help="also draw the speedups (needs matplotlib)")

@@ -497,14 +497,15 @@ def _fused_like(module: nn.LSTM | nn.LSTMCell) -> LSTM | LSTMCell:
 
 
 def swap(model: nn.Module) -> nn.Module:
-    """Replaces every ``nn.LSTM`` and ``nn.LSTMCell`` in ``model`` by the fused module, in place.
+    """Replaces every ``nn.LSTM``, ``nn.LSTMCell`` and ``nn.MultiheadAttention`` in ``model`` by
+    bigmodel's module, in place.
 
     The replacements hold the very same Parameter objects (nothing is copied or re-initialised, so
     optimizers and tied weights keep working) and the same training mode. Subclasses of ``nn.LSTM``
     are left alone, since they may change its behaviour. A module shared by several parents is
     replaced by one shared fused module.
 
-    Returns ``model``, or its replacement when ``model`` itself is an ``nn.LSTM``/``nn.LSTMCell``.
+    Returns ``model``, or its replacement when ``model`` itself is one of those modules.
     """
     # id -> (original, replacement); holding the original keeps its id from being reused meanwhile.
     seen: dict[int, tuple[nn.Module, nn.Module]] = {}
@@ -514,6 +515,8 @@ def swap(model: nn.Module) -> nn.Module:
             return seen[id(module)][1]
         if type(module) in (nn.LSTM, nn.LSTMCell):
             seen[id(module)] = (module, _fused_like(module))
+        elif type(module) is nn.MultiheadAttention:
+            seen[id(module)] = (module, _fused_attention_like(module))
         else:
             seen[id(module)] = (module, module)
             for name, child in module._modules.items():
@@ -522,3 +525,13 @@ def swap(model: nn.Module) -> nn.Module:
         return seen[id(module)][1]
 
     return convert(model)
+
+
+def _fused_attention_like(module: nn.MultiheadAttention) -> nn.Module:
+    """bigmodel's MultiheadAttention subclasses nn.MultiheadAttention and adds no state, so the
+    replacement takes over the original's attributes: the same Parameters, buffers, flags and mode."""
+    from .attention import MultiheadAttention
+
+    fused = MultiheadAttention.__new__(MultiheadAttention)
+    fused.__dict__.update(module.__dict__)
+    return fused

@@ -112,3 +112,19 @@ def test_swap_does_not_allocate_or_initialise(device, monkeypatch):
     assert set(calls) <= {"meta"}  # anything the constructor initialised lived on meta
     for p, s in zip(model.parameters(), snapshot, strict=True):
         torch.testing.assert_close(p, s, rtol=0, atol=0)
+
+
+def test_swap_replaces_multihead_attention_with_the_same_parameters():
+    import bigmodel.nn
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.MultiheadAttention(16, 4, batch_first=True))
+    before = dict(model.named_parameters())
+    x = torch.randn(3, 7, 16)
+    ref, _ = model[0](x, x, x, need_weights=False)
+    bigmodel.nn.swap(model)
+    assert type(model[0]) is bigmodel.nn.MultiheadAttention
+    after = dict(model.named_parameters())
+    assert before.keys() == after.keys() and all(before[k] is after[k] for k in before)
+    out, _ = model[0](x, x, x, need_weights=False)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
