@@ -1,4 +1,4 @@
-"""F.scaled_dot_product_attention vs bigmodel's, side by side in one parametrization (float32).
+"""F.scaled_dot_product_attention and nn.MultiheadAttention vs bigmodel's, side by side (float32).
 
     python -m pytest benchmarks/bench_attention.py --benchmark-json=out.json [--quick] [--device cuda]
 
@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import bigmodel.nn
 import bigmodel.nn.functional as BF
 
 # (name, B, L, heads, d)
@@ -83,6 +84,66 @@ def test_attention(benchmark, quick, device, shape, mask, mode, impl):
         op="attention",
         case=f"{name}/{mask}",
         shape=f"B={B} L={L} heads={H} d={d}",
+        mode=mode,
+        impl=impl,
+        device=device,
+    )
+    benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1, iterations=1)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
+def test_multihead_attention(benchmark, quick, device, shape, mode, impl):
+    """nn.MultiheadAttention vs bigmodel's, self-attention with a right-padded key_padding_mask,
+    need_weights=False on both sides. Both modules stay in train mode (dropout 0): the issue takes
+    native's train mode as the baseline, since its eval fast path is slower on this CPU."""
+    if quick and shape[0] != "seed":
+        pytest.skip("--quick runs the seed shape only")
+    name, B, L, H, d = shape
+    E = H * d
+    torch.manual_seed(0)
+    ref = torch.nn.MultiheadAttention(E, H, batch_first=True)
+    if impl == "native":
+        module = ref
+    else:
+        module = bigmodel.nn.MultiheadAttention(E, H, batch_first=True)
+        module.load_state_dict(ref.state_dict())
+    module = module.to(device).train()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, L, E, generator=g).to(device).requires_grad_(mode == "train")
+    lengths = torch.randint(L // 4, L + 1, (B,), generator=g)
+    lengths[0] = L
+    pad = (torch.arange(L) >= lengths.view(-1, 1)).to(device)  # True = padding, as nn.MHA wants
+    params = list(module.parameters())
+
+    if mode == "forward":
+
+        def fn():
+            with torch.no_grad():
+                module(x, x, x, key_padding_mask=pad, need_weights=False)
+    else:
+
+        def fn():
+            for p in params:
+                p.grad = None
+            x.grad = None
+            out, _ = module(x, x, x, key_padding_mask=pad, need_weights=False)
+            out.sum().backward()
+
+    if device == "cuda":
+        step = fn
+
+        def fn():
+            step()
+            torch.cuda.synchronize()
+
+    slow = mode == "train" or L >= 1024
+    rounds = (3 if slow else 5) if quick else (7 if slow else 15)
+    benchmark.extra_info.update(
+        op="mha",
+        case=f"{name}/key-padding",
+        shape=f"B={B} L={L} E={E} heads={H}",
         mode=mode,
         impl=impl,
         device=device,
