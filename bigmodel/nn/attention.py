@@ -52,24 +52,40 @@ class MultiheadAttention(nn.MultiheadAttention):
                 is_causal=is_causal,
             )
         batched = query.dim() == 3
+        self_attention = query is key and key is value
         if not batched:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
-        elif self.batch_first:
-            query, key, value = (x.transpose(0, 1) for x in (query, key, value))
-        L, N, E = query.shape
-        S = key.shape[0]
+        # Projections keep the caller's layout; the kernel reads the heads through strides, so
+        # neither the inputs nor q/k/v are transposed or copied.
+        batch_first = batched and self.batch_first
+        if batch_first:
+            N, L, E = query.shape
+            S = key.shape[1]
+        else:
+            L, N, E = query.shape
+            S = key.shape[0]
         H, hd = self.num_heads, self.head_dim
 
-        if self._qkv_same_embed_dim:
-            w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        def heads(x: Tensor, length: int) -> Tensor:  # (.., E) projection -> [N, H, length, hd] view
+            if batch_first:
+                return x.view(N, length, H, hd).transpose(1, 2)
+            return x.view(length, N, H, hd).permute(1, 2, 0, 3)
+
+        if self._qkv_same_embed_dim and self_attention:
+            q, k, v = (
+                heads(t, L) for t in F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, -1)
+            )
         else:
-            w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
-        b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
-        q = F.linear(query, w_q, b_q).view(L, N, H, hd).permute(1, 2, 0, 3)
-        k = F.linear(key, w_k, b_k).view(S, N, H, hd).permute(1, 2, 0, 3)
-        v = F.linear(value, w_v, b_v).view(S, N, H, hd).permute(1, 2, 0, 3)
+            if self._qkv_same_embed_dim:
+                w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+            else:
+                w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+            b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None,) * 3
+            q = heads(F.linear(query, w_q, b_q), L)
+            k = heads(F.linear(key, w_k, b_k), S)
+            v = heads(F.linear(value, w_v, b_v), S)
 
         mask = _attend_mask(attn_mask, N, H, L, S, query.dtype)
         key_lengths = None
@@ -83,11 +99,12 @@ class MultiheadAttention(nn.MultiheadAttention):
             mask = None
         dropout_p = self.dropout if self.training else 0.0
         out, _ = attention(q, k, v, mask, key_lengths, causal, None, dropout_p)
-        out = F.linear(out.permute(2, 0, 1, 3).reshape(L, N, E), self.out_proj.weight, self.out_proj.bias)
+        out = (
+            out.transpose(1, 2).reshape(N, L, E) if batch_first else out.permute(2, 0, 1, 3).reshape(L, N, E)
+        )
+        out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
         if not batched:
             out = out.squeeze(1)
-        elif self.batch_first:
-            out = out.transpose(0, 1)
         return out, None
 
 

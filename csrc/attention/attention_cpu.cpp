@@ -149,6 +149,9 @@ struct Problem {
   const T* q;
   const T* k;
   const T* v;
+  // Element strides of q, k, v over (batch, head, row); each row's d (or dv) values are contiguous,
+  // so permuted views (e.g. a projection's [B, L, H, d] seen as [B, H, L, d]) need no copy.
+  int64_t qs[3], ks[3], vs[3];
   const int64_t* lengths;  // [B] or nullptr
   const T* mask;           // additive, indexed by mask_stride; or nullptr
   int64_t mask_stride[4];
@@ -161,9 +164,9 @@ struct Problem {
     const int64_t e = valid_keys(b);
     return causal ? std::min(e, i1) : e;
   }
-  const T* q_rows(int64_t b, int64_t h, int64_t i0) const { return q + ((b * d.Hq + h) * d.Lq + i0) * d.d; }
-  const T* k_rows(int64_t b, int64_t hk, int64_t j0) const { return k + ((b * d.Hkv + hk) * d.Lk + j0) * d.d; }
-  const T* v_rows(int64_t b, int64_t hk, int64_t j0) const { return v + ((b * d.Hkv + hk) * d.Lk + j0) * d.dv; }
+  const T* q_rows(int64_t b, int64_t h, int64_t i0) const { return q + b * qs[0] + h * qs[1] + i0 * qs[2]; }
+  const T* k_rows(int64_t b, int64_t hk, int64_t j0) const { return k + b * ks[0] + hk * ks[1] + j0 * ks[2]; }
+  const T* v_rows(int64_t b, int64_t hk, int64_t j0) const { return v + b * vs[0] + hk * vs[1] + j0 * vs[2]; }
 
   // S[r, c] holds scale * q_{i0+r} . k_{j0+c}; applies attn_mask and the causal diagonal.
   // Z[r, c] for the scores of rows i0.., keys j0..: 0 if dropped, 1 / (1 - p) if kept.
@@ -251,7 +254,7 @@ void forward(const Problem<T>& p, T* out, T* lse) {
       const T* qp = p.q_rows(b, h, i0);
       for (int64_t j0 = 0; j0 < kend; j0 += kBlockK) {
         const int64_t nk = std::min(kBlockK, kend - j0);
-        gemm::rowmajor<T>(false, true, nq, nk, d.d, p.scale, qp, d.d, p.k_rows(b, hk, j0), d.d, T(0), S.data(),
+        gemm::rowmajor<T>(false, true, nq, nk, d.d, p.scale, qp, p.qs[2], p.k_rows(b, hk, j0), p.ks[2], T(0), S.data(),
                           kBlockK);
         p.mask_scores(b, h, i0, nq, j0, nk, S.data(), kBlockK);
         for (int64_t r = 0; r < nq; ++r) {
@@ -272,7 +275,7 @@ void forward(const Problem<T>& p, T* out, T* lse) {
           at::vec::map2([](Vectorized<T> x, Vectorized<T> z) { return x * z; }, S.data(), S.data(), Z.data(),
                         kBlockQ * kBlockK);
         }
-        gemm::rowmajor<T>(false, false, nq, d.dv, nk, T(1), S.data(), kBlockK, p.v_rows(b, hk, j0), d.dv, T(1),
+        gemm::rowmajor<T>(false, false, nq, d.dv, nk, T(1), S.data(), kBlockK, p.v_rows(b, hk, j0), p.vs[2], T(1),
                           acc.data(), d.dv);
       }
       const int64_t row0 = (b * d.Hq + h) * d.Lq + i0;
@@ -318,7 +321,7 @@ void backward(const Problem<T>& p, const T* grad_out, const T* lse, const T* del
             const int64_t row0 = (b * d.Hq + h) * d.Lq + i0;
             const T* qp = p.q_rows(b, h, i0);
             const T* go = grad_out + row0 * d.dv;
-            gemm::rowmajor<T>(false, true, nq, nk, d.d, p.scale, qp, d.d, kp, d.d, T(0), P.data(), kBlockK);
+            gemm::rowmajor<T>(false, true, nq, nk, d.d, p.scale, qp, p.qs[2], kp, p.ks[2], T(0), P.data(), kBlockK);
             p.mask_scores(b, h, i0, nq, j0, nk, P.data(), kBlockK);
             for (int64_t r = 0; r < nq; ++r) {
               T* s = P.data() + r * kBlockK;
@@ -335,7 +338,7 @@ void backward(const Problem<T>& p, const T* grad_out, const T* lse, const T* del
               seen = PZ.data();
             }
             gemm::rowmajor<T>(true, false, nk, d.dv, nq, T(1), seen, kBlockK, go, d.dv, T(1), dv, d.dv);
-            gemm::rowmajor<T>(false, true, nq, nk, d.dv, T(1), go, d.dv, vp, d.dv, T(0), dS.data(), kBlockK);
+            gemm::rowmajor<T>(false, true, nq, nk, d.dv, T(1), go, d.dv, vp, p.vs[2], T(0), dS.data(), kBlockK);
             if (p.dropout.active())
               at::vec::map2([](Vectorized<T> x, Vectorized<T> z) { return x * z; }, dS.data(), dS.data(), Z.data(),
                             kBlockQ * kBlockK);
@@ -345,9 +348,9 @@ void backward(const Problem<T>& p, const T* grad_out, const T* lse, const T* del
               at::vec::map2([&](Vectorized<T> pv, Vectorized<T> dp) { return pv * (dp - D) * sc; }, ds,
                             P.data() + r * kBlockK, ds, nk);
             }
-            gemm::rowmajor<T>(false, false, nq, d.d, nk, T(1), dS.data(), kBlockK, kp, d.d, T(1),
+            gemm::rowmajor<T>(false, false, nq, d.d, nk, T(1), dS.data(), kBlockK, kp, p.ks[2], T(1),
                               grad_q + row0 * d.d, d.d);
-            gemm::rowmajor<T>(true, false, nk, d.d, nq, T(1), dS.data(), kBlockK, qp, d.d, T(1), dk, d.d);
+            gemm::rowmajor<T>(true, false, nk, d.d, nq, T(1), dS.data(), kBlockK, qp, p.qs[2], T(1), dk, d.d);
           }
         }
       }
@@ -360,11 +363,19 @@ Problem<T> make_problem(const Dims& d, const Tensor& q, const Tensor& k, const T
                         const Tensor& mask, bool is_causal, std::optional<double> scale, const Dropout& dropout) {
   Problem<T> p{d, static_cast<T>(scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(d.d))),
                is_causal, q.const_data_ptr<T>(), k.const_data_ptr<T>(), v.const_data_ptr<T>(),
-               lengths.defined() ? lengths.const_data_ptr<int64_t>() : nullptr,
+               {q.stride(0), q.stride(1), q.stride(2)}, {k.stride(0), k.stride(1), k.stride(2)},
+               {v.stride(0), v.stride(1), v.stride(2)}, lengths.defined() ? lengths.const_data_ptr<int64_t>() : nullptr,
                mask.defined() ? mask.const_data_ptr<T>() : nullptr, {0, 0, 0, 0}, dropout};
   if (mask.defined())
     for (int i = 0; i < 4; ++i) p.mask_stride[i] = mask.stride(i);
   return p;
+}
+
+// q, k or v as the kernel reads it: in the compute dtype with contiguous rows; any batch, head and
+// row strides are kept (no copy for permuted projections).
+Tensor rows_ready(const Tensor& t, at::ScalarType ct) {
+  if (t.scalar_type() == ct && (t.size(3) <= 1 || t.stride(3) == 1)) return t;
+  return t.to(ct).contiguous();
 }
 
 Tensor lengths_int64(const std::optional<Tensor>& key_lengths) {
@@ -380,7 +391,7 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& query, const Tensor& key,
   const Dropout dropout = make_dropout(op, dropout_p, seed);
   FlushDenormalsGuard ftz;
   const at::ScalarType ct = compute_dtype(query.scalar_type());
-  const Tensor q = query.to(ct).contiguous(), k = key.to(ct).contiguous(), v = value.to(ct).contiguous();
+  const Tensor q = rows_ready(query, ct), k = rows_ready(key, ct), v = rows_ready(value, ct);
   const Tensor lengths = lengths_int64(key_lengths), mask = additive_mask(attn_mask, d, ct);
   Tensor out = at::empty({d.B, d.Hq, d.Lq, d.dv}, q.options());
   Tensor lse = at::empty({d.B, d.Hq, d.Lq}, q.options());
@@ -404,11 +415,12 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cpu(
   check_shape(logsumexp, {d.B, d.Hq, d.Lq}, op, "logsumexp", "[B, Hq, Lq]");
   BM_CHECK(logsumexp.scalar_type() == ct, op, "logsumexp must be ", ct, ", got ", logsumexp.scalar_type());
   FlushDenormalsGuard ftz;
-  const Tensor q = query.to(ct).contiguous(), k = key.to(ct).contiguous(), v = value.to(ct).contiguous();
+  const Tensor q = rows_ready(query, ct), k = rows_ready(key, ct), v = rows_ready(value, ct);
   const Tensor go = grad_out.to(ct).contiguous(), lse = logsumexp.contiguous();
   const Tensor delta = (go * out.to(ct)).sum(-1).contiguous();
   const Tensor lengths = lengths_int64(key_lengths), mask = additive_mask(attn_mask, d, ct);
-  Tensor gq = at::zeros_like(q), gk = at::zeros_like(k), gv = at::zeros_like(v);
+  Tensor gq = at::zeros(q.sizes(), q.options()), gk = at::zeros(k.sizes(), k.options());
+  Tensor gv = at::zeros(v.sizes(), v.options());
   AT_DISPATCH_FLOATING_TYPES(ct, "bigmodel.attention_backward", [&] {
     using T = scalar_t;
     backward<T>(make_problem<T>(d, q, k, v, lengths, mask, is_causal, scale, dropout), go.const_data_ptr<T>(),
