@@ -27,9 +27,14 @@ def self_attention(backend: str, embed_dim: int, num_heads: int) -> nn.Module:
     """The self-attention layer for ``backend``: ``(query, key, value, key_padding_mask=,
     need_weights=False) -> (output, None)`` on batch-first ``(B, T, E)`` tensors.
 
-    Both backends use ``torch.nn.MultiheadAttention`` until bigmodel's own attention lands; it will
-    take the ``fused`` backend here with the same parameter names.
+    ``fused`` takes ``bigmodel.nn.MultiheadAttention`` (a subclass with the same parameters, so
+    checkpoints still move between backends; the right-padded mask becomes key lengths and padded
+    key blocks are skipped), ``native`` takes ``torch.nn.MultiheadAttention``.
     """
+    if backend == "fused":
+        from ..nn import MultiheadAttention
+
+        return MultiheadAttention(embed_dim, num_heads, batch_first=True)
     return nn.MultiheadAttention(embed_dim, num_heads, batch_first=True)
 
 
