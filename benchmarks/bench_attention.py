@@ -40,11 +40,18 @@ def _call(impl, q, k, v, mask, lengths):
     return lambda: BF.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
+def _measure(benchmark, fn, quick, *, slow, **info):
+    """Times `fn` with the suite's round counts and records `info` for `bigmodel bench`'s table."""
+    rounds = (3 if slow else 5) if quick else (7 if slow else 15)
+    benchmark.extra_info.update(info)
+    benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1, iterations=1)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
-def test_attention(benchmark, quick, device, shape, mask, mode, impl):
+def test_attention(benchmark, quick, device, timed, shape, mask, mode, impl):
     if quick and shape[0] != "seed":
         pytest.skip("--quick runs the seed shape only")
     if impl == "bigmodel" and device == "cuda":
@@ -71,16 +78,11 @@ def test_attention(benchmark, quick, device, shape, mask, mode, impl):
             q.grad = k.grad = v.grad = None
             attend().sum().backward()
 
-    if device == "cuda":
-        step = fn
-
-        def fn():
-            step()
-            torch.cuda.synchronize()
-
-    slow = mode == "train" or L >= 1024
-    rounds = (3 if slow else 5) if quick else (7 if slow else 15)
-    benchmark.extra_info.update(
+    _measure(
+        benchmark,
+        timed(fn),
+        quick,
+        slow=mode == "train" or L >= 1024,
         op="attention",
         case=f"{name}/{mask}",
         shape=f"B={B} L={L} heads={H} d={d}",
@@ -88,13 +90,12 @@ def test_attention(benchmark, quick, device, shape, mask, mode, impl):
         impl=impl,
         device=device,
     )
-    benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1, iterations=1)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
-def test_multihead_attention(benchmark, quick, device, shape, mode, impl):
+def test_multihead_attention(benchmark, quick, device, timed, shape, mode, impl):
     """nn.MultiheadAttention vs bigmodel's, self-attention with a right-padded key_padding_mask,
     need_weights=False on both sides. Both modules stay in train mode (dropout 0): the issue takes
     native's train mode as the baseline, since its eval fast path is slower on this CPU."""
@@ -131,16 +132,11 @@ def test_multihead_attention(benchmark, quick, device, shape, mode, impl):
             out, _ = module(x, x, x, key_padding_mask=pad, need_weights=False)
             out.sum().backward()
 
-    if device == "cuda":
-        step = fn
-
-        def fn():
-            step()
-            torch.cuda.synchronize()
-
-    slow = mode == "train" or L >= 1024
-    rounds = (3 if slow else 5) if quick else (7 if slow else 15)
-    benchmark.extra_info.update(
+    _measure(
+        benchmark,
+        timed(fn),
+        quick,
+        slow=mode == "train" or L >= 1024,
         op="mha",
         case=f"{name}/key-padding",
         shape=f"B={B} L={L} E={E} heads={H}",
@@ -148,4 +144,3 @@ def test_multihead_attention(benchmark, quick, device, shape, mode, impl):
         impl=impl,
         device=device,
     )
-    benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1, iterations=1)

@@ -37,17 +37,6 @@ def _make(impl, shape, device):
     return ours.to(device)
 
 
-def _synced(fn, device):
-    if device != "cuda":
-        return fn
-
-    def timed():
-        fn()
-        torch.cuda.synchronize()
-
-    return timed
-
-
 def _step(impl, mode, model, x, lengths):
     params = list(model.parameters())
     if mode == "forward":
@@ -87,7 +76,7 @@ def _step(impl, mode, model, x, lengths):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
-def test_lstm(benchmark, quick, device, shape, mode, impl):
+def test_lstm(benchmark, quick, device, timed, shape, mode, impl):
     if quick and shape[0] != "seed":
         pytest.skip("--quick runs the seed shape only")
     _, T, B, IN, H, L, bidir = shape
@@ -97,7 +86,7 @@ def test_lstm(benchmark, quick, device, shape, mode, impl):
     # LSTM: both sides must compute the input gradient.
     x = torch.randn(T, B, IN, generator=g).to(device).requires_grad_(mode != "forward")
     lengths = torch.randint(1, T + 1, (B,), generator=g)  # on the CPU, as pack_padded_sequence wants
-    fn = _synced(_step(impl, mode, model, x, lengths), device)
+    fn = timed(_step(impl, mode, model, x, lengths))
     slow = mode != "forward"
     rounds = (3 if slow else 5) if quick else (7 if slow else 15)
     benchmark.extra_info.update(

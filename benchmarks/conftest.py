@@ -25,3 +25,21 @@ def device(request):
     if name == "cuda" and not torch.cuda.is_available():
         pytest.skip("--device cuda: CUDA is not available")
     return name
+
+
+@pytest.fixture
+def timed(device):
+    """Wraps a benchmark step so that on CUDA it ends with a synchronize: kernel time, not launch time."""
+    if device != "cuda":
+        return lambda fn: fn
+
+    import torch
+
+    def wrap(fn):
+        def step():
+            fn()
+            torch.cuda.synchronize()
+
+        return step
+
+    return wrap

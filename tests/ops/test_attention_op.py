@@ -38,6 +38,18 @@ def grads(out, inputs, seed):
     return torch.autograd.grad((out * seed).sum(), inputs)
 
 
+def assert_matches_reference_float64(q, k, v, **kw):
+    """Output, logsumexp and dq/dk/dv of the op equal bigmodel.reference's; returns the output."""
+    out, lse = attention(q, k, v, **kw)
+    ref, ref_lse = attention_reference(q, k, v, **kw)
+    torch.testing.assert_close(out, ref, **TOL[torch.float64])
+    torch.testing.assert_close(lse, ref_lse, **TOL[torch.float64])
+    seed = torch.randn_like(out)
+    for g, gr in zip(grads(out, (q, k, v), seed), grads(ref, (q, k, v), seed), strict=True):
+        torch.testing.assert_close(g, gr, **TOL[torch.float64])
+    return out
+
+
 def native(q, k, v, **kw):
     return F.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1], **kw)
 
@@ -196,13 +208,7 @@ def test_dropout_matches_reference(device, is_causal):
     q, k, v = qkv(2, 4, 2, 150, 300, 16, 8, dtype=torch.float64, device=device)
     lengths = torch.tensor([300, 77], device=device)
     kw = {"key_lengths": lengths, "is_causal": is_causal, "dropout_p": 0.3, "seed": 1234}
-    out, lse = attention(q, k, v, **kw)
-    ref, ref_lse = attention_reference(q, k, v, **kw)
-    torch.testing.assert_close(out, ref, **TOL[torch.float64])
-    torch.testing.assert_close(lse, ref_lse, **TOL[torch.float64])
-    seed = torch.randn_like(out)
-    for g, gr in zip(grads(out, (q, k, v), seed), grads(ref, (q, k, v), seed), strict=True):
-        torch.testing.assert_close(g, gr, **TOL[torch.float64])
+    out = assert_matches_reference_float64(q, k, v, **kw)
     other, _ = attention(q, k, v, **{**kw, "seed": 1235})
     assert not torch.allclose(other, out)
 
@@ -283,13 +289,7 @@ def test_fuzz_against_reference(B, Hkv, group, Lq, Lk, d, dv, is_causal, use_len
     q, k, v = qkv(B, Hkv * group, Hkv, Lq, Lk, d, dv, dtype=torch.float64)
     lengths = torch.randint(0, Lk + 1, (B,)) if use_lengths else None
     kw = {"key_lengths": lengths, "is_causal": is_causal, "dropout_p": dropout_p, "seed": B * Lq + Lk}
-    out, lse = attention(q, k, v, **kw)
-    ref, ref_lse = attention_reference(q, k, v, **kw)
-    torch.testing.assert_close(out, ref, **TOL[torch.float64])
-    torch.testing.assert_close(lse, ref_lse, **TOL[torch.float64])
-    seed = torch.randn_like(out)
-    for g, gr in zip(grads(out, (q, k, v), seed), grads(ref, (q, k, v), seed), strict=True):
-        torch.testing.assert_close(g, gr, **TOL[torch.float64])
+    assert_matches_reference_float64(q, k, v, **kw)
 
 
 @pytest.mark.parametrize("is_causal", [False, True])
