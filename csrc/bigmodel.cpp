@@ -4,6 +4,7 @@
 
 #include <string>
 
+#include "common/gemm/pack.h"
 #include "common/pool.h"
 
 #ifndef BIGMODEL_CPU_ARCH
@@ -29,6 +30,10 @@ std::string build_info() {
   s += "cuda=0\n";
 #endif
   s += "cuda_archs=" BIGMODEL_CUDA_ARCHS "\n";
+  // What this CPU runs: the AVX-512 micro-kernels (and their bf16 variant) or the generic path.
+  s += std::string("cpu_avx512=") + (bigmodel::gemm::cpu::has_avx512() ? "1" : "0") + "\n";
+  s += std::string("cpu_avx512_bf16=") + (bigmodel::gemm::cpu::has_avx512_bf16() ? "1" : "0") + "\n";
+  s += std::string("cpu_kernel=") + (bigmodel::gemm::cpu::microkernels_enabled() ? "auto" : "generic") + "\n";
   return s;
 }
 

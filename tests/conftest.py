@@ -48,6 +48,14 @@ def pytest_collection_modifyitems(config, items) -> None:
             item.add_marker(pytest.mark.skip(reason=reason))
 
 
+@pytest.fixture(params=["auto", "generic"])
+def cpu_kernel(request, monkeypatch) -> str:
+    """Runs a CPU test on both LSTM time loops: the AVX-512 micro-kernels ("auto", where the CPU has
+    them) and the ATen-BLAS path ("generic"), through BIGMODEL_CPU_KERNEL."""
+    monkeypatch.setenv("BIGMODEL_CPU_KERNEL", request.param)
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

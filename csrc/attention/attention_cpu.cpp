@@ -31,7 +31,7 @@
 #include "attention/attention.h"
 #include "common/checks.h"
 #include "common/denormals.h"
-#include "common/gemm.h"
+#include "common/gemm/blas.h"
 
 namespace bigmodel::attention {
 namespace {

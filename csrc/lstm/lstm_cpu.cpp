@@ -6,8 +6,12 @@
 // opposite order with the pointwise derivative fused into one pass and one GEMM for dh_{t-1}; the
 // input and weight gradients are time-batched GEMMs after the loop.
 //
-// The GEMMs go through gemm::rowmajor and the pointwise passes through *_row functions below, so a
-// faster micro-kernel can replace either without changing the ops.
+// Two implementations of the time loop share the ops' set-up and the time-batched GEMMs:
+//  * fast (lstm_cpu_fast.cpp): the GEMM core's AVX-512 micro-kernels with the gate math fused into
+//    each tile's epilogue, one parallel region for the whole loop; float32 and bfloat16, no
+//    projection. Chosen when the CPU has AVX-512 (AVX512-BF16 for bfloat16 input).
+//  * generic (below): per step gemm::rowmajor (ATen's BLAS) and a vectorized pointwise pass; every
+//    dtype and proj_size, any CPU. BIGMODEL_CPU_KERNEL=generic forces it.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -15,12 +19,16 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <type_traits>
 
 #include "common/checks.h"
 #include "common/denormals.h"
-#include "common/gemm.h"
+#include "common/barrier.h"
+#include "common/gemm/blas.h"
+#include "common/gemm/pack.h"
 #include "common/pool.h"
 #include "lstm/lstm.h"
+#include "lstm/lstm_cpu_fast.h"
 
 namespace bigmodel::lstm {
 namespace {
@@ -278,6 +286,113 @@ Tensor rows_original(const Tensor& t, const PackPlan& p, at::ScalarType dtype) {
   return at::empty_like(t).index_copy_(0, order_tensor(p), t).to(dtype);
 }
 
+// ---- the fast path's set-up ----
+
+// Whether the fused micro-kernel loop runs this layer: no projection, and a CPU with the kernels.
+bool use_fast_path(const Dims& d, at::ScalarType input_dtype, at::ScalarType ct) {
+  if (d.proj || ct != at::kFloat || !gemm::cpu::microkernels_enabled()) return false;
+  return input_dtype == at::kBFloat16 ? gemm::cpu::has_avx512_bf16() : gemm::cpu::has_avx512();
+}
+
+// Row groups first: batch rows need no synchronisation. Column groups (one barrier per step) only
+// when the batch is too small to give every thread two row blocks, and only where at::parallel_for
+// runs its invocations concurrently (OpenMP); elsewhere a barrier could wait on a queued task.
+fast::Grid choose_grid(int64_t B, int64_t col_panels) {
+  const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t row_blocks = (B + 5) / 6;
+  fast::Grid g;
+  g.R = std::max<int64_t>(1, std::min(nt, row_blocks / 2));
+#if AT_PARALLEL_OPENMP
+  g.C = std::max<int64_t>(1, std::min(nt / g.R, col_panels));
+#endif
+  return g;
+}
+
+template <typename F>
+void run_grid(const fast::Grid& g, const F& worker) {
+  at::parallel_for(0, g.R * g.C, 1, [&](int64_t w0, int64_t w1) { worker(w0, w1); });
+}
+
+fast::Steps steps_of(const PackPlan& p, const Dims& d, bool reverse) {
+  return fast::Steps{d.T, d.B, d.H, p.batch_sizes.data(), p.offsets.data(), reverse};
+}
+
+// h_n from the packed output: sorted row j's state after its last processed step.
+Tensor last_states(const Tensor& hout, const PackPlan& p, bool reverse) {
+  std::vector<int64_t> rows(p.B);
+  for (int64_t j = 0; j < p.B; ++j) {
+    int64_t t = 0;  // reverse: every sequence ends at step 0
+    if (!reverse) {
+      int64_t len = 0;
+      while (len < p.T && p.batch_sizes[len] > j) ++len;
+      t = len - 1;
+    }
+    rows[j] = p.offsets[t] + j;
+  }
+  Tensor idx = at::from_blob(rows.data(), {p.B}, at::kLong).clone();
+  return hout.index_select(0, idx);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fast(
+    const Tensor& input, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
+    const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh, const Dims& d, const PackPlan& p,
+    bool reverse, bool train) {
+  const bool bf16 = input.scalar_type() == at::kBFloat16;
+  const at::ScalarType st = bf16 ? at::kBFloat16 : at::kFloat;  // storage of x, h and the output
+  const int64_t G = 4 * d.H;
+  // bf16 reads k in pairs: h and x rows are padded to an even length with zeros.
+  const int64_t Kh = bf16 ? (d.H + 1) / 2 * 2 : d.H, Kx = bf16 ? (d.I + 1) / 2 * 2 : d.I;
+
+  Tensor x = to_packed(input, p, st);
+  if (Kx != d.I) x = at::constant_pad_nd(x, {0, Kx - d.I});
+  // B = [W_hh, 0, W_ih, 0] as [4H, Kh + Kx]: one tile multiplies [h_{t-1}, x_t] by both weights.
+  Tensor w = at::cat({w_hh.to(st), at::zeros({G, Kh - d.H}, st), w_ih.to(st), at::zeros({G, Kx - d.I}, st)}, 1);
+  const gemm::ColumnMap cols = gemm::gate_grouped_columns(d.H);
+  Tensor panels = bf16 ? gemm::pack_bf16(w, true, cols) : gemm::pack_f32(w, true, cols);
+  Tensor bias = d.bias ? (b_ih->to(at::kFloat) + b_hh->to(at::kFloat)).contiguous() : Tensor();
+  Tensor h = at::zeros({2, d.B, Kh}, st);
+  Tensor h0s = rows_sorted(h0, p, st);
+  h.select(0, 0).narrow(1, 0, d.H).copy_(h0s);
+  h.select(0, 1).narrow(1, 0, d.H).copy_(h0s);
+  Tensor c = rows_sorted(c0, p, at::kFloat);
+  Tensor gates = train ? pooled_empty({d.T * d.B, G}, at::kFloat) : at::empty({0}, at::kFloat);
+  Tensor cells = train ? pooled_empty({d.T * d.B, d.H}, at::kFloat) : at::empty({0}, at::kFloat);
+  Tensor hout = pooled_empty({p.N, d.H}, st);
+
+  fast::ForwardArgs a;
+  a.steps = steps_of(p, d, reverse);
+  a.panels = panels.const_data_ptr();
+  a.Kh = Kh;
+  a.Kx = Kx;
+  a.bias = d.bias ? bias.const_data_ptr<float>() : nullptr;
+  a.x = x.const_data_ptr();
+  a.gates = train ? gates.data_ptr<float>() : nullptr;
+  a.cells = train ? cells.data_ptr<float>() : nullptr;
+  a.c = c.data_ptr<float>();
+  a.h[0] = h.select(0, 0).data_ptr();
+  a.h[1] = h.select(0, 1).data_ptr();
+  a.hout = hout.data_ptr();
+  a.grid = choose_grid(d.B, (d.H + 15) / 16);
+  SpinBarrier barrier(a.grid.R * a.grid.C);
+  a.barrier = &barrier;
+  run_grid(a.grid, [&](int64_t w0, int64_t w1) {
+    if (bf16)
+      fast::forward_bf16(a, train, w0, w1);
+    else
+      fast::forward_f32(a, train, w0, w1);
+  });
+
+  const at::ScalarType dt = input.scalar_type();
+  Tensor output = from_packed(hout, p, dt);
+  Tensor h_n = rows_original(last_states(hout, p, reverse), p, dt);
+  Tensor c_n = rows_original(c, p, dt);
+  if (train && p.N < d.T * d.B) {  // rows past N are capacity, not data; keep the op deterministic
+    gates.narrow(0, p.N, d.T * d.B - p.N).zero_();
+    cells.narrow(0, p.N, d.T * d.B - p.N).zero_();
+  }
+  return {output, h_n, c_n, gates, cells};
+}
+
 // ---- ops ----
 
 constexpr const char* kOp = "lstm";
@@ -290,6 +405,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_cpu(
   const PackPlan p = make_plan(d.T, d.B, lengths, kOp);
   FlushDenormalsGuard ftz;
   const at::ScalarType ct = compute_dtype(input.scalar_type());
+  if (use_fast_path(d, input.scalar_type(), ct))
+    return lstm_forward_fast(input, h0, c0, w_ih, w_hh, b_ih, b_hh, d, p, reverse, train);
   const int64_t G = 4 * d.H;
 
   Tensor x = to_packed(input, p, ct);
@@ -374,7 +491,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
                         gout.defined() ? gout.const_data_ptr() : nullptr, dh.data_ptr(), dc.data_ptr(),
                         dgates.data_ptr(), d.proj ? dh_all.data_ptr() : nullptr,
                         d.proj ? hpre_all.data_ptr() : nullptr, d.proj ? dhp.data_ptr() : nullptr};
-    backward_loop<T>(p, d, reverse, buf);
+    if constexpr (std::is_same_v<T, float>) {
+      if (use_fast_path(d, at::kFloat, ct)) {
+        const Tensor panels = gemm::pack_f32(whh, false, gemm::contiguous_columns(H));
+        fast::BackwardArgs a;
+        a.steps = steps_of(p, d, reverse);
+        a.panels = panels.const_data_ptr<float>();
+        a.gates = gates.const_data_ptr<float>();
+        a.cells = cells.const_data_ptr<float>();
+        a.c0 = c0s.const_data_ptr<float>();
+        a.grad_out = gout.defined() ? gout.const_data_ptr<float>() : nullptr;
+        a.dh = dh.data_ptr<float>();
+        a.dc = dc.data_ptr<float>();
+        a.dgates = dgates.data_ptr<float>();
+        a.grid = choose_grid(d.B, (H + gemm::kPanel - 1) / gemm::kPanel);
+        SpinBarrier barrier(a.grid.R * a.grid.C);
+        a.barrier = &barrier;
+        run_grid(a.grid, [&](int64_t w0, int64_t w1) { fast::backward_f32(a, w0, w1); });
+      } else {
+        backward_loop<T>(p, d, reverse, buf);
+      }
+    } else {
+      backward_loop<T>(p, d, reverse, buf);
+    }
 
     // Weight gradients are formed transposed (W^T = X^T dgates): with the long N dimension as K
     // and the gate dimension contiguous in the output, the BLAS runs ~30% faster here.

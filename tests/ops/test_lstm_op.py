@@ -54,7 +54,7 @@ def grads(outputs, inputs, seed_grads):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: "T{}B{}I{}H{}P{}".format(*s))
 @pytest.mark.parametrize("has_lengths,reverse,proj,bias", FLAGS)
-def test_matches_reference(device, dtype, size, has_lengths, reverse, proj, bias):
+def test_matches_reference(device, cpu_kernel, dtype, size, has_lengths, reverse, proj, bias):
     args, lengths = make_args(
         *size, proj=proj, bias=bias, has_lengths=has_lengths, dtype=dtype, device=device
     )
@@ -70,6 +70,30 @@ def test_matches_reference(device, dtype, size, has_lengths, reverse, proj, bias
     seed_grads = [torch.randn_like(o) for o in out]
     for g, gr in zip(grads(out, args, seed_grads), grads(ref, args, seed_grads), strict=True):
         torch.testing.assert_close(g, gr, **TOL[dtype])
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("B", [1, 7, 29, 64])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_work_splits_match_reference(cpu_kernel, threads, B, reverse):
+    """The CPU time loop splits batch rows and hidden units over threads (one barrier per step when
+    units are split): every split gives the reference's outputs and gradients, with lengths."""
+    args, lengths = make_args(
+        9, B, 10, 37, 0, proj=False, bias=True, has_lengths=True, dtype=torch.float32, device="cpu"
+    )
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = lstm_layer(*args, lengths=lengths, reverse=reverse)
+        seed_grads = [torch.randn_like(o) for o in out]
+        got = grads(out, args, seed_grads)
+    finally:
+        torch.set_num_threads(saved)
+    ref = lstm_layer_reference(*args, lengths=lengths, reverse=reverse)
+    for o, r in zip(out, ref, strict=True):
+        torch.testing.assert_close(o, r, **TOL[torch.float32])
+    for g, gr in zip(got, grads(ref, args, seed_grads), strict=True):
+        torch.testing.assert_close(g, gr, **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("used", ["output", "h_n", "c_n", "h_n+c_n"])

@@ -1,0 +1,159 @@
+// bigmodel's GEMM core on AVX-512: register-blocked micro-kernels over packed B panels. The
+// accumulators of one MR x 64 output tile are handed back in registers, so the caller's epilogue
+// (LSTM gate math, softmax, bias, ...) runs on them before anything is written to memory.
+//
+// Panels (built by pack.h): B (K x N) is cut into panels of kNR = 64 columns,
+//   float32   panel[k][64]                    K * 64 floats
+//   bfloat16  panel[k / 2][64][2]             k pairs interleaved as vdpbf16ps reads them; an odd K
+//                                             is padded with a zero row
+// The packer chooses which source column lands in each panel column (or zero), so a caller can put
+// the columns its epilogue combines side by side; the LSTM puts the four gates of 16 hidden units
+// in one panel.
+//
+// A is read in place: MR rows at stride lda (float32, or bfloat16 bits with an even K available
+// per row: the bf16 kernel reads k pairs as one 32-bit word).
+//
+// Everything here is compiled for AVX-512 through function attributes, whatever -march the build
+// uses; call it only after cpu::has_avx512() (cpu::has_avx512_bf16() for the bf16 kernels) said yes.
+#pragma once
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define BIGMODEL_HAS_AVX512_KERNELS 1
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#define BM_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
+#define BM_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma")))
+#define BM_ALWAYS_INLINE inline __attribute__((always_inline))
+
+namespace bigmodel::gemm::avx512 {
+
+constexpr int kNR = 64;  // panel width: four zmm registers of float32
+constexpr int kMR = 6;   // rows per tile: 6 x 4 accumulators + 4 B vectors + 1 broadcast of 32 zmm
+
+template <int MR>
+BM_AVX512 BM_ALWAYS_INLINE void zero_tile(__m512 (&acc)[MR][4]) {
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+}
+
+// acc[r][j] += sum_k A[r, k] * panel[k][16 j .. 16 j + 15]. A product over a K split in parts (the
+// LSTM's [h_{t-1}, x_t] against [W_hh; W_ih]) is one zero_tile and one call per part.
+template <int MR>
+BM_AVX512 BM_ALWAYS_INLINE void tile_f32(const float* a, int64_t lda, int64_t K, const float* panel,
+                                         __m512 (&acc)[MR][4]) {
+  for (int64_t k = 0; k < K; ++k) {
+    const float* w = panel + k * kNR;
+    const __m512 w0 = _mm512_load_ps(w), w1 = _mm512_load_ps(w + 16);
+    const __m512 w2 = _mm512_load_ps(w + 32), w3 = _mm512_load_ps(w + 48);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512 av = _mm512_set1_ps(a[r * lda + k]);
+      acc[r][0] = _mm512_fmadd_ps(av, w0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(av, w1, acc[r][1]);
+      acc[r][2] = _mm512_fmadd_ps(av, w2, acc[r][2]);
+      acc[r][3] = _mm512_fmadd_ps(av, w3, acc[r][3]);
+    }
+  }
+}
+
+// The same product with bfloat16 A and panel, float32 accumulation (vdpbf16ps: two k per FMA).
+// K2 = number of k pairs; A rows must hold 2 * K2 readable values (zero past the true K).
+template <int MR>
+BM_AVX512_BF16 BM_ALWAYS_INLINE void tile_bf16(const uint16_t* a, int64_t lda, int64_t K2, const uint16_t* panel,
+                                               __m512 (&acc)[MR][4]) {
+  for (int64_t kp = 0; kp < K2; ++kp) {
+    const uint16_t* w = panel + kp * (2 * kNR);
+    const __m512bh w0 = (__m512bh)_mm512_load_si512(w), w1 = (__m512bh)_mm512_load_si512(w + 32);
+    const __m512bh w2 = (__m512bh)_mm512_load_si512(w + 64), w3 = (__m512bh)_mm512_load_si512(w + 96);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, a + r * lda + 2 * kp, sizeof(pair));
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], av, w0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], av, w1);
+      acc[r][2] = _mm512_dpbf16_ps(acc[r][2], av, w2);
+      acc[r][3] = _mm512_dpbf16_ps(acc[r][3], av, w3);
+    }
+  }
+}
+
+// Spills a tile to an L1 buffer [MR][64]: epilogues that need many temporaries per row run from
+// there instead of holding 24 accumulators in registers.
+template <int MR>
+BM_AVX512 BM_ALWAYS_INLINE void store_tile(const __m512 (&acc)[MR][4], float (*out)[kNR]) {
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) _mm512_store_ps(out[r] + 16 * j, acc[r][j]);
+}
+
+// ---- vector math for epilogues ----
+
+// e^x for x in [-87, 88] (callers clamp): Cody-Waite reduction by ln 2, a degree-6 Taylor polynomial
+// on |r| <= ln2/2 (truncation error < 1e-7 relative), and the exponent put back by vscalefps.
+BM_AVX512 BM_ALWAYS_INLINE __m512 exp_ps(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606820309417232e-06f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// 1 / d for d >= 1: vrcp14ps refined by one Newton step (relative error ~1e-8).
+BM_AVX512 BM_ALWAYS_INLINE __m512 recip_ps(__m512 d) {
+  const __m512 y = _mm512_rcp14_ps(d);
+  return _mm512_mul_ps(y, _mm512_fnmadd_ps(d, y, _mm512_set1_ps(2.f)));
+}
+
+// 1 / (1 + e^-x). |x| is clamped to 80: sigmoid(+-80) is 1 and 1.8e-35 in float32 already.
+BM_AVX512 BM_ALWAYS_INLINE __m512 sigmoid_ps(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-80.f)), _mm512_set1_ps(80.f));
+  return recip_ps(_mm512_add_ps(_mm512_set1_ps(1.f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+}
+
+// tanh(x) = 2 sigmoid(2x) - 1: absolute error at float32 rounding level.
+BM_AVX512 BM_ALWAYS_INLINE __m512 tanh_ps(__m512 x) {
+  return _mm512_fmsub_ps(_mm512_set1_ps(2.f), sigmoid_ps(_mm512_add_ps(x, x)), _mm512_set1_ps(1.f));
+}
+
+// ---- masked loads and stores of 16 lanes (n < 16 touches only the first n) ----
+
+BM_AVX512 BM_ALWAYS_INLINE __mmask16 lanes(int64_t n) {
+  return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+}
+
+BM_AVX512 BM_ALWAYS_INLINE __m512 load_f32(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+
+BM_AVX512 BM_ALWAYS_INLINE void store_f32(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+
+// bfloat16 bits -> float32: the bits are the float's upper half.
+BM_AVX512 BM_ALWAYS_INLINE __m512 load_bf16(const uint16_t* p, __mmask16 m) {
+  const __m256i v = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+// float32 -> bfloat16 bits, rounded to nearest even (vcvtneps2bf16).
+BM_AVX512_BF16 BM_ALWAYS_INLINE void store_bf16(uint16_t* p, __m512 v, __mmask16 m) {
+  const __m256bh b = _mm512_cvtneps_pbh(v);
+  __m256i bits;
+  std::memcpy(&bits, &b, sizeof(bits));
+  _mm256_mask_storeu_epi16(p, m, bits);
+}
+
+}  // namespace bigmodel::gemm::avx512
+
+#endif  // x86-64 with GCC or Clang

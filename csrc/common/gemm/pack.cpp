@@ -1,0 +1,105 @@
+#include "common/gemm/pack.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+
+#include <cstdlib>
+#include <cstring>
+
+#include "common/gemm/microkernel.h"
+
+namespace bigmodel::gemm {
+
+ColumnMap contiguous_columns(int64_t N) {
+  const int64_t np = (N + kPanel - 1) / kPanel;
+  ColumnMap cols(np * kPanel, -1);
+  for (int64_t n = 0; n < N; ++n) cols[n] = n;
+  return cols;
+}
+
+ColumnMap gate_grouped_columns(int64_t H) {
+  constexpr int64_t U = kPanel / 4;
+  const int64_t np = (H + U - 1) / U;
+  ColumnMap cols(np * kPanel, -1);
+  for (int64_t p = 0; p < np; ++p)
+    for (int64_t g = 0; g < 4; ++g)
+      for (int64_t u = 0; u < U && p * U + u < H; ++u) cols[p * kPanel + g * U + u] = g * H + p * U + u;
+  return cols;
+}
+
+namespace {
+
+// Calls put(panel, k, c, value) for every panel element from a float view of src.
+template <typename F>
+void for_each_packed(const at::Tensor& src, bool src_is_nk, const ColumnMap& cols, const F& put) {
+  const at::Tensor s = src.to(at::kFloat).contiguous();
+  const float* sp = s.const_data_ptr<float>();
+  const int64_t K = src_is_nk ? s.size(1) : s.size(0);
+  const int64_t ld = s.size(1);
+  const int64_t np = int64_t(cols.size()) / kPanel;
+  at::parallel_for(0, np, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t c = 0; c < kPanel; ++c) {
+          const int64_t n = cols[p * kPanel + c];
+          put(p, k, c, n < 0 ? 0.f : (src_is_nk ? sp[n * ld + k] : sp[k * ld + n]));
+        }
+  });
+}
+
+}  // namespace
+
+at::Tensor pack_f32(const at::Tensor& src, bool src_is_nk, const ColumnMap& cols) {
+  const int64_t K = src_is_nk ? src.size(1) : src.size(0);
+  const int64_t np = int64_t(cols.size()) / kPanel;
+  at::Tensor out = at::empty({np, K, kPanel}, at::kFloat);
+  float* o = out.data_ptr<float>();
+  for_each_packed(src, src_is_nk, cols,
+                  [&](int64_t p, int64_t k, int64_t c, float v) { o[(p * K + k) * kPanel + c] = v; });
+  return out;
+}
+
+at::Tensor pack_bf16(const at::Tensor& src, bool src_is_nk, const ColumnMap& cols) {
+  const int64_t K = src_is_nk ? src.size(1) : src.size(0);
+  const int64_t K2 = (K + 1) / 2;
+  const int64_t np = int64_t(cols.size()) / kPanel;
+  at::Tensor out = at::zeros({np, K2, kPanel, 2}, at::kShort);  // zeros: the pad row of an odd K
+  int16_t* o = out.data_ptr<int16_t>();
+  for_each_packed(src, src_is_nk, cols, [&](int64_t p, int64_t k, int64_t c, float v) {
+    o[((p * K2 + k / 2) * kPanel + c) * 2 + (k % 2)] = int16_t(c10::BFloat16(v).x);
+  });
+  return out;
+}
+
+namespace cpu {
+
+bool has_avx512() {
+#ifdef BIGMODEL_HAS_AVX512_KERNELS
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+bool has_avx512_bf16() {
+#ifdef BIGMODEL_HAS_AVX512_KERNELS
+  static const bool ok = has_avx512() && __builtin_cpu_supports("avx512bf16");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+bool microkernels_enabled() {
+  const char* env = std::getenv("BIGMODEL_CPU_KERNEL");
+  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "auto") == 0) return true;
+  TORCH_CHECK(std::strcmp(env, "generic") == 0,
+              "bigmodel: BIGMODEL_CPU_KERNEL must be 'auto' or 'generic', got '", env, "'");
+  return false;
+}
+
+}  // namespace cpu
+}  // namespace bigmodel::gemm

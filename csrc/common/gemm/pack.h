@@ -1,0 +1,42 @@
+// Packing of B matrices into the GEMM core's panels (layout in microkernel.h), and the CPU checks
+// that say whether the AVX-512 micro-kernels may run here.
+//
+// A packed matrix is a plain CPU tensor (64-byte aligned by PyTorch's allocator): float32
+// [npanels, K, 64], or bfloat16 bits (int16) [npanels, ceil(K/2), 64, 2]. Packing is done per call
+// from the module's parameters, which are never modified.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace bigmodel::gemm {
+
+constexpr int64_t kPanel = 64;
+
+// Source column of every panel column, or -1 for a zero column; size = npanels * 64.
+using ColumnMap = std::vector<int64_t>;
+
+// Columns 0..N-1 in order, the last panel zero-padded.
+ColumnMap contiguous_columns(int64_t N);
+
+// The LSTM's gate-grouped order over 4H gate columns (i, f, g, o blocks of H): panel p holds
+// hidden units 16p .. 16p+15 of gate i, then of f, g and o. ceil(H/16) panels.
+ColumnMap gate_grouped_columns(int64_t H);
+
+// B(k, n) is src[n, k] when src_is_nk (src is [N, K], e.g. a weight used as x W^T), else src[k, n];
+// src is a contiguous 2-D float32, float64 or bfloat16 tensor.
+at::Tensor pack_f32(const at::Tensor& src, bool src_is_nk, const ColumnMap& cols);
+at::Tensor pack_bf16(const at::Tensor& src, bool src_is_nk, const ColumnMap& cols);
+
+namespace cpu {
+// The CPU has AVX-512 F/BW/DQ/VL (and AVX512-BF16) and this build has the kernels.
+bool has_avx512();
+bool has_avx512_bf16();
+// BIGMODEL_CPU_KERNEL=generic forces the ATen-BLAS fallback path (for tests and A/B measurements);
+// unset or "auto" uses the micro-kernels where the CPU has them.
+bool microkernels_enabled();
+}  // namespace cpu
+
+}  // namespace bigmodel::gemm

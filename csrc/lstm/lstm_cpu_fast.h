@@ -1,0 +1,71 @@
+// The LSTM's time loop on the GEMM core's micro-kernels (lstm_cpu_fast.cpp), used by lstm_cpu.cpp
+// when the CPU has AVX-512 and the layer has no projection.
+//
+// Each step is a set of tiles: MR batch rows x one 64-column panel. In forward a panel holds the
+// i, f, g, o columns of 16 hidden units of [W_hh; W_ih]^T, and a tile multiplies [h_{t-1}, x_t] by
+// it, so its accumulators carry everything the cell update needs: the epilogue adds the bias,
+// applies the nonlinearities, updates c and writes h straight from the tile (in inference no gate
+// tensor is ever written, not even x W_ih^T). In backward the pointwise derivative writes dgates
+// and a tile of dgates W_hh gives 64 columns of dh_{t-1}.
+//
+// Work split. Batch rows are independent through the whole recurrence, so workers are a grid of
+// R row groups x C column groups: row group g owns sorted rows g, g + R, g + 2R, ... (interleaved,
+// so the load stays even as sequences end) and needs no synchronisation at all when C = 1. Column
+// groups (C > 1, for batches too small to split) share one barrier per step. The whole loop is one
+// at::parallel_for region; workers are numbered rg * C + cg.
+#pragma once
+
+#include <cstdint>
+
+#include "common/barrier.h"
+
+namespace bigmodel::lstm::fast {
+
+struct Grid {
+  int64_t R = 1, C = 1;
+};
+
+struct Steps {
+  int64_t T = 0, B = 0, H = 0;
+  const int64_t* batch_sizes = nullptr;  // [T]
+  const int64_t* offsets = nullptr;      // [T + 1]
+  bool reverse = false;
+};
+
+struct ForwardArgs {
+  Steps steps;
+  // [W_hh; W_ih]^T packed gate-grouped, K = Kh + Kx rows: float32, or bf16 bits on the bf16 path
+  const void* panels = nullptr;
+  int64_t Kh = 0;                // h's row length (H; rounded up to even on the bf16 path)
+  int64_t Kx = 0;                // x's row length (I; rounded up to even on the bf16 path)
+  const float* bias = nullptr;   // [4H] b_ih + b_hh, or nullptr
+  const void* x = nullptr;       // [N, Kx] packed input (float32, or bf16 bits on the bf16 path)
+  float* gates = nullptr;        // train: [N, 4H] activated gates
+  float* cells = nullptr;        // train: [N, H]
+  float* c = nullptr;            // [B, H] running cell state, sorted rows
+  void* h[2] = {nullptr, nullptr};  // [B, Kh] running h, double-buffered, both start as h0
+  void* hout = nullptr;          // [N, H] packed output (float32, or bf16 bits on the bf16 path)
+  Grid grid;
+  SpinBarrier* barrier = nullptr;  // needed when grid.C > 1
+};
+
+struct BackwardArgs {
+  Steps steps;
+  const float* panels = nullptr;  // W_hh packed as a [4H, H] B matrix, contiguous columns
+  const float* gates = nullptr;   // [N, 4H] activated
+  const float* cells = nullptr;   // [N, H]
+  const float* c0 = nullptr;      // [B, H] sorted rows
+  const float* grad_out = nullptr;  // [N, H] packed, or nullptr
+  float* dh = nullptr;            // [B, H] running, starts as grad_h_n, ends as grad_h0
+  float* dc = nullptr;            // [B, H] running, starts as grad_c_n, ends as grad_c0
+  float* dgates = nullptr;        // [N, 4H]
+  Grid grid;
+  SpinBarrier* barrier = nullptr;
+};
+
+// Worker bodies for at::parallel_for(0, R * C, 1, ...): run workers [w0, w1) over all steps.
+void forward_f32(const ForwardArgs& a, bool train, int64_t w0, int64_t w1);
+void forward_bf16(const ForwardArgs& a, bool train, int64_t w0, int64_t w1);
+void backward_f32(const BackwardArgs& a, int64_t w0, int64_t w1);
+
+}  // namespace bigmodel::lstm::fast
