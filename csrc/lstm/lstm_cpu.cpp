@@ -19,7 +19,7 @@
 #include <torch/library.h>
 
 #include <cstring>
-#include <type_traits>
+#include <unistd.h>
 
 #include "common/checks.h"
 #include "common/denormals.h"
@@ -294,16 +294,38 @@ bool use_fast_path(const Dims& d, at::ScalarType input_dtype, at::ScalarType ct)
   return input_dtype == at::kBFloat16 ? gemm::cpu::has_avx512_bf16() : gemm::cpu::has_avx512();
 }
 
-// Row groups first: batch rows need no synchronisation. Column groups (one barrier per step) only
-// when the batch is too small to give every thread two row blocks, and only where at::parallel_for
-// runs its invocations concurrently (OpenMP); elsewhere a barrier could wait on a queued task.
-fast::Grid choose_grid(int64_t B, int64_t col_panels) {
+// Bytes of weights a worker may stream every step and still find in its own L2 (three quarters of
+// it; the rest holds h, x and the outputs of its rows).
+int64_t l2_budget() {
+  static const int64_t budget = [] {
+    long l2 = -1;
+#ifdef _SC_LEVEL2_CACHE_SIZE
+    l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+    return int64_t(l2 > 0 ? l2 : 1 << 20) * 3 / 4;
+  }();
+  return budget;
+}
+
+// Row groups where possible: batch rows need no synchronisation, but every row group streams all
+// `stream_bytes` of the packed weights each step. Column groups (one barrier per step) split the
+// weights instead: used when the weights do not fit a worker's L2 (the whole step would stream
+// from L3), or when the batch is too small to give every thread two row blocks. Column groups need
+// at::parallel_for to run its invocations concurrently (OpenMP); elsewhere a barrier could wait on
+// a queued task, so there the grid is rows only.
+fast::Grid choose_grid(int64_t B, int64_t col_panels, int64_t stream_bytes, int64_t block_rows = 6) {
   const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t row_blocks = (B + 5) / 6;
+  const int64_t row_blocks = (B + block_rows - 1) / block_rows;
   fast::Grid g;
   g.R = std::max<int64_t>(1, std::min(nt, row_blocks / 2));
 #if AT_PARALLEL_OPENMP
+  while (g.R > 1 && stream_bytes > l2_budget()) {  // trade row groups for column groups
+    g.R = (g.R + 1) / 2;
+    stream_bytes /= 2;
+  }
   g.C = std::max<int64_t>(1, std::min(nt / g.R, col_panels));
+#else
+  (void)stream_bytes;
 #endif
   return g;
 }
@@ -338,22 +360,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fast(
     const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh, const Dims& d, const PackPlan& p,
     bool reverse, bool train) {
   const bool bf16 = input.scalar_type() == at::kBFloat16;
+  const bool amx = bf16 && gemm::cpu::has_amx_bf16();
   const at::ScalarType st = bf16 ? at::kBFloat16 : at::kFloat;  // storage of x, h and the output
   const int64_t G = 4 * d.H;
-  // bf16 reads k in pairs: h and x rows are padded to an even length with zeros.
-  const int64_t Kh = bf16 ? (d.H + 1) / 2 * 2 : d.H, Kx = bf16 ? (d.I + 1) / 2 * 2 : d.I;
+  // bf16 reads k in pairs and AMX in blocks of 32: h and x rows are zero-padded to that length.
+  const int64_t kq = amx ? 32 : bf16 ? 2 : 1;
+  const int64_t Kh = (d.H + kq - 1) / kq * kq, Kx = (d.I + kq - 1) / kq * kq;
+  const int64_t panel_bytes = (d.H + 15) / 16 * gemm::kPanel * (Kh + Kx) * (bf16 ? 2 : 4);
+  const fast::Grid grid = choose_grid(d.B, (d.H + 15) / 16, panel_bytes, amx ? fast::kAmxRows : 6);
+  // AMX tiles load whole 16-row blocks at a row stride of R: give x and h that many rows of slack.
+  const int64_t slack = amx ? fast::kAmxRows * grid.R : 0;
 
   Tensor x = to_packed(input, p, st);
-  if (Kx != d.I) x = at::constant_pad_nd(x, {0, Kx - d.I});
+  if (Kx != d.I || slack > 0) x = at::constant_pad_nd(x, {0, Kx - d.I, 0, slack});
   // B = [W_hh, 0, W_ih, 0] as [4H, Kh + Kx]: one tile multiplies [h_{t-1}, x_t] by both weights.
   Tensor w = at::cat({w_hh.to(st), at::zeros({G, Kh - d.H}, st), w_ih.to(st), at::zeros({G, Kx - d.I}, st)}, 1);
   const gemm::ColumnMap cols = gemm::gate_grouped_columns(d.H);
   Tensor panels = bf16 ? gemm::pack_bf16(w, true, cols) : gemm::pack_f32(w, true, cols);
   Tensor bias = d.bias ? (b_ih->to(at::kFloat) + b_hh->to(at::kFloat)).contiguous() : Tensor();
-  Tensor h = at::zeros({2, d.B, Kh}, st);
+  Tensor h = at::zeros({2, d.B + slack, Kh}, st);
   Tensor h0s = rows_sorted(h0, p, st);
-  h.select(0, 0).narrow(1, 0, d.H).copy_(h0s);
-  h.select(0, 1).narrow(1, 0, d.H).copy_(h0s);
+  h.select(0, 0).narrow(0, 0, d.B).narrow(1, 0, d.H).copy_(h0s);
+  h.select(0, 1).narrow(0, 0, d.B).narrow(1, 0, d.H).copy_(h0s);
   Tensor c = rows_sorted(c0, p, at::kFloat);
   Tensor gates = train ? pooled_empty({d.T * d.B, G}, at::kFloat) : at::empty({0}, at::kFloat);
   Tensor cells = train ? pooled_empty({d.T * d.B, d.H}, at::kFloat) : at::empty({0}, at::kFloat);
@@ -372,11 +400,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fast(
   a.h[0] = h.select(0, 0).data_ptr();
   a.h[1] = h.select(0, 1).data_ptr();
   a.hout = hout.data_ptr();
-  a.grid = choose_grid(d.B, (d.H + 15) / 16);
+  a.grid = grid;
   SpinBarrier barrier(a.grid.R * a.grid.C);
   a.barrier = &barrier;
   run_grid(a.grid, [&](int64_t w0, int64_t w1) {
-    if (bf16)
+    if (amx)
+      fast::forward_amx(a, train, w0, w1);
+    else if (bf16)
       fast::forward_bf16(a, train, w0, w1);
     else
       fast::forward_f32(a, train, w0, w1);
@@ -391,6 +421,99 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fast(
     cells.narrow(0, p.N, d.T * d.B - p.N).zero_();
   }
   return {output, h_n, c_n, gates, cells};
+}
+
+// The fast backward (float32; bf16/fp16 layers compute in float32 here too).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_fast(
+    const std::optional<Tensor>& grad_output, const std::optional<Tensor>& grad_h_n,
+    const std::optional<Tensor>& grad_c_n, const Tensor& input, const Tensor& h0, const Tensor& c0,
+    const Tensor& w_ih, const Tensor& w_hh, const Tensor& output, const Tensor& gates, const Tensor& cells,
+    bool reverse, bool has_bias, const Dims& d, const PackPlan& p) {
+  const at::ScalarType f32 = at::kFloat;
+  const int64_t G = 4 * d.H, H = d.H, F = d.H + d.I;
+  const int64_t Fp = (F + gemm::kPanel - 1) / gemm::kPanel * gemm::kPanel;
+  Tensor x = to_packed(input, p, f32);
+  Tensor hout = to_packed(output, p, f32);
+  Tensor gout = grad_output.has_value() ? to_packed(*grad_output, p, f32) : Tensor();
+  Tensor h0s = rows_sorted(h0, p, f32), c0s = rows_sorted(c0, p, f32);
+  Tensor dh = grad_h_n.has_value() ? rows_sorted(*grad_h_n, p, f32) : at::zeros({d.B, H}, f32);
+  Tensor dc = grad_c_n.has_value() ? rows_sorted(*grad_c_n, p, f32) : at::zeros({d.B, H}, f32);
+  Tensor dx = pooled_empty({p.N, d.I}, f32);
+  // dgates [W_hh, W_ih] gives [dh_{t-1}, dx_t] in one tile pass.
+  Tensor panels = gemm::pack_f32(at::cat({w_hh.to(f32), w_ih.to(f32)}, 1), false, gemm::contiguous_columns(F));
+
+  fast::BackwardArgs a;
+  a.steps = steps_of(p, d, reverse);
+  a.I = d.I;
+  a.panels = panels.const_data_ptr<float>();
+  a.gates = gates.const_data_ptr<float>();
+  a.cells = cells.const_data_ptr<float>();
+  a.c0 = c0s.const_data_ptr<float>();
+  a.h0 = h0s.const_data_ptr<float>();
+  a.hout = hout.const_data_ptr<float>();
+  a.x = x.const_data_ptr<float>();
+  a.grad_out = gout.defined() ? gout.const_data_ptr<float>() : nullptr;
+  a.dh = dh.data_ptr<float>();
+  a.dc = dc.data_ptr<float>();
+  a.dx = dx.data_ptr<float>();
+  // Each step streams the [W_hh, W_ih] panels (and, fused, the worker's weight-gradient sums, the
+  // same size again: at the seed shape, 2 x 1 MiB, fused on two row groups still measured faster than
+  // column groups with the weight gradients left to BLAS, so only the panels count here).
+  const int64_t panel_bytes = G * Fp * int64_t(sizeof(float));
+  a.grid = choose_grid(d.B, (H + gemm::kPanel - 1) / gemm::kPanel, panel_bytes);
+  const bool fused = a.grid.C == 1;
+  const int64_t R = a.grid.R, rows_max = (d.B + R - 1) / R;
+  Tensor dg_s, hx_s, dw_s, dbias_s, dgates;
+  std::vector<fast::WorkerScratch> scratch;
+  if (fused) {
+    dg_s = at::empty({R, rows_max, G}, f32);
+    hx_s = at::empty({R, Fp / gemm::kPanel, rows_max, gemm::kPanel}, f32);
+    dw_s = at::zeros({R, G, Fp}, f32);
+    dbias_s = at::zeros({R, G}, f32);
+    for (int64_t r = 0; r < R; ++r)
+      scratch.push_back({dg_s[r].data_ptr<float>(), hx_s[r].data_ptr<float>(), dw_s[r].data_ptr<float>(),
+                         dbias_s[r].data_ptr<float>()});
+    a.scratch = scratch.data();
+    a.rows_max = rows_max;
+  } else {
+    dgates = pooled_empty({p.N, G}, f32);
+    a.dgates = dgates.data_ptr<float>();
+  }
+  SpinBarrier barrier(a.grid.R * a.grid.C);
+  a.barrier = &barrier;
+  run_grid(a.grid, [&](int64_t w0, int64_t w1) { fast::backward_f32(a, w0, w1); });
+
+  Tensor dw_hh, dw_ih, dbias;
+  if (fused) {
+    Tensor dw = dw_s.sum(0);
+    dw_hh = dw.narrow(1, 0, H);
+    dw_ih = dw.narrow(1, H, d.I);
+    dbias = dbias_s.sum(0);
+  } else {
+    // grad_w = dgates^T [h_{t-1}, x_t] over all rows; h_{t-1} is the previous step's output row or h0.
+    Tensor hprev = pooled_empty({p.N, H}, f32);
+    float* hp = hprev.data_ptr<float>();
+    const float* ho = hout.const_data_ptr<float>();
+    const float* h0p = h0s.const_data_ptr<float>();
+    for (int64_t t = 0; t < d.T; ++t)
+      for (int64_t j = 0; j < p.batch_sizes[t]; ++j) {
+        const int64_t pr = p.prev_row(t, j, reverse);
+        std::memcpy(hp + (p.offsets[t] + j) * H, pr >= 0 ? ho + pr * H : h0p + j * H, H * sizeof(float));
+      }
+    Tensor dg = dgates.narrow(0, 0, p.N);
+    dw_hh = at::mm(dg.t(), hprev);
+    dw_ih = at::mm(dg.t(), x);
+    dbias = dg.sum(0);
+  }
+  const auto wt = w_ih.scalar_type();
+  const at::ScalarType dt = input.scalar_type();
+  return {from_packed(dx, p, dt),
+          rows_original(dh, p, dt),
+          rows_original(dc, p, dt),
+          dw_ih.to(wt).contiguous(),
+          dw_hh.to(wt).contiguous(),
+          has_bias ? dbias.to(wt) : at::empty({0}, w_ih.options()),
+          at::empty({0}, w_ih.options())};
 }
 
 // ---- ops ----
@@ -467,6 +590,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
   if (grad_output.has_value()) check_shape(*grad_output, {d.T, d.B, P}, op, "grad_output", "(T, B, P)");
   if (grad_h_n.has_value()) check_shape(*grad_h_n, {d.B, P}, op, "grad_h_n", "(B, P)");
   if (grad_c_n.has_value()) check_shape(*grad_c_n, {d.B, H}, op, "grad_c_n", "(B, hidden_size)");
+  if (use_fast_path(d, at::kFloat, ct))
+    return lstm_backward_fast(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, output, gates, cells,
+                              reverse, has_bias, d, p);
 
   Tensor x = to_packed(input, p, ct);
   Tensor hout = to_packed(output, p, ct);
@@ -491,29 +617,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
                         gout.defined() ? gout.const_data_ptr() : nullptr, dh.data_ptr(), dc.data_ptr(),
                         dgates.data_ptr(), d.proj ? dh_all.data_ptr() : nullptr,
                         d.proj ? hpre_all.data_ptr() : nullptr, d.proj ? dhp.data_ptr() : nullptr};
-    if constexpr (std::is_same_v<T, float>) {
-      if (use_fast_path(d, at::kFloat, ct)) {
-        const Tensor panels = gemm::pack_f32(whh, false, gemm::contiguous_columns(H));
-        fast::BackwardArgs a;
-        a.steps = steps_of(p, d, reverse);
-        a.panels = panels.const_data_ptr<float>();
-        a.gates = gates.const_data_ptr<float>();
-        a.cells = cells.const_data_ptr<float>();
-        a.c0 = c0s.const_data_ptr<float>();
-        a.grad_out = gout.defined() ? gout.const_data_ptr<float>() : nullptr;
-        a.dh = dh.data_ptr<float>();
-        a.dc = dc.data_ptr<float>();
-        a.dgates = dgates.data_ptr<float>();
-        a.grid = choose_grid(d.B, (H + gemm::kPanel - 1) / gemm::kPanel);
-        SpinBarrier barrier(a.grid.R * a.grid.C);
-        a.barrier = &barrier;
-        run_grid(a.grid, [&](int64_t w0, int64_t w1) { fast::backward_f32(a, w0, w1); });
-      } else {
-        backward_loop<T>(p, d, reverse, buf);
-      }
-    } else {
-      backward_loop<T>(p, d, reverse, buf);
-    }
+    backward_loop<T>(p, d, reverse, buf);
 
     // Weight gradients are formed transposed (W^T = X^T dgates): with the long N dimension as K
     // and the gate dimension contiguous in the output, the BLAS runs ~30% faster here.

@@ -14,12 +14,12 @@ namespace mk = bigmodel::gemm::avx512;
 constexpr int64_t kUnits = mk::kNR / 4;  // hidden units per forward panel
 
 // The rows a worker of row group rg owns at a step with b active rows: rg, rg + R, ... < b, cut into
-// near-equal blocks of at most kMR. Calls body(first_row, mr) per block.
+// near-equal blocks of at most max_rows. Calls body(first_row, rows) per block.
 template <typename F>
-inline void for_each_row_block(int64_t b, int64_t rg, int64_t R, const F& body) {
+inline void for_each_row_block(int64_t b, int64_t rg, int64_t R, const F& body, int64_t max_rows = mk::kMR) {
   if (b <= rg) return;
   const int64_t n = (b - rg + R - 1) / R;
-  const int64_t nblk = (n + mk::kMR - 1) / mk::kMR;
+  const int64_t nblk = (n + max_rows - 1) / max_rows;
   for (int64_t k = 0; k < nblk; ++k) {
     const int64_t i0 = k * n / nblk, i1 = (k + 1) * n / nblk;
     body(rg + R * i0, i1 - i0);
@@ -30,35 +30,19 @@ inline int64_t split(int64_t n, int64_t parts, int64_t i) { return i * n / parts
 
 // ---- forward ----
 
-// One tile and its epilogue. Compiled with the BF16 target for both paths, since one body serves
-// both; the float32 instantiations contain no BF16 instruction (those sit under `if constexpr`), so
-// they run on any AVX-512 CPU.
-template <bool kBf16, bool kTrain, int MR>
-BM_AVX512_BF16 void forward_tile(const ForwardArgs& a, int64_t off, int64_t r0, int64_t rstride, int64_t p,
-                                 const void* hp, void* hn) {
-  const int64_t H = a.steps.H, G = 4 * H, Kh = a.Kh, Kx = a.Kx;
-  __m512 acc[MR][4];
-  mk::zero_tile<MR>(acc);
-  if constexpr (kBf16) {
-    const uint16_t* panel = static_cast<const uint16_t*>(a.panels) + p * (Kh + Kx) * mk::kNR;
-    mk::tile_bf16<MR>(static_cast<const uint16_t*>(hp) + r0 * Kh, rstride * Kh, Kh / 2, panel, acc);
-    mk::tile_bf16<MR>(static_cast<const uint16_t*>(a.x) + (off + r0) * Kx, rstride * Kx, Kx / 2,
-                      panel + Kh * mk::kNR, acc);
-  } else {
-    const float* panel = static_cast<const float*>(a.panels) + p * (Kh + Kx) * mk::kNR;
-    mk::tile_f32<MR>(static_cast<const float*>(hp) + r0 * Kh, rstride * Kh, Kh, panel, acc);
-    mk::tile_f32<MR>(static_cast<const float*>(a.x) + (off + r0) * Kx, rstride * Kx, Kx, panel + Kh * mk::kNR,
-                     acc);
-  }
-  alignas(64) float tile[MR][mk::kNR];
-  mk::store_tile<MR>(acc, tile);
+// The cell update of rows r0, r0 + rstride, ... (mr of them) and hidden units 16p .. 16p + 15, from
+// their pre-activations in tile[i] (gates i, f, g, o at columns 0, 16, 32, 48), bias not yet added.
+template <bool kBf16, bool kTrain>
+BM_AVX512_BF16 BM_ALWAYS_INLINE void cell_update(const ForwardArgs& a, int64_t off, int64_t r0, int64_t mr,
+                                                 int64_t rstride, int64_t p, const float (*tile)[mk::kNR], void* hn) {
+  const int64_t H = a.steps.H, G = 4 * H, Kh = a.Kh;
   const int64_t u0 = p * kUnits;
   const __mmask16 m = mk::lanes(H - u0);
   __m512 bias[4];
 #pragma GCC unroll 4
   for (int g = 0; g < 4; ++g)
     bias[g] = a.bias != nullptr ? mk::load_f32(a.bias + g * H + u0, m) : _mm512_setzero_ps();
-  for (int i = 0; i < MR; ++i) {
+  for (int64_t i = 0; i < mr; ++i) {
     const int64_t r = r0 + i * rstride, row = off + r;
     const __m512 ig = mk::sigmoid_ps(_mm512_add_ps(_mm512_load_ps(tile[i]), bias[0]));
     const __m512 fg = mk::sigmoid_ps(_mm512_add_ps(_mm512_load_ps(tile[i] + 16), bias[1]));
@@ -84,6 +68,73 @@ BM_AVX512_BF16 void forward_tile(const ForwardArgs& a, int64_t off, int64_t r0, 
       mk::store_f32(a.cells + row * H + u0, cn, m);
     }
   }
+}
+
+// One register tile and its cell update. Compiled with the BF16 target for both paths, since one
+// body serves both; the float32 instantiations contain no BF16 instruction (those sit under
+// `if constexpr`), so they run on any AVX-512 CPU.
+template <bool kBf16, bool kTrain, int MR>
+BM_AVX512_BF16 void forward_tile(const ForwardArgs& a, int64_t off, int64_t r0, int64_t rstride, int64_t p,
+                                 const void* hp, void* hn) {
+  const int64_t Kh = a.Kh, Kx = a.Kx;
+  __m512 acc[MR][4];
+  mk::zero_tile<MR>(acc);
+  if constexpr (kBf16) {
+    const uint16_t* panel = static_cast<const uint16_t*>(a.panels) + p * (Kh + Kx) * mk::kNR;
+    mk::tile_bf16<MR>(static_cast<const uint16_t*>(hp) + r0 * Kh, rstride * Kh, Kh / 2, panel, acc);
+    mk::tile_bf16<MR>(static_cast<const uint16_t*>(a.x) + (off + r0) * Kx, rstride * Kx, Kx / 2,
+                      panel + Kh * mk::kNR, acc);
+  } else {
+    const float* panel = static_cast<const float*>(a.panels) + p * (Kh + Kx) * mk::kNR;
+    mk::tile_f32<MR>(static_cast<const float*>(hp) + r0 * Kh, rstride * Kh, Kh, panel, acc);
+    mk::tile_f32<MR>(static_cast<const float*>(a.x) + (off + r0) * Kx, rstride * Kx, Kx, panel + Kh * mk::kNR,
+                     acc);
+  }
+  alignas(64) float tile[MR][mk::kNR];
+  mk::store_tile<MR>(acc, tile);
+  cell_update<kBf16, kTrain>(a, off, r0, MR, rstride, p, tile, hn);
+}
+
+// The AMX tile: always 16 rows of A (rows past the block are padding the buffers provide), of which
+// the first mr are used.
+template <bool kTrain>
+BM_AMX void forward_tile_amx(const ForwardArgs& a, int64_t off, int64_t r0, int64_t mr, int64_t rstride,
+                             int64_t p, const void* hp, void* hn) {
+  const int64_t Kh = a.Kh, Kx = a.Kx;
+  const uint16_t* panel = static_cast<const uint16_t*>(a.panels) + p * (Kh + Kx) * mk::kNR;
+  mk::amx_zero();
+  mk::amx_panel(static_cast<const uint16_t*>(hp) + r0 * Kh, rstride * Kh * 2, Kh / 32, panel);
+  mk::amx_panel(static_cast<const uint16_t*>(a.x) + (off + r0) * Kx, rstride * Kx * 2, Kx / 32,
+                panel + Kh * mk::kNR);
+  alignas(64) float tile[kAmxRows][mk::kNR];
+  mk::amx_store(tile);
+  cell_update<true, kTrain>(a, off, r0, mr, rstride, p, tile, hn);
+}
+
+template <bool kTrain>
+BM_AMX void forward_loop_amx(const ForwardArgs& a, int64_t w0, int64_t w1) {
+  const Steps& st = a.steps;
+  const int64_t R = a.grid.R, C = a.grid.C;
+  const int64_t np = (st.H + kUnits - 1) / kUnits;
+  mk::amx_configure();
+  for (int64_t s = 0; s < st.T; ++s) {
+    const int64_t t = st.reverse ? st.T - 1 - s : s;
+    const int64_t b = st.batch_sizes[t], off = st.offsets[t];
+    const void* hp = a.h[s & 1];
+    void* hn = a.h[(s & 1) ^ 1];
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t rg = w / C, cg = w % C;
+      const int64_t p0 = split(np, C, cg), p1 = split(np, C, cg + 1);
+      for_each_row_block(
+          b, rg, R,
+          [&](int64_t r0, int64_t mr) {
+            for (int64_t p = p0; p < p1; ++p) forward_tile_amx<kTrain>(a, off, r0, mr, R, p, hp, hn);
+          },
+          kAmxRows);
+    }
+    if (C > 1) a.barrier->arrive_and_wait(w1 - w0);
+  }
+  _tile_release();
 }
 
 template <bool kBf16, bool kTrain>
@@ -118,71 +169,139 @@ void forward_loop(const ForwardArgs& a, int64_t w0, int64_t w1) {
 
 // ---- backward ----
 
-// Pointwise derivative of rows [r0, r0 + mr * rstride) over hidden units [u_begin, u_end).
-BM_AVX512 void backward_pointwise(const BackwardArgs& a, int64_t t, int64_t off, int64_t r0, int64_t mr,
-                                  int64_t rstride, int64_t u_begin, int64_t u_end) {
+// The previous state's rows of sorted row r at step t: h_{t-1}/c_{t-1} rows of the packed forward
+// output, or h0/c0 where r starts at t.
+inline int64_t prev_row(const Steps& st, int64_t t, int64_t r) {
+  const int64_t tp = st.reverse ? t + 1 : t - 1;
+  if (tp < 0 || tp >= st.T || r >= st.batch_sizes[tp]) return -1;
+  return st.offsets[tp] + r;
+}
+
+// Pointwise derivative of sorted row r (packed row `row`) over hidden units [u_begin, u_end):
+// dgates into dg (the row's 4H values), dc carried back; dbias += dgates when given.
+BM_AVX512 void pointwise_row(const BackwardArgs& a, int64_t t, int64_t r, int64_t row, float* dg, float* dbias,
+                             int64_t u_begin, int64_t u_end) {
   const Steps& st = a.steps;
   const int64_t H = st.H, G = 4 * H;
-  const int64_t tp = st.reverse ? t + 1 : t - 1;
-  const bool has_prev_step = tp >= 0 && tp < st.T;
+  const int64_t pr = prev_row(st, t, r);
+  const float* cprev = pr >= 0 ? a.cells + pr * H : a.c0 + r * H;
+  const float* g = a.gates + row * G;
   const __m512 one = _mm512_set1_ps(1.f);
-  for (int64_t i = 0; i < mr; ++i) {
-    const int64_t r = r0 + i * rstride, row = off + r;
-    const float* cprev = (has_prev_step && r < st.batch_sizes[tp]) ? a.cells + (st.offsets[tp] + r) * H
-                                                                     : a.c0 + r * H;
-    const float* g = a.gates + row * G;
-    float* dg = a.dgates + row * G;
-    for (int64_t u = u_begin; u < u_end; u += 16) {
-      const __mmask16 m = mk::lanes(u_end - u);
-      const __m512 ig = mk::load_f32(g + u, m), fg = mk::load_f32(g + H + u, m);
-      const __m512 gg = mk::load_f32(g + 2 * H + u, m), og = mk::load_f32(g + 3 * H + u, m);
-      const __m512 tc = mk::tanh_ps(mk::load_f32(a.cells + row * H + u, m));
-      __m512 dh = mk::load_f32(a.dh + r * H + u, m);
-      if (a.grad_out != nullptr) dh = _mm512_add_ps(dh, mk::load_f32(a.grad_out + row * H + u, m));
-      const __m512 dc = _mm512_fmadd_ps(_mm512_mul_ps(dh, og), _mm512_fnmadd_ps(tc, tc, one),
-                                        mk::load_f32(a.dc + r * H + u, m));
-      mk::store_f32(dg + u, _mm512_mul_ps(_mm512_mul_ps(dc, gg), _mm512_mul_ps(ig, _mm512_sub_ps(one, ig))), m);
-      mk::store_f32(dg + H + u,
-                    _mm512_mul_ps(_mm512_mul_ps(dc, mk::load_f32(cprev + u, m)),
-                                  _mm512_mul_ps(fg, _mm512_sub_ps(one, fg))),
-                    m);
-      mk::store_f32(dg + 2 * H + u, _mm512_mul_ps(_mm512_mul_ps(dc, ig), _mm512_fnmadd_ps(gg, gg, one)), m);
-      mk::store_f32(dg + 3 * H + u, _mm512_mul_ps(_mm512_mul_ps(dh, tc), _mm512_mul_ps(og, _mm512_sub_ps(one, og))),
-                    m);
-      mk::store_f32(a.dc + r * H + u, _mm512_mul_ps(dc, fg), m);
+  for (int64_t u = u_begin; u < u_end; u += 16) {
+    const __mmask16 m = mk::lanes(u_end - u);
+    const __m512 ig = mk::load_f32(g + u, m), fg = mk::load_f32(g + H + u, m);
+    const __m512 gg = mk::load_f32(g + 2 * H + u, m), og = mk::load_f32(g + 3 * H + u, m);
+    const __m512 tc = mk::tanh_ps(mk::load_f32(a.cells + row * H + u, m));
+    __m512 dh = mk::load_f32(a.dh + r * H + u, m);
+    if (a.grad_out != nullptr) dh = _mm512_add_ps(dh, mk::load_f32(a.grad_out + row * H + u, m));
+    const __m512 dc =
+        _mm512_fmadd_ps(_mm512_mul_ps(dh, og), _mm512_fnmadd_ps(tc, tc, one), mk::load_f32(a.dc + r * H + u, m));
+    __m512 d[4];
+    d[0] = _mm512_mul_ps(_mm512_mul_ps(dc, gg), _mm512_mul_ps(ig, _mm512_sub_ps(one, ig)));
+    d[1] = _mm512_mul_ps(_mm512_mul_ps(dc, mk::load_f32(cprev + u, m)), _mm512_mul_ps(fg, _mm512_sub_ps(one, fg)));
+    d[2] = _mm512_mul_ps(_mm512_mul_ps(dc, ig), _mm512_fnmadd_ps(gg, gg, one));
+    d[3] = _mm512_mul_ps(_mm512_mul_ps(dh, tc), _mm512_mul_ps(og, _mm512_sub_ps(one, og)));
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) {
+      mk::store_f32(dg + q * H + u, d[q], m);
+      if (dbias != nullptr)
+        mk::store_f32(dbias + q * H + u, _mm512_add_ps(mk::load_f32(dbias + q * H + u, m), d[q]), m);
     }
+    mk::store_f32(a.dc + r * H + u, _mm512_mul_ps(dc, fg), m);
   }
 }
 
-// dh[rows, 64 p .. 64 p + 63] = dgates[rows, :] W_hh[:, same columns].
+// [dh, dx] for MR rows: columns 64 p .. 64 p + 63 of dgates [W_hh, W_ih]. A = dgates rows at stride
+// lda; out row i is sorted row r0 + i * rstride (packed row off + r0 + i * rstride).
 template <int MR>
-BM_AVX512 void backward_tile(const BackwardArgs& a, int64_t off, int64_t r0, int64_t rstride, int64_t p) {
-  const int64_t H = a.steps.H, G = 4 * H;
+BM_AVX512 void grad_state_tile(const BackwardArgs& a, const float* dg, int64_t lda, int64_t off, int64_t r0,
+                               int64_t rstride, int64_t p) {
+  const int64_t H = a.steps.H, G = 4 * H, F = H + a.I;
   __m512 acc[MR][4];
   mk::zero_tile<MR>(acc);
-  mk::tile_f32<MR>(a.dgates + (off + r0) * G, rstride * G, G, a.panels + p * G * mk::kNR, acc);
-  const int64_t c0 = p * mk::kNR;
+  mk::tile_f32<MR>(dg, lda, G, a.panels + p * G * mk::kNR, acc);
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {
-    float* d = a.dh + (r0 + i * rstride) * H + c0;
+    const int64_t r = r0 + i * rstride;
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) {
-      if (c0 + 16 * j >= H) break;
-      mk::store_f32(d + 16 * j, acc[i][j], mk::lanes(H - c0 - 16 * j));
+      const int64_t col = p * mk::kNR + 16 * j;
+      if (col >= F) break;
+      // A 16-column group may straddle the dh | dx boundary: split it with masks.
+      const __mmask16 valid = mk::lanes(F - col);
+      const __mmask16 to_dh = col >= H ? __mmask16(0) : __mmask16(mk::lanes(H - col) & valid);
+      const __mmask16 to_dx = __mmask16(valid & ~to_dh);
+      if (to_dh) _mm512_mask_storeu_ps(a.dh + r * H + col, to_dh, acc[i][j]);
+      if (to_dx) _mm512_mask_storeu_ps(a.dx + (off + r) * a.I + col - H, to_dx, acc[i][j]);
     }
   }
 }
 
-void backward_tiles(const BackwardArgs& a, int64_t off, int64_t r0, int64_t mr, int64_t rstride, int64_t p0,
-                    int64_t p1) {
+void grad_state_tiles(const BackwardArgs& a, const float* dg, int64_t lda, int64_t off, int64_t r0, int64_t mr,
+                      int64_t rstride, int64_t p0, int64_t p1) {
   for (int64_t p = p0; p < p1; ++p) {
     switch (mr) {
-      case 1: backward_tile<1>(a, off, r0, rstride, p); break;
-      case 2: backward_tile<2>(a, off, r0, rstride, p); break;
-      case 3: backward_tile<3>(a, off, r0, rstride, p); break;
-      case 4: backward_tile<4>(a, off, r0, rstride, p); break;
-      case 5: backward_tile<5>(a, off, r0, rstride, p); break;
-      default: backward_tile<6>(a, off, r0, rstride, p); break;
+      case 1: grad_state_tile<1>(a, dg, lda, off, r0, rstride, p); break;
+      case 2: grad_state_tile<2>(a, dg, lda, off, r0, rstride, p); break;
+      case 3: grad_state_tile<3>(a, dg, lda, off, r0, rstride, p); break;
+      case 4: grad_state_tile<4>(a, dg, lda, off, r0, rstride, p); break;
+      case 5: grad_state_tile<5>(a, dg, lda, off, r0, rstride, p); break;
+      default: grad_state_tile<6>(a, dg, lda, off, r0, rstride, p); break;
+    }
+  }
+}
+
+// dw[m0 .. m0 + MR, 64 p ..] += dg[0 .. n, m0 ..]^T hx[p][0 .. n]: a weight-gradient tile, with the
+// worker's n rows of this step as K.
+template <int MR>
+BM_AVX512 void grad_weight_tile(const WorkerScratch& ws, int64_t G, int64_t F, int64_t rows_max, int64_t n,
+                                int64_t m0, int64_t p) {
+  __m512 acc[MR][4];
+  float* c = ws.dw + m0 * F + p * mk::kNR;
+  mk::load_tile<MR>(c, F, acc);
+  mk::tile_f32_kstrided<MR>(ws.dg + m0, 1, G, n, ws.hx + p * rows_max * mk::kNR, acc);
+  mk::store_tile<MR>(acc, c, F);
+}
+
+BM_AVX512 void grad_weights_step(const WorkerScratch& ws, int64_t G, int64_t F, int64_t rows_max, int64_t n) {
+  const int64_t np = F / mk::kNR;
+  for (int64_t m0 = 0; m0 < G; m0 += mk::kMR) {
+    const int64_t mr = std::min<int64_t>(mk::kMR, G - m0);
+    for (int64_t p = 0; p < np; ++p) {
+      switch (mr) {
+        case 1: grad_weight_tile<1>(ws, G, F, rows_max, n, m0, p); break;
+        case 2: grad_weight_tile<2>(ws, G, F, rows_max, n, m0, p); break;
+        case 3: grad_weight_tile<3>(ws, G, F, rows_max, n, m0, p); break;
+        case 4: grad_weight_tile<4>(ws, G, F, rows_max, n, m0, p); break;
+        case 5: grad_weight_tile<5>(ws, G, F, rows_max, n, m0, p); break;
+        default: grad_weight_tile<6>(ws, G, F, rows_max, n, m0, p); break;
+      }
+    }
+  }
+}
+
+// [h_{t-1}, x_t] of the worker's rows (k = 0 .. n) as B panels: hx[p][k][c] = feature 64 p + c.
+BM_AVX512 void gather_hx(const BackwardArgs& a, const WorkerScratch& ws, int64_t t, int64_t off, int64_t rg,
+                         int64_t R, int64_t n, int64_t F) {
+  const int64_t H = a.steps.H, I = a.I;
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t r = rg + R * k;
+    const int64_t pr = prev_row(a.steps, t, r);
+    const float* hp = pr >= 0 ? a.hout + pr * H : a.h0 + r * H;
+    const float* xr = a.x + (off + r) * I;
+    for (int64_t f = 0; f < F; f += 16) {
+      __m512 v = _mm512_setzero_ps();
+      if (f < H) {
+        v = mk::load_f32(hp + f, mk::lanes(H - f));
+        if (f + 16 > H) {  // the group straddles h | x
+          const int64_t nh = H - f;
+          const __mmask16 mx = __mmask16(mk::lanes(std::min<int64_t>(16, nh + I)) & ~mk::lanes(nh));
+          v = _mm512_mask_loadu_ps(v, mx, xr - nh);
+        }
+      } else if (f < H + I) {
+        v = mk::load_f32(xr + f - H, mk::lanes(H + I - f));
+      }
+      _mm512_store_ps(ws.hx + ((f / mk::kNR) * a.rows_max + k) * mk::kNR + f % mk::kNR, v);
     }
   }
 }
@@ -203,30 +322,64 @@ void forward_bf16(const ForwardArgs& a, bool train, int64_t w0, int64_t w1) {
     forward_loop<true, false>(a, w0, w1);
 }
 
+void forward_amx(const ForwardArgs& a, bool train, int64_t w0, int64_t w1) {
+  if (train)
+    forward_loop_amx<true>(a, w0, w1);
+  else
+    forward_loop_amx<false>(a, w0, w1);
+}
+
 void backward_f32(const BackwardArgs& a, int64_t w0, int64_t w1) {
   const Steps& st = a.steps;
-  const int64_t R = a.grid.R, C = a.grid.C, H = st.H;
-  const int64_t np = (H + mk::kNR - 1) / mk::kNR;  // dh column panels; pointwise units follow them
+  const int64_t R = a.grid.R, C = a.grid.C, H = st.H, G = 4 * H;
+  const int64_t F = H + a.I, Fp = (F + mk::kNR - 1) / mk::kNR * mk::kNR;
+  const int64_t np = Fp / mk::kNR;                   // [dh, dx] column panels
+  const int64_t nh = (H + mk::kNR - 1) / mk::kNR;    // of which hold dh; pointwise units follow them
   for (int64_t s = st.T - 1; s >= 0; --s) {
     const int64_t t = st.reverse ? st.T - 1 - s : s;
     const int64_t b = st.batch_sizes[t], off = st.offsets[t];
+    if (a.scratch != nullptr) {  // C == 1: whole rows per worker, weight gradients fused
+      for (int64_t w = w0; w < w1; ++w) {
+        const int64_t rg = w;
+        const WorkerScratch& ws = a.scratch[rg];
+        if (b <= rg) continue;
+        const int64_t n = (b - rg + R - 1) / R;
+        gather_hx(a, ws, t, off, rg, R, n, Fp);
+        for (int64_t k0 = 0; k0 < n; k0 += mk::kMR) {
+          const int64_t mr = std::min<int64_t>(mk::kMR, n - k0);
+          for (int64_t k = k0; k < k0 + mr; ++k) {
+            const int64_t r = rg + R * k;
+            pointwise_row(a, t, r, off + r, ws.dg + k * G, ws.dbias, 0, H);
+          }
+          grad_state_tiles(a, ws.dg + k0 * G, G, off, rg + R * k0, mr, R, 0, np);
+        }
+        grad_weights_step(ws, G, Fp, a.rows_max, n);
+      }
+      continue;
+    }
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t rg = w / C, cg = w % C;
-      const int64_t p0 = split(np, C, cg), p1 = split(np, C, cg + 1);
-      const int64_t u0 = p0 * mk::kNR, u1 = std::min(H, p1 * mk::kNR);
+      const int64_t q0 = split(nh, C, cg), q1 = split(nh, C, cg + 1);
+      const int64_t u0 = q0 * mk::kNR, u1 = std::min(H, q1 * mk::kNR);
       for_each_row_block(b, rg, R, [&](int64_t r0, int64_t mr) {
-        backward_pointwise(a, t, off, r0, mr, R, u0, u1);
-        // With one column group this worker wrote every unit of these rows: multiply right away,
-        // while the rows are in L1.
-        if (C == 1) backward_tiles(a, off, r0, mr, R, p0, p1);
+        for (int64_t i = 0; i < mr; ++i) {
+          const int64_t r = r0 + i * R;
+          pointwise_row(a, t, r, off + r, a.dgates + (off + r) * G, nullptr, u0, u1);
+        }
       });
     }
-    if (C == 1) continue;
     a.barrier->arrive_and_wait(w1 - w0);
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t rg = w / C, cg = w % C;
-      const int64_t p0 = split(np, C, cg), p1 = split(np, C, cg + 1);
-      for_each_row_block(b, rg, R, [&](int64_t r0, int64_t mr) { backward_tiles(a, off, r0, mr, R, p0, p1); });
+      // dh panels follow the pointwise split (a worker reads back only the dh it wrote); the dx
+      // panels after them are split the same way.
+      const int64_t p0 = split(nh, C, cg), p1 = split(nh, C, cg + 1);
+      const int64_t x0 = nh + split(np - nh, C, cg), x1 = nh + split(np - nh, C, cg + 1);
+      for_each_row_block(b, rg, R, [&](int64_t r0, int64_t mr) {
+        const float* dg = a.dgates + (off + r0) * G;
+        grad_state_tiles(a, dg, R * G, off, r0, mr, R, p0, p1);
+        grad_state_tiles(a, dg, R * G, off, r0, mr, R, x0, x1);
+      });
     }
   }
 }
@@ -240,6 +393,7 @@ void backward_f32(const BackwardArgs& a, int64_t w0, int64_t w1) {
 namespace bigmodel::lstm::fast {
 void forward_f32(const ForwardArgs&, bool, int64_t, int64_t) { TORCH_INTERNAL_ASSERT(false); }
 void forward_bf16(const ForwardArgs&, bool, int64_t, int64_t) { TORCH_INTERNAL_ASSERT(false); }
+void forward_amx(const ForwardArgs&, bool, int64_t, int64_t) { TORCH_INTERNAL_ASSERT(false); }
 void backward_f32(const BackwardArgs&, int64_t, int64_t) { TORCH_INTERNAL_ASSERT(false); }
 }  // namespace bigmodel::lstm::fast
 

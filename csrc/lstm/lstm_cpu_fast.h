@@ -49,16 +49,33 @@ struct ForwardArgs {
   SpinBarrier* barrier = nullptr;  // needed when grid.C > 1
 };
 
+// Per-worker scratch of the backward pass with fused weight gradients (grid.C == 1).
+struct WorkerScratch {
+  float* dg = nullptr;     // [rows_max, 4H] this step's dgates of the worker's rows
+  float* hx = nullptr;     // [F / 64, rows_max, 64] [h_{t-1}, x_t] of those rows as B panels, F = H + I padded
+  float* dw = nullptr;     // [4H, F] running sum of dgates^T [h_{t-1}, x_t]: grad [W_hh, W_ih]
+  float* dbias = nullptr;  // [4H] running sum of dgates
+};
+
 struct BackwardArgs {
   Steps steps;
-  const float* panels = nullptr;  // W_hh packed as a [4H, H] B matrix, contiguous columns
+  int64_t I = 0;
+  const float* panels = nullptr;  // [W_hh, W_ih] as a [4H, H + I] B matrix, contiguous columns
   const float* gates = nullptr;   // [N, 4H] activated
   const float* cells = nullptr;   // [N, H]
   const float* c0 = nullptr;      // [B, H] sorted rows
+  const float* h0 = nullptr;      // [B, H] sorted rows
+  const float* hout = nullptr;    // [N, H] forward output, packed
+  const float* x = nullptr;       // [N, I] input, packed
   const float* grad_out = nullptr;  // [N, H] packed, or nullptr
   float* dh = nullptr;            // [B, H] running, starts as grad_h_n, ends as grad_h0
   float* dc = nullptr;            // [B, H] running, starts as grad_c_n, ends as grad_c0
-  float* dgates = nullptr;        // [N, 4H]
+  float* dx = nullptr;            // [N, I] grad_input, packed
+  // Weight gradients: fused (scratch != nullptr, grid.C == 1), or left to time-batched GEMMs over
+  // dgates [N, 4H] after the loop (grid.C > 1: a worker does not own whole rows of dgates).
+  WorkerScratch* scratch = nullptr;  // [R]
+  int64_t rows_max = 0;
+  float* dgates = nullptr;
   Grid grid;
   SpinBarrier* barrier = nullptr;
 };
@@ -67,5 +84,10 @@ struct BackwardArgs {
 void forward_f32(const ForwardArgs& a, bool train, int64_t w0, int64_t w1);
 void forward_bf16(const ForwardArgs& a, bool train, int64_t w0, int64_t w1);
 void backward_f32(const BackwardArgs& a, int64_t w0, int64_t w1);
+
+// bf16 on AMX tiles: blocks of kAmxRows rows. Kh and Kx must be multiples of 32, and x and both h
+// buffers must hold kAmxRows * R readable rows past their last (the tiles load whole blocks).
+constexpr int64_t kAmxRows = 16;
+void forward_amx(const ForwardArgs& a, bool train, int64_t w0, int64_t w1);
 
 }  // namespace bigmodel::lstm::fast

@@ -73,13 +73,18 @@ def test_matches_reference(device, cpu_kernel, dtype, size, has_lengths, reverse
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("B", [1, 7, 29, 64])
+@pytest.mark.parametrize(
+    "T,B,IN,H",
+    [(9, 1, 10, 37), (9, 7, 10, 37), (9, 29, 10, 37), (9, 64, 10, 37), (3, 40, 300, 300)],
+    ids=["B1", "B7", "B29", "B64", "weights-past-L2"],
+)
 @pytest.mark.parametrize("reverse", [False, True])
-def test_work_splits_match_reference(cpu_kernel, threads, B, reverse):
-    """The CPU time loop splits batch rows and hidden units over threads (one barrier per step when
-    units are split): every split gives the reference's outputs and gradients, with lengths."""
+def test_work_splits_match_reference(cpu_kernel, threads, T, B, IN, H, reverse):
+    """The CPU time loop splits batch rows (no synchronisation) or, for small batches and for
+    weights larger than a core's L2, hidden units (one barrier per step) over threads: every split
+    gives the reference's outputs and gradients, with lengths."""
     args, lengths = make_args(
-        9, B, 10, 37, 0, proj=False, bias=True, has_lengths=True, dtype=torch.float32, device="cpu"
+        T, B, IN, H, 0, proj=False, bias=True, has_lengths=True, dtype=torch.float32, device="cpu"
     )
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -27,6 +27,7 @@
 
 #define BM_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
 #define BM_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma")))
+#define BM_AMX __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma,amx-tile,amx-bf16")))
 #define BM_ALWAYS_INLINE inline __attribute__((always_inline))
 
 namespace bigmodel::gemm::avx512 {
@@ -84,6 +85,44 @@ BM_AVX512_BF16 BM_ALWAYS_INLINE void tile_bf16(const uint16_t* a, int64_t lda, i
   }
 }
 
+// The same product with A(r, k) = a[r * lda + k * kstride]: A read transposed in place, as a weight
+// gradient reads dgates^T.
+template <int MR>
+BM_AVX512 BM_ALWAYS_INLINE void tile_f32_kstrided(const float* a, int64_t lda, int64_t kstride, int64_t K,
+                                                  const float* panel, __m512 (&acc)[MR][4]) {
+  for (int64_t k = 0; k < K; ++k) {
+    const float* w = panel + k * kNR;
+    const float* ak = a + k * kstride;
+    const __m512 w0 = _mm512_load_ps(w), w1 = _mm512_load_ps(w + 16);
+    const __m512 w2 = _mm512_load_ps(w + 32), w3 = _mm512_load_ps(w + 48);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512 av = _mm512_set1_ps(ak[r * lda]);
+      acc[r][0] = _mm512_fmadd_ps(av, w0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(av, w1, acc[r][1]);
+      acc[r][2] = _mm512_fmadd_ps(av, w2, acc[r][2]);
+      acc[r][3] = _mm512_fmadd_ps(av, w3, acc[r][3]);
+    }
+  }
+}
+
+// Loads / stores a tile from / to rows of 64 floats at stride ldc (an accumulating C kept in memory).
+template <int MR>
+BM_AVX512 BM_ALWAYS_INLINE void load_tile(const float* c, int64_t ldc, __m512 (&acc)[MR][4]) {
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_loadu_ps(c + r * ldc + 16 * j);
+}
+
+template <int MR>
+BM_AVX512 BM_ALWAYS_INLINE void store_tile(const __m512 (&acc)[MR][4], float* c, int64_t ldc) {
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(c + r * ldc + 16 * j, acc[r][j]);
+}
+
 // Spills a tile to an L1 buffer [MR][64]: epilogues that need many temporaries per row run from
 // there instead of holding 24 accumulators in registers.
 template <int MR>
@@ -92,6 +131,63 @@ BM_AVX512 BM_ALWAYS_INLINE void store_tile(const __m512 (&acc)[MR][4], float (*o
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) _mm512_store_ps(out[r] + 16 * j, acc[r][j]);
+}
+
+// ---- AMX (Sapphire Rapids and later): bf16 tiles of 16 rows x 32 k, 1024 FMAs per instruction ----
+//
+// The same bf16 panels serve AMX: a B tile (16 k pairs x 16 columns) is 16 rows of 64 bytes at a
+// stride of 256 bytes inside a panel, so K must be a multiple of 32 per part (callers zero-pad).
+// Tile registers are per thread: each worker loads the configuration before its first tile and
+// releases it after its last (amx_configure / _tile_release).
+
+struct alignas(64) AmxConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// tmm0-3: float32 accumulators of 16 rows x 16 columns (one per 16-column quarter of a panel);
+// tmm4: A (16 rows x 32 bf16); tmm5, tmm6: B (16 k pairs x 16 columns x 2), alternating.
+BM_AMX inline void amx_configure() {
+  AmxConfig cfg;
+  for (int t = 0; t < 7; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// acc tiles += A[16 rows at byte stride a_stride, 32 * kc32 k] x panel (K = 32 * kc32 of it).
+BM_AMX BM_ALWAYS_INLINE void amx_panel(const uint16_t* a, int64_t a_stride, int64_t kc32, const uint16_t* panel) {
+  for (int64_t kc = 0; kc < kc32; ++kc) {
+    _tile_loadd(4, a + 32 * kc, a_stride);
+    const uint16_t* b = panel + kc * 16 * (2 * kNR);
+    _tile_loadd(5, b, 4 * kNR);
+    _tile_dpbf16ps(0, 4, 5);
+    _tile_loadd(6, b + 32, 4 * kNR);
+    _tile_dpbf16ps(1, 4, 6);
+    _tile_loadd(5, b + 64, 4 * kNR);
+    _tile_dpbf16ps(2, 4, 5);
+    _tile_loadd(6, b + 96, 4 * kNR);
+    _tile_dpbf16ps(3, 4, 6);
+  }
+}
+
+BM_AMX BM_ALWAYS_INLINE void amx_zero() {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+}
+
+// The four accumulators to an L1 buffer [16][64].
+BM_AMX BM_ALWAYS_INLINE void amx_store(float (*out)[kNR]) {
+  _tile_stored(0, out[0], 4 * kNR);
+  _tile_stored(1, out[0] + 16, 4 * kNR);
+  _tile_stored(2, out[0] + 32, 4 * kNR);
+  _tile_stored(3, out[0] + 48, 4 * kNR);
 }
 
 // ---- vector math for epilogues ----

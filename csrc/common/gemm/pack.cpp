@@ -7,6 +7,11 @@
 #include <cstdlib>
 #include <cstring>
 
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include "common/gemm/microkernel.h"
 
 namespace bigmodel::gemm {
@@ -87,6 +92,17 @@ bool has_avx512() {
 bool has_avx512_bf16() {
 #ifdef BIGMODEL_HAS_AVX512_KERNELS
   static const bool ok = has_avx512() && __builtin_cpu_supports("avx512bf16");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+bool has_amx_bf16() {
+#if defined(BIGMODEL_HAS_AVX512_KERNELS) && defined(__linux__)
+  // Linux hands out the 8 KiB tile state only on request (ARCH_REQ_XCOMP_PERM for XTILEDATA).
+  static const bool ok = has_avx512_bf16() && __builtin_cpu_supports("amx-tile") &&
+                         __builtin_cpu_supports("amx-bf16") && syscall(SYS_arch_prctl, 0x1023, 18) == 0;
   return ok;
 #else
   return false;

@@ -34,6 +34,8 @@ namespace cpu {
 // The CPU has AVX-512 F/BW/DQ/VL (and AVX512-BF16) and this build has the kernels.
 bool has_avx512();
 bool has_avx512_bf16();
+// AMX-BF16 tiles, with the kernel's permission to use them granted to this process.
+bool has_amx_bf16();
 // BIGMODEL_CPU_KERNEL=generic forces the ATen-BLAS fallback path (for tests and A/B measurements);
 // unset or "auto" uses the micro-kernels where the CPU has them.
 bool microkernels_enabled();
