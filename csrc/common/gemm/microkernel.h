@@ -192,20 +192,26 @@ BM_AMX BM_ALWAYS_INLINE void amx_store(float (*out)[kNR]) {
 
 // ---- vector math for epilogues ----
 
-// e^x for x in [-87, 88] (callers clamp): Cody-Waite reduction by ln 2, a degree-6 Taylor polynomial
-// on |r| <= ln2/2 (truncation error < 1e-7 relative), and the exponent put back by vscalefps.
-BM_AVX512 BM_ALWAYS_INLINE __m512 exp_ps(__m512 x) {
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+// e^(s x) for s = -1 or -2 (the only exponents the LSTM's gates need), |s x| <= 87 (callers clamp).
+// s x = n ln2 + r with n = round(s x / ln2); then r = s (x - n ln2 / s) = s t, and e^r is a degree-6
+// Taylor polynomial in r (|r| <= ln2/2: truncation error < 1e-7 relative) written as a polynomial
+// in t with the powers of s folded into its coefficients, so neither s x nor r is ever formed.
+// A single float ln2 in the FMA leaves |r| error below n * 2e-9; vscalefps puts the exponent back
+// and underflows to 0 for very negative s x.
+template <int S>
+BM_AVX512 BM_ALWAYS_INLINE __m512 exp_scaled_ps(__m512 x) {
+  static_assert(S == -1 || S == -2);
+  constexpr float s = S;
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(s * 1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606820309417232e-06f), r);
-  __m512 p = _mm512_set1_ps(1.f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  const __m512 t = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147180559945309f / s), x);
+  __m512 p = _mm512_set1_ps(s * s * s * s * s * s / 720);
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(s * s * s * s * s / 120));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(s * s * s * s / 24));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(s * s * s / 6));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(s * s / 2));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(s));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.f));
   return _mm512_scalef_ps(p, n);
 }
 
@@ -215,15 +221,18 @@ BM_AVX512 BM_ALWAYS_INLINE __m512 recip_ps(__m512 d) {
   return _mm512_mul_ps(y, _mm512_fnmadd_ps(d, y, _mm512_set1_ps(2.f)));
 }
 
-// 1 / (1 + e^-x). |x| is clamped to 80: sigmoid(+-80) is 1 and 1.8e-35 in float32 already.
+// 1 / (1 + e^-x). x >= -80 (clamped): e^80 is finite, and sigmoid(-80) is 1.8e-35 already; large
+// positive x underflows e^-x to 0 and gives exactly 1.
 BM_AVX512 BM_ALWAYS_INLINE __m512 sigmoid_ps(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-80.f)), _mm512_set1_ps(80.f));
-  return recip_ps(_mm512_add_ps(_mm512_set1_ps(1.f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+  x = _mm512_max_ps(x, _mm512_set1_ps(-80.f));
+  return recip_ps(_mm512_add_ps(_mm512_set1_ps(1.f), exp_scaled_ps<-1>(x)));
 }
 
-// tanh(x) = 2 sigmoid(2x) - 1: absolute error at float32 rounding level.
+// tanh(x) = 2 / (1 + e^-2x) - 1: absolute error at float32 rounding level. x >= -40 (clamped).
 BM_AVX512 BM_ALWAYS_INLINE __m512 tanh_ps(__m512 x) {
-  return _mm512_fmsub_ps(_mm512_set1_ps(2.f), sigmoid_ps(_mm512_add_ps(x, x)), _mm512_set1_ps(1.f));
+  x = _mm512_max_ps(x, _mm512_set1_ps(-40.f));
+  const __m512 sig2 = recip_ps(_mm512_add_ps(_mm512_set1_ps(1.f), exp_scaled_ps<-2>(x)));
+  return _mm512_fmsub_ps(_mm512_set1_ps(2.f), sig2, _mm512_set1_ps(1.f));
 }
 
 // ---- masked loads and stores of 16 lanes (n < 16 touches only the first n) ----
