@@ -374,9 +374,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fast(
   Tensor x = to_packed(input, p, st);
   if (Kx != d.I || slack > 0) x = at::constant_pad_nd(x, {0, Kx - d.I, 0, slack});
   // B = [W_hh, 0, W_ih, 0] as [4H, Kh + Kx]: one tile multiplies [h_{t-1}, x_t] by both weights.
-  Tensor w = at::cat({w_hh.to(st), at::zeros({G, Kh - d.H}, st), w_ih.to(st), at::zeros({G, Kx - d.I}, st)}, 1);
-  const gemm::ColumnMap cols = gemm::gate_grouped_columns(d.H);
-  Tensor panels = bf16 ? gemm::pack_bf16(w, true, cols) : gemm::pack_f32(w, true, cols);
+  // Cache kind: kq (1 float32, 2 bf16 pairs, 32 AMX); 0 is the backward packing.
+  Tensor panels = gemm::cached_pack({w_hh, w_ih}, kq, [&] {
+    Tensor w = at::cat({w_hh.to(st), at::zeros({G, Kh - d.H}, st), w_ih.to(st), at::zeros({G, Kx - d.I}, st)}, 1);
+    const gemm::ColumnMap cols = gemm::gate_grouped_columns(d.H);
+    return bf16 ? gemm::pack_bf16(w, true, cols) : gemm::pack_f32(w, true, cols);
+  });
   Tensor bias = d.bias ? (b_ih->to(at::kFloat) + b_hh->to(at::kFloat)).contiguous() : Tensor();
   Tensor h = at::zeros({2, d.B + slack, Kh}, st);
   Tensor h0s = rows_sorted(h0, p, st);
@@ -440,7 +443,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   Tensor dc = grad_c_n.has_value() ? rows_sorted(*grad_c_n, p, f32) : at::zeros({d.B, H}, f32);
   Tensor dx = pooled_empty({p.N, d.I}, f32);
   // dgates [W_hh, W_ih] gives [dh_{t-1}, dx_t] in one tile pass.
-  Tensor panels = gemm::pack_f32(at::cat({w_hh.to(f32), w_ih.to(f32)}, 1), false, gemm::contiguous_columns(F));
+  Tensor panels = gemm::cached_pack({w_hh, w_ih}, /*kind=*/0, [&] {
+    return gemm::pack_f32(at::cat({w_hh.to(f32), w_ih.to(f32)}, 1), false, gemm::contiguous_columns(F));
+  });
 
   fast::BackwardArgs a;
   a.steps = steps_of(p, d, reverse);

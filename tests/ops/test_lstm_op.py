@@ -260,3 +260,32 @@ def test_cpu_op_restores_floating_point_mode():
     out, h_n, c_n = lstm_layer(*args, lengths, True)
     (out.sum() + h_n.sum()).backward()
     assert (tiny * 1.0).ne(0).all(), "denormals are flushed after the op: the caller's FP mode leaked"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_weight_cache_sees_every_update(cpu_kernel, dtype):
+    """The CPU op caches its packed weights across calls; any change of their contents, including
+    one through .data (which bumps no version counter) and a new tensor of the same shape, must
+    give the new weights' result."""
+    args, _ = make_args(
+        5, 8, 6, 9, 0, proj=False, bias=True, has_lengths=False, dtype=dtype, device="cpu",
+        requires_grad=False,
+    )
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, _ = args
+
+    def check():
+        out = lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, None)
+        ref = lstm_layer_reference(
+            *[a.double() for a in (x, h0, c0, w_ih, w_hh, b_ih, b_hh)], None
+        )
+        tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.05, rtol=0.05)
+        for o, r in zip(out, ref, strict=True):
+            torch.testing.assert_close(o.double(), r, **tol)
+
+    check()
+    w_hh.data.mul_(-1.5)  # no version bump
+    check()
+    w_ih.add_(0.25)
+    check()
+    w_hh = torch.flip(w_hh, [0]).contiguous()  # new tensor, same shape
+    check()

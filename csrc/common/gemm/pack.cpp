@@ -5,7 +5,9 @@
 #include <c10/util/BFloat16.h>
 
 #include <cstdlib>
+#include <algorithm>
 #include <cstring>
+#include <mutex>
 
 #if defined(__linux__)
 #include <sys/syscall.h>
@@ -35,7 +37,8 @@ ColumnMap gate_grouped_columns(int64_t H) {
 
 namespace {
 
-// Calls put(panel, k, c, value) for every panel element from a float view of src.
+// Calls put(panel, k, c, value) for every nonzero panel element from a float view of src, reading
+// src along its rows.
 template <typename F>
 void for_each_packed(const at::Tensor& src, bool src_is_nk, const ColumnMap& cols, const F& put) {
   const at::Tensor s = src.to(at::kFloat).contiguous();
@@ -44,16 +47,92 @@ void for_each_packed(const at::Tensor& src, bool src_is_nk, const ColumnMap& col
   const int64_t ld = s.size(1);
   const int64_t np = int64_t(cols.size()) / kPanel;
   at::parallel_for(0, np, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p)
-      for (int64_t k = 0; k < K; ++k)
+    for (int64_t p = p0; p < p1; ++p) {
+      if (src_is_nk) {  // column n of B is row n of src
         for (int64_t c = 0; c < kPanel; ++c) {
           const int64_t n = cols[p * kPanel + c];
-          put(p, k, c, n < 0 ? 0.f : (src_is_nk ? sp[n * ld + k] : sp[k * ld + n]));
+          if (n >= 0)
+            for (int64_t k = 0; k < K; ++k) put(p, k, c, sp[n * ld + k]);
         }
+      } else {
+        for (int64_t k = 0; k < K; ++k)
+          for (int64_t c = 0; c < kPanel; ++c) {
+            const int64_t n = cols[p * kPanel + c];
+            if (n >= 0) put(p, k, c, sp[k * ld + n]);
+          }
+      }
+    }
   });
 }
 
+// A 64-bit digest of a tensor's bytes (position-dependent multiply-add over 8-byte words; the
+// loop vectorizes). Reading the weights costs ~1% of packing them.
+uint64_t digest(const at::Tensor& t) {
+  const at::Tensor c = t.contiguous();
+  const size_t bytes = c.numel() * c.element_size();
+  const unsigned char* p = static_cast<const unsigned char*>(c.const_data_ptr());
+  const size_t words = bytes / 8;
+  uint64_t acc = 0x9E3779B97F4A7C15ull ^ bytes;
+  for (size_t i = 0; i < words; ++i) {
+    uint64_t w;
+    std::memcpy(&w, p + 8 * i, 8);
+    acc += (w ^ (i * 0x9E3779B97F4A7C15ull)) * 0xBF58476D1CE4E5B9ull;
+  }
+  for (size_t i = 8 * words; i < bytes; ++i) acc = acc * 31 + p[i];
+  return acc;
+}
+
+struct CacheKey {
+  int64_t kind = 0;
+  std::vector<std::vector<int64_t>> sizes;
+  std::vector<at::ScalarType> dtypes;
+  std::vector<uint64_t> digests;
+  bool operator==(const CacheKey&) const = default;
+};
+
+CacheKey key_of(const std::vector<at::Tensor>& sources, int64_t kind) {
+  CacheKey k;
+  k.kind = kind;
+  for (const at::Tensor& t : sources) {
+    k.sizes.emplace_back(t.sizes().begin(), t.sizes().end());
+    k.dtypes.push_back(t.scalar_type());
+    k.digests.push_back(digest(t));
+  }
+  return k;
+}
+
+struct CacheEntry {
+  CacheKey key;
+  at::Tensor packed;
+  uint64_t last_use = 0;
+};
+
 }  // namespace
+
+at::Tensor cached_pack(const std::vector<at::Tensor>& sources, int64_t kind, const std::function<at::Tensor()>& make) {
+  static std::mutex mu;
+  static std::vector<CacheEntry> entries;
+  static uint64_t clock = 0;
+  CacheKey key = key_of(sources, kind);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    for (CacheEntry& e : entries)
+      if (e.key == key) {
+        e.last_use = ++clock;
+        return e.packed;
+      }
+  }
+  at::Tensor packed = make();
+  std::lock_guard<std::mutex> lock(mu);
+  constexpr size_t kMaxEntries = 16;
+  if (entries.size() >= kMaxEntries) {
+    auto oldest = std::min_element(entries.begin(), entries.end(),
+                                   [](const CacheEntry& a, const CacheEntry& b) { return a.last_use < b.last_use; });
+    entries.erase(oldest);
+  }
+  entries.push_back({std::move(key), packed, ++clock});
+  return packed;
+}
 
 at::Tensor pack_f32(const at::Tensor& src, bool src_is_nk, const ColumnMap& cols) {
   const int64_t K = src_is_nk ? src.size(1) : src.size(0);

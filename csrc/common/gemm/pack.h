@@ -9,6 +9,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 namespace bigmodel::gemm {
@@ -29,6 +30,13 @@ ColumnMap gate_grouped_columns(int64_t H);
 // src is a contiguous 2-D float32, float64 or bfloat16 tensor.
 at::Tensor pack_f32(const at::Tensor& src, bool src_is_nk, const ColumnMap& cols);
 at::Tensor pack_bf16(const at::Tensor& src, bool src_is_nk, const ColumnMap& cols);
+
+// The packed form of weights, cached across calls: `make()` runs only when no entry has the same
+// `kind` (which packing) and sources of the same shapes, dtypes and contents. Contents are compared
+// through a 64-bit digest of their bytes, not through identity or version counters: an update
+// through `.data` or a fresh tensor at a reused address can never hit a stale entry, and reading
+// the weights costs ~1% of packing them. At most 16 entries, least recently used first out.
+at::Tensor cached_pack(const std::vector<at::Tensor>& sources, int64_t kind, const std::function<at::Tensor()>& make);
 
 namespace cpu {
 // The CPU has AVX-512 F/BW/DQ/VL (and AVX512-BF16) and this build has the kernels.
