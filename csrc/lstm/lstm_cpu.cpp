@@ -310,14 +310,14 @@ int64_t l2_budget() {
 // Row groups where possible: batch rows need no synchronisation, but every row group streams all
 // `stream_bytes` of the packed weights each step. Column groups (one barrier per step) split the
 // weights instead: used when the weights do not fit a worker's L2 (the whole step would stream
-// from L3), or when the batch is too small to give every thread two row blocks. Column groups need
+// from L3), or when the batch is too small to give every thread a row block. Column groups need
 // at::parallel_for to run its invocations concurrently (OpenMP); elsewhere a barrier could wait on
 // a queued task, so there the grid is rows only.
 fast::Grid choose_grid(int64_t B, int64_t col_panels, int64_t stream_bytes, int64_t block_rows = 6) {
   const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
   const int64_t row_blocks = (B + block_rows - 1) / block_rows;
   fast::Grid g;
-  g.R = std::max<int64_t>(1, std::min(nt, row_blocks / 2));
+  g.R = std::max<int64_t>(1, std::min(nt, row_blocks));
 #if AT_PARALLEL_OPENMP
   while (g.R > 1 && stream_bytes > l2_budget()) {  // trade row groups for column groups
     g.R = (g.R + 1) / 2;
@@ -467,19 +467,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   const int64_t panel_bytes = G * Fp * int64_t(sizeof(float));
   a.grid = choose_grid(d.B, (H + gemm::kPanel - 1) / gemm::kPanel, panel_bytes);
   const bool fused = a.grid.C == 1;
-  const int64_t R = a.grid.R, rows_max = (d.B + R - 1) / R;
+  const int64_t R = a.grid.R, rows_step = (d.B + R - 1) / R;
+  const int64_t rows_cap = rows_step * std::max<int64_t>(1, (32 + rows_step - 1) / rows_step);
   Tensor dg_s, hx_s, dw_s, dbias_s, dgates;
   std::vector<fast::WorkerScratch> scratch;
   if (fused) {
-    dg_s = at::empty({R, rows_max, G}, f32);
-    hx_s = at::empty({R, Fp / gemm::kPanel, rows_max, gemm::kPanel}, f32);
+    dg_s = at::empty({R, rows_cap, G}, f32);
+    hx_s = at::empty({R, Fp / gemm::kPanel, rows_cap, gemm::kPanel}, f32);
     dw_s = at::zeros({R, G, Fp}, f32);
     dbias_s = at::zeros({R, G}, f32);
     for (int64_t r = 0; r < R; ++r)
       scratch.push_back({dg_s[r].data_ptr<float>(), hx_s[r].data_ptr<float>(), dw_s[r].data_ptr<float>(),
                          dbias_s[r].data_ptr<float>()});
     a.scratch = scratch.data();
-    a.rows_max = rows_max;
+    a.rows_step = rows_step;
+    a.rows_cap = rows_cap;
   } else {
     dgates = pooled_empty({p.N, G}, f32);
     a.dgates = dgates.data_ptr<float>();

@@ -254,35 +254,36 @@ void grad_state_tiles(const BackwardArgs& a, const float* dg, int64_t lda, int64
 // dw[m0 .. m0 + MR, 64 p ..] += dg[0 .. n, m0 ..]^T hx[p][0 .. n]: a weight-gradient tile, with the
 // worker's n rows of this step as K.
 template <int MR>
-BM_AVX512 void grad_weight_tile(const WorkerScratch& ws, int64_t G, int64_t F, int64_t rows_max, int64_t n,
+BM_AVX512 void grad_weight_tile(const WorkerScratch& ws, int64_t G, int64_t F, int64_t rows_cap, int64_t n,
                                 int64_t m0, int64_t p) {
   __m512 acc[MR][4];
   float* c = ws.dw + m0 * F + p * mk::kNR;
   mk::load_tile<MR>(c, F, acc);
-  mk::tile_f32_kstrided<MR>(ws.dg + m0, 1, G, n, ws.hx + p * rows_max * mk::kNR, acc);
+  mk::tile_f32_kstrided<MR>(ws.dg + m0, 1, G, n, ws.hx + p * rows_cap * mk::kNR, acc);
   mk::store_tile<MR>(acc, c, F);
 }
 
-BM_AVX512 void grad_weights_step(const WorkerScratch& ws, int64_t G, int64_t F, int64_t rows_max, int64_t n) {
+BM_AVX512 void grad_weights_update(const WorkerScratch& ws, int64_t G, int64_t F, int64_t rows_cap, int64_t n) {
   const int64_t np = F / mk::kNR;
   for (int64_t m0 = 0; m0 < G; m0 += mk::kMR) {
     const int64_t mr = std::min<int64_t>(mk::kMR, G - m0);
     for (int64_t p = 0; p < np; ++p) {
       switch (mr) {
-        case 1: grad_weight_tile<1>(ws, G, F, rows_max, n, m0, p); break;
-        case 2: grad_weight_tile<2>(ws, G, F, rows_max, n, m0, p); break;
-        case 3: grad_weight_tile<3>(ws, G, F, rows_max, n, m0, p); break;
-        case 4: grad_weight_tile<4>(ws, G, F, rows_max, n, m0, p); break;
-        case 5: grad_weight_tile<5>(ws, G, F, rows_max, n, m0, p); break;
-        default: grad_weight_tile<6>(ws, G, F, rows_max, n, m0, p); break;
+        case 1: grad_weight_tile<1>(ws, G, F, rows_cap, n, m0, p); break;
+        case 2: grad_weight_tile<2>(ws, G, F, rows_cap, n, m0, p); break;
+        case 3: grad_weight_tile<3>(ws, G, F, rows_cap, n, m0, p); break;
+        case 4: grad_weight_tile<4>(ws, G, F, rows_cap, n, m0, p); break;
+        case 5: grad_weight_tile<5>(ws, G, F, rows_cap, n, m0, p); break;
+        default: grad_weight_tile<6>(ws, G, F, rows_cap, n, m0, p); break;
       }
     }
   }
 }
 
-// [h_{t-1}, x_t] of the worker's rows (k = 0 .. n) as B panels: hx[p][k][c] = feature 64 p + c.
+// [h_{t-1}, x_t] of the worker's rows (k = 0 .. n) as B panels from scratch row k0: hx[p][k0 + k][c]
+// = feature 64 p + c.
 BM_AVX512 void gather_hx(const BackwardArgs& a, const WorkerScratch& ws, int64_t t, int64_t off, int64_t rg,
-                         int64_t R, int64_t n, int64_t F) {
+                         int64_t R, int64_t n, int64_t F, int64_t k0) {
   const int64_t H = a.steps.H, I = a.I;
   for (int64_t k = 0; k < n; ++k) {
     const int64_t r = rg + R * k;
@@ -301,7 +302,7 @@ BM_AVX512 void gather_hx(const BackwardArgs& a, const WorkerScratch& ws, int64_t
       } else if (f < H + I) {
         v = mk::load_f32(xr + f - H, mk::lanes(H + I - f));
       }
-      _mm512_store_ps(ws.hx + ((f / mk::kNR) * a.rows_max + k) * mk::kNR + f % mk::kNR, v);
+      _mm512_store_ps(ws.hx + ((f / mk::kNR) * a.rows_cap + k0 + k) * mk::kNR + f % mk::kNR, v);
     }
   }
 }
@@ -341,19 +342,24 @@ void backward_f32(const BackwardArgs& a, int64_t w0, int64_t w1) {
     if (a.scratch != nullptr) {  // C == 1: whole rows per worker, weight gradients fused
       for (int64_t w = w0; w < w1; ++w) {
         const int64_t rg = w;
-        const WorkerScratch& ws = a.scratch[rg];
+        WorkerScratch& ws = a.scratch[rg];
         if (b <= rg) continue;
         const int64_t n = (b - rg + R - 1) / R;
-        gather_hx(a, ws, t, off, rg, R, n, Fp);
+        if (ws.pending + a.rows_step > a.rows_cap) {
+          grad_weights_update(ws, G, Fp, a.rows_cap, ws.pending);
+          ws.pending = 0;
+        }
+        const int64_t kb = ws.pending;  // this step's first scratch row
+        gather_hx(a, ws, t, off, rg, R, n, Fp, kb);
         for (int64_t k0 = 0; k0 < n; k0 += mk::kMR) {
           const int64_t mr = std::min<int64_t>(mk::kMR, n - k0);
           for (int64_t k = k0; k < k0 + mr; ++k) {
             const int64_t r = rg + R * k;
-            pointwise_row(a, t, r, off + r, ws.dg + k * G, ws.dbias, 0, H);
+            pointwise_row(a, t, r, off + r, ws.dg + (kb + k) * G, ws.dbias, 0, H);
           }
-          grad_state_tiles(a, ws.dg + k0 * G, G, off, rg + R * k0, mr, R, 0, np);
+          grad_state_tiles(a, ws.dg + (kb + k0) * G, G, off, rg + R * k0, mr, R, 0, np);
         }
-        grad_weights_step(ws, G, Fp, a.rows_max, n);
+        ws.pending += n;
       }
       continue;
     }
@@ -382,6 +388,12 @@ void backward_f32(const BackwardArgs& a, int64_t w0, int64_t w1) {
       });
     }
   }
+  if (a.scratch != nullptr)
+    for (int64_t w = w0; w < w1; ++w) {
+      WorkerScratch& ws = a.scratch[w];
+      if (ws.pending > 0) grad_weights_update(ws, G, Fp, a.rows_cap, ws.pending);
+      ws.pending = 0;
+    }
 }
 
 }  // namespace bigmodel::lstm::fast
