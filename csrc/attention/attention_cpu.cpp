@@ -29,9 +29,11 @@
 #include <vector>
 
 #include "attention/attention.h"
+#include "attention/attention_cpu_fast.h"
 #include "common/checks.h"
 #include "common/denormals.h"
 #include "common/gemm/blas.h"
+#include "common/gemm/pack.h"
 
 namespace bigmodel::attention {
 namespace {
@@ -382,6 +384,36 @@ Tensor lengths_int64(const std::optional<Tensor>& key_lengths) {
   return key_lengths.has_value() ? key_lengths->to(at::kLong).contiguous() : Tensor();
 }
 
+// The micro-kernel path: float32 compute, head dims it has tiles for, no general mask, no dropout.
+bool use_fast_path(const Dims& d, at::ScalarType ct, const Tensor& mask, const Dropout& dropout) {
+  return ct == at::kFloat && !mask.defined() && !dropout.active() && fast::supports(d.d, d.dv) &&
+         gemm::cpu::has_avx512() && gemm::cpu::microkernels_enabled();
+}
+
+fast::Problem fast_problem(const Dims& d, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& lengths,
+                           bool is_causal, std::optional<double> scale) {
+  fast::Problem p;
+  p.B = d.B;
+  p.Hq = d.Hq;
+  p.Hkv = d.Hkv;
+  p.Lq = d.Lq;
+  p.Lk = d.Lk;
+  p.d = d.d;
+  p.dv = d.dv;
+  p.scale = static_cast<float>(scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(d.d)));
+  p.causal = is_causal;
+  p.q = q.const_data_ptr<float>();
+  p.k = k.const_data_ptr<float>();
+  p.v = v.const_data_ptr<float>();
+  for (int i = 0; i < 3; ++i) {
+    p.qs[i] = q.stride(i);
+    p.ks[i] = k.stride(i);
+    p.vs[i] = v.stride(i);
+  }
+  p.lengths = lengths.defined() ? lengths.const_data_ptr<int64_t>() : nullptr;
+  return p;
+}
+
 std::tuple<Tensor, Tensor> attention_cpu(const Tensor& query, const Tensor& key, const Tensor& value,
                                          const std::optional<Tensor>& attn_mask,
                                          const std::optional<Tensor>& key_lengths, bool is_causal,
@@ -395,6 +427,14 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& query, const Tensor& key,
   const Tensor lengths = lengths_int64(key_lengths), mask = additive_mask(attn_mask, d, ct);
   Tensor out = at::empty({d.B, d.Hq, d.Lq, d.dv}, q.options());
   Tensor lse = at::empty({d.B, d.Hq, d.Lq}, q.options());
+  if (use_fast_path(d, ct, mask, dropout)) {
+    const fast::Problem fp = fast_problem(d, q, k, v, lengths, is_causal, scale);
+    const int64_t tasks = d.B * d.Hq * ((d.Lq + fast::kBlockQ - 1) / fast::kBlockQ);
+    float* o = out.data_ptr<float>();
+    float* ls = lse.data_ptr<float>();
+    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) { fast::forward(fp, t0, t1, o, ls); });
+    return {out.to(query.scalar_type()), lse};
+  }
   AT_DISPATCH_FLOATING_TYPES(ct, "bigmodel.attention", [&] {
     forward<scalar_t>(make_problem<scalar_t>(d, q, k, v, lengths, mask, is_causal, scale, dropout), out.data_ptr<scalar_t>(),
                       lse.data_ptr<scalar_t>());

@@ -106,6 +106,24 @@ BM_AVX512 BM_ALWAYS_INLINE void tile_f32_kstrided(const float* a, int64_t lda, i
   }
 }
 
+// acc[r][j] += sum_k A[r, k] * B[k, 16 j .. 16 j + 15] for an unpacked B (rows at stride ldb, NV * 16
+// columns each): attention's P V with V read in place, NV = dv / 16.
+template <int MR, int NV>
+BM_AVX512 BM_ALWAYS_INLINE void tile_f32_rows(const float* a, int64_t lda, int64_t K, const float* b, int64_t ldb,
+                                              __m512 (&acc)[MR][NV]) {
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 w[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) w[j] = _mm512_loadu_ps(b + k * ldb + 16 * j);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512 av = _mm512_set1_ps(a[r * lda + k]);
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_fmadd_ps(av, w[j], acc[r][j]);
+    }
+  }
+}
+
 // Loads / stores a tile from / to rows of 64 floats at stride ldc (an accumulating C kept in memory).
 template <int MR>
 BM_AVX512 BM_ALWAYS_INLINE void load_tile(const float* c, int64_t ldc, __m512 (&acc)[MR][4]) {
@@ -192,7 +210,8 @@ BM_AMX BM_ALWAYS_INLINE void amx_store(float (*out)[kNR]) {
 
 // ---- vector math for epilogues ----
 
-// e^(s x) for s = -1 or -2 (the only exponents the LSTM's gates need), |s x| <= 87 (callers clamp).
+// e^(s x) for s = 1, -1 or -2 (the LSTM's gates need e^-x and e^-2x, softmax e^x), |s x| <= 87
+// (callers clamp).
 // s x = n ln2 + r with n = round(s x / ln2); then r = s (x - n ln2 / s) = s t, and e^r is a degree-6
 // Taylor polynomial in r (|r| <= ln2/2: truncation error < 1e-7 relative) written as a polynomial
 // in t with the powers of s folded into its coefficients, so neither s x nor r is ever formed.
@@ -200,7 +219,7 @@ BM_AMX BM_ALWAYS_INLINE void amx_store(float (*out)[kNR]) {
 // and underflows to 0 for very negative s x.
 template <int S>
 BM_AVX512 BM_ALWAYS_INLINE __m512 exp_scaled_ps(__m512 x) {
-  static_assert(S == -1 || S == -2);
+  static_assert(S == 1 || S == -1 || S == -2);
   constexpr float s = S;
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(s * 1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);

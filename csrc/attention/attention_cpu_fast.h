@@ -1,0 +1,35 @@
+// Attention on the GEMM core's AVX-512 micro-kernels (attention_cpu_fast.cpp), used by
+// attention_cpu.cpp for float32 compute when the CPU has AVX-512, head dims d and dv are multiples
+// of 16 up to 64, and there is no attn_mask and no dropout (causal and key_lengths are fine).
+//
+// Forward. A task is one (batch, query head, block of query rows); it packs its kv head's K^T (times
+// scale) into 64-key panels once and reuses them while consecutive tasks share the head. Each group
+// of 6 query rows walks the 64-key blocks it can see: S = Q K^T is one register tile, the online
+// softmax (row max, exp, row sum, rescale) runs on it in registers, and P V multiplies the tile,
+// spilled to L1, by V read in place. Nothing of size L x L, or even 6 x L, is written.
+#pragma once
+
+#include <cstdint>
+
+namespace bigmodel::attention::fast {
+
+struct Problem {
+  int64_t B = 0, Hq = 0, Hkv = 0, Lq = 0, Lk = 0, d = 0, dv = 0;
+  float scale = 1.f;
+  bool causal = false;
+  const float* q = nullptr;  // rows of d floats at strides qs over (batch, head, row)
+  const float* k = nullptr;
+  const float* v = nullptr;
+  int64_t qs[3] = {}, ks[3] = {}, vs[3] = {};
+  const int64_t* lengths = nullptr;  // [B] or nullptr
+};
+
+// Whether the fast path handles these head dims.
+inline bool supports(int64_t d, int64_t dv) { return d % 16 == 0 && dv % 16 == 0 && d >= 16 && dv >= 16 && d <= 64 && dv <= 64; }
+
+constexpr int64_t kBlockQ = 96;  // query rows per forward task
+
+// Forward tasks [t0, t1) of B * Hq * ceil(Lq / kBlockQ): out [B, Hq, Lq, dv], lse [B, Hq, Lq].
+void forward(const Problem& p, int64_t t0, int64_t t1, float* out, float* lse);
+
+}  // namespace bigmodel::attention::fast
