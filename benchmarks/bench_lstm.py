@@ -22,7 +22,7 @@ SHAPES = [
     ("small", 128, 16, 128, 128, 1, False),
     ("2L-bidir", 256, 32, 256, 256, 2, True),
 ]
-MODES = ["forward", "train", "varlen-train"]
+MODES = ["forward", "train", "varlen-train", "forward-bf16"]
 IMPLS = ["native", "bigmodel"]
 
 
@@ -39,7 +39,7 @@ def _make(impl, shape, device):
 
 def _step(impl, mode, model, x, lengths):
     params = list(model.parameters())
-    if mode == "forward":
+    if mode in ("forward", "forward-bf16"):
 
         def fn():
             with torch.no_grad():
@@ -84,10 +84,13 @@ def test_lstm(benchmark, quick, device, timed, shape, mode, impl):
     g = torch.Generator().manual_seed(1)
     # In training the input requires grad, as in the seed classifier where an Embedding feeds the
     # LSTM: both sides must compute the input gradient.
-    x = torch.randn(T, B, IN, generator=g).to(device).requires_grad_(mode != "forward")
+    x = torch.randn(T, B, IN, generator=g).to(device).requires_grad_(not mode.startswith("forward"))
+    if mode == "forward-bf16":  # bf16 module and input on both sides
+        model = model.bfloat16()
+        x = x.bfloat16()
     lengths = torch.randint(1, T + 1, (B,), generator=g)  # on the CPU, as pack_padded_sequence wants
     fn = timed(_step(impl, mode, model, x, lengths))
-    slow = mode != "forward"
+    slow = not mode.startswith("forward")
     rounds = (3 if slow else 5) if quick else (7 if slow else 15)
     benchmark.extra_info.update(
         op="lstm",

@@ -472,9 +472,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   Tensor dg_s, hx_s, dw_s, dbias_s, dgates;
   std::vector<fast::WorkerScratch> scratch;
   if (fused) {
-    dg_s = at::empty({R, rows_cap, G}, f32);
-    hx_s = at::empty({R, Fp / gemm::kPanel, rows_cap, gemm::kPanel}, f32);
-    dw_s = at::zeros({R, G, Fp}, f32);
+    // From bigmodel's buffer cache: fresh multi-MiB allocations would page-fault on every call.
+    dg_s = pooled_empty({R, rows_cap, G}, f32);
+    hx_s = pooled_empty({R, Fp / gemm::kPanel, rows_cap, gemm::kPanel}, f32);
+    dw_s = pooled_empty({R, G, Fp}, f32).zero_();
     dbias_s = at::zeros({R, G}, f32);
     for (int64_t r = 0; r < R; ++r)
       scratch.push_back({dg_s[r].data_ptr<float>(), hx_s[r].data_ptr<float>(), dw_s[r].data_ptr<float>(),
