@@ -461,6 +461,19 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cpu(
   const Tensor lengths = lengths_int64(key_lengths), mask = additive_mask(attn_mask, d, ct);
   Tensor gq = at::zeros(q.sizes(), q.options()), gk = at::zeros(k.sizes(), k.options());
   Tensor gv = at::zeros(v.sizes(), v.options());
+  if (use_fast_path(d, ct, mask, dropout)) {
+    const fast::Problem fp = fast_problem(d, q, k, v, lengths, is_causal, scale);
+    fast::Grads g;
+    g.grad_out = go.const_data_ptr<float>();
+    g.lse = lse.const_data_ptr<float>();
+    g.delta = delta.const_data_ptr<float>();
+    g.gq = gq.data_ptr<float>();
+    g.gk = gk.data_ptr<float>();
+    g.gv = gv.data_ptr<float>();
+    at::parallel_for(0, d.B * d.Hkv, 1, [&](int64_t t0, int64_t t1) { fast::backward(fp, g, t0, t1); });
+    const auto st = query.scalar_type();
+    return {gq.to(st), gk.to(st), gv.to(st)};
+  }
   AT_DISPATCH_FLOATING_TYPES(ct, "bigmodel.attention_backward", [&] {
     using T = scalar_t;
     backward<T>(make_problem<T>(d, q, k, v, lengths, mask, is_causal, scale, dropout), go.const_data_ptr<T>(),

@@ -17,15 +17,21 @@ namespace mk = bigmodel::gemm::avx512;
 constexpr int64_t kKeys = mk::kNR;  // keys per block: one panel
 constexpr int kRows = mk::kMR;      // query rows per register tile
 
-// scale * K^T of keys [0, n) as panels [ceil(n / 64)][d][64], zero past n.
-void pack_keys(const Problem& p, const float* k, int64_t n, float* panels) {
+// scale * X^T of rows [0, n) of X (rows of `dim` floats at stride ld) as panels [ceil(n / 64)][dim][64],
+// zero past n: K^T (times scale) for S = Q K^T, and V^T for backward's dP = dO V^T.
+void pack_transposed(const float* x, int64_t ld, int64_t n, int64_t dim, float scale, float* panels) {
   const int64_t nb = (n + kKeys - 1) / kKeys;
-  std::fill(panels, panels + nb * p.d * kKeys, 0.f);
+  std::fill(panels, panels + nb * dim * kKeys, 0.f);
   for (int64_t j = 0; j < n; ++j) {
-    const float* kr = k + j * p.ks[2];
-    float* dst = panels + (j / kKeys) * p.d * kKeys + j % kKeys;
-    for (int64_t c = 0; c < p.d; ++c) dst[c * kKeys] = p.scale * kr[c];
+    const float* xr = x + j * ld;
+    float* dst = panels + (j / kKeys) * dim * kKeys + j % kKeys;
+    for (int64_t c = 0; c < dim; ++c) dst[c * kKeys] = scale * xr[c];
   }
+}
+
+float* aligned(std::vector<float>& storage, int64_t n) {
+  storage.resize(n + 16);
+  return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(storage.data()) + 63) & ~uintptr_t(63));
 }
 
 // One group of MR query rows (rows i0 .. i0 + MR) against keys [0, kend): online softmax, P V.
@@ -129,15 +135,15 @@ void row_group_any(int mr, const Problem& p, const float* q, const float* kp, co
 void forward(const Problem& p, int64_t t0, int64_t t1, float* out, float* lse) {
   const int64_t nqb = (p.Lq + kBlockQ - 1) / kBlockQ, group = p.Hq / p.Hkv;
   const int64_t nkb = (p.Lk + kKeys - 1) / kKeys;
-  std::vector<float> storage(nkb * p.d * kKeys + 16);
-  float* kpanels = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(storage.data()) + 63) & ~uintptr_t(63));
+  std::vector<float> storage;
+  float* kpanels = aligned(storage, nkb * p.d * kKeys);
   int64_t packed_b = -1, packed_hk = -1;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t b = t / (p.Hq * nqb), h = (t / nqb) % p.Hq, i0 = (t % nqb) * kBlockQ;
     const int64_t hk = h / group, nq = std::min(kBlockQ, p.Lq - i0);
     const int64_t valid = p.lengths ? p.lengths[b] : p.Lk;
     if (b != packed_b || hk != packed_hk) {
-      pack_keys(p, p.k + b * p.ks[0] + hk * p.ks[1], valid, kpanels);
+      pack_transposed(p.k + b * p.ks[0] + hk * p.ks[1], p.ks[2], valid, p.d, p.scale, kpanels);
       packed_b = b;
       packed_hk = hk;
     }
@@ -164,14 +170,183 @@ void forward(const Problem& p, int64_t t0, int64_t t1, float* out, float* lse) {
   }
 }
 
+// ---- backward ----
+
+namespace {
+
+constexpr int64_t kBwdRows = 48;  // query rows whose P and dS are kept for one dK / dV update
+
+
+// MR query rows against one 64-key block: P and dS (scaled) into pt / dst (rows of 64), then
+// dQ[rows] += dS K_block.
+template <int MR, int NVD>
+BM_AVX512 void bwd_rows(const Problem& p, const float* q, const float* go, const float* lse, const float* delta,
+                        const float* kpan, const float* vpan, const float* kblock, int64_t j0, int64_t nk,
+                        const int64_t* limit, float (*pt)[kKeys], float (*dst)[kKeys], float* gq) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  __m512 s[MR][4];
+  mk::zero_tile<MR>(s);
+  mk::tile_f32<MR>(q, p.qs[2], p.d, kpan, s);
+  int64_t min_limit = limit[0];
+  for (int r = 1; r < MR; ++r) min_limit = std::min(min_limit, limit[r]);
+  const bool edge = j0 + kKeys > min_limit;
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    if (lse[r] == ninf) {  // a row with no visible key: no gradient
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) _mm512_store_ps(pt[r] + 16 * c, _mm512_setzero_ps());
+      continue;
+    }
+    const __m512 shift = _mm512_set1_ps(lse[r]);
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) {
+      const __m512 x = _mm512_max_ps(_mm512_sub_ps(s[r][c], shift), _mm512_set1_ps(-87.f));
+      __m512 e = mk::exp_scaled_ps<1>(x);
+      if (edge) e = _mm512_maskz_mov_ps(mk::lanes(std::max<int64_t>(0, std::min<int64_t>(16, limit[r] - j0 - 16 * c))), e);
+      _mm512_store_ps(pt[r] + 16 * c, e);
+    }
+  }
+  __m512 dp[MR][4];
+  mk::zero_tile<MR>(dp);
+  mk::tile_f32<MR>(go, p.dv, p.dv, vpan, dp);
+  const __m512 sc = _mm512_set1_ps(p.scale);
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    const __m512 dl = _mm512_set1_ps(delta[r]);
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c)
+      _mm512_store_ps(dst[r] + 16 * c,
+                      _mm512_mul_ps(_mm512_mul_ps(_mm512_load_ps(pt[r] + 16 * c), _mm512_sub_ps(dp[r][c], dl)), sc));
+  }
+  __m512 acc[MR][NVD];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < NVD; ++c) acc[r][c] = _mm512_loadu_ps(gq + r * p.d + 16 * c);
+  mk::tile_f32_rows<MR, NVD>(dst[0], kKeys, nk, kblock, p.ks[2], acc);
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < NVD; ++c) _mm512_storeu_ps(gq + r * p.d + 16 * c, acc[r][c]);
+}
+
+// out[keys m0 .. m0 + MR][NV * 16] += A^T B over nq query rows: A = pt or dst (rows of 64, read
+// transposed), B = dO or Q rows at stride ldb.
+template <int MR, int NV>
+BM_AVX512 void bwd_kv_tile(const float* a, int64_t m0, int64_t nq, const float* b, int64_t ldb, float* out,
+                           int64_t ldo) {
+  __m512 acc[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_loadu_ps(out + (m0 + r) * ldo + 16 * c);
+  mk::tile_f32_rows<MR, NV>(a + m0, 1, nq, b, ldb, acc, kKeys);
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(out + (m0 + r) * ldo + 16 * c, acc[r][c]);
+}
+
+template <int NV>
+void bwd_kv(const float* a, int64_t nk, int64_t nq, const float* b, int64_t ldb, float* out, int64_t ldo) {
+  for (int64_t m0 = 0; m0 < nk; m0 += kRows) {
+    switch (std::min<int64_t>(kRows, nk - m0)) {
+      case 1: bwd_kv_tile<1, NV>(a, m0, nq, b, ldb, out, ldo); break;
+      case 2: bwd_kv_tile<2, NV>(a, m0, nq, b, ldb, out, ldo); break;
+      case 3: bwd_kv_tile<3, NV>(a, m0, nq, b, ldb, out, ldo); break;
+      case 4: bwd_kv_tile<4, NV>(a, m0, nq, b, ldb, out, ldo); break;
+      case 5: bwd_kv_tile<5, NV>(a, m0, nq, b, ldb, out, ldo); break;
+      default: bwd_kv_tile<6, NV>(a, m0, nq, b, ldb, out, ldo); break;
+    }
+  }
+}
+
+void bwd_kv_any(int64_t nv, const float* a, int64_t nk, int64_t nq, const float* b, int64_t ldb, float* out,
+                int64_t ldo) {
+  switch (nv) {
+    case 1: bwd_kv<1>(a, nk, nq, b, ldb, out, ldo); break;
+    case 2: bwd_kv<2>(a, nk, nq, b, ldb, out, ldo); break;
+    case 3: bwd_kv<3>(a, nk, nq, b, ldb, out, ldo); break;
+    default: bwd_kv<4>(a, nk, nq, b, ldb, out, ldo); break;
+  }
+}
+
+template <int NVD>
+void bwd_rows_any(int mr, const Problem& p, const float* q, const float* go, const float* lse, const float* delta,
+                  const float* kpan, const float* vpan, const float* kblock, int64_t j0, int64_t nk,
+                  const int64_t* limit, float (*pt)[kKeys], float (*dst)[kKeys], float* gq) {
+  switch (mr) {
+    case 1: bwd_rows<1, NVD>(p, q, go, lse, delta, kpan, vpan, kblock, j0, nk, limit, pt, dst, gq); break;
+    case 2: bwd_rows<2, NVD>(p, q, go, lse, delta, kpan, vpan, kblock, j0, nk, limit, pt, dst, gq); break;
+    case 3: bwd_rows<3, NVD>(p, q, go, lse, delta, kpan, vpan, kblock, j0, nk, limit, pt, dst, gq); break;
+    case 4: bwd_rows<4, NVD>(p, q, go, lse, delta, kpan, vpan, kblock, j0, nk, limit, pt, dst, gq); break;
+    case 5: bwd_rows<5, NVD>(p, q, go, lse, delta, kpan, vpan, kblock, j0, nk, limit, pt, dst, gq); break;
+    default: bwd_rows<6, NVD>(p, q, go, lse, delta, kpan, vpan, kblock, j0, nk, limit, pt, dst, gq); break;
+  }
+}
+
+}  // namespace
+
+void backward(const Problem& p, const Grads& g, int64_t t0, int64_t t1) {
+  const int64_t group = p.Hq / p.Hkv, nkb = (p.Lk + kKeys - 1) / kKeys;
+  std::vector<float> ks, vs, ps, ds;
+  float* kpanels = aligned(ks, nkb * p.d * kKeys);
+  float* vpanels = aligned(vs, nkb * p.dv * kKeys);
+  float (*pt)[kKeys] = reinterpret_cast<float (*)[kKeys]>(aligned(ps, kBwdRows * kKeys));
+  float (*dst)[kKeys] = reinterpret_cast<float (*)[kKeys]>(aligned(ds, kBwdRows * kKeys));
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t b = t / p.Hkv, hk = t % p.Hkv;
+    const int64_t valid = p.lengths ? p.lengths[b] : p.Lk;
+    const float* kb = p.k + b * p.ks[0] + hk * p.ks[1];
+    const float* vb = p.v + b * p.vs[0] + hk * p.vs[1];
+    pack_transposed(kb, p.ks[2], valid, p.d, p.scale, kpanels);
+    pack_transposed(vb, p.vs[2], valid, p.dv, 1.f, vpanels);
+    float* gk = g.gk + (b * p.Hkv + hk) * p.Lk * p.d;
+    float* gv = g.gv + (b * p.Hkv + hk) * p.Lk * p.dv;
+    for (int64_t j0 = 0; j0 < valid; j0 += kKeys) {
+      const int64_t nk = std::min(kKeys, valid - j0);
+      const float* kpan = kpanels + (j0 / kKeys) * p.d * kKeys;
+      const float* vpan = vpanels + (j0 / kKeys) * p.dv * kKeys;
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+        const int64_t row0 = (b * p.Hq + h) * p.Lq;
+        const float* qh = p.q + b * p.qs[0] + h * p.qs[1];
+        for (int64_t i0 = p.causal ? j0 : 0; i0 < p.Lq; i0 += kBwdRows) {  // causal: rows < j0 see none
+          const int64_t nq = std::min(kBwdRows, p.Lq - i0);
+          for (int64_t r0 = i0; r0 < i0 + nq; r0 += kRows) {
+            const int mr = int(std::min<int64_t>(kRows, i0 + nq - r0));
+            int64_t limit[kRows];
+            for (int r = 0; r < mr; ++r) limit[r] = p.causal ? std::min(valid, r0 + r + 1) : valid;
+            const float* q = qh + r0 * p.qs[2];
+            const float* go = g.grad_out + (row0 + r0) * p.dv;
+            float* gq = g.gq + (row0 + r0) * p.d;
+            float (*ptr)[kKeys] = pt + (r0 - i0);
+            float (*dsr)[kKeys] = dst + (r0 - i0);
+            switch (p.d / 16) {
+              case 1: bwd_rows_any<1>(mr, p, q, go, g.lse + row0 + r0, g.delta + row0 + r0, kpan, vpan, kb + j0 * p.ks[2], j0, nk, limit, ptr, dsr, gq); break;
+              case 2: bwd_rows_any<2>(mr, p, q, go, g.lse + row0 + r0, g.delta + row0 + r0, kpan, vpan, kb + j0 * p.ks[2], j0, nk, limit, ptr, dsr, gq); break;
+              case 3: bwd_rows_any<3>(mr, p, q, go, g.lse + row0 + r0, g.delta + row0 + r0, kpan, vpan, kb + j0 * p.ks[2], j0, nk, limit, ptr, dsr, gq); break;
+              default: bwd_rows_any<4>(mr, p, q, go, g.lse + row0 + r0, g.delta + row0 + r0, kpan, vpan, kb + j0 * p.ks[2], j0, nk, limit, ptr, dsr, gq); break;
+            }
+          }
+          // dV[block] += P^T dO, dK[block] += dS^T Q over these rows.
+          bwd_kv_any(p.dv / 16, pt[0], nk, nq, g.grad_out + (row0 + i0) * p.dv, p.dv, gv + j0 * p.dv, p.dv);
+          bwd_kv_any(p.d / 16, dst[0], nk, nq, qh + i0 * p.qs[2], p.qs[2], gk + j0 * p.d, p.d);
+        }
+      }
+    }
+  }
+}
+
 }  // namespace bigmodel::attention::fast
 
 #else
+
 
 #include <c10/util/Exception.h>
 
 namespace bigmodel::attention::fast {
 void forward(const Problem&, int64_t, int64_t, float*, float*) { TORCH_INTERNAL_ASSERT(false); }
+void backward(const Problem&, const Grads&, int64_t, int64_t) { TORCH_INTERNAL_ASSERT(false); }
 }  // namespace bigmodel::attention::fast
 
 #endif

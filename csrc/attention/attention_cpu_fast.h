@@ -7,6 +7,7 @@
 // of 6 query rows walks the 64-key blocks it can see: S = Q K^T is one register tile, the online
 // softmax (row max, exp, row sum, rescale) runs on it in registers, and P V multiplies the tile,
 // spilled to L1, by V read in place. Nothing of size L x L, or even 6 x L, is written.
+// Backward: see backward() below.
 #pragma once
 
 #include <cstdint>
@@ -31,5 +32,19 @@ constexpr int64_t kBlockQ = 96;  // query rows per forward task
 
 // Forward tasks [t0, t1) of B * Hq * ceil(Lq / kBlockQ): out [B, Hq, Lq, dv], lse [B, Hq, Lq].
 void forward(const Problem& p, int64_t t0, int64_t t1, float* out, float* lse);
+
+struct Grads {
+  const float* grad_out = nullptr;  // [B, Hq, Lq, dv] contiguous
+  const float* lse = nullptr;       // [B, Hq, Lq]
+  const float* delta = nullptr;     // [B, Hq, Lq]: rowsum(grad_out * out)
+  float* gq = nullptr;              // [B, Hq, Lq, d] contiguous, zero on entry
+  float* gk = nullptr;              // [B, Hkv, Lk, d] contiguous, zero on entry
+  float* gv = nullptr;              // [B, Hkv, Lk, dv] contiguous, zero on entry
+};
+
+// Backward tasks [t0, t1) of B * Hkv: a task owns one kv head (the only writer of its dK / dV rows
+// and of the dQ rows of its query heads). Per 64-key block and 48 query rows: S and dP = dO V^T as
+// register tiles, P and dS to L1, dQ += dS K per 6 rows, then dV += P^T dO and dK += dS^T Q.
+void backward(const Problem& p, const Grads& g, int64_t t0, int64_t t1);
 
 }  // namespace bigmodel::attention::fast

@@ -24,6 +24,9 @@ SHAPES = [
     (1, 2, 1, 129, 33, 80, 8),
     (3, 2, 2, 300, 300, 8, 16),
     (2, 4, 2, 260, 520, 16, 8),  # several query and key blocks, GQA
+    # the CPU tile kernels (head dims multiples of 16 up to 64): partial row groups and key blocks
+    (2, 4, 2, 131, 200, 64, 64),
+    (1, 2, 2, 97, 67, 48, 32),
 ]
 
 
@@ -57,7 +60,7 @@ def native(q, k, v, **kw):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}Hq{}Hkv{}Lq{}Lk{}d{}dv{}".format(*s))
 @pytest.mark.parametrize("is_causal", [False, True])
-def test_matches_native(device, dtype, shape, is_causal):
+def test_matches_native(device, cpu_kernel, dtype, shape, is_causal):
     q, k, v = qkv(*shape, dtype=dtype, device=device)
     out, lse = attention(q, k, v, is_causal=is_causal)
     ref = native(q, k, v, is_causal=is_causal)
@@ -70,7 +73,7 @@ def test_matches_native(device, dtype, shape, is_causal):
 
 
 @pytest.mark.parametrize("is_causal", [False, True])
-def test_key_lengths_match_bool_mask(device, is_causal):
+def test_key_lengths_match_bool_mask(device, cpu_kernel, is_causal):
     B, H, L, d = 4, 2, 300, 16  # several key blocks: padded ones are skipped
     q, k, v = qkv(B, H, H, L, L, d, d, device=device)
     lengths = torch.tensor([300, 1, 257, 128], device=device)

@@ -107,17 +107,19 @@ BM_AVX512 BM_ALWAYS_INLINE void tile_f32_kstrided(const float* a, int64_t lda, i
 }
 
 // acc[r][j] += sum_k A[r, k] * B[k, 16 j .. 16 j + 15] for an unpacked B (rows at stride ldb, NV * 16
-// columns each): attention's P V with V read in place, NV = dv / 16.
+// columns each), A(r, k) = a[r * lda + k * kstride]: attention's P V with V read in place
+// (NV = dv / 16), and its backward's P^T dO and dS^T Q (A read transposed, kstride = row length).
 template <int MR, int NV>
 BM_AVX512 BM_ALWAYS_INLINE void tile_f32_rows(const float* a, int64_t lda, int64_t K, const float* b, int64_t ldb,
-                                              __m512 (&acc)[MR][NV]) {
+                                              __m512 (&acc)[MR][NV], int64_t kstride = 1) {
   for (int64_t k = 0; k < K; ++k) {
     __m512 w[NV];
 #pragma GCC unroll 4
     for (int j = 0; j < NV; ++j) w[j] = _mm512_loadu_ps(b + k * ldb + 16 * j);
+    const float* ak = a + k * kstride;
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      const __m512 av = _mm512_set1_ps(a[r * lda + k]);
+      const __m512 av = _mm512_set1_ps(ak[r * lda]);
 #pragma GCC unroll 4
       for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_fmadd_ps(av, w[j], acc[r][j]);
     }
