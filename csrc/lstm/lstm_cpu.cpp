@@ -376,9 +376,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fast(
   // B = [W_hh, 0, W_ih, 0] as [4H, Kh + Kx]: one tile multiplies [h_{t-1}, x_t] by both weights.
   // Cache kind: kq (1 float32, 2 bf16 pairs, 32 AMX); 0 is the backward packing.
   Tensor panels = gemm::cached_pack({w_hh, w_ih}, kq, [&] {
-    Tensor w = at::cat({w_hh.to(st), at::zeros({G, Kh - d.H}, st), w_ih.to(st), at::zeros({G, Kx - d.I}, st)}, 1);
     const gemm::ColumnMap cols = gemm::gate_grouped_columns(d.H);
-    return bf16 ? gemm::pack_bf16(w, true, cols) : gemm::pack_f32(w, true, cols);
+    if (!bf16) {  // K rows: h's H, then x's I
+      Tensor out = at::zeros({int64_t(cols.size()) / gemm::kPanel, Kh + Kx, gemm::kPanel}, at::kFloat);
+      gemm::pack_f32_into(out.data_ptr<float>(), Kh + Kx, 0, w_hh, true, cols);
+      gemm::pack_f32_into(out.data_ptr<float>(), Kh + Kx, Kh, w_ih, true, cols);
+      return out;
+    }
+    Tensor w = at::cat({w_hh.to(st), at::zeros({G, Kh - d.H}, st), w_ih.to(st), at::zeros({G, Kx - d.I}, st)}, 1);
+    return gemm::pack_bf16(w, true, cols);
   });
   Tensor bias = d.bias ? (b_ih->to(at::kFloat) + b_hh->to(at::kFloat)).contiguous() : Tensor();
   Tensor h = at::zeros({2, d.B + slack, Kh}, st);
@@ -444,7 +450,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   Tensor dx = pooled_empty({p.N, d.I}, f32);
   // dgates [W_hh, W_ih] gives [dh_{t-1}, dx_t] in one tile pass.
   Tensor panels = gemm::cached_pack({w_hh, w_ih}, /*kind=*/0, [&] {
-    return gemm::pack_f32(at::cat({w_hh.to(f32), w_ih.to(f32)}, 1), false, gemm::contiguous_columns(F));
+    // Columns 0..H-1 from W_hh, H..H+I-1 from W_ih.
+    const gemm::ColumnMap all = gemm::contiguous_columns(F);
+    gemm::ColumnMap from_hh(all.size(), -1), from_ih(all.size(), -1);
+    for (size_t c = 0; c < all.size(); ++c) {
+      if (all[c] >= 0 && all[c] < H) from_hh[c] = all[c];
+      if (all[c] >= H) from_ih[c] = all[c] - H;
+    }
+    Tensor out = at::zeros({int64_t(all.size()) / gemm::kPanel, G, gemm::kPanel}, f32);
+    gemm::pack_f32_into(out.data_ptr<float>(), G, 0, w_hh, false, from_hh);
+    gemm::pack_f32_into(out.data_ptr<float>(), G, 0, w_ih, false, from_ih);
+    return out;
   });
 
   fast::BackwardArgs a;
@@ -468,14 +484,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   a.grid = choose_grid(d.B, (H + gemm::kPanel - 1) / gemm::kPanel, panel_bytes);
   const bool fused = a.grid.C == 1;
   const int64_t R = a.grid.R, rows_step = (d.B + R - 1) / R;
-  const int64_t rows_cap = rows_step * std::max<int64_t>(1, (32 + rows_step - 1) / rows_step);
+  // Updates run when the next step's rows would not fit: with 96 rows of room each update has K >= 64
+  // whatever the batch (shrinking batches of short sequences included), and the scratch stays in L2.
+  const int64_t rows_cap = std::max<int64_t>(rows_step, 96);
   Tensor dg_s, hx_s, dw_s, dbias_s, dgates;
   std::vector<fast::WorkerScratch> scratch;
   if (fused) {
     // From bigmodel's buffer cache: fresh multi-MiB allocations would page-fault on every call.
     dg_s = pooled_empty({R, rows_cap, G}, f32);
     hx_s = pooled_empty({R, Fp / gemm::kPanel, rows_cap, gemm::kPanel}, f32);
-    dw_s = pooled_empty({R, G, Fp}, f32).zero_();
+    dw_s = pooled_empty({R, G, Fp}, f32);  // each worker's first update stores
     dbias_s = at::zeros({R, G}, f32);
     for (int64_t r = 0; r < R; ++r)
       scratch.push_back({dg_s[r].data_ptr<float>(), hx_s[r].data_ptr<float>(), dw_s[r].data_ptr<float>(),
@@ -492,11 +510,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   run_grid(a.grid, [&](int64_t w0, int64_t w1) { fast::backward_f32(a, w0, w1); });
 
   Tensor dw_hh, dw_ih, dbias;
-  if (fused) {
-    Tensor dw = dw_s.sum(0);
-    dw_hh = dw.narrow(1, 0, H);
-    dw_ih = dw.narrow(1, H, d.I);
-    dbias = dbias_s.sum(0);
+  if (fused) {  // sum the row groups' partial sums straight into the two contiguous gradients
+    for (int64_t r = 0; r < R; ++r)
+      if (scratch[r].fresh) dw_s[r].zero_();  // a row group that never had a row
+    auto reduce = [&](int64_t begin, int64_t len) {
+      Tensor out = dw_s[0].narrow(1, begin, len).clone(at::MemoryFormat::Contiguous);
+      for (int64_t r = 1; r < R; ++r) out.add_(dw_s[r].narrow(1, begin, len));
+      return out;
+    };
+    dw_hh = reduce(0, H);
+    dw_ih = reduce(H, d.I);
+    dbias = R == 1 ? dbias_s[0] : dbias_s.sum(0);
   } else {
     // grad_w = dgates^T [h_{t-1}, x_t] over all rows; h_{t-1} is the previous step's output row or h0.
     Tensor hprev = pooled_empty({p.N, H}, f32);

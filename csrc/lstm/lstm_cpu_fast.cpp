@@ -258,7 +258,10 @@ BM_AVX512 void grad_weight_tile(const WorkerScratch& ws, int64_t G, int64_t F, i
                                 int64_t m0, int64_t p) {
   __m512 acc[MR][4];
   float* c = ws.dw + m0 * F + p * mk::kNR;
-  mk::load_tile<MR>(c, F, acc);
+  if (ws.fresh)
+    mk::zero_tile<MR>(acc);
+  else
+    mk::load_tile<MR>(c, F, acc);
   mk::tile_f32_kstrided<MR>(ws.dg + m0, 1, G, n, ws.hx + p * rows_cap * mk::kNR, acc);
   mk::store_tile<MR>(acc, c, F);
 }
@@ -345,9 +348,10 @@ void backward_f32(const BackwardArgs& a, int64_t w0, int64_t w1) {
         WorkerScratch& ws = a.scratch[rg];
         if (b <= rg) continue;
         const int64_t n = (b - rg + R - 1) / R;
-        if (ws.pending + a.rows_step > a.rows_cap) {
+        if (ws.pending + n > a.rows_cap) {
           grad_weights_update(ws, G, Fp, a.rows_cap, ws.pending);
           ws.pending = 0;
+          ws.fresh = false;
         }
         const int64_t kb = ws.pending;  // this step's first scratch row
         gather_hx(a, ws, t, off, rg, R, n, Fp, kb);
@@ -391,7 +395,10 @@ void backward_f32(const BackwardArgs& a, int64_t w0, int64_t w1) {
   if (a.scratch != nullptr)
     for (int64_t w = w0; w < w1; ++w) {
       WorkerScratch& ws = a.scratch[w];
-      if (ws.pending > 0) grad_weights_update(ws, G, Fp, a.rows_cap, ws.pending);
+      if (ws.pending > 0) {
+        grad_weights_update(ws, G, Fp, a.rows_cap, ws.pending);
+        ws.fresh = false;
+      }
       ws.pending = 0;
     }
 }

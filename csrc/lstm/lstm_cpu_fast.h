@@ -51,14 +51,15 @@ struct ForwardArgs {
 
 // Per-worker scratch of the backward pass with fused weight gradients (grid.C == 1).
 // The dgates and [h_{t-1}, x_t] rows of several steps are collected before each weight-gradient
-// update, so that its K (rows) is >= 32 even for small batches: the update reads and writes the
-// whole [4H, F] sum, which must be paid for by enough FMAs.
+// update, so that its K (rows) is large even for small or shrinking batches: the update reads and
+// writes the whole [4H, F] sum, which must be paid for by enough FMAs.
 struct WorkerScratch {
   float* dg = nullptr;     // [rows_cap, 4H] dgates of the worker's rows of the collected steps
   float* hx = nullptr;     // [F / 64, rows_cap, 64] their [h_{t-1}, x_t] as B panels, F = H + I padded
   float* dw = nullptr;     // [4H, F] running sum of dgates^T [h_{t-1}, x_t]: grad [W_hh, W_ih]
   float* dbias = nullptr;  // [4H] running sum of dgates
   int64_t pending = 0;     // rows collected since the last update
+  bool fresh = true;       // dw and dbias not written yet (the first update stores instead of adding)
 };
 
 struct BackwardArgs {
@@ -79,7 +80,7 @@ struct BackwardArgs {
   // dgates [N, 4H] after the loop (grid.C > 1: a worker does not own whole rows of dgates).
   WorkerScratch* scratch = nullptr;  // [R]
   int64_t rows_step = 0;  // most rows a worker has in one step
-  int64_t rows_cap = 0;   // scratch rows: a multiple of rows_step
+  int64_t rows_cap = 0;   // scratch rows (>= rows_step)
   float* dgates = nullptr;
   Grid grid;
   SpinBarrier* barrier = nullptr;

@@ -6,6 +6,7 @@
 
 #include <cstdlib>
 #include <algorithm>
+#include <climits>
 #include <cstring>
 #include <mutex>
 
@@ -135,13 +136,69 @@ at::Tensor cached_pack(const std::vector<at::Tensor>& sources, int64_t kind, con
   return packed;
 }
 
+namespace {
+
+#ifdef BIGMODEL_HAS_AVX512_KERNELS
+// 16 consecutive source rows n0.. of a [N, K] matrix, transposed into 16 panel columns: one gather
+// per k (the rows advance together; each store is one 64-byte panel row quarter).
+BM_AVX512 void transpose16(const float* src, int64_t ld, int64_t K, float* out) {
+  const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                         _mm512_set1_epi32(int32_t(ld)));
+  for (int64_t k = 0; k < K; ++k) _mm512_storeu_ps(out + k * kPanel, _mm512_i32gather_ps(idx, src + k, 4));
+}
+#endif
+
+}  // namespace
+
+void pack_f32_into(float* out, int64_t K_total, int64_t k0, const at::Tensor& src, bool src_is_nk,
+                   const ColumnMap& cols) {
+  const at::Tensor s = src.to(at::kFloat).contiguous();
+  const float* sp = s.const_data_ptr<float>();
+  const int64_t K = src_is_nk ? s.size(1) : s.size(0);
+  const int64_t ld = s.size(1);
+  const int64_t np = int64_t(cols.size()) / kPanel;
+  // Packing runs on every call whose weights changed (every training step): one thread below about
+  // a MiB, where a thread team costs more than it saves.
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, K * kPanel));
+  at::parallel_for(0, np, grain, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      float* op = out + (p * K_total + k0) * kPanel;
+      const int64_t* cp = cols.data() + p * kPanel;
+      if (src_is_nk) {  // column n of B is row n of src
+        for (int64_t c0 = 0; c0 < kPanel; c0 += 16) {
+          bool run16 = cp[c0] >= 0 && cp[c0] + 15 < s.size(0) && ld <= INT32_MAX / 16;
+          for (int64_t u = 1; run16 && u < 16; ++u) run16 = cp[c0 + u] == cp[c0] + u;
+#ifdef BIGMODEL_HAS_AVX512_KERNELS
+          if (run16 && cpu::has_avx512()) {
+            transpose16(sp + cp[c0] * ld, ld, K, op + c0);
+            continue;
+          }
+#endif
+          for (int64_t c = c0; c < c0 + 16; ++c)
+            if (cp[c] >= 0)
+              for (int64_t k = 0; k < K; ++k) op[k * kPanel + c] = sp[cp[c] * ld + k];
+        }
+      } else {  // row k of B is row k of src: copy runs of consecutive columns
+        for (int64_t c0 = 0; c0 < kPanel;) {
+          if (cp[c0] < 0) {
+            ++c0;
+            continue;
+          }
+          int64_t c1 = c0 + 1;
+          while (c1 < kPanel && cp[c1] == cp[c0] + (c1 - c0)) ++c1;
+          for (int64_t k = 0; k < K; ++k)
+            std::memcpy(op + k * kPanel + c0, sp + k * ld + cp[c0], (c1 - c0) * sizeof(float));
+          c0 = c1;
+        }
+      }
+    }
+  });
+}
+
 at::Tensor pack_f32(const at::Tensor& src, bool src_is_nk, const ColumnMap& cols) {
   const int64_t K = src_is_nk ? src.size(1) : src.size(0);
-  const int64_t np = int64_t(cols.size()) / kPanel;
-  at::Tensor out = at::empty({np, K, kPanel}, at::kFloat);
-  float* o = out.data_ptr<float>();
-  for_each_packed(src, src_is_nk, cols,
-                  [&](int64_t p, int64_t k, int64_t c, float v) { o[(p * K + k) * kPanel + c] = v; });
+  at::Tensor out = at::zeros({int64_t(cols.size()) / kPanel, K, kPanel}, at::kFloat);
+  pack_f32_into(out.data_ptr<float>(), K, 0, src, src_is_nk, cols);
   return out;
 }
 
