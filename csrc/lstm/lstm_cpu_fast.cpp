@@ -106,8 +106,27 @@ BM_AMX void forward_tile_amx(const ForwardArgs& a, int64_t off, int64_t r0, int6
   mk::amx_panel(static_cast<const uint16_t*>(hp) + r0 * Kh, rstride * Kh * 2, Kh / 32, panel);
   mk::amx_panel(static_cast<const uint16_t*>(a.x) + (off + r0) * Kx, rstride * Kx * 2, Kx / 32,
                 panel + Kh * mk::kNR);
-  alignas(64) float tile[kAmxRows][mk::kNR];
+  alignas(64) float tile[16][mk::kNR];
   mk::amx_store(tile);
+  cell_update<true, kTrain>(a, off, r0, mr, rstride, p, tile, hn);
+}
+
+// 17..32 rows: two row blocks share every B tile, half a panel at a time.
+template <bool kTrain>
+BM_AMX void forward_tile_amx2(const ForwardArgs& a, int64_t off, int64_t r0, int64_t mr, int64_t rstride,
+                              int64_t p, const void* hp, void* hn) {
+  const int64_t Kh = a.Kh, Kx = a.Kx;
+  const uint16_t* panel = static_cast<const uint16_t*>(a.panels) + p * (Kh + Kx) * mk::kNR;
+  const uint16_t* h0 = static_cast<const uint16_t*>(hp) + r0 * Kh;
+  const uint16_t* x0 = static_cast<const uint16_t*>(a.x) + (off + r0) * Kx;
+  const int64_t h_next = 16 * rstride * Kh, x_next = 16 * rstride * Kx;  // the second block's first row
+  alignas(64) float tile[2 * 16][mk::kNR];
+  for (int q = 0; q < 4; q += 2) {
+    mk::amx_zero();
+    mk::amx_half_panel2(h0, h0 + h_next, rstride * Kh * 2, Kh / 32, panel, q);
+    mk::amx_half_panel2(x0, x0 + x_next, rstride * Kx * 2, Kx / 32, panel + Kh * mk::kNR, q);
+    mk::amx_store_half2(tile, q);
+  }
   cell_update<true, kTrain>(a, off, r0, mr, rstride, p, tile, hn);
 }
 
@@ -128,7 +147,12 @@ BM_AMX void forward_loop_amx(const ForwardArgs& a, int64_t w0, int64_t w1) {
       for_each_row_block(
           b, rg, R,
           [&](int64_t r0, int64_t mr) {
-            for (int64_t p = p0; p < p1; ++p) forward_tile_amx<kTrain>(a, off, r0, mr, R, p, hp, hn);
+            for (int64_t p = p0; p < p1; ++p) {
+              if (mr > 16)
+                forward_tile_amx2<kTrain>(a, off, r0, mr, R, p, hp, hn);
+              else
+                forward_tile_amx<kTrain>(a, off, r0, mr, R, p, hp, hn);
+            }
           },
           kAmxRows);
     }

@@ -91,9 +91,10 @@ void forward_f32(const ForwardArgs& a, bool train, int64_t w0, int64_t w1);
 void forward_bf16(const ForwardArgs& a, bool train, int64_t w0, int64_t w1);
 void backward_f32(const BackwardArgs& a, int64_t w0, int64_t w1);
 
-// bf16 on AMX tiles: blocks of kAmxRows rows. Kh and Kx must be multiples of 32, and x and both h
-// buffers must hold kAmxRows * R readable rows past their last (the tiles load whole blocks).
-constexpr int64_t kAmxRows = 16;
+// bf16 on AMX tiles: blocks of up to kAmxRows rows (two 16-row tile blocks sharing each weight
+// tile). Kh and Kx must be multiples of 32, and x and both h buffers must hold kAmxRows * R readable
+// rows past their last (the tiles load whole 16-row blocks).
+constexpr int64_t kAmxRows = 32;
 void forward_amx(const ForwardArgs& a, bool train, int64_t w0, int64_t w1);
 
 }  // namespace bigmodel::lstm::fast

@@ -289,3 +289,23 @@ def test_packed_weight_cache_sees_every_update(cpu_kernel, dtype):
     check()
     w_hh = torch.flip(w_hh, [0]).contiguous()  # new tensor, same shape
     check()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("B", [5, 20, 40, 70])
+def test_bfloat16_row_blocks(cpu_kernel, threads, B):
+    """bf16 layers run on AMX tiles (or AVX512-BF16) in 16- and 32-row blocks: every batch split
+    stays within bf16 rounding of the float64 reference, with lengths."""
+    args, lengths = make_args(
+        6, B, 10, 37, 0, proj=False, bias=True, has_lengths=True, dtype=torch.bfloat16, device="cpu",
+        requires_grad=False,
+    )
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = lstm_layer(*args, lengths=lengths)
+    finally:
+        torch.set_num_threads(saved)
+    ref = lstm_layer_reference(*[a.double() if a is not None else None for a in args], lengths=lengths)
+    for o, r in zip(out[:3], ref[:3], strict=True):
+        torch.testing.assert_close(o.double(), r, atol=0.03, rtol=0.03)

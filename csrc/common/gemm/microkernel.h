@@ -168,11 +168,12 @@ struct alignas(64) AmxConfig {
   uint8_t rows[16] = {};
 };
 
-// tmm0-3: float32 accumulators of 16 rows x 16 columns (one per 16-column quarter of a panel);
-// tmm4: A (16 rows x 32 bf16); tmm5, tmm6: B (16 k pairs x 16 columns x 2), alternating.
+// tmm0-3: float32 accumulators of 16 rows x 16 columns (one per 16-column quarter of a panel, or
+// 2 row blocks x 2 quarters); tmm4, tmm7: A (16 rows x 32 bf16); tmm5, tmm6: B (16 k pairs x 16
+// columns x 2).
 BM_AMX inline void amx_configure() {
   AmxConfig cfg;
-  for (int t = 0; t < 7; ++t) {
+  for (int t = 0; t < 8; ++t) {
     cfg.rows[t] = 16;
     cfg.colsb[t] = 64;
   }
@@ -193,6 +194,31 @@ BM_AMX BM_ALWAYS_INLINE void amx_panel(const uint16_t* a, int64_t a_stride, int6
     _tile_loadd(6, b + 96, 4 * kNR);
     _tile_dpbf16ps(3, 4, 6);
   }
+}
+
+// Two 16-row blocks (A rows from a0 and a1) against half a panel (quarters q, q + 1): each B tile
+// feeds two products, halving the weight traffic of amx_panel. tmm0/1: block 0, tmm2/3: block 1.
+BM_AMX BM_ALWAYS_INLINE void amx_half_panel2(const uint16_t* a0, const uint16_t* a1, int64_t a_stride, int64_t kc32,
+                                             const uint16_t* panel, int q) {
+  for (int64_t kc = 0; kc < kc32; ++kc) {
+    _tile_loadd(4, a0 + 32 * kc, a_stride);
+    _tile_loadd(7, a1 + 32 * kc, a_stride);
+    const uint16_t* b = panel + kc * 16 * (2 * kNR) + 32 * q;
+    _tile_loadd(5, b, 4 * kNR);
+    _tile_loadd(6, b + 32, 4 * kNR);
+    _tile_dpbf16ps(0, 4, 5);
+    _tile_dpbf16ps(1, 4, 6);
+    _tile_dpbf16ps(2, 7, 5);
+    _tile_dpbf16ps(3, 7, 6);
+  }
+}
+
+// The accumulators of amx_half_panel2 to an L1 buffer [32][64] at columns 16 q ...
+BM_AMX BM_ALWAYS_INLINE void amx_store_half2(float (*out)[kNR], int q) {
+  _tile_stored(0, out[0] + 16 * q, 4 * kNR);
+  _tile_stored(1, out[0] + 16 * q + 16, 4 * kNR);
+  _tile_stored(2, out[16] + 16 * q, 4 * kNR);
+  _tile_stored(3, out[16] + 16 * q + 16, 4 * kNR);
 }
 
 BM_AMX BM_ALWAYS_INLINE void amx_zero() {
