@@ -29,6 +29,14 @@ void pack_transposed(const float* x, int64_t ld, int64_t n, int64_t dim, float s
   }
 }
 
+// Rows [0, n) of X (dim floats at stride ld) copied contiguously. q, k and v often come as views of a
+// projection ([B, L, 3, H, d] seen as [B, H, L, d]), whose rows sit 3 E floats apart: walking 64
+// such rows per key block touched a new page per row, and the TLB misses made the strided case
+// 1.7x slower than the contiguous one.
+void copy_rows(const float* x, int64_t ld, int64_t n, int64_t dim, float* dst) {
+  for (int64_t j = 0; j < n; ++j) std::copy(x + j * ld, x + j * ld + dim, dst + j * dim);
+}
+
 float* aligned(std::vector<float>& storage, int64_t n) {
   storage.resize(n + 16);
   return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(storage.data()) + 63) & ~uintptr_t(63));
@@ -135,8 +143,11 @@ void row_group_any(int mr, const Problem& p, const float* q, const float* kp, co
 void forward(const Problem& p, int64_t t0, int64_t t1, float* out, float* lse) {
   const int64_t nqb = (p.Lq + kBlockQ - 1) / kBlockQ, group = p.Hq / p.Hkv;
   const int64_t nkb = (p.Lk + kKeys - 1) / kKeys;
-  std::vector<float> storage;
+  std::vector<float> storage, vstorage;
   float* kpanels = aligned(storage, nkb * p.d * kKeys);
+  float* vrows = aligned(vstorage, p.Lk * p.dv);
+  Problem pv = p;  // V read from vrows
+  pv.vs[2] = p.dv;
   int64_t packed_b = -1, packed_hk = -1;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t b = t / (p.Hq * nqb), h = (t / nqb) % p.Hq, i0 = (t % nqb) * kBlockQ;
@@ -144,10 +155,11 @@ void forward(const Problem& p, int64_t t0, int64_t t1, float* out, float* lse) {
     const int64_t valid = p.lengths ? p.lengths[b] : p.Lk;
     if (b != packed_b || hk != packed_hk) {
       pack_transposed(p.k + b * p.ks[0] + hk * p.ks[1], p.ks[2], valid, p.d, p.scale, kpanels);
+      copy_rows(p.v + b * p.vs[0] + hk * p.vs[1], p.vs[2], valid, p.dv, vrows);
       packed_b = b;
       packed_hk = hk;
     }
-    const float* vb = p.v + b * p.vs[0] + hk * p.vs[1];
+    const float* vb = vrows;
     const int64_t row0 = (b * p.Hq + h) * p.Lq;
     for (int64_t r0 = i0; r0 < i0 + nq; r0 += kRows) {
       const int mr = int(std::min<int64_t>(kRows, i0 + nq - r0));
@@ -161,10 +173,10 @@ void forward(const Problem& p, int64_t t0, int64_t t1, float* out, float* lse) {
       float* o = out + (row0 + r0) * p.dv;
       float* ls = lse + row0 + r0;
       switch (p.dv / 16) {
-        case 1: row_group_any<1>(mr, p, q, kpanels, vb, kend, limit, o, ls); break;
-        case 2: row_group_any<2>(mr, p, q, kpanels, vb, kend, limit, o, ls); break;
-        case 3: row_group_any<3>(mr, p, q, kpanels, vb, kend, limit, o, ls); break;
-        default: row_group_any<4>(mr, p, q, kpanels, vb, kend, limit, o, ls); break;
+        case 1: row_group_any<1>(mr, pv, q, kpanels, vb, kend, limit, o, ls); break;
+        case 2: row_group_any<2>(mr, pv, q, kpanels, vb, kend, limit, o, ls); break;
+        case 3: row_group_any<3>(mr, pv, q, kpanels, vb, kend, limit, o, ls); break;
+        default: row_group_any<4>(mr, pv, q, kpanels, vb, kend, limit, o, ls); break;
       }
     }
   }
@@ -289,8 +301,13 @@ void bwd_rows_any(int mr, const Problem& p, const float* q, const float* go, con
 
 void backward(const Problem& p, const Grads& g, int64_t t0, int64_t t1) {
   const int64_t group = p.Hq / p.Hkv, nkb = (p.Lk + kKeys - 1) / kKeys;
-  std::vector<float> ks, vs, ps, ds;
+  std::vector<float> ks, vs, ps, ds, kr, qr;
   float* kpanels = aligned(ks, nkb * p.d * kKeys);
+  float* krows = aligned(kr, p.Lk * p.d);  // K and each query head's Q, contiguous (see copy_rows)
+  float* qrows = aligned(qr, group * p.Lq * p.d);
+  Problem pc = p;
+  pc.ks[2] = p.d;
+  pc.qs[2] = p.d;
   float* vpanels = aligned(vs, nkb * p.dv * kKeys);
   float (*pt)[kKeys] = reinterpret_cast<float (*)[kKeys]>(aligned(ps, kBwdRows * kKeys));
   float (*dst)[kKeys] = reinterpret_cast<float (*)[kKeys]>(aligned(ds, kBwdRows * kKeys));
@@ -301,6 +318,9 @@ void backward(const Problem& p, const Grads& g, int64_t t0, int64_t t1) {
     const float* vb = p.v + b * p.vs[0] + hk * p.vs[1];
     pack_transposed(kb, p.ks[2], valid, p.d, p.scale, kpanels);
     pack_transposed(vb, p.vs[2], valid, p.dv, 1.f, vpanels);
+    copy_rows(kb, p.ks[2], valid, p.d, krows);
+    for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
+      copy_rows(p.q + b * p.qs[0] + h * p.qs[1], p.qs[2], p.Lq, p.d, qrows + (h - hk * group) * p.Lq * p.d);
     float* gk = g.gk + (b * p.Hkv + hk) * p.Lk * p.d;
     float* gv = g.gv + (b * p.Hkv + hk) * p.Lk * p.dv;
     for (int64_t j0 = 0; j0 < valid; j0 += kKeys) {
@@ -309,28 +329,28 @@ void backward(const Problem& p, const Grads& g, int64_t t0, int64_t t1) {
       const float* vpan = vpanels + (j0 / kKeys) * p.dv * kKeys;
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
         const int64_t row0 = (b * p.Hq + h) * p.Lq;
-        const float* qh = p.q + b * p.qs[0] + h * p.qs[1];
+        const float* qh = qrows + (h - hk * group) * p.Lq * p.d;
         for (int64_t i0 = p.causal ? j0 : 0; i0 < p.Lq; i0 += kBwdRows) {  // causal: rows < j0 see none
           const int64_t nq = std::min(kBwdRows, p.Lq - i0);
           for (int64_t r0 = i0; r0 < i0 + nq; r0 += kRows) {
             const int mr = int(std::min<int64_t>(kRows, i0 + nq - r0));
             int64_t limit[kRows];
             for (int r = 0; r < mr; ++r) limit[r] = p.causal ? std::min(valid, r0 + r + 1) : valid;
-            const float* q = qh + r0 * p.qs[2];
+            const float* q = qh + r0 * p.d;
             const float* go = g.grad_out + (row0 + r0) * p.dv;
             float* gq = g.gq + (row0 + r0) * p.d;
             float (*ptr)[kKeys] = pt + (r0 - i0);
             float (*dsr)[kKeys] = dst + (r0 - i0);
             switch (p.d / 16) {
-              case 1: bwd_rows_any<1>(mr, p, q, go, g.lse + row0 + r0, g.delta + row0 + r0, kpan, vpan, kb + j0 * p.ks[2], j0, nk, limit, ptr, dsr, gq); break;
-              case 2: bwd_rows_any<2>(mr, p, q, go, g.lse + row0 + r0, g.delta + row0 + r0, kpan, vpan, kb + j0 * p.ks[2], j0, nk, limit, ptr, dsr, gq); break;
-              case 3: bwd_rows_any<3>(mr, p, q, go, g.lse + row0 + r0, g.delta + row0 + r0, kpan, vpan, kb + j0 * p.ks[2], j0, nk, limit, ptr, dsr, gq); break;
-              default: bwd_rows_any<4>(mr, p, q, go, g.lse + row0 + r0, g.delta + row0 + r0, kpan, vpan, kb + j0 * p.ks[2], j0, nk, limit, ptr, dsr, gq); break;
+              case 1: bwd_rows_any<1>(mr, pc, q, go, g.lse + row0 + r0, g.delta + row0 + r0, kpan, vpan, krows + j0 * p.d, j0, nk, limit, ptr, dsr, gq); break;
+              case 2: bwd_rows_any<2>(mr, pc, q, go, g.lse + row0 + r0, g.delta + row0 + r0, kpan, vpan, krows + j0 * p.d, j0, nk, limit, ptr, dsr, gq); break;
+              case 3: bwd_rows_any<3>(mr, pc, q, go, g.lse + row0 + r0, g.delta + row0 + r0, kpan, vpan, krows + j0 * p.d, j0, nk, limit, ptr, dsr, gq); break;
+              default: bwd_rows_any<4>(mr, pc, q, go, g.lse + row0 + r0, g.delta + row0 + r0, kpan, vpan, krows + j0 * p.d, j0, nk, limit, ptr, dsr, gq); break;
             }
           }
           // dV[block] += P^T dO, dK[block] += dS^T Q over these rows.
           bwd_kv_any(p.dv / 16, pt[0], nk, nq, g.grad_out + (row0 + i0) * p.dv, p.dv, gv + j0 * p.dv, p.dv);
-          bwd_kv_any(p.d / 16, dst[0], nk, nq, qh + i0 * p.qs[2], p.qs[2], gk + j0 * p.d, p.d);
+          bwd_kv_any(p.d / 16, dst[0], nk, nq, qh + i0 * p.d, p.d, gk + j0 * p.d, p.d);
         }
       }
     }
