@@ -423,8 +423,39 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& query, const Tensor& key,
   const Dropout dropout = make_dropout(op, dropout_p, seed);
   FlushDenormalsGuard ftz;
   const at::ScalarType ct = compute_dtype(query.scalar_type());
-  const Tensor q = rows_ready(query, ct), k = rows_ready(key, ct), v = rows_ready(value, ct);
   const Tensor lengths = lengths_int64(key_lengths), mask = additive_mask(attn_mask, d, ct);
+  if (query.scalar_type() == at::kBFloat16 && !mask.defined() && !dropout.active() &&
+      fast::supports_amx(d.d, d.dv) && gemm::cpu::has_amx_bf16() && gemm::cpu::microkernels_enabled()) {
+    const Tensor q = rows_ready(query, at::kBFloat16), k = rows_ready(key, at::kBFloat16);
+    const Tensor v = rows_ready(value, at::kBFloat16);
+    Tensor out = at::empty({d.B, d.Hq, d.Lq, d.dv}, q.options());
+    Tensor lse = at::empty({d.B, d.Hq, d.Lq}, q.options().dtype(at::kFloat));
+    fast::ProblemBf16 fp;
+    fp.B = d.B;
+    fp.Hq = d.Hq;
+    fp.Hkv = d.Hkv;
+    fp.Lq = d.Lq;
+    fp.Lk = d.Lk;
+    fp.d = d.d;
+    fp.dv = d.dv;
+    fp.scale = static_cast<float>(scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(d.d)));
+    fp.causal = is_causal;
+    fp.q = reinterpret_cast<const uint16_t*>(q.const_data_ptr());
+    fp.k = reinterpret_cast<const uint16_t*>(k.const_data_ptr());
+    fp.v = reinterpret_cast<const uint16_t*>(v.const_data_ptr());
+    for (int i = 0; i < 3; ++i) {
+      fp.qs[i] = q.stride(i);
+      fp.ks[i] = k.stride(i);
+      fp.vs[i] = v.stride(i);
+    }
+    fp.lengths = lengths.defined() ? lengths.const_data_ptr<int64_t>() : nullptr;
+    const int64_t tasks = d.B * d.Hq * ((d.Lq + fast::kBlockQAmx - 1) / fast::kBlockQAmx);
+    uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr());
+    float* ls = lse.data_ptr<float>();
+    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) { fast::forward_amx(fp, t0, t1, o, ls); });
+    return {out, lse};
+  }
+  const Tensor q = rows_ready(query, ct), k = rows_ready(key, ct), v = rows_ready(value, ct);
   Tensor out = at::empty({d.B, d.Hq, d.Lq, d.dv}, q.options());
   Tensor lse = at::empty({d.B, d.Hq, d.Lq}, q.options());
   if (use_fast_path(d, ct, mask, dropout)) {

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -357,6 +358,181 @@ void backward(const Problem& p, const Grads& g, int64_t t0, int64_t t1) {
   }
 }
 
+
+// ---- bfloat16 forward on AMX ----
+
+namespace {
+
+// Rows [0, n) of X (bf16, dim values at stride ld) as AMX B panels of X^T: [ceil(n/64)][dim/2][64][2]
+// (k = dim in pairs, columns = rows of X), zero past n.
+void pack_bf16_transposed(const uint16_t* x, int64_t ld, int64_t n, int64_t dim, uint16_t* panels) {
+  const int64_t nb = (n + kKeys - 1) / kKeys;
+  std::fill(panels, panels + nb * dim * kKeys, uint16_t(0));
+  for (int64_t j = 0; j < n; ++j) {
+    const uint16_t* xr = x + j * ld;
+    uint16_t* dst = panels + (j / kKeys) * dim * kKeys + (j % kKeys) * 2;
+    for (int64_t c = 0; c < dim; ++c) dst[(c / 2) * 2 * kKeys + (c % 2)] = xr[c];
+  }
+}
+
+// Rows [0, n) of V (bf16, dv values at stride ld) as AMX B panels of V itself: [ceil(n/64)][32 key
+// pairs][64 columns (dv, zero past it)][2], zero past n.
+void pack_bf16_rows(const uint16_t* x, int64_t ld, int64_t n, int64_t dv, uint16_t* panels) {
+  const int64_t nb = (n + kKeys - 1) / kKeys;
+  std::fill(panels, panels + nb * kKeys * kKeys, uint16_t(0));
+  for (int64_t j = 0; j < n; ++j) {
+    const uint16_t* xr = x + j * ld;
+    uint16_t* dst = panels + (j / kKeys) * kKeys * kKeys + ((j % kKeys) / 2) * 2 * kKeys + (j % 2);
+    for (int64_t c = 0; c < dv; ++c) dst[c * 2] = xr[c];
+  }
+}
+
+// One block of 16 query rows (their bf16 values copied, zero-padded, into qb [16][d]) against keys
+// [0, kend): online softmax with S and P V on AMX tiles, the softmax in AVX-512 on float32.
+BM_AMX void amx_row_block(const ProblemBf16& p, const uint16_t* qb, int64_t mr, const int64_t* limit,
+                          int64_t kend, const uint16_t* kpanels, const uint16_t* vpanels, uint16_t* out,
+                          float* lse) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  alignas(64) float sbuf[16][kKeys];
+  alignas(64) float pv[16][kKeys];
+  alignas(64) float o[16][kKeys];
+  alignas(64) uint16_t pb[16][kKeys];
+  float m[16], l[16], alpha[16];
+  for (int r = 0; r < 16; ++r) {
+    m[r] = ninf;
+    l[r] = 0.f;
+    for (int c = 0; c < kKeys; ++c) o[r][c] = 0.f;
+  }
+  const int nvt = int(p.dv / 16);
+  const __m512 scale = _mm512_set1_ps(p.scale);
+  for (int64_t j0 = 0; j0 < kend; j0 += kKeys) {
+    const uint16_t* kp = kpanels + (j0 / kKeys) * p.d * kKeys;
+    mk::amx_zero();
+    for (int64_t kc = 0; kc < p.d / 32; ++kc) {
+      _tile_loadd(4, qb + 32 * kc, p.d * 2);
+      const uint16_t* b = kp + kc * 16 * 2 * kKeys;
+      _tile_loadd(5, b, 4 * kKeys);
+      _tile_dpbf16ps(0, 4, 5);
+      _tile_loadd(6, b + 32, 4 * kKeys);
+      _tile_dpbf16ps(1, 4, 6);
+      _tile_loadd(5, b + 64, 4 * kKeys);
+      _tile_dpbf16ps(2, 4, 5);
+      _tile_loadd(6, b + 96, 4 * kKeys);
+      _tile_dpbf16ps(3, 4, 6);
+    }
+    mk::amx_store(sbuf);
+    for (int r = 0; r < 16; ++r) {
+      const int64_t lim = r < mr ? limit[r] - j0 : 0;
+      __m512 sv[4];
+      __mmask16 mask[4];
+      for (int c = 0; c < 4; ++c) {
+        mask[c] = mk::lanes(std::max<int64_t>(0, std::min<int64_t>(16, lim - 16 * c)));
+        sv[c] = _mm512_mask_mov_ps(_mm512_set1_ps(ninf), mask[c], _mm512_mul_ps(_mm512_load_ps(sbuf[r] + 16 * c), scale));
+      }
+      const float mb = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(sv[0], sv[1]), _mm512_max_ps(sv[2], sv[3])));
+      const float mnew = std::max(m[r], mb);
+      if (mnew == ninf) {
+        alpha[r] = 1.f;
+        std::memset(pb[r], 0, sizeof(pb[r]));
+        continue;
+      }
+      const __m512 shift = _mm512_set1_ps(mnew);
+      __m512 sum = _mm512_setzero_ps();
+      for (int c = 0; c < 4; ++c) {
+        const __m512 x = _mm512_max_ps(_mm512_sub_ps(sv[c], shift), _mm512_set1_ps(-87.f));
+        const __m512 e = _mm512_maskz_mov_ps(mask[c], mk::exp_scaled_ps<1>(x));
+        sum = _mm512_add_ps(sum, e);
+        mk::store_bf16(pb[r] + 16 * c, e, 0xFFFF);
+      }
+      alpha[r] = m[r] == ninf ? 0.f : std::exp(m[r] - mnew);
+      l[r] = l[r] * alpha[r] + _mm512_reduce_add_ps(sum);
+      m[r] = mnew;
+    }
+    const uint16_t* vp = vpanels + (j0 / kKeys) * kKeys * kKeys;
+    mk::amx_zero();
+    for (int64_t kc = 0; kc < 2; ++kc) {  // 64 keys = two k chunks of 32
+      _tile_loadd(4, pb[0] + 32 * kc, 2 * kKeys);
+      const uint16_t* b = vp + kc * 16 * 2 * kKeys;
+      _tile_loadd(5, b, 4 * kKeys);
+      _tile_dpbf16ps(0, 4, 5);
+      if (nvt > 1) {
+        _tile_loadd(6, b + 32, 4 * kKeys);
+        _tile_dpbf16ps(1, 4, 6);
+      }
+      if (nvt > 2) {
+        _tile_loadd(5, b + 64, 4 * kKeys);
+        _tile_dpbf16ps(2, 4, 5);
+      }
+      if (nvt > 3) {
+        _tile_loadd(6, b + 96, 4 * kKeys);
+        _tile_dpbf16ps(3, 4, 6);
+      }
+    }
+    mk::amx_store(pv);
+    for (int r = 0; r < mr; ++r) {
+      const __m512 a = _mm512_set1_ps(alpha[r]);
+      for (int c = 0; c < nvt; ++c)
+        _mm512_store_ps(o[r] + 16 * c, _mm512_fmadd_ps(_mm512_load_ps(o[r] + 16 * c), a, _mm512_load_ps(pv[r] + 16 * c)));
+    }
+  }
+  for (int r = 0; r < mr; ++r) {
+    uint16_t* dst = out + r * p.dv;
+    if (l[r] > 0.f) {
+      const __m512 inv = _mm512_set1_ps(1.f / l[r]);
+      for (int c = 0; c < nvt; ++c) mk::store_bf16(dst + 16 * c, _mm512_mul_ps(_mm512_load_ps(o[r] + 16 * c), inv), 0xFFFF);
+      lse[r] = m[r] + std::log(l[r]);
+    } else {
+      std::memset(dst, 0, p.dv * sizeof(uint16_t));
+      lse[r] = ninf;
+    }
+  }
+}
+
+BM_AMX void forward_amx_tasks(const ProblemBf16& p, int64_t t0, int64_t t1, uint16_t* out, float* lse) {
+  const int64_t nqb = (p.Lq + kBlockQAmx - 1) / kBlockQAmx, group = p.Hq / p.Hkv;
+  const int64_t nkb = (p.Lk + kKeys - 1) / kKeys;
+  std::vector<uint16_t> ks(nkb * p.d * kKeys + 64), vs(nkb * kKeys * kKeys + 64);
+  auto align = [](uint16_t* x) {
+    return reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(x) + 63) & ~uintptr_t(63));
+  };
+  uint16_t* kpanels = align(ks.data());
+  uint16_t* vpanels = align(vs.data());
+  alignas(64) uint16_t qb[16 * 128];
+  mk::amx_configure();
+  int64_t packed_b = -1, packed_hk = -1;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t b = t / (p.Hq * nqb), h = (t / nqb) % p.Hq, i0 = (t % nqb) * kBlockQAmx;
+    const int64_t hk = h / group, nq = std::min(kBlockQAmx, p.Lq - i0);
+    const int64_t valid = p.lengths ? p.lengths[b] : p.Lk;
+    if (b != packed_b || hk != packed_hk) {
+      pack_bf16_transposed(p.k + b * p.ks[0] + hk * p.ks[1], p.ks[2], valid, p.d, kpanels);
+      pack_bf16_rows(p.v + b * p.vs[0] + hk * p.vs[1], p.vs[2], valid, p.dv, vpanels);
+      packed_b = b;
+      packed_hk = hk;
+    }
+    const int64_t row0 = (b * p.Hq + h) * p.Lq;
+    for (int64_t r0 = i0; r0 < i0 + nq; r0 += 16) {
+      const int64_t mr = std::min<int64_t>(16, i0 + nq - r0);
+      int64_t limit[16];
+      int64_t kend = 0;
+      for (int64_t r = 0; r < mr; ++r) {
+        limit[r] = p.causal ? std::min(valid, r0 + r + 1) : valid;
+        kend = std::max(kend, limit[r]);
+        std::memcpy(qb + r * p.d, p.q + b * p.qs[0] + h * p.qs[1] + (r0 + r) * p.qs[2], p.d * sizeof(uint16_t));
+      }
+      std::memset(qb + mr * p.d, 0, (16 - mr) * p.d * sizeof(uint16_t));
+      amx_row_block(p, qb, mr, limit, kend, kpanels, vpanels, out + (row0 + r0) * p.dv, lse + row0 + r0);
+    }
+  }
+  _tile_release();
+}
+
+}  // namespace
+
+void forward_amx(const ProblemBf16& p, int64_t t0, int64_t t1, uint16_t* out, float* lse) {
+  forward_amx_tasks(p, t0, t1, out, lse);
+}
+
 }  // namespace bigmodel::attention::fast
 
 #else
@@ -367,6 +543,7 @@ void backward(const Problem& p, const Grads& g, int64_t t0, int64_t t1) {
 namespace bigmodel::attention::fast {
 void forward(const Problem&, int64_t, int64_t, float*, float*) { TORCH_INTERNAL_ASSERT(false); }
 void backward(const Problem&, const Grads&, int64_t, int64_t) { TORCH_INTERNAL_ASSERT(false); }
+void forward_amx(const ProblemBf16&, int64_t, int64_t, uint16_t*, float*) { TORCH_INTERNAL_ASSERT(false); }
 }  // namespace bigmodel::attention::fast
 
 #endif

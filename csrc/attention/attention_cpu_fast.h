@@ -33,6 +33,25 @@ constexpr int64_t kBlockQ = 96;  // query rows per forward task
 // Forward tasks [t0, t1) of B * Hq * ceil(Lq / kBlockQ): out [B, Hq, Lq, dv], lse [B, Hq, Lq].
 void forward(const Problem& p, int64_t t0, int64_t t1, float* out, float* lse);
 
+// bfloat16 forward on AMX tiles: q, k, v are bf16 (uint16 bits, rows at the Problem's strides); d a
+// multiple of 32 up to 128, dv a multiple of 16 up to 64; same masks as forward(). S, P and the
+// output accumulate in float32; P is rounded to bf16 for P V (as flash kernels do). out is bf16.
+inline bool supports_amx(int64_t d, int64_t dv) {
+  return d % 32 == 0 && d <= 128 && dv % 16 == 0 && dv >= 16 && dv <= 64;
+}
+struct ProblemBf16 {
+  int64_t B = 0, Hq = 0, Hkv = 0, Lq = 0, Lk = 0, d = 0, dv = 0;
+  float scale = 1.f;
+  bool causal = false;
+  const uint16_t* q = nullptr;
+  const uint16_t* k = nullptr;
+  const uint16_t* v = nullptr;
+  int64_t qs[3] = {}, ks[3] = {}, vs[3] = {};
+  const int64_t* lengths = nullptr;
+};
+constexpr int64_t kBlockQAmx = 64;  // query rows per bf16 forward task
+void forward_amx(const ProblemBf16& p, int64_t t0, int64_t t1, uint16_t* out, float* lse);
+
 struct Grads {
   const float* grad_out = nullptr;  // [B, Hq, Lq, dv] contiguous
   const float* lse = nullptr;       // [B, Hq, Lq]
