@@ -410,6 +410,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fast(
   a.h[1] = h.select(0, 1).data_ptr();
   a.hout = hout.data_ptr();
   a.grid = grid;
+  a.panels_outer = panel_bytes / grid.C > l2_budget() / 2;
   SpinBarrier barrier(a.grid.R * a.grid.C);
   a.barrier = &barrier;
   run_grid(a.grid, [&](int64_t w0, int64_t w1) {

@@ -174,8 +174,12 @@ void forward_loop(const ForwardArgs& a, int64_t w0, int64_t w1) {
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t rg = w / C, cg = w % C;
       const int64_t p0 = split(np, C, cg), p1 = split(np, C, cg + 1);
-      for_each_row_block(b, rg, R, [&](int64_t r0, int64_t mr) {
-        for (int64_t p = p0; p < p1; ++p) {
+      // Row blocks outer keeps a block's h rows in L1 across the panels; panels outer reads each
+      // panel from L2/L3 once per step for all row blocks, which wins once a worker's panels are
+      // too big to stay near (measured: small shape 2.5 vs 3.0 ms, long 67.5 vs 61.5 ms).
+      if (!a.panels_outer) {
+        for_each_row_block(b, rg, R, [&](int64_t r0, int64_t mr) {
+          for (int64_t p = p0; p < p1; ++p) {
           switch (mr) {
             case 1: forward_tile<kBf16, kTrain, 1>(a, off, r0, R, p, hp, hn); break;
             case 2: forward_tile<kBf16, kTrain, 2>(a, off, r0, R, p, hp, hn); break;
@@ -184,8 +188,21 @@ void forward_loop(const ForwardArgs& a, int64_t w0, int64_t w1) {
             case 5: forward_tile<kBf16, kTrain, 5>(a, off, r0, R, p, hp, hn); break;
             default: forward_tile<kBf16, kTrain, 6>(a, off, r0, R, p, hp, hn); break;
           }
-        }
-      });
+          }
+        });
+      } else
+      for (int64_t p = p0; p < p1; ++p) {
+        for_each_row_block(b, rg, R, [&](int64_t r0, int64_t mr) {
+          switch (mr) {
+            case 1: forward_tile<kBf16, kTrain, 1>(a, off, r0, R, p, hp, hn); break;
+            case 2: forward_tile<kBf16, kTrain, 2>(a, off, r0, R, p, hp, hn); break;
+            case 3: forward_tile<kBf16, kTrain, 3>(a, off, r0, R, p, hp, hn); break;
+            case 4: forward_tile<kBf16, kTrain, 4>(a, off, r0, R, p, hp, hn); break;
+            case 5: forward_tile<kBf16, kTrain, 5>(a, off, r0, R, p, hp, hn); break;
+            default: forward_tile<kBf16, kTrain, 6>(a, off, r0, R, p, hp, hn); break;
+          }
+        });
+      }
     }
     if (C > 1) a.barrier->arrive_and_wait(w1 - w0);
   }

@@ -47,6 +47,7 @@ struct ForwardArgs {
   void* hout = nullptr;          // [N, H] packed output (float32, or bf16 bits on the bf16 path)
   Grid grid;
   SpinBarrier* barrier = nullptr;  // needed when grid.C > 1
+  bool panels_outer = false;       // loop order of a step's tiles (see forward_loop)
 };
 
 // Per-worker scratch of the backward pass with fused weight gradients (grid.C == 1).
