@@ -30,6 +30,23 @@ inline int64_t split(int64_t n, int64_t parts, int64_t i) { return i * n / parts
 
 // ---- forward ----
 
+// Gate nonlinearities; bf16 layers round h to bf16 every step, so they use the cheaper variants.
+template <bool kFast>
+BM_AVX512 BM_ALWAYS_INLINE __m512 sig(__m512 x) {
+  if constexpr (kFast)
+    return mk::sigmoid_fast_ps(x);
+  else
+    return mk::sigmoid_ps(x);
+}
+
+template <bool kFast>
+BM_AVX512 BM_ALWAYS_INLINE __m512 tnh(__m512 x) {
+  if constexpr (kFast)
+    return mk::tanh_fast_ps(x);
+  else
+    return mk::tanh_ps(x);
+}
+
 // The cell update of rows r0, r0 + rstride, ... (mr of them) and hidden units 16p .. 16p + 15, from
 // their pre-activations in tile[i] (gates i, f, g, o at columns 0, 16, 32, 48), bias not yet added.
 template <bool kBf16, bool kTrain>
@@ -44,13 +61,13 @@ BM_AVX512_BF16 BM_ALWAYS_INLINE void cell_update(const ForwardArgs& a, int64_t o
     bias[g] = a.bias != nullptr ? mk::load_f32(a.bias + g * H + u0, m) : _mm512_setzero_ps();
   for (int64_t i = 0; i < mr; ++i) {
     const int64_t r = r0 + i * rstride, row = off + r;
-    const __m512 ig = mk::sigmoid_ps(_mm512_add_ps(_mm512_load_ps(tile[i]), bias[0]));
-    const __m512 fg = mk::sigmoid_ps(_mm512_add_ps(_mm512_load_ps(tile[i] + 16), bias[1]));
-    const __m512 gg = mk::tanh_ps(_mm512_add_ps(_mm512_load_ps(tile[i] + 32), bias[2]));
-    const __m512 og = mk::sigmoid_ps(_mm512_add_ps(_mm512_load_ps(tile[i] + 48), bias[3]));
+    const __m512 ig = sig<kBf16>(_mm512_add_ps(_mm512_load_ps(tile[i]), bias[0]));
+    const __m512 fg = sig<kBf16>(_mm512_add_ps(_mm512_load_ps(tile[i] + 16), bias[1]));
+    const __m512 gg = tnh<kBf16>(_mm512_add_ps(_mm512_load_ps(tile[i] + 32), bias[2]));
+    const __m512 og = sig<kBf16>(_mm512_add_ps(_mm512_load_ps(tile[i] + 48), bias[3]));
     float* cp = a.c + r * H + u0;
     const __m512 cn = _mm512_fmadd_ps(fg, mk::load_f32(cp, m), _mm512_mul_ps(ig, gg));
-    const __m512 hv = _mm512_mul_ps(og, mk::tanh_ps(cn));
+    const __m512 hv = _mm512_mul_ps(og, tnh<kBf16>(cn));
     mk::store_f32(cp, cn, m);
     if constexpr (kBf16) {
       mk::store_bf16(static_cast<uint16_t*>(hn) + r * Kh + u0, hv, m);

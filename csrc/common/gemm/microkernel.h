@@ -282,6 +282,35 @@ BM_AVX512 BM_ALWAYS_INLINE __m512 tanh_ps(__m512 x) {
   return _mm512_fmsub_ps(_mm512_set1_ps(2.f), sig2, _mm512_set1_ps(1.f));
 }
 
+// Cheaper variants for epilogues whose results are rounded to bfloat16 (relative step 2^-8): a
+// degree-4 polynomial (truncation < 5e-5 relative) and vrcp14ps without refinement (< 6.1e-5), about
+// 10 vector ops per sigmoid instead of 15.
+template <int S>
+BM_AVX512 BM_ALWAYS_INLINE __m512 exp_scaled_fast_ps(__m512 x) {
+  static_assert(S == 1 || S == -1 || S == -2);
+  constexpr float s = S;
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(s * 1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 t = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147180559945309f / s), x);
+  __m512 p = _mm512_set1_ps(s * s * s * s / 24);
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(s * s * s / 6));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(s * s / 2));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(s));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+BM_AVX512 BM_ALWAYS_INLINE __m512 sigmoid_fast_ps(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-80.f));
+  return _mm512_rcp14_ps(_mm512_add_ps(_mm512_set1_ps(1.f), exp_scaled_fast_ps<-1>(x)));
+}
+
+BM_AVX512 BM_ALWAYS_INLINE __m512 tanh_fast_ps(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-40.f));
+  const __m512 sig2 = _mm512_rcp14_ps(_mm512_add_ps(_mm512_set1_ps(1.f), exp_scaled_fast_ps<-2>(x)));
+  return _mm512_fmsub_ps(_mm512_set1_ps(2.f), sig2, _mm512_set1_ps(1.f));
+}
+
 // ---- masked loads and stores of 16 lanes (n < 16 touches only the first n) ----
 
 BM_AVX512 BM_ALWAYS_INLINE __mmask16 lanes(int64_t n) {
