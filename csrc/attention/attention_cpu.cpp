@@ -390,9 +390,11 @@ bool use_fast_path(const Dims& d, at::ScalarType ct, const Tensor& mask, const D
          gemm::cpu::has_avx512() && gemm::cpu::microkernels_enabled();
 }
 
-fast::Problem fast_problem(const Dims& d, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& lengths,
-                           bool is_causal, std::optional<double> scale) {
-  fast::Problem p;
+// T: float, or uint16_t for bfloat16 tensors.
+template <typename T>
+fast::ProblemOf<T> fast_problem(const Dims& d, const Tensor& q, const Tensor& k, const Tensor& v,
+                                const Tensor& lengths, bool is_causal, std::optional<double> scale) {
+  fast::ProblemOf<T> p;
   p.B = d.B;
   p.Hq = d.Hq;
   p.Hkv = d.Hkv;
@@ -402,9 +404,9 @@ fast::Problem fast_problem(const Dims& d, const Tensor& q, const Tensor& k, cons
   p.dv = d.dv;
   p.scale = static_cast<float>(scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(d.d)));
   p.causal = is_causal;
-  p.q = q.const_data_ptr<float>();
-  p.k = k.const_data_ptr<float>();
-  p.v = v.const_data_ptr<float>();
+  p.q = static_cast<const T*>(q.const_data_ptr());
+  p.k = static_cast<const T*>(k.const_data_ptr());
+  p.v = static_cast<const T*>(v.const_data_ptr());
   for (int i = 0; i < 3; ++i) {
     p.qs[i] = q.stride(i);
     p.ks[i] = k.stride(i);
@@ -430,25 +432,7 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& query, const Tensor& key,
     const Tensor v = rows_ready(value, at::kBFloat16);
     Tensor out = at::empty({d.B, d.Hq, d.Lq, d.dv}, q.options());
     Tensor lse = at::empty({d.B, d.Hq, d.Lq}, q.options().dtype(at::kFloat));
-    fast::ProblemBf16 fp;
-    fp.B = d.B;
-    fp.Hq = d.Hq;
-    fp.Hkv = d.Hkv;
-    fp.Lq = d.Lq;
-    fp.Lk = d.Lk;
-    fp.d = d.d;
-    fp.dv = d.dv;
-    fp.scale = static_cast<float>(scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(d.d)));
-    fp.causal = is_causal;
-    fp.q = reinterpret_cast<const uint16_t*>(q.const_data_ptr());
-    fp.k = reinterpret_cast<const uint16_t*>(k.const_data_ptr());
-    fp.v = reinterpret_cast<const uint16_t*>(v.const_data_ptr());
-    for (int i = 0; i < 3; ++i) {
-      fp.qs[i] = q.stride(i);
-      fp.ks[i] = k.stride(i);
-      fp.vs[i] = v.stride(i);
-    }
-    fp.lengths = lengths.defined() ? lengths.const_data_ptr<int64_t>() : nullptr;
+    const fast::ProblemBf16 fp = fast_problem<uint16_t>(d, q, k, v, lengths, is_causal, scale);
     const int64_t tasks = d.B * d.Hq * ((d.Lq + fast::kBlockQAmx - 1) / fast::kBlockQAmx);
     uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr());
     float* ls = lse.data_ptr<float>();
@@ -459,7 +443,7 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& query, const Tensor& key,
   Tensor out = at::empty({d.B, d.Hq, d.Lq, d.dv}, q.options());
   Tensor lse = at::empty({d.B, d.Hq, d.Lq}, q.options());
   if (use_fast_path(d, ct, mask, dropout)) {
-    const fast::Problem fp = fast_problem(d, q, k, v, lengths, is_causal, scale);
+    const fast::Problem fp = fast_problem<float>(d, q, k, v, lengths, is_causal, scale);
     const int64_t tasks = d.B * d.Hq * ((d.Lq + fast::kBlockQ - 1) / fast::kBlockQ);
     float* o = out.data_ptr<float>();
     float* ls = lse.data_ptr<float>();
@@ -493,7 +477,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cpu(
   Tensor gq = at::zeros(q.sizes(), q.options()), gk = at::zeros(k.sizes(), k.options());
   Tensor gv = at::zeros(v.sizes(), v.options());
   if (use_fast_path(d, ct, mask, dropout)) {
-    const fast::Problem fp = fast_problem(d, q, k, v, lengths, is_causal, scale);
+    const fast::Problem fp = fast_problem<float>(d, q, k, v, lengths, is_causal, scale);
     fast::Grads g;
     g.grad_out = go.const_data_ptr<float>();
     g.lse = lse.const_data_ptr<float>();

@@ -126,19 +126,6 @@ BM_AVX512 void row_group(const Problem& p, const float* q, const float* kpanels,
   }
 }
 
-template <int NV>
-void row_group_any(int mr, const Problem& p, const float* q, const float* kp, const float* v, int64_t kend,
-                   const int64_t* limit, float* out, float* lse) {
-  switch (mr) {
-    case 1: row_group<1, NV>(p, q, kp, v, kend, limit, out, lse); break;
-    case 2: row_group<2, NV>(p, q, kp, v, kend, limit, out, lse); break;
-    case 3: row_group<3, NV>(p, q, kp, v, kend, limit, out, lse); break;
-    case 4: row_group<4, NV>(p, q, kp, v, kend, limit, out, lse); break;
-    case 5: row_group<5, NV>(p, q, kp, v, kend, limit, out, lse); break;
-    default: row_group<6, NV>(p, q, kp, v, kend, limit, out, lse); break;
-  }
-}
-
 }  // namespace
 
 void forward(const Problem& p, int64_t t0, int64_t t1, float* out, float* lse) {
@@ -173,12 +160,11 @@ void forward(const Problem& p, int64_t t0, int64_t t1, float* out, float* lse) {
       const float* q = p.q + b * p.qs[0] + h * p.qs[1] + r0 * p.qs[2];
       float* o = out + (row0 + r0) * p.dv;
       float* ls = lse + row0 + r0;
-      switch (p.dv / 16) {
-        case 1: row_group_any<1>(mr, pv, q, kpanels, vb, kend, limit, o, ls); break;
-        case 2: row_group_any<2>(mr, pv, q, kpanels, vb, kend, limit, o, ls); break;
-        case 3: row_group_any<3>(mr, pv, q, kpanels, vb, kend, limit, o, ls); break;
-        default: row_group_any<4>(mr, pv, q, kpanels, vb, kend, limit, o, ls); break;
-      }
+      mk::with_vectors(p.dv / 16, [&](auto nv) {
+        mk::with_rows(mr, [&](auto rows) {
+          row_group<decltype(rows)::value, decltype(nv)::value>(pv, q, kpanels, vb, kend, limit, o, ls);
+        });
+      });
     }
   }
 }
@@ -260,42 +246,15 @@ BM_AVX512 void bwd_kv_tile(const float* a, int64_t m0, int64_t nq, const float* 
     for (int c = 0; c < NV; ++c) _mm512_storeu_ps(out + (m0 + r) * ldo + 16 * c, acc[r][c]);
 }
 
-template <int NV>
-void bwd_kv(const float* a, int64_t nk, int64_t nq, const float* b, int64_t ldb, float* out, int64_t ldo) {
-  for (int64_t m0 = 0; m0 < nk; m0 += kRows) {
-    switch (std::min<int64_t>(kRows, nk - m0)) {
-      case 1: bwd_kv_tile<1, NV>(a, m0, nq, b, ldb, out, ldo); break;
-      case 2: bwd_kv_tile<2, NV>(a, m0, nq, b, ldb, out, ldo); break;
-      case 3: bwd_kv_tile<3, NV>(a, m0, nq, b, ldb, out, ldo); break;
-      case 4: bwd_kv_tile<4, NV>(a, m0, nq, b, ldb, out, ldo); break;
-      case 5: bwd_kv_tile<5, NV>(a, m0, nq, b, ldb, out, ldo); break;
-      default: bwd_kv_tile<6, NV>(a, m0, nq, b, ldb, out, ldo); break;
-    }
-  }
-}
-
-void bwd_kv_any(int64_t nv, const float* a, int64_t nk, int64_t nq, const float* b, int64_t ldb, float* out,
-                int64_t ldo) {
-  switch (nv) {
-    case 1: bwd_kv<1>(a, nk, nq, b, ldb, out, ldo); break;
-    case 2: bwd_kv<2>(a, nk, nq, b, ldb, out, ldo); break;
-    case 3: bwd_kv<3>(a, nk, nq, b, ldb, out, ldo); break;
-    default: bwd_kv<4>(a, nk, nq, b, ldb, out, ldo); break;
-  }
-}
-
-template <int NVD>
-void bwd_rows_any(int mr, const Problem& p, const float* q, const float* go, const float* lse, const float* delta,
-                  const float* kpan, const float* vpan, const float* kblock, int64_t j0, int64_t nk,
-                  const int64_t* limit, float (*pt)[kKeys], float (*dst)[kKeys], float* gq) {
-  switch (mr) {
-    case 1: bwd_rows<1, NVD>(p, q, go, lse, delta, kpan, vpan, kblock, j0, nk, limit, pt, dst, gq); break;
-    case 2: bwd_rows<2, NVD>(p, q, go, lse, delta, kpan, vpan, kblock, j0, nk, limit, pt, dst, gq); break;
-    case 3: bwd_rows<3, NVD>(p, q, go, lse, delta, kpan, vpan, kblock, j0, nk, limit, pt, dst, gq); break;
-    case 4: bwd_rows<4, NVD>(p, q, go, lse, delta, kpan, vpan, kblock, j0, nk, limit, pt, dst, gq); break;
-    case 5: bwd_rows<5, NVD>(p, q, go, lse, delta, kpan, vpan, kblock, j0, nk, limit, pt, dst, gq); break;
-    default: bwd_rows<6, NVD>(p, q, go, lse, delta, kpan, vpan, kblock, j0, nk, limit, pt, dst, gq); break;
-  }
+// out[keys 0 .. nk][nv * 16] += A^T B over nq query rows, in tiles of up to kRows keys.
+void bwd_kv(int64_t nv, const float* a, int64_t nk, int64_t nq, const float* b, int64_t ldb, float* out,
+            int64_t ldo) {
+  mk::with_vectors(nv, [&](auto vecs) {
+    for (int64_t m0 = 0; m0 < nk; m0 += kRows)
+      mk::with_rows(std::min<int64_t>(kRows, nk - m0), [&](auto rows) {
+        bwd_kv_tile<decltype(rows)::value, decltype(vecs)::value>(a, m0, nq, b, ldb, out, ldo);
+      });
+  });
 }
 
 }  // namespace
@@ -342,16 +301,17 @@ void backward(const Problem& p, const Grads& g, int64_t t0, int64_t t1) {
             float* gq = g.gq + (row0 + r0) * p.d;
             float (*ptr)[kKeys] = pt + (r0 - i0);
             float (*dsr)[kKeys] = dst + (r0 - i0);
-            switch (p.d / 16) {
-              case 1: bwd_rows_any<1>(mr, pc, q, go, g.lse + row0 + r0, g.delta + row0 + r0, kpan, vpan, krows + j0 * p.d, j0, nk, limit, ptr, dsr, gq); break;
-              case 2: bwd_rows_any<2>(mr, pc, q, go, g.lse + row0 + r0, g.delta + row0 + r0, kpan, vpan, krows + j0 * p.d, j0, nk, limit, ptr, dsr, gq); break;
-              case 3: bwd_rows_any<3>(mr, pc, q, go, g.lse + row0 + r0, g.delta + row0 + r0, kpan, vpan, krows + j0 * p.d, j0, nk, limit, ptr, dsr, gq); break;
-              default: bwd_rows_any<4>(mr, pc, q, go, g.lse + row0 + r0, g.delta + row0 + r0, kpan, vpan, krows + j0 * p.d, j0, nk, limit, ptr, dsr, gq); break;
-            }
+            mk::with_vectors(p.d / 16, [&](auto nvd) {
+              mk::with_rows(mr, [&](auto rows) {
+                bwd_rows<decltype(rows)::value, decltype(nvd)::value>(pc, q, go, g.lse + row0 + r0,
+                                                                       g.delta + row0 + r0, kpan, vpan,
+                                                                       krows + j0 * p.d, j0, nk, limit, ptr, dsr, gq);
+              });
+            });
           }
           // dV[block] += P^T dO, dK[block] += dS^T Q over these rows.
-          bwd_kv_any(p.dv / 16, pt[0], nk, nq, g.grad_out + (row0 + i0) * p.dv, p.dv, gv + j0 * p.dv, p.dv);
-          bwd_kv_any(p.d / 16, dst[0], nk, nq, qh + i0 * p.d, p.d, gk + j0 * p.d, p.d);
+          bwd_kv(p.dv / 16, pt[0], nk, nq, g.grad_out + (row0 + i0) * p.dv, p.dv, gv + j0 * p.dv, p.dv);
+          bwd_kv(p.d / 16, dst[0], nk, nq, qh + i0 * p.d, p.d, gk + j0 * p.d, p.d);
         }
       }
     }
@@ -408,18 +368,7 @@ BM_AMX void amx_row_block(const ProblemBf16& p, const uint16_t* qb, int64_t mr, 
   for (int64_t j0 = 0; j0 < kend; j0 += kKeys) {
     const uint16_t* kp = kpanels + (j0 / kKeys) * p.d * kKeys;
     mk::amx_zero();
-    for (int64_t kc = 0; kc < p.d / 32; ++kc) {
-      _tile_loadd(4, qb + 32 * kc, p.d * 2);
-      const uint16_t* b = kp + kc * 16 * 2 * kKeys;
-      _tile_loadd(5, b, 4 * kKeys);
-      _tile_dpbf16ps(0, 4, 5);
-      _tile_loadd(6, b + 32, 4 * kKeys);
-      _tile_dpbf16ps(1, 4, 6);
-      _tile_loadd(5, b + 64, 4 * kKeys);
-      _tile_dpbf16ps(2, 4, 5);
-      _tile_loadd(6, b + 96, 4 * kKeys);
-      _tile_dpbf16ps(3, 4, 6);
-    }
+    mk::amx_panel(qb, p.d * 2, p.d / 32, kp);
     mk::amx_store(sbuf);
     for (int r = 0; r < 16; ++r) {
       const int64_t lim = r < mr ? limit[r] - j0 : 0;

@@ -14,16 +14,20 @@
 
 namespace bigmodel::attention::fast {
 
-struct Problem {
+// T: float, or uint16_t for bfloat16 bits.
+template <typename T>
+struct ProblemOf {
   int64_t B = 0, Hq = 0, Hkv = 0, Lq = 0, Lk = 0, d = 0, dv = 0;
   float scale = 1.f;
   bool causal = false;
-  const float* q = nullptr;  // rows of d floats at strides qs over (batch, head, row)
-  const float* k = nullptr;
-  const float* v = nullptr;
+  const T* q = nullptr;  // rows of d values at strides qs over (batch, head, row)
+  const T* k = nullptr;
+  const T* v = nullptr;
   int64_t qs[3] = {}, ks[3] = {}, vs[3] = {};
   const int64_t* lengths = nullptr;  // [B] or nullptr
 };
+using Problem = ProblemOf<float>;
+using ProblemBf16 = ProblemOf<uint16_t>;
 
 // Whether the fast path handles these head dims.
 inline bool supports(int64_t d, int64_t dv) { return d % 16 == 0 && dv % 16 == 0 && d >= 16 && dv >= 16 && d <= 64 && dv <= 64; }
@@ -39,16 +43,6 @@ void forward(const Problem& p, int64_t t0, int64_t t1, float* out, float* lse);
 inline bool supports_amx(int64_t d, int64_t dv) {
   return d % 32 == 0 && d <= 128 && dv % 16 == 0 && dv >= 16 && dv <= 64;
 }
-struct ProblemBf16 {
-  int64_t B = 0, Hq = 0, Hkv = 0, Lq = 0, Lk = 0, d = 0, dv = 0;
-  float scale = 1.f;
-  bool causal = false;
-  const uint16_t* q = nullptr;
-  const uint16_t* k = nullptr;
-  const uint16_t* v = nullptr;
-  int64_t qs[3] = {}, ks[3] = {}, vs[3] = {};
-  const int64_t* lengths = nullptr;
-};
 constexpr int64_t kBlockQAmx = 64;  // query rows per bf16 forward task
 void forward_amx(const ProblemBf16& p, int64_t t0, int64_t t1, uint16_t* out, float* lse);
 

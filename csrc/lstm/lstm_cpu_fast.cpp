@@ -30,23 +30,6 @@ inline int64_t split(int64_t n, int64_t parts, int64_t i) { return i * n / parts
 
 // ---- forward ----
 
-// Gate nonlinearities; bf16 layers round h to bf16 every step, so they use the cheaper variants.
-template <bool kFast>
-BM_AVX512 BM_ALWAYS_INLINE __m512 sig(__m512 x) {
-  if constexpr (kFast)
-    return mk::sigmoid_fast_ps(x);
-  else
-    return mk::sigmoid_ps(x);
-}
-
-template <bool kFast>
-BM_AVX512 BM_ALWAYS_INLINE __m512 tnh(__m512 x) {
-  if constexpr (kFast)
-    return mk::tanh_fast_ps(x);
-  else
-    return mk::tanh_ps(x);
-}
-
 // The cell update of rows r0, r0 + rstride, ... (mr of them) and hidden units 16p .. 16p + 15, from
 // their pre-activations in tile[i] (gates i, f, g, o at columns 0, 16, 32, 48), bias not yet added.
 template <bool kBf16, bool kTrain>
@@ -61,13 +44,13 @@ BM_AVX512_BF16 BM_ALWAYS_INLINE void cell_update(const ForwardArgs& a, int64_t o
     bias[g] = a.bias != nullptr ? mk::load_f32(a.bias + g * H + u0, m) : _mm512_setzero_ps();
   for (int64_t i = 0; i < mr; ++i) {
     const int64_t r = r0 + i * rstride, row = off + r;
-    const __m512 ig = sig<kBf16>(_mm512_add_ps(_mm512_load_ps(tile[i]), bias[0]));
-    const __m512 fg = sig<kBf16>(_mm512_add_ps(_mm512_load_ps(tile[i] + 16), bias[1]));
-    const __m512 gg = tnh<kBf16>(_mm512_add_ps(_mm512_load_ps(tile[i] + 32), bias[2]));
-    const __m512 og = sig<kBf16>(_mm512_add_ps(_mm512_load_ps(tile[i] + 48), bias[3]));
-    float* cp = a.c + r * H + u0;
+    const __m512 ig = mk::sigmoid_ps<kBf16>(_mm512_add_ps(_mm512_load_ps(tile[i]), bias[0]));
+    const __m512 fg = mk::sigmoid_ps<kBf16>(_mm512_add_ps(_mm512_load_ps(tile[i] + 16), bias[1]));
+    const __m512 gg = mk::tanh_ps<kBf16>(_mm512_add_ps(_mm512_load_ps(tile[i] + 32), bias[2]));
+    const __m512 og = mk::sigmoid_ps<kBf16>(_mm512_add_ps(_mm512_load_ps(tile[i] + 48), bias[3]));
+    float* cp = a.c + r * H + u0;  // bf16: h is rounded every step, so the kFast math suffices
     const __m512 cn = _mm512_fmadd_ps(fg, mk::load_f32(cp, m), _mm512_mul_ps(ig, gg));
-    const __m512 hv = _mm512_mul_ps(og, tnh<kBf16>(cn));
+    const __m512 hv = _mm512_mul_ps(og, mk::tanh_ps<kBf16>(cn));
     mk::store_f32(cp, cn, m);
     if constexpr (kBf16) {
       mk::store_bf16(static_cast<uint16_t*>(hn) + r * Kh + u0, hv, m);
@@ -147,39 +130,14 @@ BM_AMX void forward_tile_amx2(const ForwardArgs& a, int64_t off, int64_t r0, int
   cell_update<true, kTrain>(a, off, r0, mr, rstride, p, tile, hn);
 }
 
-template <bool kTrain>
-BM_AMX void forward_loop_amx(const ForwardArgs& a, int64_t w0, int64_t w1) {
-  const Steps& st = a.steps;
-  const int64_t R = a.grid.R, C = a.grid.C;
-  const int64_t np = (st.H + kUnits - 1) / kUnits;
-  mk::amx_configure();
-  for (int64_t s = 0; s < st.T; ++s) {
-    const int64_t t = st.reverse ? st.T - 1 - s : s;
-    const int64_t b = st.batch_sizes[t], off = st.offsets[t];
-    const void* hp = a.h[s & 1];
-    void* hn = a.h[(s & 1) ^ 1];
-    for (int64_t w = w0; w < w1; ++w) {
-      const int64_t rg = w / C, cg = w % C;
-      const int64_t p0 = split(np, C, cg), p1 = split(np, C, cg + 1);
-      for_each_row_block(
-          b, rg, R,
-          [&](int64_t r0, int64_t mr) {
-            for (int64_t p = p0; p < p1; ++p) {
-              if (mr > 16)
-                forward_tile_amx2<kTrain>(a, off, r0, mr, R, p, hp, hn);
-              else
-                forward_tile_amx<kTrain>(a, off, r0, mr, R, p, hp, hn);
-            }
-          },
-          kAmxRows);
-    }
-    if (C > 1) a.barrier->arrive_and_wait(w1 - w0);
-  }
-  _tile_release();
-}
-
-template <bool kBf16, bool kTrain>
-void forward_loop(const ForwardArgs& a, int64_t w0, int64_t w1) {
+// The forward time loop, shared by the register-tile and AMX paths: per step, every worker's tiles
+// tile(off, r0, mr, p, hp, hn) over its row blocks (of at most max_rows rows) and panels, then the
+// column groups' barrier. Row blocks outer keeps a block's h rows in L1 across the panels; panels
+// outer reads each panel from L2/L3 once per step for all row blocks, which wins once a worker's
+// panels are too big to stay near (measured: small shape 2.5 vs 3.0 ms, long 67.5 vs 61.5 ms).
+template <typename Tile>
+void forward_steps(const ForwardArgs& a, int64_t w0, int64_t w1, int64_t max_rows, bool panels_outer,
+                   const Tile& tile) {
   const Steps& st = a.steps;
   const int64_t R = a.grid.R, C = a.grid.C;
   const int64_t np = (st.H + kUnits - 1) / kUnits;
@@ -191,38 +149,44 @@ void forward_loop(const ForwardArgs& a, int64_t w0, int64_t w1) {
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t rg = w / C, cg = w % C;
       const int64_t p0 = split(np, C, cg), p1 = split(np, C, cg + 1);
-      // Row blocks outer keeps a block's h rows in L1 across the panels; panels outer reads each
-      // panel from L2/L3 once per step for all row blocks, which wins once a worker's panels are
-      // too big to stay near (measured: small shape 2.5 vs 3.0 ms, long 67.5 vs 61.5 ms).
-      if (!a.panels_outer) {
-        for_each_row_block(b, rg, R, [&](int64_t r0, int64_t mr) {
-          for (int64_t p = p0; p < p1; ++p) {
-          switch (mr) {
-            case 1: forward_tile<kBf16, kTrain, 1>(a, off, r0, R, p, hp, hn); break;
-            case 2: forward_tile<kBf16, kTrain, 2>(a, off, r0, R, p, hp, hn); break;
-            case 3: forward_tile<kBf16, kTrain, 3>(a, off, r0, R, p, hp, hn); break;
-            case 4: forward_tile<kBf16, kTrain, 4>(a, off, r0, R, p, hp, hn); break;
-            case 5: forward_tile<kBf16, kTrain, 5>(a, off, r0, R, p, hp, hn); break;
-            default: forward_tile<kBf16, kTrain, 6>(a, off, r0, R, p, hp, hn); break;
-          }
-          }
-        });
-      } else
-      for (int64_t p = p0; p < p1; ++p) {
-        for_each_row_block(b, rg, R, [&](int64_t r0, int64_t mr) {
-          switch (mr) {
-            case 1: forward_tile<kBf16, kTrain, 1>(a, off, r0, R, p, hp, hn); break;
-            case 2: forward_tile<kBf16, kTrain, 2>(a, off, r0, R, p, hp, hn); break;
-            case 3: forward_tile<kBf16, kTrain, 3>(a, off, r0, R, p, hp, hn); break;
-            case 4: forward_tile<kBf16, kTrain, 4>(a, off, r0, R, p, hp, hn); break;
-            case 5: forward_tile<kBf16, kTrain, 5>(a, off, r0, R, p, hp, hn); break;
-            default: forward_tile<kBf16, kTrain, 6>(a, off, r0, R, p, hp, hn); break;
-          }
-        });
+      if (panels_outer) {
+        for (int64_t p = p0; p < p1; ++p)
+          for_each_row_block(b, rg, R, [&](int64_t r0, int64_t mr) { tile(off, r0, mr, p, hp, hn); }, max_rows);
+      } else {
+        for_each_row_block(
+            b, rg, R,
+            [&](int64_t r0, int64_t mr) {
+              for (int64_t p = p0; p < p1; ++p) tile(off, r0, mr, p, hp, hn);
+            },
+            max_rows);
       }
     }
     if (C > 1) a.barrier->arrive_and_wait(w1 - w0);
   }
+}
+
+template <bool kBf16, bool kTrain>
+void forward_loop(const ForwardArgs& a, int64_t w0, int64_t w1) {
+  forward_steps(a, w0, w1, mk::kMR, a.panels_outer,
+                [&](int64_t off, int64_t r0, int64_t mr, int64_t p, const void* hp, void* hn) {
+                  mk::with_rows(mr, [&](auto rows) {
+                    forward_tile<kBf16, kTrain, decltype(rows)::value>(a, off, r0, a.grid.R, p, hp, hn);
+                  });
+                });
+}
+
+// AMX keeps row blocks outer: the loop-order rule above was measured on the register-tile path.
+template <bool kTrain>
+BM_AMX void forward_loop_amx(const ForwardArgs& a, int64_t w0, int64_t w1) {
+  mk::amx_configure();
+  forward_steps(a, w0, w1, kAmxRows, false,
+                [&](int64_t off, int64_t r0, int64_t mr, int64_t p, const void* hp, void* hn) {
+                  if (mr > 16)
+                    forward_tile_amx2<kTrain>(a, off, r0, mr, a.grid.R, p, hp, hn);
+                  else
+                    forward_tile_amx<kTrain>(a, off, r0, mr, a.grid.R, p, hp, hn);
+                });
+  _tile_release();
 }
 
 // ---- backward ----
@@ -297,16 +261,9 @@ BM_AVX512 void grad_state_tile(const BackwardArgs& a, const float* dg, int64_t l
 
 void grad_state_tiles(const BackwardArgs& a, const float* dg, int64_t lda, int64_t off, int64_t r0, int64_t mr,
                       int64_t rstride, int64_t p0, int64_t p1) {
-  for (int64_t p = p0; p < p1; ++p) {
-    switch (mr) {
-      case 1: grad_state_tile<1>(a, dg, lda, off, r0, rstride, p); break;
-      case 2: grad_state_tile<2>(a, dg, lda, off, r0, rstride, p); break;
-      case 3: grad_state_tile<3>(a, dg, lda, off, r0, rstride, p); break;
-      case 4: grad_state_tile<4>(a, dg, lda, off, r0, rstride, p); break;
-      case 5: grad_state_tile<5>(a, dg, lda, off, r0, rstride, p); break;
-      default: grad_state_tile<6>(a, dg, lda, off, r0, rstride, p); break;
-    }
-  }
+  mk::with_rows(mr, [&](auto rows) {
+    for (int64_t p = p0; p < p1; ++p) grad_state_tile<decltype(rows)::value>(a, dg, lda, off, r0, rstride, p);
+  });
 }
 
 // dw[m0 .. m0 + MR, 64 p ..] += dg[0 .. n, m0 ..]^T hx[p][0 .. n]: a weight-gradient tile, with the
@@ -328,16 +285,9 @@ BM_AVX512 void grad_weights_update(const WorkerScratch& ws, int64_t G, int64_t F
   const int64_t np = F / mk::kNR;
   for (int64_t m0 = 0; m0 < G; m0 += mk::kMR) {
     const int64_t mr = std::min<int64_t>(mk::kMR, G - m0);
-    for (int64_t p = 0; p < np; ++p) {
-      switch (mr) {
-        case 1: grad_weight_tile<1>(ws, G, F, rows_cap, n, m0, p); break;
-        case 2: grad_weight_tile<2>(ws, G, F, rows_cap, n, m0, p); break;
-        case 3: grad_weight_tile<3>(ws, G, F, rows_cap, n, m0, p); break;
-        case 4: grad_weight_tile<4>(ws, G, F, rows_cap, n, m0, p); break;
-        case 5: grad_weight_tile<5>(ws, G, F, rows_cap, n, m0, p); break;
-        default: grad_weight_tile<6>(ws, G, F, rows_cap, n, m0, p); break;
-      }
-    }
+    mk::with_rows(mr, [&](auto rows) {
+      for (int64_t p = 0; p < np; ++p) grad_weight_tile<decltype(rows)::value>(ws, G, F, rows_cap, n, m0, p);
+    });
   }
 }
 

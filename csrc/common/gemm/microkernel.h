@@ -24,6 +24,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #define BM_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
 #define BM_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma")))
@@ -34,6 +35,30 @@ namespace bigmodel::gemm::avx512 {
 
 constexpr int kNR = 64;  // panel width: four zmm registers of float32
 constexpr int kMR = 6;   // rows per tile: 6 x 4 accumulators + 4 B vectors + 1 broadcast of 32 zmm
+
+// Turn a run-time tile size into a template argument: f(std::integral_constant<int, n>{}).
+// with_rows: n = mr in 1 .. kMR (larger counts run as kMR); with_vectors: n = 1 .. 4 zmm columns.
+template <typename F>
+inline void with_rows(int64_t mr, const F& f) {
+  switch (mr) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    default: f(std::integral_constant<int, kMR>{}); break;
+  }
+}
+
+template <typename F>
+inline void with_vectors(int64_t nv, const F& f) {
+  switch (nv) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, 4>{}); break;
+  }
+}
 
 template <int MR>
 BM_AVX512 BM_ALWAYS_INLINE void zero_tile(__m512 (&acc)[MR][4]) {
@@ -239,22 +264,28 @@ BM_AMX BM_ALWAYS_INLINE void amx_store(float (*out)[kNR]) {
 // ---- vector math for epilogues ----
 
 // e^(s x) for s = 1, -1 or -2 (the LSTM's gates need e^-x and e^-2x, softmax e^x), |s x| <= 87
-// (callers clamp).
-// s x = n ln2 + r with n = round(s x / ln2); then r = s (x - n ln2 / s) = s t, and e^r is a degree-6
-// Taylor polynomial in r (|r| <= ln2/2: truncation error < 1e-7 relative) written as a polynomial
-// in t with the powers of s folded into its coefficients, so neither s x nor r is ever formed.
-// A single float ln2 in the FMA leaves |r| error below n * 2e-9; vscalefps puts the exponent back
-// and underflows to 0 for very negative s x.
-template <int S>
+// (callers clamp). s x = n ln2 + r with n = round(s x / ln2); then r = s (x - n ln2 / s) = s t, and
+// e^r is a Taylor polynomial in r (|r| <= ln2/2) written as a polynomial in t with the powers of s
+// folded into its coefficients, so neither s x nor r is ever formed. A single float ln2 in the FMA
+// leaves |r| error below n * 2e-9; vscalefps puts the exponent back and underflows to 0 for very
+// negative s x.
+// kFast: for epilogues whose results are rounded to bfloat16 (relative step 2^-8): degree 4
+// (truncation < 5e-5 relative) instead of 6 (< 1e-7).
+template <int S, bool kFast = false>
 BM_AVX512 BM_ALWAYS_INLINE __m512 exp_scaled_ps(__m512 x) {
   static_assert(S == 1 || S == -1 || S == -2);
   constexpr float s = S;
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(s * 1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 t = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147180559945309f / s), x);
-  __m512 p = _mm512_set1_ps(s * s * s * s * s * s / 720);
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(s * s * s * s * s / 120));
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(s * s * s * s / 24));
+  __m512 p;
+  if constexpr (kFast) {
+    p = _mm512_set1_ps(s * s * s * s / 24);
+  } else {
+    p = _mm512_set1_ps(s * s * s * s * s * s / 720);
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(s * s * s * s * s / 120));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(s * s * s * s / 24));
+  }
   p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(s * s * s / 6));
   p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(s * s / 2));
   p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(s));
@@ -262,52 +293,29 @@ BM_AVX512 BM_ALWAYS_INLINE __m512 exp_scaled_ps(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// 1 / d for d >= 1: vrcp14ps refined by one Newton step (relative error ~1e-8).
+// 1 / d for d >= 1: vrcp14ps (relative error < 6.1e-5), refined by one Newton step (~1e-8) unless
+// kFast.
+template <bool kFast = false>
 BM_AVX512 BM_ALWAYS_INLINE __m512 recip_ps(__m512 d) {
   const __m512 y = _mm512_rcp14_ps(d);
+  if constexpr (kFast) return y;
   return _mm512_mul_ps(y, _mm512_fnmadd_ps(d, y, _mm512_set1_ps(2.f)));
 }
 
 // 1 / (1 + e^-x). x >= -80 (clamped): e^80 is finite, and sigmoid(-80) is 1.8e-35 already; large
 // positive x underflows e^-x to 0 and gives exactly 1.
+template <bool kFast = false>
 BM_AVX512 BM_ALWAYS_INLINE __m512 sigmoid_ps(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-80.f));
-  return recip_ps(_mm512_add_ps(_mm512_set1_ps(1.f), exp_scaled_ps<-1>(x)));
+  return recip_ps<kFast>(_mm512_add_ps(_mm512_set1_ps(1.f), exp_scaled_ps<-1, kFast>(x)));
 }
 
-// tanh(x) = 2 / (1 + e^-2x) - 1: absolute error at float32 rounding level. x >= -40 (clamped).
+// tanh(x) = 2 / (1 + e^-2x) - 1: absolute error at float32 rounding level (kFast: ~1e-4). x >= -40
+// (clamped).
+template <bool kFast = false>
 BM_AVX512 BM_ALWAYS_INLINE __m512 tanh_ps(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-40.f));
-  const __m512 sig2 = recip_ps(_mm512_add_ps(_mm512_set1_ps(1.f), exp_scaled_ps<-2>(x)));
-  return _mm512_fmsub_ps(_mm512_set1_ps(2.f), sig2, _mm512_set1_ps(1.f));
-}
-
-// Cheaper variants for epilogues whose results are rounded to bfloat16 (relative step 2^-8): a
-// degree-4 polynomial (truncation < 5e-5 relative) and vrcp14ps without refinement (< 6.1e-5), about
-// 10 vector ops per sigmoid instead of 15.
-template <int S>
-BM_AVX512 BM_ALWAYS_INLINE __m512 exp_scaled_fast_ps(__m512 x) {
-  static_assert(S == 1 || S == -1 || S == -2);
-  constexpr float s = S;
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(s * 1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 t = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147180559945309f / s), x);
-  __m512 p = _mm512_set1_ps(s * s * s * s / 24);
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(s * s * s / 6));
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(s * s / 2));
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(s));
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
-
-BM_AVX512 BM_ALWAYS_INLINE __m512 sigmoid_fast_ps(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-80.f));
-  return _mm512_rcp14_ps(_mm512_add_ps(_mm512_set1_ps(1.f), exp_scaled_fast_ps<-1>(x)));
-}
-
-BM_AVX512 BM_ALWAYS_INLINE __m512 tanh_fast_ps(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-40.f));
-  const __m512 sig2 = _mm512_rcp14_ps(_mm512_add_ps(_mm512_set1_ps(1.f), exp_scaled_fast_ps<-2>(x)));
+  const __m512 sig2 = recip_ps<kFast>(_mm512_add_ps(_mm512_set1_ps(1.f), exp_scaled_ps<-2, kFast>(x)));
   return _mm512_fmsub_ps(_mm512_set1_ps(2.f), sig2, _mm512_set1_ps(1.f));
 }
 
