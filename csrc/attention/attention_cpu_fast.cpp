@@ -38,6 +38,18 @@ void copy_rows(const float* x, int64_t ld, int64_t n, int64_t dim, float* dst) {
   for (int64_t j = 0; j < n; ++j) std::copy(x + j * ld, x + j * ld + dim, dst + j * dim);
 }
 
+// How many keys each of rows r0 .. r0 + mr may see (key lengths, and the causal diagonal) into
+// limit[]; returns the most any of them sees.
+template <typename P>
+int64_t visible_keys(const P& p, int64_t valid, int64_t r0, int64_t mr, int64_t* limit) {
+  int64_t kend = 0;
+  for (int64_t r = 0; r < mr; ++r) {
+    limit[r] = p.causal ? std::min(valid, r0 + r + 1) : valid;
+    kend = std::max(kend, limit[r]);
+  }
+  return kend;
+}
+
 float* aligned(std::vector<float>& storage, int64_t n) {
   storage.resize(n + 16);
   return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(storage.data()) + 63) & ~uintptr_t(63));
@@ -152,11 +164,7 @@ void forward(const Problem& p, int64_t t0, int64_t t1, float* out, float* lse) {
     for (int64_t r0 = i0; r0 < i0 + nq; r0 += kRows) {
       const int mr = int(std::min<int64_t>(kRows, i0 + nq - r0));
       int64_t limit[kRows];
-      int64_t kend = 0;
-      for (int r = 0; r < mr; ++r) {
-        limit[r] = p.causal ? std::min(valid, r0 + r + 1) : valid;
-        kend = std::max(kend, limit[r]);
-      }
+      const int64_t kend = visible_keys(p, valid, r0, mr, limit);
       const float* q = p.q + b * p.qs[0] + h * p.qs[1] + r0 * p.qs[2];
       float* o = out + (row0 + r0) * p.dv;
       float* ls = lse + row0 + r0;
@@ -295,7 +303,7 @@ void backward(const Problem& p, const Grads& g, int64_t t0, int64_t t1) {
           for (int64_t r0 = i0; r0 < i0 + nq; r0 += kRows) {
             const int mr = int(std::min<int64_t>(kRows, i0 + nq - r0));
             int64_t limit[kRows];
-            for (int r = 0; r < mr; ++r) limit[r] = p.causal ? std::min(valid, r0 + r + 1) : valid;
+            visible_keys(p, valid, r0, mr, limit);
             const float* q = qh + r0 * p.d;
             const float* go = g.grad_out + (row0 + r0) * p.dv;
             float* gq = g.gq + (row0 + r0) * p.d;
@@ -463,12 +471,9 @@ BM_AMX void forward_amx_tasks(const ProblemBf16& p, int64_t t0, int64_t t1, uint
     for (int64_t r0 = i0; r0 < i0 + nq; r0 += 16) {
       const int64_t mr = std::min<int64_t>(16, i0 + nq - r0);
       int64_t limit[16];
-      int64_t kend = 0;
-      for (int64_t r = 0; r < mr; ++r) {
-        limit[r] = p.causal ? std::min(valid, r0 + r + 1) : valid;
-        kend = std::max(kend, limit[r]);
+      const int64_t kend = visible_keys(p, valid, r0, mr, limit);
+      for (int64_t r = 0; r < mr; ++r)
         std::memcpy(qb + r * p.d, p.q + b * p.qs[0] + h * p.qs[1] + (r0 + r) * p.qs[2], p.d * sizeof(uint16_t));
-      }
       std::memset(qb + mr * p.d, 0, (16 - mr) * p.d * sizeof(uint16_t));
       amx_row_block(p, qb, mr, limit, kend, kpanels, vpanels, out + (row0 + r0) * p.dv, lse + row0 + r0);
     }

@@ -195,13 +195,6 @@ void pack_f32_into(float* out, int64_t K_total, int64_t k0, const at::Tensor& sr
   });
 }
 
-at::Tensor pack_f32(const at::Tensor& src, bool src_is_nk, const ColumnMap& cols) {
-  const int64_t K = src_is_nk ? src.size(1) : src.size(0);
-  at::Tensor out = at::zeros({int64_t(cols.size()) / kPanel, K, kPanel}, at::kFloat);
-  pack_f32_into(out.data_ptr<float>(), K, 0, src, src_is_nk, cols);
-  return out;
-}
-
 at::Tensor pack_bf16(const at::Tensor& src, bool src_is_nk, const ColumnMap& cols) {
   const int64_t K = src_is_nk ? src.size(1) : src.size(0);
   const int64_t K2 = (K + 1) / 2;

@@ -27,15 +27,14 @@ ColumnMap contiguous_columns(int64_t N);
 ColumnMap gate_grouped_columns(int64_t H);
 
 // B(k, n) is src[n, k] when src_is_nk (src is [N, K], e.g. a weight used as x W^T), else src[k, n];
-// src is a contiguous 2-D float32, float64 or bfloat16 tensor.
-at::Tensor pack_f32(const at::Tensor& src, bool src_is_nk, const ColumnMap& cols);
+// src is a 2-D float32, float64 or bfloat16 tensor.
 
 // Packs src into rows k0 .. k0 + K(src) of panels that have K_total rows (out: [npanels, K_total, 64]
 // floats), writing only the columns cols maps (>= 0): B matrices made of several weights are packed
 // part by part into one zeroed buffer, without concatenating the weights first.
 void pack_f32_into(float* out, int64_t K_total, int64_t k0, const at::Tensor& src, bool src_is_nk,
                    const ColumnMap& cols);
-at::Tensor pack_bf16(const at::Tensor& src, bool src_is_nk, const ColumnMap& cols);
+at::Tensor pack_bf16(const at::Tensor& src, bool src_is_nk, const ColumnMap& cols);  // [np, ceil(K/2), 64, 2]
 
 // The packed form of weights, cached across calls: `make()` runs only when no entry has the same
 // `kind` (which packing) and sources of the same shapes, dtypes and contents. Contents are compared
