@@ -1,7 +1,9 @@
-"""F.scaled_dot_product_attention and nn.MultiheadAttention vs bigmodel's, side by side (float32).
+"""F.scaled_dot_product_attention and nn.MultiheadAttention vs bigmodel's, side by side.
 
     python -m pytest benchmarks/bench_attention.py --benchmark-json=out.json [--quick] [--device cuda]
 
+CPU: float32 at the CPU shapes. CUDA: bfloat16 at the GPU shapes (native without a mask or with
+is_causal is SDPA's flash backend; with a boolean mask PyTorch picks its memory-efficient backend).
 Key padding: native gets the equivalent boolean attn_mask, bigmodel gets key_lengths (its padded
 key blocks are skipped). On CUDA every timed call ends with a synchronize.
 """
@@ -19,6 +21,11 @@ SHAPES = [
     ("long", 8, 1024, 8, 32),
     ("longer", 4, 2048, 8, 64),
 ]
+GPU_SHAPES = [
+    ("gpu-d64", 8, 4096, 16, 64),
+    ("gpu-d128", 8, 4096, 16, 128),
+]
+GPU_DTYPE = torch.bfloat16
 MASKS = ["none", "causal", "key-padding"]
 MODES = ["forward", "train"]
 IMPLS = ["native", "bigmodel"]
@@ -50,16 +57,21 @@ def _measure(benchmark, fn, quick, *, slow, **info):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("mask", MASKS)
-@pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
+@pytest.mark.parametrize("shape", SHAPES + GPU_SHAPES, ids=[s[0] for s in SHAPES + GPU_SHAPES])
 def test_attention(benchmark, quick, device, timed, shape, mask, mode, impl):
-    if quick and shape[0] != "seed":
-        pytest.skip("--quick runs the seed shape only")
-    if impl == "bigmodel" and device == "cuda":
-        pytest.skip("bigmodel.attention has no CUDA kernel yet")
+    on_gpu_list = shape in GPU_SHAPES
+    if on_gpu_list != (device == "cuda"):
+        pytest.skip("CPU shapes run on the CPU, GPU shapes on CUDA")
+    if quick and shape[0] not in ("seed", "gpu-d64"):
+        pytest.skip("--quick runs the first shape only")
+    if impl == "bigmodel" and device == "cuda" and not _has_cuda_kernel():
+        pytest.skip("bigmodel was built without its CUDA attention kernel")
     name, B, L, H, d = shape
+    dtype = GPU_DTYPE if device == "cuda" else torch.float32
     g = torch.Generator().manual_seed(1)
     q, k, v = (
-        torch.randn(B, H, L, d, generator=g).to(device).requires_grad_(mode == "train") for _ in range(3)
+        torch.randn(B, H, L, d, generator=g).to(device, dtype).requires_grad_(mode == "train")
+        for _ in range(3)
     )
     # Lengths between L/4 and L, the longest present (so no row is fully masked for native).
     lengths = torch.randint(L // 4, L + 1, (B,), generator=g)
@@ -85,11 +97,15 @@ def test_attention(benchmark, quick, device, timed, shape, mask, mode, impl):
         slow=mode == "train" or L >= 1024,
         op="attention",
         case=f"{name}/{mask}",
-        shape=f"B={B} L={L} heads={H} d={d}",
+        shape=f"B={B} L={L} heads={H} d={d}" + (" bf16" if dtype == torch.bfloat16 else ""),
         mode=mode,
         impl=impl,
         device=device,
     )
+
+
+def _has_cuda_kernel() -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key("bigmodel::attention", "CUDA")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -98,9 +114,13 @@ def test_attention(benchmark, quick, device, timed, shape, mask, mode, impl):
 def test_multihead_attention(benchmark, quick, device, timed, shape, mode, impl):
     """nn.MultiheadAttention vs bigmodel's, self-attention with a right-padded key_padding_mask,
     need_weights=False on both sides. Both modules stay in train mode (dropout 0): the issue takes
-    native's train mode as the baseline, since its eval fast path is slower on this CPU."""
+    native's train mode as the baseline, since its eval fast path is slower on this CPU. On CUDA the
+    modules run in bfloat16 (the tensor-core path)."""
     if quick and shape[0] != "seed":
         pytest.skip("--quick runs the seed shape only")
+    if impl == "bigmodel" and device == "cuda" and not _has_cuda_kernel():
+        pytest.skip("bigmodel was built without its CUDA attention kernel")
+    dtype = GPU_DTYPE if device == "cuda" else torch.float32
     name, B, L, H, d = shape
     E = H * d
     torch.manual_seed(0)
@@ -110,9 +130,9 @@ def test_multihead_attention(benchmark, quick, device, timed, shape, mode, impl)
     else:
         module = bigmodel.nn.MultiheadAttention(E, H, batch_first=True)
         module.load_state_dict(ref.state_dict())
-    module = module.to(device).train()
+    module = module.to(device, dtype).train()
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(B, L, E, generator=g).to(device).requires_grad_(mode == "train")
+    x = torch.randn(B, L, E, generator=g).to(device, dtype).requires_grad_(mode == "train")
     lengths = torch.randint(L // 4, L + 1, (B,), generator=g)
     lengths[0] = L
     pad = (torch.arange(L) >= lengths.view(-1, 1)).to(device)  # True = padding, as nn.MHA wants
@@ -139,7 +159,7 @@ def test_multihead_attention(benchmark, quick, device, timed, shape, mode, impl)
         slow=mode == "train" or L >= 1024,
         op="mha",
         case=f"{name}/key-padding",
-        shape=f"B={B} L={L} E={E} heads={H}",
+        shape=f"B={B} L={L} E={E} heads={H}" + (" bf16" if dtype == torch.bfloat16 else ""),
         mode=mode,
         impl=impl,
         device=device,

@@ -39,7 +39,7 @@ class MultiheadAttention(nn.MultiheadAttention):
             or self.bias_k is not None
             or self.add_zero_attn
             or (is_causal and attn_mask is None)
-            or query.device.type != "cpu"
+            or not _has_kernel(query.device)
         ):
             return super().forward(
                 query,
@@ -106,6 +106,14 @@ class MultiheadAttention(nn.MultiheadAttention):
         if not batched:
             out = out.squeeze(1)
         return out, None
+
+
+def _has_kernel(device: torch.device) -> bool:
+    """Whether bigmodel's attention op has a kernel for ``device`` (CUDA only when built with it)."""
+    if device.type == "cpu":
+        return True
+    key = {"cuda": "CUDA"}.get(device.type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("bigmodel::attention", key)
 
 
 def _attend_mask(mask: Tensor | None, N: int, H: int, L: int, S: int, dtype: torch.dtype) -> Tensor | None:

@@ -1,5 +1,5 @@
 // Contract of bigmodel's attention ops (schemas in csrc/bigmodel.cpp, CPU kernels in
-// attention_cpu.cpp, Python wrapper and autograd in bigmodel/ops/attention.py).
+// attention_cpu.cpp, CUDA kernels in attention_cuda.cu, shared checks in attention_common.cpp, Python wrapper and autograd in bigmodel/ops/attention.py).
 //
 // attention(q, k, v, attn_mask?, key_lengths?, is_causal, scale?, dropout_p, seed) -> (out, logsumexp)
 //   q            [B, Hq, Lq, d]
@@ -30,3 +30,74 @@
 //   head shared by several query heads (GQA) are the sums over those heads. No gradient flows to
 //   attn_mask or key_lengths.
 #pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <optional>
+
+// Host and device (the dropout hash is computed by both kernels).
+#if defined(__CUDACC__)
+#define BM_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define BM_HOST_DEVICE inline
+#endif
+
+namespace bigmodel::attention {
+
+// Dropout's keep/drop decision for score (b, h, i, j) is a pure function of (seed, b, h, i, j), so
+// backward regenerates forward's mask without storing it, and the CPU and CUDA kernels draw the same
+// mask. mix32 is a 32-bit integer finalizer (xorshift-multiply, "lowbias32");
+// bigmodel.reference.dropout_keep computes the same bits.
+BM_HOST_DEVICE uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352dU;
+  x ^= x >> 15;
+  x *= 0x846ca68bU;
+  x ^= x >> 16;
+  return x;
+}
+
+struct Dropout {
+  double p = 0.0;
+  uint32_t seed = 0;
+  uint32_t threshold = 0;  // keep iff hash >= threshold, i.e. with probability 1 - p
+
+  BM_HOST_DEVICE bool active() const { return p > 0.0; }
+  BM_HOST_DEVICE uint32_t row_key(int64_t b, int64_t h, int64_t i) const {
+    uint32_t x = mix32(seed + 0x9e3779b9U);
+    x = mix32(x ^ static_cast<uint32_t>(b));
+    x = mix32(x ^ static_cast<uint32_t>(h));
+    return mix32(x ^ static_cast<uint32_t>(i));
+  }
+  BM_HOST_DEVICE bool keep(uint32_t row, int64_t j) const { return mix32(row ^ static_cast<uint32_t>(j)) >= threshold; }
+};
+
+// Checks dropout_p (in [0, 1)) and derives the threshold.
+Dropout make_dropout(const char* op, double p, int64_t seed);
+
+struct Dims {
+  int64_t B, Hq, Hkv, Lq, Lk, d, dv;
+};
+
+inline at::ScalarType compute_dtype(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Validates q, k, v, attn_mask and key_lengths (shapes, dtypes, devices) and returns the sizes. The
+// range of key_lengths is checked here for CPU tensors; a CUDA caller checks it with
+// check_key_lengths_range when it may synchronize.
+Dims check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_lengths);
+void check_key_lengths_range(const char* op, const at::Tensor& key_lengths, int64_t Lk);
+
+// Backward's extra arguments: grad_out and out [B, Hq, Lq, dv], logsumexp [B, Hq, Lq] in the compute dtype.
+void check_backward_inputs(const char* op, const Dims& d, const at::Tensor& grad_out, const at::Tensor& out,
+                           const at::Tensor& logsumexp, at::ScalarType compute);
+
+// The additive mask in compute dtype ct, broadcast (by strides, not copies) to [B, Hq, Lq, Lk];
+// undefined without attn_mask. A bool mask becomes 0 / -inf.
+at::Tensor additive_mask(const std::optional<at::Tensor>& attn_mask, const Dims& d, at::ScalarType ct);
+
+// key_lengths as a contiguous int64 tensor on its device; undefined without.
+at::Tensor lengths_int64(const std::optional<at::Tensor>& key_lengths);
+
+}  // namespace bigmodel::attention

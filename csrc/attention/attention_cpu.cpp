@@ -44,105 +44,6 @@ using at::vec::Vectorized;
 constexpr int64_t kBlockQ = 128;
 constexpr int64_t kBlockK = 256;
 
-// Dropout's keep/drop decision for score (b, h, i, j) is a pure function of (seed, b, h, i, j), so
-// backward regenerates forward's mask without storing it. mix32 is a 32-bit integer finalizer
-// (xorshift-multiply, "lowbias32"); bigmodel.reference.dropout_keep computes the same bits.
-inline uint32_t mix32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x7feb352dU;
-  x ^= x >> 15;
-  x *= 0x846ca68bU;
-  x ^= x >> 16;
-  return x;
-}
-
-struct Dropout {
-  double p = 0.0;
-  uint32_t seed = 0;
-  uint32_t threshold = 0;  // keep iff hash >= threshold, i.e. with probability 1 - p
-
-  bool active() const { return p > 0.0; }
-  uint32_t row_key(int64_t b, int64_t h, int64_t i) const {
-    uint32_t x = mix32(seed + 0x9e3779b9U);
-    x = mix32(x ^ static_cast<uint32_t>(b));
-    x = mix32(x ^ static_cast<uint32_t>(h));
-    return mix32(x ^ static_cast<uint32_t>(i));
-  }
-  bool keep(uint32_t row, int64_t j) const { return mix32(row ^ static_cast<uint32_t>(j)) >= threshold; }
-};
-
-Dropout make_dropout(const char* op, double p, int64_t seed) {
-  BM_CHECK(p >= 0.0 && p < 1.0, op, "dropout_p must be in [0, 1), got ", p);
-  Dropout d;
-  d.p = p;
-  d.seed = static_cast<uint32_t>(seed);
-  d.threshold = static_cast<uint32_t>(std::min(p * 4294967296.0, 4294967295.0));
-  return d;
-}
-
-struct Dims {
-  int64_t B, Hq, Hkv, Lq, Lk, d, dv;
-};
-
-at::ScalarType compute_dtype(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
-
-Dims check_inputs(const char* op, const Tensor& q, const Tensor& k, const Tensor& v,
-                  const std::optional<Tensor>& attn_mask, const std::optional<Tensor>& key_lengths) {
-  BM_CHECK(q.dim() == 4, op, "query must be 4-D [B, Hq, Lq, d], got ", q.sizes());
-  BM_CHECK(k.dim() == 4, op, "key must be 4-D [B, Hkv, Lk, d], got ", k.sizes());
-  BM_CHECK(v.dim() == 4, op, "value must be 4-D [B, Hkv, Lk, dv], got ", v.sizes());
-  check_float_dtype(q, op, "query");
-  check_same_dtype_device(k, q, op, "key", "query");
-  check_same_dtype_device(v, q, op, "value", "query");
-  const Dims d{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3)};
-  BM_CHECK(k.size(0) == d.B, op, "key has batch size ", k.size(0), " but query has ", d.B);
-  BM_CHECK(v.size(0) == d.B, op, "value has batch size ", v.size(0), " but query has ", d.B);
-  BM_CHECK(v.size(1) == d.Hkv, op, "value has ", v.size(1), " heads but key has ", d.Hkv);
-  BM_CHECK(v.size(2) == d.Lk, op, "value has ", v.size(2), " keys (dim 2) but key has ", d.Lk);
-  BM_CHECK(k.size(3) == d.d, op, "key has head dim ", k.size(3), " but query has ", d.d);
-  BM_CHECK(d.Hkv > 0 && d.Hq % d.Hkv == 0, op, "query heads (", d.Hq,
-           ") must be a multiple of key/value heads (", d.Hkv, ")");
-  if (key_lengths.has_value()) {
-    const Tensor& kl = *key_lengths;
-    BM_CHECK(kl.scalar_type() == at::kLong || kl.scalar_type() == at::kInt, op,
-             "key_lengths must be int32 or int64, got ", kl.scalar_type());
-    BM_CHECK(kl.dim() == 1 && kl.size(0) == d.B, op, "key_lengths must have shape [", d.B,
-             "] (one length per batch entry), got ", kl.sizes());
-    BM_CHECK(kl.device() == q.device(), op, "key_lengths is on ", kl.device(), " but query is on ", q.device());
-    if (d.B > 0) {
-      const int64_t lo = kl.min().item<int64_t>(), hi = kl.max().item<int64_t>();
-      BM_CHECK(lo >= 0 && hi <= d.Lk, op, "key_lengths must lie in [0, Lk = ", d.Lk, "], got values in [", lo,
-               ", ", hi, "]");
-    }
-  }
-  if (attn_mask.has_value()) {
-    const Tensor& m = *attn_mask;
-    BM_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == q.scalar_type(), op,
-             "attn_mask must be bool or have query's dtype ", q.scalar_type(), ", got ", m.scalar_type());
-    BM_CHECK(m.device() == q.device(), op, "attn_mask is on ", m.device(), " but query is on ", q.device());
-    const int64_t full[4] = {d.B, d.Hq, d.Lq, d.Lk};
-    bool ok = m.dim() <= 4;
-    for (int64_t i = 0; ok && i < m.dim(); ++i) {
-      const int64_t s = m.size(m.dim() - 1 - i);
-      ok = s == 1 || s == full[3 - i];
-    }
-    BM_CHECK(ok, op, "attn_mask must be broadcastable to [B, Hq, Lq, Lk] = ", at::IntArrayRef(full, 4), ", got ",
-             m.sizes());
-  }
-  return d;
-}
-
-// The additive mask in the compute dtype, broadcast (by strides, not copies) to [B, Hq, Lq, Lk].
-Tensor additive_mask(const std::optional<Tensor>& attn_mask, const Dims& d, at::ScalarType ct) {
-  if (!attn_mask.has_value()) return Tensor();
-  Tensor m = *attn_mask;
-  if (m.scalar_type() == at::kBool)
-    m = at::zeros(m.sizes(), m.options().dtype(ct)).masked_fill_(m.logical_not(), -std::numeric_limits<double>::infinity());
-  else
-    m = m.to(ct);
-  return m.expand({d.B, d.Hq, d.Lq, d.Lk});
-}
-
 template <typename T>
 struct Problem {
   Dims d;
@@ -380,10 +281,6 @@ Tensor rows_ready(const Tensor& t, at::ScalarType ct) {
   return t.to(ct).contiguous();
 }
 
-Tensor lengths_int64(const std::optional<Tensor>& key_lengths) {
-  return key_lengths.has_value() ? key_lengths->to(at::kLong).contiguous() : Tensor();
-}
-
 // The micro-kernel path: float32 compute, head dims it has tiles for, no general mask, no dropout.
 bool use_fast_path(const Dims& d, at::ScalarType ct, const Tensor& mask, const Dropout& dropout) {
   return ct == at::kFloat && !mask.defined() && !dropout.active() && fast::supports(d.d, d.dv) &&
@@ -465,10 +362,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cpu(
   const Dims d = check_inputs(op, query, key, value, attn_mask, key_lengths);
   const Dropout dropout = make_dropout(op, dropout_p, seed);
   const at::ScalarType ct = compute_dtype(query.scalar_type());
-  check_shape(grad_out, {d.B, d.Hq, d.Lq, d.dv}, op, "grad_out", "[B, Hq, Lq, dv]");
-  check_shape(out, {d.B, d.Hq, d.Lq, d.dv}, op, "out", "[B, Hq, Lq, dv]");
-  check_shape(logsumexp, {d.B, d.Hq, d.Lq}, op, "logsumexp", "[B, Hq, Lq]");
-  BM_CHECK(logsumexp.scalar_type() == ct, op, "logsumexp must be ", ct, ", got ", logsumexp.scalar_type());
+  check_backward_inputs(op, d, grad_out, out, logsumexp, ct);
   FlushDenormalsGuard ftz;
   const Tensor q = rows_ready(query, ct), k = rows_ready(key, ct), v = rows_ready(value, ct);
   const Tensor go = grad_out.to(ct).contiguous(), lse = logsumexp.contiguous();

@@ -147,7 +147,9 @@ def test_bfloat16_close_to_float64(device):
     assert dq.dtype == dk.dtype == dv.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("shape", [(2, 4, 2, 33, 40, 32, 32), (2, 2, 1, 70, 150, 64, 16), (1, 2, 2, 17, 200, 128, 64)])
+@pytest.mark.parametrize(
+    "shape", [(2, 4, 2, 33, 40, 32, 32), (2, 2, 1, 70, 150, 64, 16), (1, 2, 2, 17, 200, 128, 64)]
+)
 @pytest.mark.parametrize("is_causal", [False, True])
 @pytest.mark.parametrize("use_lengths", [False, True])
 def test_bfloat16_forward_paths(cpu_kernel, shape, is_causal, use_lengths):
