@@ -6,6 +6,10 @@ plus an inference call (``train=False``), and compares them with ``bigmodel.refe
 on the CPU, so a kernel that writes out of bounds or races and still "runs" also fails here.
 The cases are tiny: under memcheck every kernel runs tens of times slower.
 
+Float32/bfloat16 cases without projection and with B <= 64 take the persistent forward kernel
+(``BIGMODEL_CUDA_LSTM=auto``); the ``stepwise`` cases force the per-step forward on the same kinds of
+shapes, so both forward paths run under the sanitizers.
+
     compute-sanitizer --tool memcheck --error-exitcode 86 python benchmarks/gpu/sanitize_case.py
 
 Exit status: 0 when every case matched, 1 on a mismatch, 2 when CUDA or bigmodel's CUDA kernels
@@ -14,6 +18,7 @@ are missing.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 
@@ -38,6 +43,7 @@ class Case:
     dtype: torch.dtype
     backward: bool = True
     grad_c_n: bool = True  # False: c_n does not reach the loss (its gradient arrives as None)
+    cuda_lstm: str = "auto"  # BIGMODEL_CUDA_LSTM: "stepwise" forces the per-step forward
 
 
 CASES = [
@@ -47,6 +53,17 @@ CASES = [
     Case("reverse-proj-B7", 4, 7, 6, 5, 3, None, True, True, torch.float32),
     Case("float64-lengths-reverse-proj", 4, 5, 3, 6, 2, (1, 4, 2, 4, 3), True, True, torch.float64),
     Case("bfloat16-lengths-reverse", 5, 3, 8, 8, 0, (5, 2, 4), True, True, torch.bfloat16, backward=False),
+    # Persistent kernel with two units per block on up to 132 SMs, the last block's second unit past H
+    # (H = 263), rows ending at different steps (and starting, in reverse), one row of length 1, and a
+    # last step (first, in reverse) that no sequence reaches.
+    Case("persistent-lengths-H263", 5, 7, 5, 263, 0, (4, 1, 3, 4, 2, 4, 3), False, True, torch.float32),
+    Case(
+        "persistent-lengths-reverse-H263", 5, 7, 5, 263, 0, (4, 1, 3, 4, 2, 4, 3), True, False, torch.float32
+    ),
+    Case("stepwise-plain", 5, 3, 4, 5, 0, None, False, True, torch.float32, cuda_lstm="stepwise"),
+    Case(
+        "stepwise-lengths-reverse", 5, 3, 4, 5, 0, (2, 5, 4), True, True, torch.float32, cuda_lstm="stepwise"
+    ),
 ]
 
 TOL = {
@@ -85,6 +102,7 @@ def check(what: str, got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, 
 
 def run_case(c: Case, gen: torch.Generator) -> list[str]:
     failures: list[str] = []
+    os.environ["BIGMODEL_CUDA_LSTM"] = c.cuda_lstm  # read by the op on every call
     cpu = make_inputs(c, gen)
     lengths_cpu = torch.tensor(c.lengths, dtype=torch.long) if c.lengths is not None else None
     lengths = lengths_cpu.cuda() if lengths_cpu is not None else None
@@ -136,7 +154,8 @@ def main() -> int:
     for c in CASES:
         print(
             f"sanitize_case: {c.name} ({c.dtype}, T={c.T} B={c.B} I={c.I} H={c.H} P={c.P}, "
-            f"lengths={c.lengths}, reverse={c.reverse}, bias={c.bias}, backward={c.backward})",
+            f"lengths={c.lengths}, reverse={c.reverse}, bias={c.bias}, backward={c.backward}, "
+            f"BIGMODEL_CUDA_LSTM={c.cuda_lstm})",
             flush=True,
         )
         failures = run_case(c, gen)

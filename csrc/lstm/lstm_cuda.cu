@@ -1,18 +1,33 @@
 // CUDA kernels of the fused LSTM layer (contract in lstm.h), step for step the same algorithm as
 // lstm_cpu.cpp.
 //
-// Forward: one GEMM projects every step's input at once (into the gate buffer); then per step one
-// GEMM adds h_{t-1} W_hh^T to the b_t running rows and one fused kernel applies the bias, the gate
-// nonlinearities, the cell update and h = o * tanh(c). Backward walks the steps in the opposite order
-// with one fused pointwise kernel and one GEMM for dh_{t-1} per step; the input and weight gradients
-// are time-batched GEMMs after the loop.
+// Forward: one GEMM projects every step's input at once (into the gate buffer); then the recurrence
+// runs on one of two paths, chosen per call (plan_persistent):
+//  * persistent (small batches): one cooperative kernel runs every step. Block g owns hidden units
+//    [g*U, g*U + U) with all four of their gates, keeps those 4U rows of W_hh in shared memory for the
+//    whole sequence, and per step stages h_{t-1} (from the previous step's output rows, or h0 for rows
+//    that start now) into shared memory, computes its gates' h_{t-1} W_hh^T with float FMAs, applies
+//    the bias, nonlinearities and cell update as forward_step_kernel does, and meets the other blocks
+//    at one grid-wide barrier. Chosen when the compute dtype is float32 (float32, bfloat16 and float16
+//    input), there is no projection, B <= 64, the device supports cooperative launch, and U = ceil(H /
+//    SMs) rows of W_hh (x4 gates) plus B rows of h fit in one block's opt-in shared memory with every
+//    block resident at once (on an H200 that is roughly H <= 660 at B = 64, H <= 1320 at B = 1).
+//    BIGMODEL_CUDA_LSTM=stepwise (read per call; default auto) forces the other path, for tests and
+//    A/B measurements.
+//  * stepwise (everything else): per step one GEMM adds h_{t-1} W_hh^T to the b_t running rows and
+//    one fused kernel applies the bias, the gate nonlinearities, the cell update and h = o * tanh(c).
+// Both paths write the same outputs in the same packed layout (in train mode the activated gates and
+// the cells backward reads), so backward does not care which one ran. Backward walks the steps in the
+// opposite order with one fused pointwise kernel and one GEMM for dh_{t-1} per step; the input and
+// weight gradients are time-batched GEMMs after the loop.
 //
 // Every GEMM is an ATen matmul on views, so it runs through cuBLAS on the current stream; every
 // kernel is launched on the current stream too. The step loops never wait on the device: the plan
 // lives on the host, and each step's kernel gets its offsets as arguments. With lengths, the index
-// arrays that gather between the padded [T, B, F] and the packed [N, F] layouts go to the device once
-// per call, in one asynchronous copy from pinned memory. Without lengths nothing is copied from or to
-// the host, so a call can be captured in a CUDA graph.
+// arrays that gather between the padded [T, B, F] and the packed [N, F] layouts (and, for the
+// persistent kernel, each step's b_t and first row) go to the device once per call, in one
+// asynchronous copy from pinned memory. Without lengths nothing is copied from or to the host, so a
+// call can be captured in a CUDA graph.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
@@ -25,7 +40,12 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cooperative_groups.h>
+
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
 
 #include "common/checks.h"
 #include "lstm/lstm.h"
@@ -37,9 +57,10 @@ using at::Tensor;
 
 constexpr int kThreads = 256;
 
-// Blocks for a grid-stride loop over n elements (n >= 1).
+// Blocks for a grid-stride loop over n elements. At least one: a step that no sequence reaches (every
+// length < T) has n = 0, and a launch with zero blocks is an error.
 inline unsigned blocks_for(int64_t n) {
-  return static_cast<unsigned>(std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t(1) << 20));
+  return static_cast<unsigned>(std::clamp<int64_t>((n + kThreads - 1) / kThreads, 1, int64_t(1) << 20));
 }
 
 __device__ __forceinline__ float exp_(float x) { return expf(x); }
@@ -158,19 +179,23 @@ struct DeviceIndex {
   const int64_t* inverse = nullptr;     // [B]: sorted row of original batch index b
   const int64_t* prev_src = nullptr;    // [N] (backward only): packed row holding the previous state,
                                         // or -1 - j for row j of h0
+  const int64_t* steps = nullptr;       // [2T] (persistent forward only): b_t for each t, then offsets[t]
 };
 
-DeviceIndex upload_index(const PackPlan& p, bool reverse, bool with_prev, const at::Device& device) {
+DeviceIndex upload_index(const PackPlan& p, bool reverse, bool with_prev, bool with_steps,
+                         const at::Device& device) {
   DeviceIndex ix;
   if (p.identity) return ix;
-  const int64_t N = p.N, TB = p.T * p.B, B = p.B;
-  Tensor host = at::empty({N + TB + 2 * B + (with_prev ? N : 0)},
+  const int64_t N = p.N, TB = p.T * p.B, B = p.B, T = p.T;
+  const int64_t n_prev = with_prev ? N : 0, n_steps = with_steps ? 2 * T : 0;
+  Tensor host = at::empty({N + TB + 2 * B + n_prev + n_steps},
                           at::TensorOptions().dtype(at::kLong).pinned_memory(true));
   int64_t* packed = host.mutable_data_ptr<int64_t>();
   int64_t* padded = packed + N;
   int64_t* order = padded + TB;
   int64_t* inverse = order + B;
   int64_t* prev = inverse + B;
+  int64_t* steps = prev + n_prev;
   std::fill(padded, padded + TB, int64_t(-1));
   for (int64_t j = 0; j < B; ++j) {
     order[j] = p.order[j];
@@ -186,6 +211,10 @@ DeviceIndex upload_index(const PackPlan& p, bool reverse, bool with_prev, const 
         prev[r] = pr >= 0 ? pr : -1 - j;
       }
     }
+    if (with_steps) {
+      steps[t] = p.batch_sizes[t];
+      steps[T + t] = p.offsets[t];
+    }
   }
   // Pinned + non_blocking: no host sync, and the caching host allocator keeps the block alive until
   // the copy has run.
@@ -196,6 +225,7 @@ DeviceIndex upload_index(const PackPlan& p, bool reverse, bool with_prev, const 
   ix.order = d + N + TB;
   ix.inverse = d + N + TB + B;
   if (with_prev) ix.prev_src = d + N + TB + 2 * B;
+  if (with_steps) ix.steps = d + N + TB + 2 * B + n_prev;
   return ix;
 }
 
@@ -289,6 +319,223 @@ void forward_loop(const PackPlan& p, const Dims& d, bool reverse, ForwardState& 
   }
 }
 
+// ---- persistent forward (small batches, no projection, float): every step in one launch ----
+
+constexpr int kPersistentThreads = 256;
+constexpr int64_t kPersistentMaxBatch = 64;
+
+struct PersistentArgs {
+  const float* w_hh;     // [4H, H]
+  const float* bias;     // [4H] (b_ih + b_hh) or null
+  const float* h0;       // [B, H] sorted rows; not written while the kernel runs
+  const int64_t* steps;  // [2T]: b_t for each t, then offsets[t]; null without lengths
+  float* gates;          // [>= N, 4H]: x W_ih^T on entry, the activated gates on exit with kTrain
+  float* hout;           // [N, H] packed output; step t reads h_{t-1} from the rows of the step before
+  float* h;              // [B, H] h after each row's last step
+  float* c;              // [B, H] running c, c0 on entry
+  float* cells;          // [>= N, H] (kTrain)
+  int64_t T, B, H;
+  int units;    // U: hidden units per block (block g owns units g*U .. g*U + U - 1, clipped to H)
+  int split;    // lanes that share one (row, unit) dot product: a power of two <= 32
+  int hstride;  // row stride of the staged h in shared memory, == split (mod 32)
+  bool reverse;
+};
+
+// Dynamic shared memory: ws [4U, H] (row q*U + u is W_hh row q*H + g*U + u; zeros for units past H),
+// then hs [B, hstride] (h_{t-1} of the step's rows). In-block indices are ints: the host checked that
+// both arrays fit in shared memory.
+//
+// Per step, the b_t * U pairs (row j, unit u), p -> u = p / b_t, j = p % b_t, go to groups of `split`
+// adjacent lanes; lane r of a group sums k = r, r + split, ... of the four dot products
+// h_{t-1}[j] . W_hh[q*H + g*U + u] (q = i, f, g, o), a butterfly of shuffles completes them, and lane 0
+// does the cell update. Adjacent groups in a warp mostly share u (broadcast reads of ws) and take
+// consecutive j, whose hs rows start `split` banks apart: no bank conflicts.
+//
+// Races: step t writes only its own packed rows (gates, cells, hout), h and c; it reads the previous
+// step's hout rows and h0, which nothing writes while the kernel runs; each (j, unit) of a step is
+// one thread's. A row's c is touched only by the block that owns the unit, and consecutive steps are
+// separated by grid.sync(), which also orders the hout writes of one step before the reads of the
+// next; those reads go through L2 (__ldcg), never a possibly stale L1 line.
+template <bool kTrain>
+__global__ void __launch_bounds__(kPersistentThreads) persistent_forward_kernel(const PersistentArgs a) {
+  namespace cg = cooperative_groups;
+  extern __shared__ float smem[];
+  const int U = a.units, S = a.split, HS = a.hstride;
+  const int H = static_cast<int>(a.H);
+  const int64_t G = 4 * a.H;
+  float* ws = smem;
+  float* hs = smem + 4 * U * H;
+  const int64_t unit0 = int64_t(blockIdx.x) * U;
+
+  for (int e = threadIdx.x; e < 4 * U * H; e += blockDim.x) {
+    const int row = e / H, col = e - row * H;
+    const int q = row / U, u = row - q * U;
+    ws[e] = unit0 + u < a.H ? a.w_hh[(q * a.H + unit0 + u) * a.H + col] : 0.f;
+  }
+  // ws is first read after the __syncthreads that follows the first step's staging.
+
+  const int lane = threadIdx.x % S, group = threadIdx.x / S, groups = blockDim.x / S;
+  const cg::grid_group grid = cg::this_grid();
+  for (int64_t step = 0; step < a.T; ++step) {
+    const int64_t t = a.reverse ? a.T - 1 - step : step;
+    const int64_t tp = a.reverse ? t + 1 : t - 1;  // the step processed just before (valid when step > 0)
+    const int b = static_cast<int>(a.steps != nullptr ? a.steps[t] : a.B);
+    const int64_t off = a.steps != nullptr ? a.steps[a.T + t] : t * a.B;
+    int prev_b = 0;  // rows j < prev_b ran in the previous step; the others start here from h0
+    int64_t prev_off = 0;
+    if (step > 0) {
+      prev_b = static_cast<int>(a.steps != nullptr ? a.steps[tp] : a.B);
+      prev_off = a.steps != nullptr ? a.steps[a.T + tp] : tp * a.B;
+    }
+
+    for (int e = threadIdx.x; e < b * H; e += blockDim.x) {
+      const int j = e / H, k = e - j * H;
+      hs[j * HS + k] = j < prev_b ? __ldcg(a.hout + (prev_off + j) * a.H + k) : a.h0[int64_t(j) * a.H + k];
+    }
+    __syncthreads();
+
+    // The trip count is the same in every thread of the block: the shuffles need whole warps.
+    const int pairs = b * U;
+    for (int p0 = 0; p0 < pairs; p0 += groups) {
+      const int p = p0 + group;
+      const bool valid = p < pairs;
+      const int u = valid ? p / b : 0;
+      const int j = valid ? p - u * b : 0;
+      const float* hr = hs + j * HS;
+      const float* w = ws + u * H;  // gate q's row is w + q * U * H
+      float acc_i = 0.f, acc_f = 0.f, acc_g = 0.f, acc_o = 0.f;
+      for (int k = lane; k < H; k += S) {
+        const float hv = hr[k];
+        acc_i = fmaf(hv, w[k], acc_i);
+        acc_f = fmaf(hv, w[U * H + k], acc_f);
+        acc_g = fmaf(hv, w[2 * U * H + k], acc_g);
+        acc_o = fmaf(hv, w[3 * U * H + k], acc_o);
+      }
+      for (int m = S / 2; m > 0; m /= 2) {
+        acc_i += __shfl_xor_sync(0xffffffffu, acc_i, m);
+        acc_f += __shfl_xor_sync(0xffffffffu, acc_f, m);
+        acc_g += __shfl_xor_sync(0xffffffffu, acc_g, m);
+        acc_o += __shfl_xor_sync(0xffffffffu, acc_o, m);
+      }
+      const int64_t k = unit0 + u;
+      if (valid && lane == 0 && k < a.H) {
+        const int64_t row = off + j;
+        float* gr = a.gates + row * G;
+        float gi = gr[k] + acc_i, gf = gr[a.H + k] + acc_f, gg = gr[2 * a.H + k] + acc_g,
+              go = gr[3 * a.H + k] + acc_o;
+        if (a.bias != nullptr) {
+          gi += a.bias[k];
+          gf += a.bias[a.H + k];
+          gg += a.bias[2 * a.H + k];
+          go += a.bias[3 * a.H + k];
+        }
+        const float i = sigmoid_(gi), f = sigmoid_(gf), gt = tanh_(gg), o = sigmoid_(go);
+        const int64_t e = int64_t(j) * a.H + k;
+        const float cn = f * a.c[e] + i * gt;
+        const float hn = o * tanh_(cn);
+        a.c[e] = cn;
+        a.h[e] = hn;
+        a.hout[row * a.H + k] = hn;
+        if constexpr (kTrain) {
+          gr[k] = i;
+          gr[a.H + k] = f;
+          gr[2 * a.H + k] = gt;
+          gr[3 * a.H + k] = o;
+          a.cells[row * a.H + k] = cn;
+        }
+      }
+    }
+    if (step + 1 < a.T) grid.sync();
+  }
+}
+
+// BIGMODEL_CUDA_LSTM=stepwise forces the per-step path. Read per call (a getenv is nothing next to a
+// launch) so that tests can switch paths within one process.
+bool stepwise_forced() {
+  const char* env = std::getenv("BIGMODEL_CUDA_LSTM");
+  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "auto") == 0) return false;
+  TORCH_CHECK(std::strcmp(env, "stepwise") == 0, "bigmodel: BIGMODEL_CUDA_LSTM must be 'auto' or 'stepwise', got '",
+              env, "'");
+  return true;
+}
+
+struct PersistentLaunch {
+  int blocks = 0;  // 0: the persistent kernel does not fit this layer
+  int units = 0, split = 0, hstride = 0;
+  size_t smem = 0;
+};
+
+// Whether (and how) the persistent kernel runs this layer on the current device. Every block must be
+// resident at once for the grid barrier; cudaLaunchCooperativeKernel refuses a grid that is not, and
+// the occupancy check here keeps that from happening.
+template <bool kTrain>
+PersistentLaunch plan_persistent(const Dims& d) {
+  PersistentLaunch L;
+  if (d.proj || d.B > kPersistentMaxBatch) return L;
+  const int dev = c10::cuda::current_device();
+  int cooperative = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, dev));
+  if (cooperative == 0) return L;
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(dev);
+  const int64_t sms = prop->multiProcessorCount, H = d.H, B = d.B;
+  // One block per SM with as few units each as that allows: the smallest W_hh slice per block.
+  const int64_t units = (H + sms - 1) / sms;
+  const int64_t blocks = (H + units - 1) / units;
+  // Split each dot product over as many lanes as leave every (row, unit) pair of a full batch a group
+  // (no more lanes than H needs).
+  int64_t split = 32;
+  while (split > 1 && (B * units * split > kPersistentThreads || split / 2 >= H)) split /= 2;
+  const int64_t hstride = H + (split % 32 - H % 32 + 32) % 32;
+  const int64_t bytes = (4 * units * H + B * hstride) * int64_t(sizeof(float));
+  if (bytes > int64_t(prop->sharedMemPerBlockOptin)) return L;
+  // Always the device's maximum, so that concurrent calls with different sizes never lower the limit
+  // under each other's launch.
+  const auto kernel = &persistent_forward_kernel<kTrain>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(prop->sharedMemPerBlockOptin)));
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kPersistentThreads,
+                                                               static_cast<size_t>(bytes)));
+  if (int64_t(per_sm) * sms < blocks) return L;
+  L.blocks = static_cast<int>(blocks);
+  L.units = static_cast<int>(units);
+  L.split = static_cast<int>(split);
+  L.hstride = static_cast<int>(hstride);
+  L.smem = static_cast<size_t>(bytes);
+  return L;
+}
+
+template <bool kTrain>
+void persistent_forward(const PersistentLaunch& L, const Dims& d, const DeviceIndex& ix, bool reverse,
+                        ForwardState& s) {
+  // The kernel reads h0 while it writes the final h: separate tensors. Every row runs at t = 0
+  // (lengths >= 1), so every row of the new h gets written.
+  const Tensor h0 = s.h;
+  s.h = at::empty(h0.sizes(), h0.options());
+  PersistentArgs a;
+  a.w_hh = s.w_hh.const_data_ptr<float>();
+  a.bias = s.bias.defined() ? s.bias.const_data_ptr<float>() : nullptr;
+  a.h0 = h0.const_data_ptr<float>();
+  a.steps = ix.steps;
+  a.gates = s.gates.mutable_data_ptr<float>();
+  a.hout = s.hout.mutable_data_ptr<float>();
+  a.h = s.h.mutable_data_ptr<float>();
+  a.c = s.c.mutable_data_ptr<float>();
+  a.cells = kTrain ? s.cells.mutable_data_ptr<float>() : nullptr;
+  a.T = d.T;
+  a.B = d.B;
+  a.H = d.H;
+  a.units = L.units;
+  a.split = L.split;
+  a.hstride = L.hstride;
+  a.reverse = reverse;
+  void* args[] = {&a};
+  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(&persistent_forward_kernel<kTrain>, dim3(L.blocks),
+                                             dim3(kPersistentThreads), args, L.smem,
+                                             at::cuda::getCurrentCUDAStream()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 struct BackwardState {
   Tensor gates;     // [>= N, 4H] activated
   Tensor cells;     // [>= N, H]
@@ -367,7 +614,13 @@ LayerResult layer_forward(const Tensor& input, const Tensor& h0, const Tensor& c
                           bool train) {
   const int64_t G = 4 * d.H, TB = d.T * d.B;
   const auto opts = input.options().dtype(scalar_type_of<T>());
-  const DeviceIndex ix = upload_index(p, reverse, /*with_prev=*/false, input.device());
+  const bool stepwise = stepwise_forced();  // read (and checked) whatever the dtype
+  PersistentLaunch persistent;
+  if constexpr (std::is_same_v<T, float>) {
+    if (!stepwise) persistent = train ? plan_persistent<true>(d) : plan_persistent<false>(d);
+  }
+  const DeviceIndex ix = upload_index(p, reverse, /*with_prev=*/false, /*with_steps=*/persistent.blocks > 0,
+                                      input.device());
 
   Tensor x = to_packed<T>(input, p, ix);
   Tensor w_ih_c = contiguous_as<T>(w_ih);
@@ -389,7 +642,12 @@ LayerResult layer_forward(const Tensor& input, const Tensor& h0, const Tensor& c
 
   Tensor xw = s.gates.narrow(0, 0, p.N);
   at::mm_out(xw, x, w_ih_c.t());
-  if (train) {
+  if (persistent.blocks > 0) {
+    if constexpr (std::is_same_v<T, float>) {  // (never chosen for double)
+      if (train) persistent_forward<true>(persistent, d, ix, reverse, s);
+      else persistent_forward<false>(persistent, d, ix, reverse, s);
+    }
+  } else if (train) {
     if (d.proj) forward_loop<T, true, true>(p, d, reverse, s);
     else forward_loop<T, true, false>(p, d, reverse, s);
   } else {
@@ -436,7 +694,7 @@ BackwardResult layer_backward(const std::optional<Tensor>& grad_output, const st
                               const Tensor& cells, const Dims& d, const PackPlan& p, bool reverse, bool has_bias) {
   const int64_t G = 4 * d.H, H = d.H, P = d.P, N = p.N, B = d.B;
   const auto opts = input.options().dtype(scalar_type_of<T>());
-  const DeviceIndex ix = upload_index(p, reverse, /*with_prev=*/true, input.device());
+  const DeviceIndex ix = upload_index(p, reverse, /*with_prev=*/true, /*with_steps=*/false, input.device());
 
   Tensor x = to_packed<T>(input, p, ix);
   Tensor hout = to_packed<T>(output, p, ix);

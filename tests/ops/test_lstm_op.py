@@ -268,16 +268,23 @@ def test_packed_weight_cache_sees_every_update(cpu_kernel, dtype):
     one through .data (which bumps no version counter) and a new tensor of the same shape, must
     give the new weights' result."""
     args, _ = make_args(
-        5, 8, 6, 9, 0, proj=False, bias=True, has_lengths=False, dtype=dtype, device="cpu",
+        5,
+        8,
+        6,
+        9,
+        0,
+        proj=False,
+        bias=True,
+        has_lengths=False,
+        dtype=dtype,
+        device="cpu",
         requires_grad=False,
     )
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, _ = args
 
     def check():
         out = lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, None)
-        ref = lstm_layer_reference(
-            *[a.double() for a in (x, h0, c0, w_ih, w_hh, b_ih, b_hh)], None
-        )
+        ref = lstm_layer_reference(*[a.double() for a in (x, h0, c0, w_ih, w_hh, b_ih, b_hh)], None)
         tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.05, rtol=0.05)
         for o, r in zip(out, ref, strict=True):
             torch.testing.assert_close(o.double(), r, **tol)
@@ -297,7 +304,16 @@ def test_bfloat16_row_blocks(cpu_kernel, threads, B):
     """bf16 layers run on AMX tiles (or AVX512-BF16) in 16- and 32-row blocks: every batch split
     stays within bf16 rounding of the float64 reference, with lengths."""
     args, lengths = make_args(
-        6, B, 10, 37, 0, proj=False, bias=True, has_lengths=True, dtype=torch.bfloat16, device="cpu",
+        6,
+        B,
+        10,
+        37,
+        0,
+        proj=False,
+        bias=True,
+        has_lengths=True,
+        dtype=torch.bfloat16,
+        device="cpu",
         requires_grad=False,
     )
     saved = torch.get_num_threads()
