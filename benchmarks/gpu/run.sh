@@ -123,10 +123,10 @@ summary_steps() {
 
 summary_bench() {
   local fam
-  for fam in lstm classifier; do
+  for fam in lstm attention classifier; do
     if [ -s "$SCRATCH/bench-$fam.md" ]; then
       echo
-      echo "## Benchmark: $fam, CUDA, bigmodel vs native (cuDNN)${BENCH_QUICK[$fam]:+ (--quick)}"
+      echo "## Benchmark: $fam, CUDA, bigmodel vs native (cuDNN / SDPA)${BENCH_QUICK[$fam]:+ (--quick)}"
       echo
       cat "$SCRATCH/bench-$fam.md"
     fi
@@ -150,7 +150,7 @@ write_summary() {
     printf '\n## Files\n\n'
     echo "SUMMARY.md (this), build.log (pip/setup.py build, bigmodel info), pytest.log (CUDA tests),"
     echo "ctest.log (CMake configure + build + ctest), sanitizer.log (memcheck, racecheck on"
-    echo "benchmarks/gpu/sanitize_case.py), bench.log (bigmodel bench output), bench.json (its results)."
+    echo "benchmarks/gpu/sanitize_case.py, sanitize_attention.py), bench.log (bigmodel bench output), bench.json (its results)."
   } >"$SUMMARY"
 }
 
@@ -334,6 +334,8 @@ if ((rc == 0)); then
   grep -q 'compiled for CUDA: .*sm_' "$SCRATCH/info.txt" || missing+=("no CUDA archs compiled in")
   grep -Eq '^ +lstm_layer +.*CUDA' "$SCRATCH/info.txt" || missing+=("lstm_layer has no CUDA kernel")
   grep -Eq '^ +lstm_layer_backward +.*CUDA' "$SCRATCH/info.txt" || missing+=("lstm_layer_backward has no CUDA kernel")
+  grep -Eq '^ +attention +.*CUDA' "$SCRATCH/info.txt" || missing+=("attention has no CUDA kernel")
+  grep -Eq '^ +attention_backward +.*CUDA' "$SCRATCH/info.txt" || missing+=("attention_backward has no CUDA kernel")
   grep -q '^GPU: none visible' "$SCRATCH/info.txt" && missing+=("bigmodel info sees no GPU")
   ((irc == 0)) || missing+=("bigmodel info exit $irc")
   if ((${#missing[@]})); then
@@ -452,7 +454,9 @@ for tool in memcheck racecheck; do
   off=$(log_size "$SAN_LOG")
   printf '\n########## %s\n' "$tool" >>"$SAN_LOG"
   run_timed "$SAN_LOG" "$t" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$tool" \
-    --error-exitcode 86 --report-api-errors no "$PYBIN" benchmarks/gpu/sanitize_case.py
+    --error-exitcode 86 --report-api-errors no --target-processes all bash -c \
+    '"$1" benchmarks/gpu/sanitize_case.py; a=$?; "$1" benchmarks/gpu/sanitize_attention.py; b=$?; exit $((a > b ? a : b))' \
+    sanitize "$PYBIN"
   rc=$?
   section=$(log_since "$SAN_LOG" "$off")
   errors=$(printf '%s\n' "$section" | grep -Eo 'ERROR SUMMARY: [0-9]+ error' | grep -Eo '[0-9]+' | tail -n 1)
@@ -460,7 +464,8 @@ for tool in memcheck racecheck; do
     errors=$(printf '%s\n' "$section" | grep -Eo 'RACECHECK SUMMARY: .*\([0-9]+ error' | grep -Eo '\([0-9]+' | tr -d '(' | tail -n 1)
   fi
   ours=$(printf '%s\n' "$section" | grep -c 'bigmodel::' || true)
-  case_line=$(printf '%s\n' "$section" | grep -E '^sanitize_case: (OK|FAILED)' | tail -n 1)
+  case_line=$(printf '%s\n' "$section" | grep -E '^sanitize_(case|attention): (OK|FAILED)' | tr '\n' ' ')
+  ((rc == 0)) && [ "$(printf '%s\n' "$section" | grep -cE '^sanitize_(case|attention): OK')" -ne 2 ] && rc=1
   if timed_out "$rc"; then
     record "$tool" FAIL "$LAST_S" "timed out after ${t}s"
   elif [ -z "$errors" ]; then
@@ -474,11 +479,11 @@ for tool in memcheck racecheck; do
   fi
 done
 
-# ---------------------------------------------------------------- 5. benchmarks against cuDNN
+# ---------------------------------------------------------------- 5. benchmarks against cuDNN and SDPA
 
 merge_bench_json() {
   local files=() fam
-  for fam in lstm classifier; do
+  for fam in lstm attention classifier; do
     [ -s "$SCRATCH/bench-$fam.json" ] && files+=("$SCRATCH/bench-$fam.json")
   done
   ((${#files[@]})) || return 0
@@ -524,6 +529,7 @@ bench() {
 }
 
 bench lstm 150 90 40
+bench attention 120 60 40
 bench classifier 90 60 40
 
 # ---------------------------------------------------------------- 6. summary
