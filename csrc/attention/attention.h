@@ -89,9 +89,10 @@ Dims check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, cons
                   const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_lengths);
 void check_key_lengths_range(const char* op, const at::Tensor& key_lengths, int64_t Lk);
 
-// Backward's extra arguments: grad_out and out [B, Hq, Lq, dv], logsumexp [B, Hq, Lq] in the compute dtype.
+// Backward's extra arguments: grad_out and out [B, Hq, Lq, dv], logsumexp [B, Hq, Lq] in the compute
+// dtype, all on query's device.
 void check_backward_inputs(const char* op, const Dims& d, const at::Tensor& grad_out, const at::Tensor& out,
-                           const at::Tensor& logsumexp, at::ScalarType compute);
+                           const at::Tensor& logsumexp, at::ScalarType compute, const at::Device& query_device);
 
 // The additive mask in compute dtype ct, broadcast (by strides, not copies) to [B, Hq, Lq, Lk];
 // undefined without attn_mask. A bool mask becomes 0 / -inf.

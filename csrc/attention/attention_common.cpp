@@ -70,11 +70,16 @@ Dims check_inputs(const char* op, const Tensor& q, const Tensor& k, const Tensor
 }
 
 void check_backward_inputs(const char* op, const Dims& d, const Tensor& grad_out, const Tensor& out,
-                           const Tensor& logsumexp, at::ScalarType compute) {
+                           const Tensor& logsumexp, at::ScalarType compute, const at::Device& query_device) {
   check_shape(grad_out, {d.B, d.Hq, d.Lq, d.dv}, op, "grad_out", "[B, Hq, Lq, dv]");
   check_shape(out, {d.B, d.Hq, d.Lq, d.dv}, op, "out", "[B, Hq, Lq, dv]");
   check_shape(logsumexp, {d.B, d.Hq, d.Lq}, op, "logsumexp", "[B, Hq, Lq]");
   BM_CHECK(logsumexp.scalar_type() == compute, op, "logsumexp must be ", compute, ", got ", logsumexp.scalar_type());
+  const Tensor* same_device[3] = {&grad_out, &out, &logsumexp};
+  const char* names[3] = {"grad_out", "out", "logsumexp"};
+  for (int i = 0; i < 3; ++i)
+    BM_CHECK(same_device[i]->device() == query_device, op, names[i], " is on ", same_device[i]->device(),
+             " but query is on ", query_device);
 }
 
 Tensor additive_mask(const std::optional<Tensor>& attn_mask, const Dims& d, at::ScalarType ct) {

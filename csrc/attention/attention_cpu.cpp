@@ -362,7 +362,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cpu(
   const Dims d = check_inputs(op, query, key, value, attn_mask, key_lengths);
   const Dropout dropout = make_dropout(op, dropout_p, seed);
   const at::ScalarType ct = compute_dtype(query.scalar_type());
-  check_backward_inputs(op, d, grad_out, out, logsumexp, ct);
+  check_backward_inputs(op, d, grad_out, out, logsumexp, ct, query.device());
   FlushDenormalsGuard ftz;
   const Tensor q = rows_ready(query, ct), k = rows_ready(key, ct), v = rows_ready(value, ct);
   const Tensor go = grad_out.to(ct).contiguous(), lse = logsumexp.contiguous();

@@ -400,7 +400,6 @@ struct Mma<__nv_bfloat16> {
     const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (low half) = lo
     return *reinterpret_cast<const uint32_t*>(&v);
   }
-  static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
   // c += a b for one m16n8k16 tile: a row-major 16x16, b "col" (k-major per column) 16x8, c 16x8 float.
   static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -419,7 +418,6 @@ struct Mma<__half> {
     const __half2 v = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<const uint32_t*>(&v);
   }
-  static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
   static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     asm volatile(
@@ -1028,11 +1026,10 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cuda(
   const Dims d = check_inputs(op, query, key, value, attn_mask, key_lengths);
   const Dropout dropout = make_dropout(op, dropout_p, seed);
   const at::ScalarType ct = compute_dtype(query.scalar_type());
-  check_backward_inputs(op, d, grad_out, out, logsumexp, ct);
+  check_backward_inputs(op, d, grad_out, out, logsumexp, ct, query.device());
+  // The kernels read both in query's type.
   check_same_dtype_device(grad_out, query, op, "grad_out", "query");
   check_same_dtype_device(out, query, op, "out", "query");
-  BM_CHECK(logsumexp.device() == query.device(), op, "logsumexp is on ", logsumexp.device(), " but query is on ",
-           query.device());
   const c10::cuda::CUDAGuard guard(query.device());
   check_lengths_on_device(op, key_lengths, d.Lk);
   const Tensor lengths = lengths_int64(key_lengths), mask = additive_mask(attn_mask, d, ct);
