@@ -331,130 +331,241 @@ void backward(const Problem& p, const Grads& g, int64_t t0, int64_t t1) {
 
 namespace {
 
-// Rows [0, n) of X (bf16, dim values at stride ld) as AMX B panels of X^T: [ceil(n/64)][dim/2][64][2]
-// (k = dim in pairs, columns = rows of X), zero past n.
-void pack_bf16_transposed(const uint16_t* x, int64_t ld, int64_t n, int64_t dim, uint16_t* panels) {
-  const int64_t nb = (n + kKeys - 1) / kKeys;
-  std::fill(panels, panels + nb * dim * kKeys, uint16_t(0));
-  for (int64_t j = 0; j < n; ++j) {
-    const uint16_t* xr = x + j * ld;
-    uint16_t* dst = panels + (j / kKeys) * dim * kKeys + (j % kKeys) * 2;
-    for (int64_t c = 0; c < dim; ++c) dst[(c / 2) * 2 * kKeys + (c % 2)] = xr[c];
+// The bf16 forward works transposed: S^T = K Q^T and O^T = V^T P^T. A tile of S^T holds 16 keys x 16
+// query rows, so a zmm register is one key's scores for the 16 rows of a block, and the whole online
+// softmax - row max, exp, row sum, rescale - is vertical (no horizontal reduction, no scalar exp per
+// row). K is read as the A operand row by row as it is; Q^T (16 rows, once per block) and P^T go
+// into B tiles in the VNNI layout ([k pairs][16 columns][2]), and V^T (once per kv head) is the A
+// operand of O^T. O^T is folded in vector registers: one FMA per dv row rescales all 16 query rows.
+
+// K rows [0, n) of one head into kbuf ([ceil(n/64) * 64][d], zero past n): A tiles read 16 rows at a
+// time, so the padding keeps them inside the buffer.
+void copy_keys(const uint16_t* k, int64_t ld, int64_t n, int64_t d, uint16_t* kbuf) {
+  const int64_t rows = (n + kKeys - 1) / kKeys * kKeys;
+  for (int64_t j = 0; j < n; ++j) std::memcpy(kbuf + j * d, k + j * ld, d * sizeof(uint16_t));
+  std::fill(kbuf + n * d, kbuf + rows * d, uint16_t(0));
+}
+
+// In-register transpose of a 16 x 16 matrix of 32-bit elements: r[i] = row i in, column i out.
+BM_AVX512 BM_ALWAYS_INLINE void transpose16x16_epi32(__m512i (&r)[16]) {
+  __m512i a[16], b[16];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {  // per 128-bit lane: pairs of rows interleaved
+    a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {  // per lane: 4 x 4 blocks transposed; b[4 i + k] lane L = column 4 L + k
+    b[4 * i] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
+    b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
+    b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
+    b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
+  }
+#pragma GCC unroll 4
+  for (int k = 0; k < 4; ++k) {  // gather lane L of b[k], b[4 + k], b[8 + k], b[12 + k] into column 4 L + k
+    const __m512i d0 = _mm512_shuffle_i32x4(b[k], b[4 + k], 0x88), d1 = _mm512_shuffle_i32x4(b[k], b[4 + k], 0xDD);
+    const __m512i e0 = _mm512_shuffle_i32x4(b[8 + k], b[12 + k], 0x88);
+    const __m512i e1 = _mm512_shuffle_i32x4(b[8 + k], b[12 + k], 0xDD);
+    r[k] = _mm512_shuffle_i32x4(d0, e0, 0x88);
+    r[8 + k] = _mm512_shuffle_i32x4(d0, e0, 0xDD);
+    r[4 + k] = _mm512_shuffle_i32x4(d1, e1, 0x88);
+    r[12 + k] = _mm512_shuffle_i32x4(d1, e1, 0xDD);
   }
 }
 
-// Rows [0, n) of V (bf16, dv values at stride ld) as AMX B panels of V itself: [ceil(n/64)][32 key
-// pairs][64 columns (dv, zero past it)][2], zero past n.
-void pack_bf16_rows(const uint16_t* x, int64_t ld, int64_t n, int64_t dv, uint16_t* panels) {
-  const int64_t nb = (n + kKeys - 1) / kKeys;
-  std::fill(panels, panels + nb * kKeys * kKeys, uint16_t(0));
-  for (int64_t j = 0; j < n; ++j) {
-    const uint16_t* xr = x + j * ld;
-    uint16_t* dst = panels + (j / kKeys) * kKeys * kKeys + ((j % kKeys) / 2) * 2 * kKeys + (j % 2);
-    for (int64_t c = 0; c < dv; ++c) dst[c * 2] = xr[c];
+// V rows [0, n) of one head as V^T: vt[c][j] = v[j][c], rows of ldv = ceil(n/64) * 64 keys, zero past n.
+// Blocks of 16 keys x 32 columns go through a 32-bit transpose (a word holds columns 2w, 2w + 1);
+// each transposed word vector then splits into its even and odd columns.
+BM_AVX512 void transpose_values(const uint16_t* v, int64_t ld, int64_t n, int64_t dv, int64_t ldv, uint16_t* vt) {
+  const int64_t n16 = (n + 15) / 16 * 16;
+  for (int64_t c = 0; c < dv; ++c) std::fill(vt + c * ldv + n16, vt + (c + 1) * ldv, uint16_t(0));
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    for (int64_t c0 = 0; c0 < dv; c0 += 32) {
+      const int64_t words = std::min<int64_t>(16, (dv - c0) / 2);
+      const __mmask16 wm = mk::lanes(words);
+      __m512i r[16];
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i)
+        r[i] = j0 + i < n ? _mm512_maskz_loadu_epi32(wm, v + (j0 + i) * ld + c0) : _mm512_setzero_si512();
+      transpose16x16_epi32(r);
+      for (int64_t w = 0; w < words; ++w) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(vt + (c0 + 2 * w) * ldv + j0), _mm512_cvtepi32_epi16(r[w]));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(vt + (c0 + 2 * w + 1) * ldv + j0),
+                            _mm512_cvtepi32_epi16(_mm512_srli_epi32(r[w], 16)));
+      }
+    }
   }
 }
 
-// One block of 16 query rows (their bf16 values copied, zero-padded, into qb [16][d]) against keys
-// [0, kend): online softmax with S and P V on AMX tiles, the softmax in AVX-512 on float32.
-BM_AMX void amx_row_block(const ProblemBf16& p, const uint16_t* qb, int64_t mr, const int64_t* limit,
-                          int64_t kend, const uint16_t* kpanels, const uint16_t* vpanels, uint16_t* out,
-                          float* lse) {
-  const float ninf = -std::numeric_limits<float>::infinity();
-  alignas(64) float sbuf[16][kKeys];
-  alignas(64) float pv[16][kKeys];
-  alignas(64) float o[16][kKeys];
-  alignas(64) uint16_t pb[16][kKeys];
-  float m[16], l[16], alpha[16];
+// Q rows (mr of them, the rest zero) as the B operand of S^T = K Q^T: qt[c / 2][r][c % 2] = q[r][c],
+// i.e. word (pair w, row r) = the 32-bit word w of row r.
+void transpose_queries(const uint16_t* q, int64_t ld, int64_t mr, int64_t d, uint32_t* qt) {
+  const int64_t words = d / 2;
+  std::fill(qt, qt + words * 16, 0u);
+  for (int64_t r = 0; r < mr; ++r)
+    for (int64_t w = 0; w < words; ++w) std::memcpy(qt + w * 16 + r, q + r * ld + 2 * w, sizeof(uint32_t));
+}
+
+// S^T for keys [j0, j0 + 64) against the block's rows: four 16 x 16 tiles into st[64][16].
+BM_AMX void amx_scores_t(const uint16_t* kbuf, int64_t d, const uint32_t* qt, int64_t j0, float (*st)[16]) {
+  mk::amx_zero();
+  for (int64_t c = 0; c < d; c += 32) {
+    _tile_loadd(5, qt + (c / 2) * 16, 64);
+    _tile_loadd(4, kbuf + j0 * d + c, 2 * d);
+    _tile_dpbf16ps(0, 4, 5);
+    _tile_loadd(4, kbuf + (j0 + 16) * d + c, 2 * d);
+    _tile_dpbf16ps(1, 4, 5);
+    _tile_loadd(4, kbuf + (j0 + 32) * d + c, 2 * d);
+    _tile_dpbf16ps(2, 4, 5);
+    _tile_loadd(4, kbuf + (j0 + 48) * d + c, 2 * d);
+    _tile_dpbf16ps(3, 4, 5);
+  }
+  _tile_stored(0, st[0], 64);  // tile numbers are immediates: no loop
+  _tile_stored(1, st[16], 64);
+  _tile_stored(2, st[32], 64);
+  _tile_stored(3, st[48], 64);
+}
+
+// (P V)^T of keys [j0, j0 + 64): pt holds P^T in VNNI pairs ([32 key pairs][16 rows]); tiles of 16 dv
+// rows x 16 query rows into ot[dv][16].
+BM_AMX void amx_values_t(const uint16_t* vt, int64_t ldv, int nvt, const uint32_t* pt, int64_t j0, float (*ot)[16]) {
+  mk::amx_zero();
+  for (int64_t kc = 0; kc < 2; ++kc) {  // 64 keys: two chunks of 32
+    _tile_loadd(5, pt + kc * 16 * 16, 64);
+    const uint16_t* a = vt + j0 + 32 * kc;
+    _tile_loadd(4, a, 2 * ldv);
+    _tile_dpbf16ps(0, 4, 5);
+    if (nvt > 1) {
+      _tile_loadd(4, a + 16 * ldv, 2 * ldv);
+      _tile_dpbf16ps(1, 4, 5);
+    }
+    if (nvt > 2) {
+      _tile_loadd(4, a + 32 * ldv, 2 * ldv);
+      _tile_dpbf16ps(2, 4, 5);
+    }
+    if (nvt > 3) {
+      _tile_loadd(4, a + 48 * ldv, 2 * ldv);
+      _tile_dpbf16ps(3, 4, 5);
+    }
+  }
+  _tile_stored(0, ot[0], 64);
+  if (nvt > 1) _tile_stored(1, ot[16], 64);
+  if (nvt > 2) _tile_stored(2, ot[32], 64);
+  if (nvt > 3) _tile_stored(3, ot[48], 64);
+}
+
+struct SoftmaxState {
+  __m512 m, l;  // running max (scaled scores) and sum, one lane per query row
+};
+
+// The online softmax of one S^T block (64 keys from j0; lanes = query rows, lane r sees keys below
+// limit[r]): updates the state, writes P^T as bf16 VNNI pairs into pt and returns alpha, the factor
+// that rescales what was accumulated before this block.
+BM_AMX __m512 softmax_block_t(const float (*st)[16], int64_t j0, __m512 scale, __m512i limit, bool full,
+                              SoftmaxState& s, uint32_t* pt) {
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  alignas(64) float sv[kKeys][16];
+  __mmask16 valid[kKeys];
+  __m512 mx = ninf;
+  for (int j = 0; j < kKeys; ++j) {
+    valid[j] = full ? __mmask16(0xFFFF) : _mm512_cmpgt_epi32_mask(limit, _mm512_set1_epi32(int32_t(j0 + j)));
+    const __m512 x = _mm512_mask_mov_ps(ninf, valid[j], _mm512_mul_ps(_mm512_load_ps(st[j]), scale));
+    _mm512_store_ps(sv[j], x);
+    mx = _mm512_max_ps(mx, x);
+  }
+  const __m512 m_new = _mm512_max_ps(s.m, mx);
+  const __mmask16 live = _mm512_cmp_ps_mask(m_new, ninf, _CMP_NEQ_OQ);  // rows with a key so far
+  const __m512 shift = _mm512_mask_mov_ps(_mm512_setzero_ps(), live, m_new);
+  // alpha = e^(m - m_new): 0 where m was -inf (nothing accumulated), 1 where the row has no key yet.
+  const __m512 alpha = _mm512_mask_mov_ps(
+      _mm512_set1_ps(1.f), live,
+      mk::exp_scaled_ps<1>(_mm512_max_ps(_mm512_sub_ps(s.m, shift), _mm512_set1_ps(-87.f))));
+  __m512 sum = _mm512_setzero_ps();
+  for (int j = 0; j < kKeys; j += 2) {
+    const __m512 e0 = _mm512_maskz_mov_ps(
+        valid[j], mk::exp_scaled_ps<1>(_mm512_max_ps(_mm512_sub_ps(_mm512_load_ps(sv[j]), shift), _mm512_set1_ps(-87.f))));
+    const __m512 e1 = _mm512_maskz_mov_ps(
+        valid[j + 1],
+        mk::exp_scaled_ps<1>(_mm512_max_ps(_mm512_sub_ps(_mm512_load_ps(sv[j + 1]), shift), _mm512_set1_ps(-87.f))));
+    sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
+    __m256i b0, b1;
+    const __m256bh h0 = _mm512_cvtneps_pbh(e0), h1 = _mm512_cvtneps_pbh(e1);
+    std::memcpy(&b0, &h0, sizeof(b0));
+    std::memcpy(&b1, &h1, sizeof(b1));
+    const __m512i w = _mm512_or_si512(_mm512_cvtepu16_epi32(b0), _mm512_slli_epi32(_mm512_cvtepu16_epi32(b1), 16));
+    _mm512_store_si512(pt + (j / 2) * 16, w);
+  }
+  s.l = _mm512_fmadd_ps(s.l, alpha, sum);
+  s.m = m_new;
+  return alpha;
+}
+
+// ot_acc = ot_acc * alpha + ot for dv rows.
+BM_AVX512 void fold_t(float (*acc)[16], const float (*ot)[16], __m512 alpha, int64_t dv) {
+  for (int64_t c = 0; c < dv; ++c)
+    _mm512_store_ps(acc[c], _mm512_fmadd_ps(_mm512_load_ps(acc[c]), alpha, _mm512_load_ps(ot[c])));
+}
+
+// One block of mr <= 16 query rows against keys [0, kend). Software-pipelined: S^T of the next key
+// block is computed between the softmax that writes P^T and the tile load that reads it (a tile load
+// of just-stored data waits for the stores to drain), and each block's (P V)^T is folded one step
+// later, after the next softmax, for the same reason.
+BM_AMX void amx_row_block(const ProblemBf16& p, const uint32_t* qt, int64_t mr, const int64_t* limit, int64_t kend,
+                          const uint16_t* kbuf, const uint16_t* vt, int64_t ldv, uint16_t* out, float* lse) {
+  alignas(64) float st[2][kKeys][16];
+  alignas(64) float ot[64][16];
+  alignas(64) float acc[64][16];
+  alignas(64) uint32_t pt[kKeys / 2][16];
+  alignas(64) int32_t lim[16];
+  int64_t lim_min = kend;
   for (int r = 0; r < 16; ++r) {
-    m[r] = ninf;
-    l[r] = 0.f;
-    for (int c = 0; c < kKeys; ++c) o[r][c] = 0.f;
+    lim[r] = r < mr ? int32_t(limit[r]) : 0;
+    if (r < mr) lim_min = std::min(lim_min, limit[r]);
   }
+  const __m512i limv = _mm512_load_si512(lim);
   const int nvt = int(p.dv / 16);
+  for (int64_t c = 0; c < p.dv; ++c) _mm512_store_ps(acc[c], _mm512_setzero_ps());
+  SoftmaxState s{_mm512_set1_ps(-std::numeric_limits<float>::infinity()), _mm512_setzero_ps()};
   const __m512 scale = _mm512_set1_ps(p.scale);
-  for (int64_t j0 = 0; j0 < kend; j0 += kKeys) {
-    const uint16_t* kp = kpanels + (j0 / kKeys) * p.d * kKeys;
-    mk::amx_zero();
-    mk::amx_panel(qb, p.d * 2, p.d / 32, kp);
-    mk::amx_store(sbuf);
-    for (int r = 0; r < 16; ++r) {
-      const int64_t lim = r < mr ? limit[r] - j0 : 0;
-      __m512 sv[4];
-      __mmask16 mask[4];
-      for (int c = 0; c < 4; ++c) {
-        mask[c] = mk::lanes(std::max<int64_t>(0, std::min<int64_t>(16, lim - 16 * c)));
-        sv[c] = _mm512_mask_mov_ps(_mm512_set1_ps(ninf), mask[c], _mm512_mul_ps(_mm512_load_ps(sbuf[r] + 16 * c), scale));
-      }
-      const float mb = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(sv[0], sv[1]), _mm512_max_ps(sv[2], sv[3])));
-      const float mnew = std::max(m[r], mb);
-      if (mnew == ninf) {
-        alpha[r] = 1.f;
-        std::memset(pb[r], 0, sizeof(pb[r]));
-        continue;
-      }
-      const __m512 shift = _mm512_set1_ps(mnew);
-      __m512 sum = _mm512_setzero_ps();
-      for (int c = 0; c < 4; ++c) {
-        const __m512 x = _mm512_max_ps(_mm512_sub_ps(sv[c], shift), _mm512_set1_ps(-87.f));
-        const __m512 e = _mm512_maskz_mov_ps(mask[c], mk::exp_scaled_ps<1>(x));
-        sum = _mm512_add_ps(sum, e);
-        mk::store_bf16(pb[r] + 16 * c, e, 0xFFFF);
-      }
-      alpha[r] = m[r] == ninf ? 0.f : std::exp(m[r] - mnew);
-      l[r] = l[r] * alpha[r] + _mm512_reduce_add_ps(sum);
-      m[r] = mnew;
-    }
-    const uint16_t* vp = vpanels + (j0 / kKeys) * kKeys * kKeys;
-    mk::amx_zero();
-    for (int64_t kc = 0; kc < 2; ++kc) {  // 64 keys = two k chunks of 32
-      _tile_loadd(4, pb[0] + 32 * kc, 2 * kKeys);
-      const uint16_t* b = vp + kc * 16 * 2 * kKeys;
-      _tile_loadd(5, b, 4 * kKeys);
-      _tile_dpbf16ps(0, 4, 5);
-      if (nvt > 1) {
-        _tile_loadd(6, b + 32, 4 * kKeys);
-        _tile_dpbf16ps(1, 4, 6);
-      }
-      if (nvt > 2) {
-        _tile_loadd(5, b + 64, 4 * kKeys);
-        _tile_dpbf16ps(2, 4, 5);
-      }
-      if (nvt > 3) {
-        _tile_loadd(6, b + 96, 4 * kKeys);
-        _tile_dpbf16ps(3, 4, 6);
-      }
-    }
-    mk::amx_store(pv);
-    for (int r = 0; r < mr; ++r) {
-      const __m512 a = _mm512_set1_ps(alpha[r]);
-      for (int c = 0; c < nvt; ++c)
-        _mm512_store_ps(o[r] + 16 * c, _mm512_fmadd_ps(_mm512_load_ps(o[r] + 16 * c), a, _mm512_load_ps(pv[r] + 16 * c)));
-    }
+  __m512 alpha_pending = _mm512_setzero_ps();
+  if (kend > 0) amx_scores_t(kbuf, p.d, qt, 0, st[0]);
+  for (int64_t j0 = 0, it = 0; j0 < kend; j0 += kKeys, ++it) {
+    const bool full = j0 + kKeys <= lim_min;
+    const __m512 alpha = softmax_block_t(st[it & 1], j0, scale, limv, full, s, pt[0]);
+    if (j0 + kKeys < kend) amx_scores_t(kbuf, p.d, qt, j0 + kKeys, st[(it + 1) & 1]);
+    if (it > 0) fold_t(acc, ot, alpha_pending, p.dv);
+    amx_values_t(vt, ldv, nvt, pt[0], j0, ot);
+    alpha_pending = alpha;
   }
-  for (int r = 0; r < mr; ++r) {
-    uint16_t* dst = out + r * p.dv;
-    if (l[r] > 0.f) {
-      const __m512 inv = _mm512_set1_ps(1.f / l[r]);
-      for (int c = 0; c < nvt; ++c) mk::store_bf16(dst + 16 * c, _mm512_mul_ps(_mm512_load_ps(o[r] + 16 * c), inv), 0xFFFF);
-      lse[r] = m[r] + std::log(l[r]);
-    } else {
-      std::memset(dst, 0, p.dv * sizeof(uint16_t));
-      lse[r] = ninf;
-    }
+  if (kend > 0) fold_t(acc, ot, alpha_pending, p.dv);
+  alignas(64) float l[16], m[16];
+  _mm512_store_ps(l, s.l);
+  _mm512_store_ps(m, s.m);
+  // out[r][c] = acc[c][r] / l[r]: the accumulator is O^T, transposed back 16 columns at a time.
+  const __m512 inv = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(s.l, _mm512_setzero_ps(), _CMP_GT_OQ),
+                                         _mm512_set1_ps(1.f), s.l);  // 0 for rows without keys
+  alignas(64) float invr[16];
+  _mm512_store_ps(invr, inv);
+  for (int64_t c0 = 0; c0 < p.dv; c0 += 16) {
+    __m512i t[16];
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i) t[i] = _mm512_castps_si512(_mm512_mul_ps(_mm512_load_ps(acc[c0 + i]), inv));
+    transpose16x16_epi32(t);
+    for (int64_t r = 0; r < mr; ++r) mk::store_bf16(out + r * p.dv + c0, _mm512_castsi512_ps(t[r]), 0xFFFF);
   }
+  for (int64_t r = 0; r < mr; ++r) lse[r] = l[r] > 0.f ? m[r] + std::log(l[r]) : -std::numeric_limits<float>::infinity();
 }
 
 BM_AMX void forward_amx_tasks(const ProblemBf16& p, int64_t t0, int64_t t1, uint16_t* out, float* lse) {
   const int64_t nqb = (p.Lq + kBlockQAmx - 1) / kBlockQAmx, group = p.Hq / p.Hkv;
-  const int64_t nkb = (p.Lk + kKeys - 1) / kKeys;
-  std::vector<uint16_t> ks(nkb * p.d * kKeys + 64), vs(nkb * kKeys * kKeys + 64);
+  const int64_t ldv = (p.Lk + kKeys - 1) / kKeys * kKeys;
+  std::vector<uint16_t> ks(ldv * p.d + 32), vs(p.dv * ldv + 32);
   auto align = [](uint16_t* x) {
     return reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(x) + 63) & ~uintptr_t(63));
   };
-  uint16_t* kpanels = align(ks.data());
-  uint16_t* vpanels = align(vs.data());
-  alignas(64) uint16_t qb[16 * 128];
+  uint16_t* kbuf = align(ks.data());
+  uint16_t* vt = align(vs.data());
+  alignas(64) uint32_t qt[64 * 16];  // d <= 128
   mk::amx_configure();
   int64_t packed_b = -1, packed_hk = -1;
   for (int64_t t = t0; t < t1; ++t) {
@@ -462,8 +573,8 @@ BM_AMX void forward_amx_tasks(const ProblemBf16& p, int64_t t0, int64_t t1, uint
     const int64_t hk = h / group, nq = std::min(kBlockQAmx, p.Lq - i0);
     const int64_t valid = p.lengths ? p.lengths[b] : p.Lk;
     if (b != packed_b || hk != packed_hk) {
-      pack_bf16_transposed(p.k + b * p.ks[0] + hk * p.ks[1], p.ks[2], valid, p.d, kpanels);
-      pack_bf16_rows(p.v + b * p.vs[0] + hk * p.vs[1], p.vs[2], valid, p.dv, vpanels);
+      copy_keys(p.k + b * p.ks[0] + hk * p.ks[1], p.ks[2], valid, p.d, kbuf);
+      transpose_values(p.v + b * p.vs[0] + hk * p.vs[1], p.vs[2], valid, p.dv, ldv, vt);
       packed_b = b;
       packed_hk = hk;
     }
@@ -472,10 +583,8 @@ BM_AMX void forward_amx_tasks(const ProblemBf16& p, int64_t t0, int64_t t1, uint
       const int64_t mr = std::min<int64_t>(16, i0 + nq - r0);
       int64_t limit[16];
       const int64_t kend = visible_keys(p, valid, r0, mr, limit);
-      for (int64_t r = 0; r < mr; ++r)
-        std::memcpy(qb + r * p.d, p.q + b * p.qs[0] + h * p.qs[1] + (r0 + r) * p.qs[2], p.d * sizeof(uint16_t));
-      std::memset(qb + mr * p.d, 0, (16 - mr) * p.d * sizeof(uint16_t));
-      amx_row_block(p, qb, mr, limit, kend, kpanels, vpanels, out + (row0 + r0) * p.dv, lse + row0 + r0);
+      transpose_queries(p.q + b * p.qs[0] + h * p.qs[1] + r0 * p.qs[2], p.qs[2], mr, p.d, qt);
+      amx_row_block(p, qt, mr, limit, kend, kbuf, vt, ldv, out + (row0 + r0) * p.dv, lse + row0 + r0);
     }
   }
   _tile_release();

@@ -129,6 +129,22 @@ def test_rows_without_keys_are_zero(device):
     assert (g[1][0] == 0).all() and (g[2][0] == 0).all()
 
 
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_bfloat16_rows_without_keys_are_zero(device, cpu_kernel, is_causal):
+    """The bf16 paths (AMX on the CPU, tensor cores on CUDA) give zeros and -inf for a batch whose
+    key length is 0, and the reference's values elsewhere, across several 16-row blocks."""
+    B, H, Lq, Lk, d = 3, 2, 40, 130, 32
+    q, k, v = qkv(B, H, H, Lq, Lk, d, d, dtype=torch.bfloat16, device=device, requires_grad=False)
+    lengths = torch.tensor([0, 130, 67], device=device)
+    out, lse = attention(q, k, v, key_lengths=lengths, is_causal=is_causal)
+    assert (out[0] == 0).all() and torch.isneginf(lse[0]).all()
+    ref, ref_lse = attention_reference(
+        *(t.double() for t in (q, k, v)), key_lengths=lengths, is_causal=is_causal
+    )
+    torch.testing.assert_close(out[1:].double(), ref[1:], atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse[1:].double(), ref_lse[1:], atol=2e-2, rtol=1e-2)
+
+
 def test_scale(device):
     q, k, v = qkv(2, 2, 2, 5, 7, 8, 8, device=device)
     out, _ = attention(q, k, v, scale=0.3)
