@@ -145,6 +145,8 @@ def _right_padded_lengths(key_padding_mask: Tensor) -> Tensor | None:
     """Lengths if every row of the boolean ``(N, S)`` mask is ``False * n + True * (S - n)``."""
     if key_padding_mask.dtype != torch.bool:
         return None
+    if key_padding_mask.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None  # the check below reads a GPU value; under graph capture the mask path serves
     lengths = (~key_padding_mask).sum(dim=1)
     padded = torch.arange(key_padding_mask.shape[1], device=key_padding_mask.device) >= lengths.unsqueeze(1)
     return lengths if bool((padded == key_padding_mask).all()) else None
