@@ -48,10 +48,27 @@ def pytest_collection_modifyitems(config, items) -> None:
             item.add_marker(pytest.mark.skip(reason=reason))
 
 
-@pytest.fixture(params=["auto", "generic"])
+def _cpu_has_avx2() -> bool:
+    info = dict(line.split("=", 1) for line in torch.ops.bigmodel.build_info().splitlines() if "=" in line)
+    return info.get("cpu_avx2") == "1"
+
+
+_NO_AVX2 = not _cpu_has_avx2()
+
+
+@pytest.fixture(
+    params=[
+        "auto",
+        pytest.param(
+            "avx2", marks=pytest.mark.skipif(_NO_AVX2, reason="this CPU (or build) has no AVX2 + FMA kernels")
+        ),
+        "generic",
+    ]
+)
 def cpu_kernel(request, monkeypatch) -> str:
-    """Runs a CPU test on both LSTM time loops: the AVX-512 micro-kernels ("auto", where the CPU has
-    them) and the ATen-BLAS path ("generic"), through BIGMODEL_CPU_KERNEL."""
+    """Runs a CPU test on each LSTM time loop through BIGMODEL_CPU_KERNEL: the best micro-kernels
+    the CPU has ("auto": AVX-512, else AVX2), the AVX2 micro-kernels even on an AVX-512 CPU
+    ("avx2"), and the ATen-BLAS path ("generic")."""
     monkeypatch.setenv("BIGMODEL_CPU_KERNEL", request.param)
     return request.param
 

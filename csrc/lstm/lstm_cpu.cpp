@@ -288,10 +288,25 @@ Tensor rows_original(const Tensor& t, const PackPlan& p, at::ScalarType dtype) {
 
 // ---- the fast path's set-up ----
 
-// Whether the fused micro-kernel loop runs this layer: no projection, and a CPU with the kernels.
-bool use_fast_path(const Dims& d, at::ScalarType input_dtype, at::ScalarType ct) {
-  if (d.proj || ct != at::kFloat || !gemm::cpu::microkernels_enabled()) return false;
-  return input_dtype == at::kBFloat16 ? gemm::cpu::has_avx512_bf16() : gemm::cpu::has_avx512();
+// Which fused micro-kernel loop runs this layer, if any: none with a projection; float32 layers on
+// AVX-512, else AVX2; bf16 layers only on AVX512-BF16 (an AVX2 CPU runs them on the portable path).
+// BIGMODEL_CPU_KERNEL=avx2 picks the AVX2 loop (or none for bf16) as an AVX2-only CPU would.
+enum class FastKernels { None, Avx512, Avx2 };
+
+FastKernels fast_kernels(const Dims& d, at::ScalarType input_dtype, at::ScalarType ct) {
+  if (d.proj || ct != at::kFloat) return FastKernels::None;
+  const bool bf16 = input_dtype == at::kBFloat16;
+  switch (gemm::cpu::kernel_choice()) {
+    case gemm::cpu::KernelChoice::Generic:
+      return FastKernels::None;
+    case gemm::cpu::KernelChoice::Avx2:
+      return bf16 ? FastKernels::None : FastKernels::Avx2;
+    case gemm::cpu::KernelChoice::Auto:
+      break;
+  }
+  if (bf16) return gemm::cpu::has_avx512_bf16() ? FastKernels::Avx512 : FastKernels::None;
+  if (gemm::cpu::has_avx512()) return FastKernels::Avx512;
+  return gemm::cpu::has_avx2() ? FastKernels::Avx2 : FastKernels::None;
 }
 
 // Bytes of weights a worker may stream every step and still find in its own L2 (three quarters of
@@ -358,8 +373,9 @@ Tensor last_states(const Tensor& hout, const PackPlan& p, bool reverse) {
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fast(
     const Tensor& input, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
     const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh, const Dims& d, const PackPlan& p,
-    bool reverse, bool train) {
+    bool reverse, bool train, FastKernels kernels) {
   const bool bf16 = input.scalar_type() == at::kBFloat16;
+  const bool avx2 = kernels == FastKernels::Avx2;  // float32 only
   const bool amx = bf16 && gemm::cpu::has_amx_bf16();
   const at::ScalarType st = bf16 ? at::kBFloat16 : at::kFloat;  // storage of x, h and the output
   const int64_t G = 4 * d.H;
@@ -367,7 +383,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fast(
   const int64_t kq = amx ? 32 : bf16 ? 2 : 1;
   const int64_t Kh = (d.H + kq - 1) / kq * kq, Kx = (d.I + kq - 1) / kq * kq;
   const int64_t panel_bytes = (d.H + 15) / 16 * gemm::kPanel * (Kh + Kx) * (bf16 ? 2 : 4);
-  const fast::Grid grid = choose_grid(d.B, (d.H + 15) / 16, panel_bytes, amx ? fast::kAmxRows : 6);
+  const fast::Grid grid =
+      choose_grid(d.B, (d.H + 15) / 16, panel_bytes, amx ? fast::kAmxRows : avx2 ? fast::kAvx2GateRows : 6);
   // AMX tiles load whole 16-row blocks at a row stride of R: give x and h that many rows of slack.
   const int64_t slack = amx ? fast::kAmxRows * grid.R : 0;
 
@@ -418,6 +435,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fast(
       fast::forward_amx(a, train, w0, w1);
     else if (bf16)
       fast::forward_bf16(a, train, w0, w1);
+    else if (avx2)
+      fast::forward_f32_avx2(a, train, w0, w1);
     else
       fast::forward_f32(a, train, w0, w1);
   });
@@ -438,8 +457,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
     const std::optional<Tensor>& grad_output, const std::optional<Tensor>& grad_h_n,
     const std::optional<Tensor>& grad_c_n, const Tensor& input, const Tensor& h0, const Tensor& c0,
     const Tensor& w_ih, const Tensor& w_hh, const Tensor& output, const Tensor& gates, const Tensor& cells,
-    bool reverse, bool has_bias, const Dims& d, const PackPlan& p) {
+    bool reverse, bool has_bias, const Dims& d, const PackPlan& p, FastKernels kernels) {
   const at::ScalarType f32 = at::kFloat;
+  const bool avx2 = kernels == FastKernels::Avx2;
   const int64_t G = 4 * d.H, H = d.H, F = d.H + d.I;
   const int64_t Fp = (F + gemm::kPanel - 1) / gemm::kPanel * gemm::kPanel;
   Tensor x = to_packed(input, p, f32);
@@ -482,7 +502,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   // same size again: at the seed shape, 2 x 1 MiB, fused on two row groups still measured faster than
   // column groups with the weight gradients left to BLAS, so only the panels count here).
   const int64_t panel_bytes = G * Fp * int64_t(sizeof(float));
-  a.grid = choose_grid(d.B, (H + gemm::kPanel - 1) / gemm::kPanel, panel_bytes);
+  a.grid = choose_grid(d.B, (H + gemm::kPanel - 1) / gemm::kPanel, panel_bytes, avx2 ? fast::kAvx2BackwardRows : 6);
   const bool fused = a.grid.C == 1;
   const int64_t R = a.grid.R, rows_step = (d.B + R - 1) / R;
   // Updates run when the next step's rows would not fit: with 96 rows of room each update has K >= 64
@@ -508,7 +528,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   }
   SpinBarrier barrier(a.grid.R * a.grid.C);
   a.barrier = &barrier;
-  run_grid(a.grid, [&](int64_t w0, int64_t w1) { fast::backward_f32(a, w0, w1); });
+  run_grid(a.grid, [&](int64_t w0, int64_t w1) {
+    if (avx2)
+      fast::backward_f32_avx2(a, w0, w1);
+    else
+      fast::backward_f32(a, w0, w1);
+  });
 
   Tensor dw_hh, dw_ih, dbias;
   if (fused) {  // sum the row groups' partial sums straight into the two contiguous gradients
@@ -561,8 +586,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_cpu(
   const PackPlan p = make_plan(d.T, d.B, lengths, kOp);
   FlushDenormalsGuard ftz;
   const at::ScalarType ct = compute_dtype(input.scalar_type());
-  if (use_fast_path(d, input.scalar_type(), ct))
-    return lstm_forward_fast(input, h0, c0, w_ih, w_hh, b_ih, b_hh, d, p, reverse, train);
+  if (const FastKernels k = fast_kernels(d, input.scalar_type(), ct); k != FastKernels::None)
+    return lstm_forward_fast(input, h0, c0, w_ih, w_hh, b_ih, b_hh, d, p, reverse, train, k);
   const int64_t G = 4 * d.H;
 
   Tensor x = to_packed(input, p, ct);
@@ -623,9 +648,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
   if (grad_output.has_value()) check_shape(*grad_output, {d.T, d.B, P}, op, "grad_output", "(T, B, P)");
   if (grad_h_n.has_value()) check_shape(*grad_h_n, {d.B, P}, op, "grad_h_n", "(B, P)");
   if (grad_c_n.has_value()) check_shape(*grad_c_n, {d.B, H}, op, "grad_c_n", "(B, hidden_size)");
-  if (use_fast_path(d, at::kFloat, ct))
+  if (const FastKernels k = fast_kernels(d, at::kFloat, ct); k != FastKernels::None)
     return lstm_backward_fast(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, output, gates, cells,
-                              reverse, has_bias, d, p);
+                              reverse, has_bias, d, p, k);
 
   Tensor x = to_packed(input, p, ct);
   Tensor hout = to_packed(output, p, ct);

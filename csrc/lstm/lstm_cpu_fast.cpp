@@ -1,9 +1,11 @@
-// The LSTM time loop on the AVX-512 micro-kernels (design in lstm_cpu_fast.h).
+// The LSTM time loop on the AVX-512 and AVX2 micro-kernels (design in lstm_cpu_fast.h). One loop
+// skeleton per direction (forward_steps, backward_steps) runs either kernel set.
 #include "lstm/lstm_cpu_fast.h"
 
 #include <algorithm>
 
 #include "common/gemm/microkernel.h"
+#include "common/gemm/microkernel_avx2.h"
 
 #ifdef BIGMODEL_HAS_AVX512_KERNELS
 
@@ -11,7 +13,10 @@ namespace bigmodel::lstm::fast {
 namespace {
 
 namespace mk = bigmodel::gemm::avx512;
+namespace m2 = bigmodel::gemm::avx2;
 constexpr int64_t kUnits = mk::kNR / 4;  // hidden units per forward panel
+static_assert(m2::kNR == mk::kNR, "both kernel sets read the same panels");
+static_assert(kAvx2GateRows == m2::kGateMR && kAvx2BackwardRows == m2::kQuarterMR);
 
 // The rows a worker of row group rg owns at a step with b active rows: rg, rg + R, ... < b, cut into
 // near-equal blocks of at most max_rows. Calls body(first_row, rows) per block.
@@ -189,6 +194,83 @@ BM_AMX void forward_loop_amx(const ForwardArgs& a, int64_t w0, int64_t w1) {
   _tile_release();
 }
 
+// ---- forward on AVX2 ----
+//
+// Half h of panel p holds the i, f, g, o pre-activations of units 16 p + 8 h .. + 7: two gate-pair
+// tiles (i, f and g, o; m2::gate_pair_tile_f32) fill a [MR][32] buffer for the cell update.
+
+// The cell update of rows r0, r0 + rstride, ... (mr of them) and hidden units u0 .. u0 + 7, from their
+// pre-activations in tile[i] (gates i, f, g, o at columns 0, 8, 16, 24), bias not yet added.
+template <bool kTrain>
+BM_AVX2 BM_ALWAYS_INLINE void cell_update_avx2(const ForwardArgs& a, int64_t off, int64_t r0, int64_t mr,
+                                               int64_t rstride, int64_t u0, const float (*tile)[32], void* hn) {
+  const int64_t H = a.steps.H, G = 4 * H, Kh = a.Kh;
+  const m2::Lanes m = m2::lanes(H - u0);
+  __m256 bias[4];
+#pragma GCC unroll 4
+  for (int g = 0; g < 4; ++g)
+    bias[g] = a.bias != nullptr ? m2::load_f32(a.bias + g * H + u0, m) : _mm256_setzero_ps();
+  for (int64_t i = 0; i < mr; ++i) {
+    const int64_t r = r0 + i * rstride, row = off + r;
+    const __m256 ig = m2::sigmoid_ps(_mm256_add_ps(_mm256_load_ps(tile[i]), bias[0]));
+    const __m256 fg = m2::sigmoid_ps(_mm256_add_ps(_mm256_load_ps(tile[i] + 8), bias[1]));
+    const __m256 gg = m2::tanh_ps(_mm256_add_ps(_mm256_load_ps(tile[i] + 16), bias[2]));
+    const __m256 og = m2::sigmoid_ps(_mm256_add_ps(_mm256_load_ps(tile[i] + 24), bias[3]));
+    float* cp = a.c + r * H + u0;
+    const __m256 cn = _mm256_fmadd_ps(fg, m2::load_f32(cp, m), _mm256_mul_ps(ig, gg));
+    const __m256 hv = _mm256_mul_ps(og, m2::tanh_ps(cn));
+    m2::store_f32(cp, cn, m);
+    m2::store_f32(static_cast<float*>(hn) + r * Kh + u0, hv, m);
+    m2::store_f32(static_cast<float*>(a.hout) + row * H + u0, hv, m);
+    if constexpr (kTrain) {
+      float* gp = a.gates + row * G + u0;
+      m2::store_f32(gp, ig, m);
+      m2::store_f32(gp + H, fg, m);
+      m2::store_f32(gp + 2 * H, gg, m);
+      m2::store_f32(gp + 3 * H, og, m);
+      m2::store_f32(a.cells + row * H + u0, cn, m);
+    }
+  }
+}
+
+// Panel p for MR rows: both halves and their cell updates (the second half is absent when the last
+// panel holds 8 units or fewer).
+template <bool kTrain, int MR>
+BM_AVX2 void forward_tile_avx2(const ForwardArgs& a, int64_t off, int64_t r0, int64_t rstride, int64_t p,
+                               const void* hp, void* hn) {
+  const int64_t Kh = a.Kh, Kx = a.Kx;
+  const float* panel = static_cast<const float*>(a.panels) + p * (Kh + Kx) * m2::kNR;
+  const float* h_rows = static_cast<const float*>(hp) + r0 * Kh;
+  const float* x_rows = static_cast<const float*>(a.x) + (off + r0) * Kx;
+  for (int h = 0; h < 2; ++h) {
+    const int64_t u0 = p * kUnits + 8 * h;
+    if (u0 >= a.steps.H) break;
+    alignas(32) float tile[MR][32];
+    for (int g2 = 0; g2 < 2; ++g2) {  // gates i, f, then g, o
+      __m256 acc[MR][2];
+      m2::zero_tile<MR, 2>(acc);
+      m2::gate_pair_tile_f32<MR>(h_rows, rstride * Kh, Kh, panel, 32 * g2 + 8 * h, acc);
+      m2::gate_pair_tile_f32<MR>(x_rows, rstride * Kx, Kx, panel + Kh * m2::kNR, 32 * g2 + 8 * h, acc);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        _mm256_store_ps(tile[r] + 16 * g2, acc[r][0]);
+        _mm256_store_ps(tile[r] + 16 * g2 + 8, acc[r][1]);
+      }
+    }
+    cell_update_avx2<kTrain>(a, off, r0, MR, rstride, u0, tile, hn);
+  }
+}
+
+template <bool kTrain>
+void forward_loop_avx2(const ForwardArgs& a, int64_t w0, int64_t w1) {
+  forward_steps(a, w0, w1, kAvx2GateRows, a.panels_outer,
+                [&](int64_t off, int64_t r0, int64_t mr, int64_t p, const void* hp, void* hn) {
+                  m2::with_rows<m2::kGateMR>(mr, [&](auto rows) {
+                    forward_tile_avx2<kTrain, decltype(rows)::value>(a, off, r0, a.grid.R, p, hp, hn);
+                  });
+                });
+}
+
 // ---- backward ----
 
 // The previous state's rows of sorted row r at step t: h_{t-1}/c_{t-1} rows of the packed forward
@@ -318,6 +400,249 @@ BM_AVX512 void gather_hx(const BackwardArgs& a, const WorkerScratch& ws, int64_t
   }
 }
 
+// ---- backward on AVX2: the same steps as above, 8 lanes wide ----
+
+BM_AVX2 void pointwise_row_avx2(const BackwardArgs& a, int64_t t, int64_t r, int64_t row, float* dg, float* dbias,
+                                int64_t u_begin, int64_t u_end) {
+  const Steps& st = a.steps;
+  const int64_t H = st.H, G = 4 * H;
+  const int64_t pr = prev_row(st, t, r);
+  const float* cprev = pr >= 0 ? a.cells + pr * H : a.c0 + r * H;
+  const float* g = a.gates + row * G;
+  const __m256 one = _mm256_set1_ps(1.f);
+  for (int64_t u = u_begin; u < u_end; u += 8) {
+    const m2::Lanes m = m2::lanes(u_end - u);
+    const __m256 ig = m2::load_f32(g + u, m), fg = m2::load_f32(g + H + u, m);
+    const __m256 gg = m2::load_f32(g + 2 * H + u, m), og = m2::load_f32(g + 3 * H + u, m);
+    const __m256 tc = m2::tanh_ps(m2::load_f32(a.cells + row * H + u, m));
+    __m256 dh = m2::load_f32(a.dh + r * H + u, m);
+    if (a.grad_out != nullptr) dh = _mm256_add_ps(dh, m2::load_f32(a.grad_out + row * H + u, m));
+    const __m256 dc =
+        _mm256_fmadd_ps(_mm256_mul_ps(dh, og), _mm256_fnmadd_ps(tc, tc, one), m2::load_f32(a.dc + r * H + u, m));
+    __m256 d[4];
+    d[0] = _mm256_mul_ps(_mm256_mul_ps(dc, gg), _mm256_mul_ps(ig, _mm256_sub_ps(one, ig)));
+    d[1] = _mm256_mul_ps(_mm256_mul_ps(dc, m2::load_f32(cprev + u, m)), _mm256_mul_ps(fg, _mm256_sub_ps(one, fg)));
+    d[2] = _mm256_mul_ps(_mm256_mul_ps(dc, ig), _mm256_fnmadd_ps(gg, gg, one));
+    d[3] = _mm256_mul_ps(_mm256_mul_ps(dh, tc), _mm256_mul_ps(og, _mm256_sub_ps(one, og)));
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) {
+      m2::store_f32(dg + q * H + u, d[q], m);
+      if (dbias != nullptr)
+        m2::store_f32(dbias + q * H + u, _mm256_add_ps(m2::load_f32(dbias + q * H + u, m), d[q]), m);
+    }
+    m2::store_f32(a.dc + r * H + u, _mm256_mul_ps(dc, fg), m);
+  }
+}
+
+// [dh, dx] for MR rows and panel p, a quarter (16 columns) at a time.
+template <int MR>
+BM_AVX2 void grad_state_tile_avx2(const BackwardArgs& a, const float* dg, int64_t lda, int64_t off, int64_t r0,
+                                  int64_t rstride, int64_t p) {
+  const int64_t H = a.steps.H, G = 4 * H, F = H + a.I;
+  const float* panel = a.panels + p * G * m2::kNR;
+  for (int q = 0; q < 4; ++q) {
+    if (p * m2::kNR + 16 * q >= F) break;
+    __m256 acc[MR][2];
+    m2::zero_tile<MR, 2>(acc);
+    m2::quarter_tile_f32<MR>(dg, lda, 1, G, panel, q, acc);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const int64_t r = r0 + i * rstride;
+#pragma GCC unroll 2
+      for (int j = 0; j < 2; ++j) {
+        const int64_t col = p * m2::kNR + 16 * q + 8 * j;
+        if (col >= F) break;
+        if (col + 8 <= H) {
+          _mm256_storeu_ps(a.dh + r * H + col, acc[i][j]);
+        } else if (col >= H && col + 8 <= F) {
+          _mm256_storeu_ps(a.dx + (off + r) * a.I + col - H, acc[i][j]);
+        } else {  // a group straddling the dh | dx boundary or past F: split it with masks
+          const __m256i valid = m2::lanes(F - col).mask, to_dh = m2::lanes(H - col).mask;
+          if (col < H) m2::store_f32(a.dh + r * H + col, acc[i][j], to_dh);
+          m2::store_f32(a.dx + (off + r) * a.I + col - H, acc[i][j], _mm256_andnot_si256(to_dh, valid));
+        }
+      }
+    }
+  }
+}
+
+void grad_state_tiles_avx2(const BackwardArgs& a, const float* dg, int64_t lda, int64_t off, int64_t r0,
+                           int64_t mr, int64_t rstride, int64_t p0, int64_t p1) {
+  m2::with_rows<m2::kQuarterMR>(mr, [&](auto rows) {
+    for (int64_t p = p0; p < p1; ++p)
+      grad_state_tile_avx2<decltype(rows)::value>(a, dg, lda, off, r0, rstride, p);
+  });
+}
+
+template <int MR>
+BM_AVX2 void grad_weight_tile_avx2(const WorkerScratch& ws, int64_t G, int64_t F, int64_t rows_cap, int64_t n,
+                                   int64_t m0, int64_t p) {
+  const float* panel = ws.hx + p * rows_cap * m2::kNR;
+  for (int q = 0; q < 4; ++q) {
+    __m256 acc[MR][2];
+    float* c = ws.dw + m0 * F + p * m2::kNR + 16 * q;
+    if (ws.fresh)
+      m2::zero_tile<MR, 2>(acc);
+    else
+      m2::load_quarter<MR>(c, F, acc);
+    m2::quarter_tile_f32<MR>(ws.dg + m0, 1, G, n, panel, q, acc);
+    m2::store_quarter<MR>(acc, c, F);
+  }
+}
+
+void grad_weights_update_avx2(const WorkerScratch& ws, int64_t G, int64_t F, int64_t rows_cap, int64_t n) {
+  const int64_t np = F / m2::kNR;
+  for (int64_t m0 = 0; m0 < G; m0 += m2::kQuarterMR) {
+    const int64_t mr = std::min<int64_t>(m2::kQuarterMR, G - m0);
+    m2::with_rows<m2::kQuarterMR>(mr, [&](auto rows) {
+      for (int64_t p = 0; p < np; ++p)
+        grad_weight_tile_avx2<decltype(rows)::value>(ws, G, F, rows_cap, n, m0, p);
+    });
+  }
+}
+
+BM_AVX2 void gather_hx_avx2(const BackwardArgs& a, const WorkerScratch& ws, int64_t t, int64_t off, int64_t rg,
+                            int64_t R, int64_t n, int64_t F, int64_t k0) {
+  const int64_t H = a.steps.H, I = a.I;
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t r = rg + R * k;
+    const int64_t pr = prev_row(a.steps, t, r);
+    const float* hp = pr >= 0 ? a.hout + pr * H : a.h0 + r * H;
+    const float* xr = a.x + (off + r) * I;
+    for (int64_t f = 0; f < F; f += 8) {
+      __m256 v = _mm256_setzero_ps();
+      if (f < H) {
+        v = m2::load_f32(hp + f, m2::lanes(H - f));
+        if (f + 8 > H) {  // the group straddles h | x
+          const int64_t nh = H - f;
+          const __m256i mx = _mm256_andnot_si256(m2::lanes(nh).mask, m2::lanes(nh + I).mask);
+          v = _mm256_blendv_ps(v, _mm256_maskload_ps(xr - nh, mx), _mm256_castsi256_ps(mx));
+        }
+      } else if (f < H + I) {
+        v = m2::load_f32(xr + f - H, m2::lanes(H + I - f));
+      }
+      _mm256_store_ps(ws.hx + ((f / m2::kNR) * a.rows_cap + k0 + k) * m2::kNR + f % m2::kNR, v);
+    }
+  }
+}
+
+// The backward's kernel sets: what backward_steps calls per step.
+struct Avx512Backward {
+  static constexpr int64_t kRows = mk::kMR;
+  static void pointwise(const BackwardArgs& a, int64_t t, int64_t r, int64_t row, float* dg, float* dbias,
+                        int64_t u_begin, int64_t u_end) {
+    pointwise_row(a, t, r, row, dg, dbias, u_begin, u_end);
+  }
+  static void state_tiles(const BackwardArgs& a, const float* dg, int64_t lda, int64_t off, int64_t r0, int64_t mr,
+                          int64_t rstride, int64_t p0, int64_t p1) {
+    grad_state_tiles(a, dg, lda, off, r0, mr, rstride, p0, p1);
+  }
+  static void weights_update(const WorkerScratch& ws, int64_t G, int64_t F, int64_t rows_cap, int64_t n) {
+    grad_weights_update(ws, G, F, rows_cap, n);
+  }
+  static void gather(const BackwardArgs& a, const WorkerScratch& ws, int64_t t, int64_t off, int64_t rg, int64_t R,
+                     int64_t n, int64_t F, int64_t k0) {
+    gather_hx(a, ws, t, off, rg, R, n, F, k0);
+  }
+};
+
+struct Avx2Backward {
+  static constexpr int64_t kRows = m2::kQuarterMR;
+  static void pointwise(const BackwardArgs& a, int64_t t, int64_t r, int64_t row, float* dg, float* dbias,
+                        int64_t u_begin, int64_t u_end) {
+    pointwise_row_avx2(a, t, r, row, dg, dbias, u_begin, u_end);
+  }
+  static void state_tiles(const BackwardArgs& a, const float* dg, int64_t lda, int64_t off, int64_t r0, int64_t mr,
+                          int64_t rstride, int64_t p0, int64_t p1) {
+    grad_state_tiles_avx2(a, dg, lda, off, r0, mr, rstride, p0, p1);
+  }
+  static void weights_update(const WorkerScratch& ws, int64_t G, int64_t F, int64_t rows_cap, int64_t n) {
+    grad_weights_update_avx2(ws, G, F, rows_cap, n);
+  }
+  static void gather(const BackwardArgs& a, const WorkerScratch& ws, int64_t t, int64_t off, int64_t rg, int64_t R,
+                     int64_t n, int64_t F, int64_t k0) {
+    gather_hx_avx2(a, ws, t, off, rg, R, n, F, k0);
+  }
+};
+
+// The backward time loop over a kernel set K (Avx512Backward, Avx2Backward).
+template <typename K>
+void backward_steps(const BackwardArgs& a, int64_t w0, int64_t w1) {
+  const Steps& st = a.steps;
+  const int64_t R = a.grid.R, C = a.grid.C, H = st.H, G = 4 * H;
+  const int64_t F = H + a.I, Fp = (F + mk::kNR - 1) / mk::kNR * mk::kNR;
+  const int64_t np = Fp / mk::kNR;                   // [dh, dx] column panels
+  const int64_t nh = (H + mk::kNR - 1) / mk::kNR;    // of which hold dh; pointwise units follow them
+  for (int64_t s = st.T - 1; s >= 0; --s) {
+    const int64_t t = st.reverse ? st.T - 1 - s : s;
+    const int64_t b = st.batch_sizes[t], off = st.offsets[t];
+    if (a.scratch != nullptr) {  // C == 1: whole rows per worker, weight gradients fused
+      for (int64_t w = w0; w < w1; ++w) {
+        const int64_t rg = w;
+        WorkerScratch& ws = a.scratch[rg];
+        if (b <= rg) continue;
+        const int64_t n = (b - rg + R - 1) / R;
+        if (ws.pending + n > a.rows_cap) {
+          K::weights_update(ws, G, Fp, a.rows_cap, ws.pending);
+          ws.pending = 0;
+          ws.fresh = false;
+        }
+        const int64_t kb = ws.pending;  // this step's first scratch row
+        K::gather(a, ws, t, off, rg, R, n, Fp, kb);
+        for (int64_t k0 = 0; k0 < n; k0 += K::kRows) {
+          const int64_t mr = std::min<int64_t>(K::kRows, n - k0);
+          for (int64_t k = k0; k < k0 + mr; ++k) {
+            const int64_t r = rg + R * k;
+            K::pointwise(a, t, r, off + r, ws.dg + (kb + k) * G, ws.dbias, 0, H);
+          }
+          K::state_tiles(a, ws.dg + (kb + k0) * G, G, off, rg + R * k0, mr, R, 0, np);
+        }
+        ws.pending += n;
+      }
+      continue;
+    }
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t rg = w / C, cg = w % C;
+      const int64_t q0 = split(nh, C, cg), q1 = split(nh, C, cg + 1);
+      const int64_t u0 = q0 * mk::kNR, u1 = std::min(H, q1 * mk::kNR);
+      for_each_row_block(
+          b, rg, R,
+          [&](int64_t r0, int64_t mr) {
+            for (int64_t i = 0; i < mr; ++i) {
+              const int64_t r = r0 + i * R;
+              K::pointwise(a, t, r, off + r, a.dgates + (off + r) * G, nullptr, u0, u1);
+            }
+          },
+          K::kRows);
+    }
+    a.barrier->arrive_and_wait(w1 - w0);
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t rg = w / C, cg = w % C;
+      // dh panels follow the pointwise split (a worker reads back only the dh it wrote); the dx
+      // panels after them are split the same way.
+      const int64_t p0 = split(nh, C, cg), p1 = split(nh, C, cg + 1);
+      const int64_t x0 = nh + split(np - nh, C, cg), x1 = nh + split(np - nh, C, cg + 1);
+      for_each_row_block(
+          b, rg, R,
+          [&](int64_t r0, int64_t mr) {
+            const float* dg = a.dgates + (off + r0) * G;
+            K::state_tiles(a, dg, R * G, off, r0, mr, R, p0, p1);
+            K::state_tiles(a, dg, R * G, off, r0, mr, R, x0, x1);
+          },
+          K::kRows);
+    }
+  }
+  if (a.scratch != nullptr)
+    for (int64_t w = w0; w < w1; ++w) {
+      WorkerScratch& ws = a.scratch[w];
+      if (ws.pending > 0) {
+        K::weights_update(ws, G, Fp, a.rows_cap, ws.pending);
+        ws.fresh = false;
+      }
+      ws.pending = 0;
+    }
+}
+
 }  // namespace
 
 void forward_f32(const ForwardArgs& a, bool train, int64_t w0, int64_t w1) {
@@ -334,6 +659,13 @@ void forward_bf16(const ForwardArgs& a, bool train, int64_t w0, int64_t w1) {
     forward_loop<true, false>(a, w0, w1);
 }
 
+void forward_f32_avx2(const ForwardArgs& a, bool train, int64_t w0, int64_t w1) {
+  if (train)
+    forward_loop_avx2<true>(a, w0, w1);
+  else
+    forward_loop_avx2<false>(a, w0, w1);
+}
+
 void forward_amx(const ForwardArgs& a, bool train, int64_t w0, int64_t w1) {
   if (train)
     forward_loop_amx<true>(a, w0, w1);
@@ -341,79 +673,13 @@ void forward_amx(const ForwardArgs& a, bool train, int64_t w0, int64_t w1) {
     forward_loop_amx<false>(a, w0, w1);
 }
 
-void backward_f32(const BackwardArgs& a, int64_t w0, int64_t w1) {
-  const Steps& st = a.steps;
-  const int64_t R = a.grid.R, C = a.grid.C, H = st.H, G = 4 * H;
-  const int64_t F = H + a.I, Fp = (F + mk::kNR - 1) / mk::kNR * mk::kNR;
-  const int64_t np = Fp / mk::kNR;                   // [dh, dx] column panels
-  const int64_t nh = (H + mk::kNR - 1) / mk::kNR;    // of which hold dh; pointwise units follow them
-  for (int64_t s = st.T - 1; s >= 0; --s) {
-    const int64_t t = st.reverse ? st.T - 1 - s : s;
-    const int64_t b = st.batch_sizes[t], off = st.offsets[t];
-    if (a.scratch != nullptr) {  // C == 1: whole rows per worker, weight gradients fused
-      for (int64_t w = w0; w < w1; ++w) {
-        const int64_t rg = w;
-        WorkerScratch& ws = a.scratch[rg];
-        if (b <= rg) continue;
-        const int64_t n = (b - rg + R - 1) / R;
-        if (ws.pending + n > a.rows_cap) {
-          grad_weights_update(ws, G, Fp, a.rows_cap, ws.pending);
-          ws.pending = 0;
-          ws.fresh = false;
-        }
-        const int64_t kb = ws.pending;  // this step's first scratch row
-        gather_hx(a, ws, t, off, rg, R, n, Fp, kb);
-        for (int64_t k0 = 0; k0 < n; k0 += mk::kMR) {
-          const int64_t mr = std::min<int64_t>(mk::kMR, n - k0);
-          for (int64_t k = k0; k < k0 + mr; ++k) {
-            const int64_t r = rg + R * k;
-            pointwise_row(a, t, r, off + r, ws.dg + (kb + k) * G, ws.dbias, 0, H);
-          }
-          grad_state_tiles(a, ws.dg + (kb + k0) * G, G, off, rg + R * k0, mr, R, 0, np);
-        }
-        ws.pending += n;
-      }
-      continue;
-    }
-    for (int64_t w = w0; w < w1; ++w) {
-      const int64_t rg = w / C, cg = w % C;
-      const int64_t q0 = split(nh, C, cg), q1 = split(nh, C, cg + 1);
-      const int64_t u0 = q0 * mk::kNR, u1 = std::min(H, q1 * mk::kNR);
-      for_each_row_block(b, rg, R, [&](int64_t r0, int64_t mr) {
-        for (int64_t i = 0; i < mr; ++i) {
-          const int64_t r = r0 + i * R;
-          pointwise_row(a, t, r, off + r, a.dgates + (off + r) * G, nullptr, u0, u1);
-        }
-      });
-    }
-    a.barrier->arrive_and_wait(w1 - w0);
-    for (int64_t w = w0; w < w1; ++w) {
-      const int64_t rg = w / C, cg = w % C;
-      // dh panels follow the pointwise split (a worker reads back only the dh it wrote); the dx
-      // panels after them are split the same way.
-      const int64_t p0 = split(nh, C, cg), p1 = split(nh, C, cg + 1);
-      const int64_t x0 = nh + split(np - nh, C, cg), x1 = nh + split(np - nh, C, cg + 1);
-      for_each_row_block(b, rg, R, [&](int64_t r0, int64_t mr) {
-        const float* dg = a.dgates + (off + r0) * G;
-        grad_state_tiles(a, dg, R * G, off, r0, mr, R, p0, p1);
-        grad_state_tiles(a, dg, R * G, off, r0, mr, R, x0, x1);
-      });
-    }
-  }
-  if (a.scratch != nullptr)
-    for (int64_t w = w0; w < w1; ++w) {
-      WorkerScratch& ws = a.scratch[w];
-      if (ws.pending > 0) {
-        grad_weights_update(ws, G, Fp, a.rows_cap, ws.pending);
-        ws.fresh = false;
-      }
-      ws.pending = 0;
-    }
-}
+void backward_f32(const BackwardArgs& a, int64_t w0, int64_t w1) { backward_steps<Avx512Backward>(a, w0, w1); }
+
+void backward_f32_avx2(const BackwardArgs& a, int64_t w0, int64_t w1) { backward_steps<Avx2Backward>(a, w0, w1); }
 
 }  // namespace bigmodel::lstm::fast
 
-#else  // no AVX-512 kernels in this build: lstm_cpu.cpp never calls these
+#else  // no AVX-512 / AVX2 kernels in this build: lstm_cpu.cpp never calls these
 
 #include <c10/util/Exception.h>
 
@@ -422,6 +688,8 @@ void forward_f32(const ForwardArgs&, bool, int64_t, int64_t) { TORCH_INTERNAL_AS
 void forward_bf16(const ForwardArgs&, bool, int64_t, int64_t) { TORCH_INTERNAL_ASSERT(false); }
 void forward_amx(const ForwardArgs&, bool, int64_t, int64_t) { TORCH_INTERNAL_ASSERT(false); }
 void backward_f32(const BackwardArgs&, int64_t, int64_t) { TORCH_INTERNAL_ASSERT(false); }
+void forward_f32_avx2(const ForwardArgs&, bool, int64_t, int64_t) { TORCH_INTERNAL_ASSERT(false); }
+void backward_f32_avx2(const BackwardArgs&, int64_t, int64_t) { TORCH_INTERNAL_ASSERT(false); }
 }  // namespace bigmodel::lstm::fast
 
 #endif

@@ -1,5 +1,6 @@
 // The LSTM's time loop on the GEMM core's micro-kernels (lstm_cpu_fast.cpp), used by lstm_cpu.cpp
-// when the CPU has AVX-512 and the layer has no projection.
+// when the CPU has AVX-512 (microkernel.h) or AVX2 + FMA (microkernel_avx2.h, float32 only) and the
+// layer has no projection. Both kernel sets read the same packed panels and run the same loops.
 //
 // Each step is a set of tiles: MR batch rows x one 64-column panel. In forward a panel holds the
 // i, f, g, o columns of 16 hidden units of [W_hh; W_ih]^T, and a tile multiplies [h_{t-1}, x_t] by
@@ -91,6 +92,13 @@ struct BackwardArgs {
 void forward_f32(const ForwardArgs& a, bool train, int64_t w0, int64_t w1);
 void forward_bf16(const ForwardArgs& a, bool train, int64_t w0, int64_t w1);
 void backward_f32(const BackwardArgs& a, int64_t w0, int64_t w1);
+
+// The float32 loops on AVX2 + FMA. Forward tiles are kAvx2GateRows rows x two gates of 8 hidden
+// units (a panel is four of them); backward tiles kAvx2BackwardRows rows x a quarter panel.
+constexpr int64_t kAvx2GateRows = 6;
+constexpr int64_t kAvx2BackwardRows = 6;
+void forward_f32_avx2(const ForwardArgs& a, bool train, int64_t w0, int64_t w1);
+void backward_f32_avx2(const BackwardArgs& a, int64_t w0, int64_t w1);
 
 // bf16 on AMX tiles: blocks of up to kAmxRows rows (two 16-row tile blocks sharing each weight
 // tile). Kh and Kx must be multiples of 32, and x and both h buffers must hold kAmxRows * R readable

@@ -262,6 +262,35 @@ def test_cpu_op_restores_floating_point_mode():
     assert (tiny * 1.0).ne(0).all(), "denormals are flushed after the op: the caller's FP mode leaked"
 
 
+@pytest.mark.parametrize("H", [7, 8, 15, 16, 24, 40])
+@pytest.mark.parametrize("B", [4, 7])
+def test_vector_tails_match_reference(cpu_kernel, H, B):
+    """Hidden sizes on both sides of the kernels' vector widths (8 lanes on AVX2, 16 on AVX-512, half
+    and whole 16-unit panels) and row counts that leave partial row blocks, forward and backward."""
+    args, lengths = make_args(
+        4, B, 9, H, 0, proj=False, bias=True, has_lengths=True, dtype=torch.float32, device="cpu"
+    )
+    out = lstm_layer(*args, lengths=lengths)
+    ref = lstm_layer_reference(*args, lengths=lengths)
+    for o, r in zip(out, ref, strict=True):
+        torch.testing.assert_close(o, r, **TOL[torch.float32])
+    seed_grads = [torch.randn_like(o) for o in out]
+    for g, gr in zip(grads(out, args, seed_grads), grads(ref, args, seed_grads), strict=True):
+        torch.testing.assert_close(g, gr, **TOL[torch.float32])
+
+
+def test_unknown_cpu_kernel_is_a_clear_error(monkeypatch):
+    args, _ = make_args(
+        3, 2, 4, 5, 0, proj=False, bias=True, has_lengths=False, dtype=torch.float32, device="cpu"
+    )
+    monkeypatch.setenv("BIGMODEL_CPU_KERNEL", "bogus")
+    with pytest.raises(
+        RuntimeError,
+        match="BIGMODEL_CPU_KERNEL must be 'auto', 'avx2' or 'generic' \\(or unset\\), got 'bogus'",
+    ):
+        lstm_layer(*args)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_weight_cache_sees_every_update(cpu_kernel, dtype):
     """The CPU op caches its packed weights across calls; any change of their contents, including

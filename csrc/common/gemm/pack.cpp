@@ -16,6 +16,7 @@
 #endif
 
 #include "common/gemm/microkernel.h"
+#include "common/gemm/microkernel_avx2.h"
 
 namespace bigmodel::gemm {
 
@@ -239,13 +240,36 @@ bool has_amx_bf16() {
 #endif
 }
 
-bool microkernels_enabled() {
-  const char* env = std::getenv("BIGMODEL_CPU_KERNEL");
-  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "auto") == 0) return true;
-  TORCH_CHECK(std::strcmp(env, "generic") == 0,
-              "bigmodel: BIGMODEL_CPU_KERNEL must be 'auto' or 'generic', got '", env, "'");
+bool has_avx2() {
+#ifdef BIGMODEL_HAS_AVX2_KERNELS
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
   return false;
+#endif
 }
+
+KernelChoice kernel_choice() {
+  const char* env = std::getenv("BIGMODEL_CPU_KERNEL");
+  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "auto") == 0) return KernelChoice::Auto;
+  if (std::strcmp(env, "generic") == 0) return KernelChoice::Generic;
+  TORCH_CHECK(std::strcmp(env, "avx2") == 0,
+              "bigmodel: BIGMODEL_CPU_KERNEL must be 'auto', 'avx2' or 'generic' (or unset), got '", env, "'");
+  TORCH_CHECK(has_avx2(), "bigmodel: BIGMODEL_CPU_KERNEL=avx2, but this CPU lacks AVX2 + FMA (or this build has ",
+              "no AVX2 kernels); use 'auto' or 'generic'");
+  return KernelChoice::Avx2;
+}
+
+const char* kernel_choice_name(KernelChoice k) {
+  switch (k) {
+    case KernelChoice::Auto: return "auto";
+    case KernelChoice::Avx2: return "avx2";
+    case KernelChoice::Generic: return "generic";
+  }
+  return "?";
+}
+
+bool microkernels_enabled() { return kernel_choice() == KernelChoice::Auto; }
 
 }  // namespace cpu
 }  // namespace bigmodel::gemm

@@ -1,5 +1,5 @@
 // Packing of B matrices into the GEMM core's panels (layout in microkernel.h), and the CPU checks
-// that say whether the AVX-512 micro-kernels may run here.
+// that say whether the AVX-512 or AVX2 micro-kernels may run here.
 //
 // A packed matrix is a plain CPU tensor (64-byte aligned by PyTorch's allocator): float32
 // [npanels, K, 64], or bfloat16 bits (int16) [npanels, ceil(K/2), 64, 2]. Packing is done per call
@@ -49,8 +49,20 @@ bool has_avx512();
 bool has_avx512_bf16();
 // AMX-BF16 tiles, with the kernel's permission to use them granted to this process.
 bool has_amx_bf16();
-// BIGMODEL_CPU_KERNEL=generic forces the ATen-BLAS fallback path (for tests and A/B measurements);
-// unset or "auto" uses the micro-kernels where the CPU has them.
+// The CPU has AVX2 and FMA and this build has the AVX2 kernels (microkernel_avx2.h).
+bool has_avx2();
+
+// Which CPU kernels BIGMODEL_CPU_KERNEL asks for (read on every call, so tests and benchmarks can
+// switch in one process):
+//   auto     (or unset) the best kernels this CPU has: AVX-512 (and AMX), else AVX2, else portable
+//   avx2     the AVX2 kernels even on an AVX-512 CPU, and the portable path wherever there is no
+//            AVX2 kernel (as an AVX2-only CPU would run); an error on a CPU without AVX2 + FMA
+//   generic  the portable ATen-BLAS path everywhere
+// Any other value is an error naming the variable and these values.
+enum class KernelChoice { Auto, Avx2, Generic };
+KernelChoice kernel_choice();
+const char* kernel_choice_name(KernelChoice k);
+// The AVX-512 / AMX micro-kernels may run: kernel_choice() is Auto (callers still check the CPU).
 bool microkernels_enabled();
 }  // namespace cpu
 

@@ -1,0 +1,194 @@
+// bigmodel's GEMM core on AVX2 + FMA (Haswell and later, AMD Zen): register-blocked micro-kernels
+// over the same packed panels as microkernel.h (kNR = 64 float32 columns per panel row), for CPUs
+// without AVX-512. The register file is 16 ymm of 8 floats, so a tile covers part of a panel:
+//
+//   gate-pair tile  MR rows x 2 ymm at panel columns c0 and c0 + 16 with c0 = 8 h (gates i, f) or
+//                   32 + 8 h (gates g, o), h = 0, 1: two gates of 8 hidden units of a gate-grouped
+//                   panel. Two of them (one K pass each) give the i, f, g, o pre-activations the
+//                   LSTM's cell update needs. kGateMR = 6: 12 accumulators + 2 B + 1 broadcast.
+//                   (3 rows x all 4 gates, 12 accumulators + 3 broadcasts + 1 B, measured 1-8%
+//                   slower: each k then touches all four 64-byte lines of a panel row for half of
+//                   each, and two passes per panel read every line twice per 3 rows.)
+//   quarter tile    MR rows x 2 ymm at panel columns 16 q .. 16 q + 15 (q = 0 .. 3): plain GEMM over
+//                   contiguous-column panels. kQuarterMR = 6: 12 accumulators + 2 B + 1 broadcast.
+//
+// A is read in place as in microkernel.h. Everything here is compiled for AVX2 + FMA through function
+// attributes, whatever -march the build uses; call it only after cpu::has_avx2() said yes.
+#pragma once
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define BIGMODEL_HAS_AVX2_KERNELS 1
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#define BM_AVX2 __attribute__((target("avx2,fma")))
+#ifndef BM_ALWAYS_INLINE
+#define BM_ALWAYS_INLINE inline __attribute__((always_inline))
+#endif
+
+namespace bigmodel::gemm::avx2 {
+
+constexpr int kNR = 64;        // panel width (shared with the AVX-512 kernels' packing)
+constexpr int kGateMR = 6;     // rows of a gate-pair tile
+constexpr int kQuarterMR = 6;  // rows of a quarter tile
+
+// f(std::integral_constant<int, n>{}) for n = mr in 1 .. MAX (larger counts run as MAX).
+template <int MAX, typename F>
+inline void with_rows(int64_t mr, const F& f) {
+  static_assert(MAX >= 1 && MAX <= 6);
+  switch (mr < MAX ? mr : MAX) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: if constexpr (MAX >= 2) f(std::integral_constant<int, 2>{}); break;
+    case 3: if constexpr (MAX >= 3) f(std::integral_constant<int, 3>{}); break;
+    case 4: if constexpr (MAX >= 4) f(std::integral_constant<int, 4>{}); break;
+    case 5: if constexpr (MAX >= 5) f(std::integral_constant<int, 5>{}); break;
+    default: if constexpr (MAX >= 6) f(std::integral_constant<int, 6>{}); break;
+  }
+}
+
+template <int MR, int NV>
+BM_AVX2 BM_ALWAYS_INLINE void zero_tile(__m256 (&acc)[MR][NV]) {
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) acc[r][j] = _mm256_setzero_ps();
+}
+
+// Gate-pair tile: acc[r][j] += sum_k A[r, k] * panel[k][c0 + 16 j .. c0 + 16 j + 7] (j = 0, 1): two
+// gates of 8 units (c0 = 8 h: i and f; c0 = 32 + 8 h: g and o).
+template <int MR>
+BM_AVX2 BM_ALWAYS_INLINE void gate_pair_tile_f32(const float* a, int64_t lda, int64_t K, const float* panel,
+                                                 int c0, __m256 (&acc)[MR][2]) {
+  const float* w = panel + c0;
+  for (int64_t k = 0; k < K; ++k, w += kNR) {
+    const __m256 w0 = _mm256_load_ps(w), w1 = _mm256_load_ps(w + 16);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m256 av = _mm256_broadcast_ss(a + r * lda + k);
+      acc[r][0] = _mm256_fmadd_ps(av, w0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(av, w1, acc[r][1]);
+    }
+  }
+}
+
+// Quarter tile: acc[r][j] += sum_k A(r, k) * panel[k][16 q + 8 j .. 16 q + 8 j + 7], A(r, k) =
+// a[r * lda + k * kstride] (kstride = 1: rows in place; larger: A read transposed, as a weight
+// gradient reads dgates^T).
+template <int MR>
+BM_AVX2 BM_ALWAYS_INLINE void quarter_tile_f32(const float* a, int64_t lda, int64_t kstride, int64_t K,
+                                               const float* panel, int q, __m256 (&acc)[MR][2]) {
+  const float* w = panel + 16 * q;
+  for (int64_t k = 0; k < K; ++k, w += kNR) {
+    const __m256 w0 = _mm256_load_ps(w), w1 = _mm256_load_ps(w + 8);
+    const float* ak = a + k * kstride;
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m256 av = _mm256_broadcast_ss(ak + r * lda);
+      acc[r][0] = _mm256_fmadd_ps(av, w0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(av, w1, acc[r][1]);
+    }
+  }
+}
+
+// Loads / stores a quarter tile from / to rows of 16 floats at stride ldc.
+template <int MR>
+BM_AVX2 BM_ALWAYS_INLINE void load_quarter(const float* c, int64_t ldc, __m256 (&acc)[MR][2]) {
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    acc[r][0] = _mm256_loadu_ps(c + r * ldc);
+    acc[r][1] = _mm256_loadu_ps(c + r * ldc + 8);
+  }
+}
+
+template <int MR>
+BM_AVX2 BM_ALWAYS_INLINE void store_quarter(const __m256 (&acc)[MR][2], float* c, int64_t ldc) {
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    _mm256_storeu_ps(c + r * ldc, acc[r][0]);
+    _mm256_storeu_ps(c + r * ldc + 8, acc[r][1]);
+  }
+}
+
+// ---- vector math for epilogues (the accuracy of microkernel.h's full-precision versions) ----
+
+// e^(s x) for s = 1, -1 or -2, as avx512::exp_scaled_ps: s x = n ln2 + r with n = round(s x / ln2),
+// e^r a degree-6 Taylor polynomial written in t = r / s. AVX2 has no vscalefps: 2^n is built by
+// adding n to the exponent field, which needs a normal 2^n, so s x is clamped to [-87, 87] first
+// (e^-87 = 1.6e-38 is already below what sigmoid's 1 + e^-x or tanh's 1 + e^-2x can see).
+template <int S>
+BM_AVX2 BM_ALWAYS_INLINE __m256 exp_scaled_ps(__m256 x) {
+  static_assert(S == 1 || S == -1 || S == -2);
+  constexpr float s = S;
+  constexpr float lim = 87.f / (S < 0 ? -s : s);
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-lim)), _mm256_set1_ps(lim));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(s * 1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 t = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693147180559945309f / s), x);
+  __m256 p = _mm256_set1_ps(s * s * s * s * s * s / 720);
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(s * s * s * s * s / 120));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(s * s * s * s / 24));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(s * s * s / 6));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(s * s / 2));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(s));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.f));
+  // |n| <= 126: n + 127 is a valid biased exponent.
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// 1 / d for d >= 1: vrcpps (relative error < 3.7e-4) and two Newton steps (one leaves 1.4e-7, two
+// the float32 rounding of microkernel.h's vrcp14ps + one step).
+BM_AVX2 BM_ALWAYS_INLINE __m256 recip_ps(__m256 d) {
+  const __m256 two = _mm256_set1_ps(2.f);
+  __m256 y = _mm256_rcp_ps(d);
+  y = _mm256_mul_ps(y, _mm256_fnmadd_ps(d, y, two));
+  return _mm256_mul_ps(y, _mm256_fnmadd_ps(d, y, two));
+}
+
+// 1 / (1 + e^-x).
+BM_AVX2 BM_ALWAYS_INLINE __m256 sigmoid_ps(__m256 x) {
+  return recip_ps(_mm256_add_ps(_mm256_set1_ps(1.f), exp_scaled_ps<-1>(x)));
+}
+
+// tanh(x) = 2 / (1 + e^-2x) - 1: absolute error at float32 rounding level.
+BM_AVX2 BM_ALWAYS_INLINE __m256 tanh_ps(__m256 x) {
+  const __m256 sig2 = recip_ps(_mm256_add_ps(_mm256_set1_ps(1.f), exp_scaled_ps<-2>(x)));
+  return _mm256_fmsub_ps(_mm256_set1_ps(2.f), sig2, _mm256_set1_ps(1.f));
+}
+
+// ---- loads and stores of 8 lanes, masked only for a tail ----
+// vmaskmovps is slow on some AVX2 CPUs (a store is microcoded on AMD Zen 2), so whole groups of 8
+// take plain loads and stores and only a tail group the masked ones.
+
+struct Lanes {
+  __m256i mask;  // lane l active iff l < n
+  bool full;     // n >= 8
+};
+
+// The first n lanes (n >= 8: all; n <= 0: none).
+BM_AVX2 BM_ALWAYS_INLINE Lanes lanes(int64_t n) {
+  const int32_t k = n >= 8 ? 8 : n <= 0 ? 0 : int32_t(n);
+  return {_mm256_cmpgt_epi32(_mm256_set1_epi32(k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), k == 8};
+}
+
+BM_AVX2 BM_ALWAYS_INLINE __m256 load_f32(const float* p, const Lanes& m) {
+  return m.full ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, m.mask);
+}
+
+BM_AVX2 BM_ALWAYS_INLINE void store_f32(float* p, __m256 v, const Lanes& m) {
+  if (m.full)
+    _mm256_storeu_ps(p, v);
+  else
+    _mm256_maskstore_ps(p, m.mask, v);
+}
+
+// Stores the lanes of `mask` (any subset; masked-off lanes are never touched, so p may point before
+// an array as long as the active lanes are inside it).
+BM_AVX2 BM_ALWAYS_INLINE void store_f32(float* p, __m256 v, __m256i mask) { _mm256_maskstore_ps(p, mask, v); }
+
+}  // namespace bigmodel::gemm::avx2
+
+#endif  // x86-64 with GCC or Clang
