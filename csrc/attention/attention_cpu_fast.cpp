@@ -544,8 +544,6 @@ BM_AMX void amx_row_block(const ProblemBf16& p, const uint32_t* qt, int64_t mr, 
   // out[r][c] = acc[c][r] / l[r]: the accumulator is O^T, transposed back 16 columns at a time.
   const __m512 inv = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(s.l, _mm512_setzero_ps(), _CMP_GT_OQ),
                                          _mm512_set1_ps(1.f), s.l);  // 0 for rows without keys
-  alignas(64) float invr[16];
-  _mm512_store_ps(invr, inv);
   for (int64_t c0 = 0; c0 < p.dv; c0 += 16) {
     __m512i t[16];
 #pragma GCC unroll 16
