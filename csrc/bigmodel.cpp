@@ -36,7 +36,11 @@ std::string build_info() {
   s += std::string("cpu_avx512=") + (cpu::has_avx512() ? "1" : "0") + "\n";
   s += std::string("cpu_avx512_bf16=") + (cpu::has_avx512_bf16() ? "1" : "0") + "\n";
   s += std::string("cpu_avx2=") + (cpu::has_avx2() ? "1" : "0") + "\n";
-  s += std::string("cpu_kernel=") + cpu::kernel_choice_name(cpu::kernel_choice()) + "\n";
+  try {
+    s += std::string("cpu_kernel=") + cpu::kernel_choice_name(cpu::kernel_choice()) + "\n";
+  } catch (const c10::Error& e) {  // an invalid BIGMODEL_CPU_KERNEL: report it, the ops will refuse it
+    s += std::string("cpu_kernel=invalid (") + e.msg() + ")\n";
+  }
   return s;
 }
 

@@ -48,6 +48,15 @@ def run_info() -> int:
         print(f"compiled for CUDA: {info.get('cuda_archs')}")
     else:
         print("compiled for CUDA: no (CPU-only build)")
+    has = [
+        name
+        for key, name in (("cpu_avx512", "AVX-512"), ("cpu_avx512_bf16", "AVX512-BF16"), ("cpu_avx2", "AVX2"))
+        if info.get(key) == "1"
+    ]
+    print(
+        f"CPU kernels: BIGMODEL_CPU_KERNEL={info.get('cpu_kernel', 'unknown')} "
+        f"(this CPU has {', '.join(has) or 'neither AVX2 nor AVX-512'}; 'auto' picks the widest)"
+    )
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none visible"
     print(f"GPU: {gpu}")
     print("kernels:")
