@@ -37,9 +37,7 @@ def pad_batch(items: Sequence[tuple[Tensor, int]], pad_id: int = 0) -> tuple[Ten
     ``lengths (B,)`` int64 and ``labels (B,)`` int64."""
     seqs = [ids for ids, _ in items]
     lengths = torch.tensor([len(s) for s in seqs], dtype=torch.int64)
-    padded = torch.full((len(seqs), int(lengths.max())), pad_id, dtype=torch.int64)
-    for row, seq in enumerate(seqs):
-        padded[row, : len(seq)] = seq
+    padded = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=pad_id)
     labels = torch.tensor([label for _, label in items], dtype=torch.int64)
     return padded, lengths, labels
 
