@@ -50,9 +50,11 @@ int64_t visible_keys(const P& p, int64_t valid, int64_t r0, int64_t mr, int64_t*
   return kend;
 }
 
-float* aligned(std::vector<float>& storage, int64_t n) {
-  storage.resize(n + 16);
-  return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(storage.data()) + 63) & ~uintptr_t(63));
+// n elements of storage starting on a 64-byte line (storage grows to fit).
+template <typename T>
+T* aligned(std::vector<T>& storage, int64_t n) {
+  storage.resize(n + 64 / sizeof(T));
+  return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(storage.data()) + 63) & ~uintptr_t(63));
 }
 
 // One group of MR query rows (rows i0 .. i0 + MR) against keys [0, kend): online softmax, P V.
@@ -557,12 +559,9 @@ BM_AMX void amx_row_block(const ProblemBf16& p, const uint32_t* qt, int64_t mr, 
 BM_AMX void forward_amx_tasks(const ProblemBf16& p, int64_t t0, int64_t t1, uint16_t* out, float* lse) {
   const int64_t nqb = (p.Lq + kBlockQAmx - 1) / kBlockQAmx, group = p.Hq / p.Hkv;
   const int64_t ldv = (p.Lk + kKeys - 1) / kKeys * kKeys;
-  std::vector<uint16_t> ks(ldv * p.d + 32), vs(p.dv * ldv + 32);
-  auto align = [](uint16_t* x) {
-    return reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(x) + 63) & ~uintptr_t(63));
-  };
-  uint16_t* kbuf = align(ks.data());
-  uint16_t* vt = align(vs.data());
+  std::vector<uint16_t> ks, vs;
+  uint16_t* kbuf = aligned(ks, ldv * p.d);
+  uint16_t* vt = aligned(vs, p.dv * ldv);
   alignas(64) uint32_t qt[64 * 16];  // d <= 128
   mk::amx_configure();
   int64_t packed_b = -1, packed_hk = -1;

@@ -176,6 +176,31 @@ __device__ __forceinline__ A dot_row(const A* x, const T* row, int64_t cs, int64
   return acc;
 }
 
+// dot(x[0..n) at stride xs, y[0..n) at stride ys) by one lane, both in global memory.
+template <typename T, typename A>
+__device__ __forceinline__ A dot_rows(const T* x, int64_t xs, const T* y, int64_t ys, int64_t n) {
+  A acc = 0;
+  for (int64_t c = 0; c < n; ++c) acc += load_as<T, A>(x + c * xs) * load_as<T, A>(y + c * ys);
+  return acc;
+}
+
+// acc[c] = acc[c] * alpha + sum_{r < n} w_r * row(r)[c * cs] for c < len, where w_r is lane r's w:
+// each lane owns columns lane, lane + 32, ..., so the row reads are coalesced. All 32 lanes must
+// call it (the loops are whole-warp: shuffles).
+template <typename T, typename A, typename Row>
+__device__ __forceinline__ void accumulate_rows(A* acc, int64_t len, A alpha, A w, int n, const Row& row, int64_t cs) {
+  const int lane = threadIdx.x % 32;
+  for (int64_t c0 = 0; c0 < len; c0 += 32) {
+    const int64_t c = c0 + lane;
+    A sum = c < len ? acc[c] * alpha : A(0);
+    for (int r = 0; r < n; ++r) {
+      const A wr = __shfl_sync(kFullMask, w, r);
+      if (c < len) sum += wr * load_as<T, A>(row(r) + c * cs);
+    }
+    if (c < len) acc[c] = sum;
+  }
+}
+
 // Forward: warp w of block x owns row (b, h, i) = flat row blockIdx.x * kGenericWarps + w.
 // Shared memory per warp: q row * scale (d) and the output accumulator (dv), in A.
 template <typename T, typename A>
@@ -209,16 +234,8 @@ __global__ void __launch_bounds__(kGenericWarps * 32)
     l = l * alpha + warp_sum(pr);
     m = m_new;
     const A pk = (p.dropout.active() && !p.dropout.keep(drop_row, j)) ? A(0) : pr;
-    const int64_t n = kend - j0 < 32 ? kend - j0 : 32;
-    for (int64_t c0 = 0; c0 < s.dv; c0 += 32) {
-      const int64_t c = c0 + lane;
-      A acc = c < s.dv ? os[c] * alpha : A(0);
-      for (int r = 0; r < n; ++r) {
-        const A w = __shfl_sync(kFullMask, pk, r);
-        if (c < s.dv) acc += w * load_as<T, A>(p.v.at(b, hk, j0 + r) + c * p.v.s3);
-      }
-      if (c < s.dv) os[c] = acc;
-    }
+    const int n = kend - j0 < 32 ? int(kend - j0) : 32;
+    accumulate_rows<T, A>(os, s.dv, alpha, pk, n, [&](int r) { return p.v.at(b, hk, j0 + r); }, p.v.s3);
   }
   const A keep_scale = p.dropout.active() ? A(1) / A(1.0 - p.dropout.p) : A(1);
   const A inv = l > A(0) ? keep_scale / l : A(0);
@@ -266,25 +283,14 @@ __global__ void __launch_bounds__(kGenericWarps * 32)
     const int64_t j = j0 + lane;
     A ds = 0;
     if (j < kend) {
-      const T* krow = p.k.at(b, hk, j);
-      A sc = 0;
-      for (int64_t c = 0; c < s.d; ++c) sc += load_as<T, A>(qrow + c * p.q.s3) * load_as<T, A>(krow + c * p.k.s3);
-      sc = sc * p.scale + p.mask_at(b, h, i, j);
+      const A sc = dot_rows<T, A>(qrow, p.q.s3, p.k.at(b, hk, j), p.k.s3, s.d) * p.scale + p.mask_at(b, h, i, j);
       const A pr = sc == -inf ? A(0) : exp_(sc - lse_i);
       A dp = dot_row<T, A>(gos, p.v.at(b, hk, j), p.v.s3, s.dv);
       if (p.dropout.active()) dp = p.dropout.keep(drop_row, j) ? dp * keep_scale : A(0);
       ds = pr * (dp - delta_i);
     }
-    const int64_t n = kend - j0 < 32 ? kend - j0 : 32;
-    for (int64_t c0 = 0; c0 < s.d; c0 += 32) {
-      const int64_t c = c0 + lane;
-      A acc = c < s.d ? dqs[c] : A(0);
-      for (int r = 0; r < n; ++r) {
-        const A w = __shfl_sync(kFullMask, ds, r);
-        if (c < s.d) acc += w * load_as<T, A>(p.k.at(b, hk, j0 + r) + c * p.k.s3);
-      }
-      if (c < s.d) dqs[c] = acc;
-    }
+    const int n = kend - j0 < 32 ? int(kend - j0) : 32;
+    accumulate_rows<T, A>(dqs, s.d, A(1), ds, n, [&](int r) { return p.k.at(b, hk, j0 + r); }, p.k.s3);
   }
   for (int64_t c = lane; c < s.d; c += 32) store_as<T, A>(grad_q + row * s.d + c, dqs[c] * p.scale);
 }
@@ -321,37 +327,19 @@ __global__ void __launch_bounds__(kGenericWarps * 32)
         const A lse_i = lse[r];
         const T* qrow = p.q.at(b, h, i);
         if (lse_i != -inf) {
-          A sc = 0;
-          for (int64_t c = 0; c < s.d; ++c) sc += load_as<T, A>(qrow + c * p.q.s3) * load_as<T, A>(krow + c * p.k.s3);
-          sc = sc * p.scale + p.mask_at(b, h, i, j);
+          const A sc = dot_rows<T, A>(qrow, p.q.s3, krow, p.k.s3, s.d) * p.scale + p.mask_at(b, h, i, j);
           const A pr = sc == -inf ? A(0) : exp_(sc - lse_i);
-          A dp = 0;
-          for (int64_t c = 0; c < s.dv; ++c) dp += load_as<T, A>(grad_out + r * s.dv + c) * load_as<T, A>(vrow + c * p.v.s3);
+          const A dp = dot_rows<T, A>(grad_out + r * s.dv, 1, vrow, p.v.s3, s.dv);
           A z = 1;
           if (p.dropout.active()) z = p.dropout.keep(p.dropout.row_key(b, h, i), j) ? keep_scale : A(0);
           pz = pr * z;
           ds = pr * (dp * z - delta[r]);
         }
       }
-      const int64_t n = s.Lq - i0 < 32 ? s.Lq - i0 : 32;
-      for (int64_t c0 = 0; c0 < s.dv; c0 += 32) {
-        const int64_t c = c0 + lane;
-        A acc = c < s.dv ? dvs[c] : A(0);
-        for (int rr = 0; rr < n; ++rr) {
-          const A w = __shfl_sync(kFullMask, pz, rr);
-          if (c < s.dv) acc += w * load_as<T, A>(grad_out + ((b * s.Hq + h) * s.Lq + i0 + rr) * s.dv + c);
-        }
-        if (c < s.dv) dvs[c] = acc;
-      }
-      for (int64_t c0 = 0; c0 < s.d; c0 += 32) {
-        const int64_t c = c0 + lane;
-        A acc = c < s.d ? dks[c] : A(0);
-        for (int rr = 0; rr < n; ++rr) {
-          const A w = __shfl_sync(kFullMask, ds, rr);
-          if (c < s.d) acc += w * load_as<T, A>(p.q.at(b, h, i0 + rr) + c * p.q.s3);
-        }
-        if (c < s.d) dks[c] = acc;
-      }
+      const int n = s.Lq - i0 < 32 ? int(s.Lq - i0) : 32;
+      const T* go0 = grad_out + ((b * s.Hq + h) * s.Lq + i0) * s.dv;
+      accumulate_rows<T, A>(dvs, s.dv, A(1), pz, n, [&](int rr) { return go0 + rr * s.dv; }, 1);
+      accumulate_rows<T, A>(dks, s.d, A(1), ds, n, [&](int rr) { return p.q.at(b, h, i0 + rr); }, p.q.s3);
     }
   }
   for (int64_t c = lane; c < s.d; c += 32) store_as<T, A>(grad_k + row * s.d + c, dks[c] * p.scale);
