@@ -38,12 +38,18 @@ def device(request) -> str:
 
 
 def pytest_collection_modifyitems(config, items) -> None:
+    """CUDA cases skip with the reason when CUDA or the op's CUDA kernel is missing: the `cuda`
+    parameter of the `device` fixture for modules marked `op(...)`, and every test marked `cuda`
+    (CUDA-only tests; their op is the module's `op` marker, else the LSTM)."""
     for item in items:
         callspec = getattr(item, "callspec", None)
         marker = item.get_closest_marker("op")
-        if marker is None or callspec is None or callspec.params.get("device") != "cuda":
+        cuda_only = item.get_closest_marker("cuda") is not None
+        device = callspec.params.get("device") if callspec is not None else None
+        on_cuda_param = marker is not None and device == "cuda"
+        if not (cuda_only or on_cuda_param):
             continue
-        reason = _cuda_skip_reason(marker.args[0])
+        reason = _cuda_skip_reason(marker.args[0] if marker is not None else "bigmodel::lstm_layer")
         if reason is not None:
             item.add_marker(pytest.mark.skip(reason=reason))
 
@@ -80,6 +86,9 @@ def _seed() -> None:
 
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "op(name): the bigmodel op a test module exercises (for CUDA skips)")
+    config.addinivalue_line(
+        "markers", "cuda: a CUDA-only test (skips, with the reason, without CUDA or the kernel)"
+    )
     # nn.LSTM (the oracle) says so on every projected CPU call; it is about PyTorch, not bigmodel.
     config.addinivalue_line(
         "filterwarnings", "ignore:LSTM with projections is not supported with oneDNN:UserWarning"

@@ -13,19 +13,7 @@ import torch.nn.functional as F
 from bigmodel.ops.attention import attention
 from bigmodel.reference import attention_reference, dropout_keep
 
-pytestmark = [pytest.mark.op("bigmodel::attention")]
-
-
-def _skip_reason() -> str | None:
-    if not torch.cuda.is_available():
-        return "CUDA is not available"
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("bigmodel::attention", "CUDA"):
-        return "bigmodel was built without its CUDA attention kernel"
-    return None
-
-
-_SKIP = _skip_reason()
-cuda_only = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
+pytestmark = [pytest.mark.op("bigmodel::attention"), pytest.mark.cuda]
 
 # (B, Hq, Hkv, Lq, Lk): one partial block, several blocks with GQA, Lq != Lk both ways, length 1.
 TC_SHAPES = [(2, 2, 2, 37, 37), (2, 4, 2, 130, 200), (1, 2, 1, 200, 67), (3, 1, 1, 1, 129)]
@@ -57,7 +45,6 @@ def outputs_and_grads(fn, q, k, v, grad):
     return out, dq, dk, dv
 
 
-@cuda_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d", [32, 64, 128])
 @pytest.mark.parametrize("shape", TC_SHAPES)
@@ -94,7 +81,6 @@ def test_tensor_cores_within_twice_native_error(dtype, d, shape, is_causal, use_
         assert err <= 2 * native_err + 1e-3, f"{name}: {err} vs PyTorch {native_err}"
 
 
-@cuda_only
 @pytest.mark.parametrize("d", [32, 128])
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_tensor_cores_dropout_matches_reference(d, is_causal):
@@ -118,7 +104,6 @@ def test_tensor_cores_dropout_matches_reference(d, is_causal):
     assert 0.6 < keep.float().mean().item() < 0.8
 
 
-@cuda_only
 def test_generic_and_tensor_core_paths_agree():
     """float16 on the tensor cores against float32 on the generic kernel, same inputs."""
     q, k, v = qkv(2, 4, 4, 100, 90, 64, torch.float16)
@@ -129,7 +114,6 @@ def test_generic_and_tensor_core_paths_agree():
     torch.testing.assert_close(lse_fast, lse_slow, atol=2e-3, rtol=1e-3)
 
 
-@cuda_only
 def test_unaligned_and_strided_operands():
     """A view whose rows are not 16-byte aligned is copied, not misread; strided heads are read in place."""
     base = torch.randn(2, 40, 3 * 4 * 64 + 1, device="cuda", dtype=torch.bfloat16)
@@ -140,14 +124,12 @@ def test_unaligned_and_strided_operands():
     assert (out.double() - ref).abs().max() < 3e-2
 
 
-@cuda_only
 def test_key_lengths_out_of_range_is_an_error():
     q, k, v = qkv(2, 2, 2, 8, 8, 32, torch.bfloat16)
     with pytest.raises(RuntimeError, match=r"key_lengths must lie in \[0, Lk = 8\]"):
         attention(q, k, v, key_lengths=torch.tensor([3, 9], device="cuda"))
 
 
-@cuda_only
 def test_cuda_graph_capture_and_replay():
     """Forward and backward capture into a CUDA graph (no host synchronization) and replay exactly."""
     q, k, v = qkv(2, 4, 2, 64, 96, 64, torch.bfloat16)
@@ -173,7 +155,6 @@ def test_cuda_graph_capture_and_replay():
         torch.testing.assert_close(c, e, atol=1e-2, rtol=1e-2)
 
 
-@cuda_only
 def test_compile_reduce_overhead_fullgraph():
     q, k, v = qkv(2, 2, 2, 33, 33, 32, torch.float16)
     lengths = torch.tensor([33, 10], device="cuda")

@@ -17,16 +17,7 @@ from test_lstm_op import TOL, make_args
 from bigmodel.ops.lstm import lstm_layer
 from bigmodel.reference import lstm_layer_reference
 
-
-def _skip_reason() -> str | None:
-    if not torch.cuda.is_available():
-        return "CUDA is not available"
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("bigmodel::lstm_layer", "CUDA"):
-        return "bigmodel was built without its CUDA kernels"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
+pytestmark = [pytest.mark.op("bigmodel::lstm_layer"), pytest.mark.cuda]
 
 MODES = [pytest.param("auto", id="cuda-auto"), pytest.param("stepwise", id="cuda-stepwise")]
 BATCHES = [1, 3, 7, 64, 65]  # 65: past the persistent kernel's batch limit
@@ -40,15 +31,30 @@ def mode(request, monkeypatch) -> str:
     return request.param
 
 
+def _cuda_args(T, B, I, H, *, has_lengths, dtype=torch.float32, requires_grad=True):  # noqa: E741
+    """make_args for the layers these tests run: on CUDA, with bias, without projection."""
+    return make_args(
+        T,
+        B,
+        I,
+        H,
+        0,
+        proj=False,
+        bias=True,
+        has_lengths=has_lengths,
+        dtype=dtype,
+        device="cuda",
+        requires_grad=requires_grad,
+    )
+
+
 def _double_cpu(args):
     return [a.detach().double().cpu() if a is not None else None for a in args]
 
 
 def _check_layer(B: int, H: int, steps: int, has_lengths: bool, reverse: bool) -> None:
     """Train-mode outputs and all gradients, and the inference outputs, against the float64 reference."""
-    args, lengths = make_args(
-        steps, B, 6, H, 0, proj=False, bias=True, has_lengths=has_lengths, dtype=torch.float32, device="cuda"
-    )
+    args, lengths = _cuda_args(steps, B, 6, H, has_lengths=has_lengths)
     lengths_cpu = lengths.cpu() if lengths is not None else None
     ref_args = [a.requires_grad_(True) if a is not None else None for a in _double_cpu(args)]
     ref = lstm_layer_reference(*ref_args, lengths=lengths_cpu, reverse=reverse)
@@ -95,9 +101,7 @@ def test_hidden_too_large_for_shared_memory(mode, reverse):
 def test_steps_that_no_sequence_reaches(mode, reverse):
     """Every length < T: the last steps (the first ones, in reverse) have no running row at all."""
     steps, B, H = 6, 3, 33
-    args, _ = make_args(
-        steps, B, 4, H, 0, proj=False, bias=True, has_lengths=False, dtype=torch.float32, device="cuda"
-    )
+    args, _ = _cuda_args(steps, B, 4, H, has_lengths=False)
     lengths = torch.tensor([2, 4, 1], device="cuda")
     ref_args = [a.requires_grad_(True) if a is not None else None for a in _double_cpu(args)]
     ref = lstm_layer_reference(*ref_args, lengths=lengths.cpu(), reverse=reverse)
@@ -118,19 +122,7 @@ def test_steps_that_no_sequence_reaches(mode, reverse):
 def test_train_workspace_matches_stepwise(monkeypatch, B, H, has_lengths, reverse):
     """gates/cells (what backward reads) come out in the same packed layout from both paths, padding
     rows past N included."""
-    args, lengths = make_args(
-        T,
-        B,
-        6,
-        H,
-        0,
-        proj=False,
-        bias=True,
-        has_lengths=has_lengths,
-        dtype=torch.float32,
-        device="cuda",
-        requires_grad=False,
-    )
+    args, lengths = _cuda_args(T, B, 6, H, has_lengths=has_lengths, requires_grad=False)
     results = {}
     for m in ("auto", "stepwise"):
         monkeypatch.setenv("BIGMODEL_CUDA_LSTM", m)
@@ -144,19 +136,7 @@ def test_train_workspace_matches_stepwise(monkeypatch, B, H, has_lengths, revers
 @pytest.mark.parametrize("has_lengths", [False, True])
 def test_low_precision_computes_in_float32(mode, dtype, has_lengths):
     """bf16/fp16 in, fp32 inside, on the persistent kernel too: the float64 result rounded once."""
-    args, lengths = make_args(
-        T,
-        7,
-        6,
-        33,
-        0,
-        proj=False,
-        bias=True,
-        has_lengths=has_lengths,
-        dtype=dtype,
-        device="cuda",
-        requires_grad=False,
-    )
+    args, lengths = _cuda_args(T, 7, 6, 33, has_lengths=has_lengths, dtype=dtype, requires_grad=False)
     out = lstm_layer(*args, lengths=lengths, reverse=True)
     ref = lstm_layer_reference(
         *_double_cpu(args), lengths=lengths.cpu() if lengths is not None else None, reverse=True
@@ -181,19 +161,7 @@ def _kernel_names(fn) -> list[str]:
 )
 def test_auto_picks_the_persistent_kernel(monkeypatch, B, H, expected):
     """auto runs the persistent kernel exactly where it qualifies; stepwise never does."""
-    args, lengths = make_args(
-        T,
-        B,
-        6,
-        H,
-        0,
-        proj=False,
-        bias=True,
-        has_lengths=True,
-        dtype=torch.float32,
-        device="cuda",
-        requires_grad=False,
-    )
+    args, lengths = _cuda_args(T, B, 6, H, has_lengths=True, requires_grad=False)
 
     def run():
         torch.ops.bigmodel.lstm_layer(*args, lengths, False, True)
@@ -206,19 +174,7 @@ def test_auto_picks_the_persistent_kernel(monkeypatch, B, H, expected):
 
 
 def test_unknown_mode_is_a_clear_error(monkeypatch):
-    args, _ = make_args(
-        3,
-        2,
-        4,
-        5,
-        0,
-        proj=False,
-        bias=True,
-        has_lengths=False,
-        dtype=torch.float32,
-        device="cuda",
-        requires_grad=False,
-    )
+    args, _ = _cuda_args(3, 2, 4, 5, has_lengths=False, requires_grad=False)
     monkeypatch.setenv("BIGMODEL_CUDA_LSTM", "fast")
     with pytest.raises(RuntimeError, match="BIGMODEL_CUDA_LSTM must be 'auto' or 'stepwise', got 'fast'"):
         torch.ops.bigmodel.lstm_layer(*args, None, False, False)
@@ -228,19 +184,7 @@ def test_unknown_mode_is_a_clear_error(monkeypatch):
 def test_cuda_graph_capture(mode, train):
     """Without lengths nothing crosses between host and device, so a call can be captured in a CUDA
     graph and replayed on new input; the replay matches an eager call."""
-    args, _ = make_args(
-        T,
-        3,
-        4,
-        33,
-        0,
-        proj=False,
-        bias=True,
-        has_lengths=False,
-        dtype=torch.float32,
-        device="cuda",
-        requires_grad=False,
-    )
+    args, _ = _cuda_args(T, 3, 4, 33, has_lengths=False, requires_grad=False)
 
     def call():
         return torch.ops.bigmodel.lstm_layer(*args, None, True, train)
