@@ -50,6 +50,32 @@ int64_t visible_keys(const P& p, int64_t valid, int64_t r0, int64_t mr, int64_t*
   return kend;
 }
 
+// The forward's task loop, shared by the float32 and the AMX kernels. Task t is (batch b, query head
+// h, query rows i0 .. i0 + block); pack(b, hk, valid) runs when a task's kv head differs from the one
+// packed last (consecutive tasks share it), then rows(b, h, r0, mr, valid, limit, kend) for each
+// group of at most kRowsMax query rows, limit[r] being the keys row r0 + r sees.
+template <int kRowsMax, typename P, typename Pack, typename Rows>
+void for_each_forward_task(const P& p, int64_t t0, int64_t t1, int64_t block, const Pack& pack, const Rows& rows) {
+  const int64_t nqb = (p.Lq + block - 1) / block, group = p.Hq / p.Hkv;
+  int64_t packed_b = -1, packed_hk = -1;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t b = t / (p.Hq * nqb), h = (t / nqb) % p.Hq, i0 = (t % nqb) * block;
+    const int64_t hk = h / group, nq = std::min(block, p.Lq - i0);
+    const int64_t valid = p.lengths ? p.lengths[b] : p.Lk;
+    if (b != packed_b || hk != packed_hk) {
+      pack(b, hk, valid);
+      packed_b = b;
+      packed_hk = hk;
+    }
+    for (int64_t r0 = i0; r0 < i0 + nq; r0 += kRowsMax) {
+      const int64_t mr = std::min<int64_t>(kRowsMax, i0 + nq - r0);
+      int64_t limit[kRowsMax];
+      const int64_t kend = visible_keys(p, valid, r0, mr, limit);
+      rows(b, h, r0, mr, limit, kend);
+    }
+  }
+}
+
 // n elements of storage starting on a 64-byte line (storage grows to fit).
 template <typename T>
 T* aligned(std::vector<T>& storage, int64_t n) {
@@ -143,40 +169,28 @@ BM_AVX512 void row_group(const Problem& p, const float* q, const float* kpanels,
 }  // namespace
 
 void forward(const Problem& p, int64_t t0, int64_t t1, float* out, float* lse) {
-  const int64_t nqb = (p.Lq + kBlockQ - 1) / kBlockQ, group = p.Hq / p.Hkv;
   const int64_t nkb = (p.Lk + kKeys - 1) / kKeys;
   std::vector<float> storage, vstorage;
   float* kpanels = aligned(storage, nkb * p.d * kKeys);
   float* vrows = aligned(vstorage, p.Lk * p.dv);
   Problem pv = p;  // V read from vrows
   pv.vs[2] = p.dv;
-  int64_t packed_b = -1, packed_hk = -1;
-  for (int64_t t = t0; t < t1; ++t) {
-    const int64_t b = t / (p.Hq * nqb), h = (t / nqb) % p.Hq, i0 = (t % nqb) * kBlockQ;
-    const int64_t hk = h / group, nq = std::min(kBlockQ, p.Lq - i0);
-    const int64_t valid = p.lengths ? p.lengths[b] : p.Lk;
-    if (b != packed_b || hk != packed_hk) {
-      pack_transposed(p.k + b * p.ks[0] + hk * p.ks[1], p.ks[2], valid, p.d, p.scale, kpanels);
-      copy_rows(p.v + b * p.vs[0] + hk * p.vs[1], p.vs[2], valid, p.dv, vrows);
-      packed_b = b;
-      packed_hk = hk;
-    }
-    const float* vb = vrows;
-    const int64_t row0 = (b * p.Hq + h) * p.Lq;
-    for (int64_t r0 = i0; r0 < i0 + nq; r0 += kRows) {
-      const int mr = int(std::min<int64_t>(kRows, i0 + nq - r0));
-      int64_t limit[kRows];
-      const int64_t kend = visible_keys(p, valid, r0, mr, limit);
-      const float* q = p.q + b * p.qs[0] + h * p.qs[1] + r0 * p.qs[2];
-      float* o = out + (row0 + r0) * p.dv;
-      float* ls = lse + row0 + r0;
-      mk::with_vectors(p.dv / 16, [&](auto nv) {
-        mk::with_rows(mr, [&](auto rows) {
-          row_group<decltype(rows)::value, decltype(nv)::value>(pv, q, kpanels, vb, kend, limit, o, ls);
+  for_each_forward_task<kRows>(
+      p, t0, t1, kBlockQ,
+      [&](int64_t b, int64_t hk, int64_t valid) {
+        pack_transposed(p.k + b * p.ks[0] + hk * p.ks[1], p.ks[2], valid, p.d, p.scale, kpanels);
+        copy_rows(p.v + b * p.vs[0] + hk * p.vs[1], p.vs[2], valid, p.dv, vrows);
+      },
+      [&](int64_t b, int64_t h, int64_t r0, int64_t mr, const int64_t* limit, int64_t kend) {
+        const int64_t row = (b * p.Hq + h) * p.Lq + r0;
+        const float* q = p.q + b * p.qs[0] + h * p.qs[1] + r0 * p.qs[2];
+        mk::with_vectors(p.dv / 16, [&](auto nv) {
+          mk::with_rows(mr, [&](auto rows) {
+            row_group<decltype(rows)::value, decltype(nv)::value>(pv, q, kpanels, vrows, kend, limit,
+                                                                  out + row * p.dv, lse + row);
+          });
         });
       });
-    }
-  }
 }
 
 // ---- backward ----
@@ -557,33 +571,23 @@ BM_AMX void amx_row_block(const ProblemBf16& p, const uint32_t* qt, int64_t mr, 
 }
 
 BM_AMX void forward_amx_tasks(const ProblemBf16& p, int64_t t0, int64_t t1, uint16_t* out, float* lse) {
-  const int64_t nqb = (p.Lq + kBlockQAmx - 1) / kBlockQAmx, group = p.Hq / p.Hkv;
   const int64_t ldv = (p.Lk + kKeys - 1) / kKeys * kKeys;
   std::vector<uint16_t> ks, vs;
   uint16_t* kbuf = aligned(ks, ldv * p.d);
   uint16_t* vt = aligned(vs, p.dv * ldv);
   alignas(64) uint32_t qt[64 * 16];  // d <= 128
   mk::amx_configure();
-  int64_t packed_b = -1, packed_hk = -1;
-  for (int64_t t = t0; t < t1; ++t) {
-    const int64_t b = t / (p.Hq * nqb), h = (t / nqb) % p.Hq, i0 = (t % nqb) * kBlockQAmx;
-    const int64_t hk = h / group, nq = std::min(kBlockQAmx, p.Lq - i0);
-    const int64_t valid = p.lengths ? p.lengths[b] : p.Lk;
-    if (b != packed_b || hk != packed_hk) {
-      copy_keys(p.k + b * p.ks[0] + hk * p.ks[1], p.ks[2], valid, p.d, kbuf);
-      transpose_values(p.v + b * p.vs[0] + hk * p.vs[1], p.vs[2], valid, p.dv, ldv, vt);
-      packed_b = b;
-      packed_hk = hk;
-    }
-    const int64_t row0 = (b * p.Hq + h) * p.Lq;
-    for (int64_t r0 = i0; r0 < i0 + nq; r0 += 16) {
-      const int64_t mr = std::min<int64_t>(16, i0 + nq - r0);
-      int64_t limit[16];
-      const int64_t kend = visible_keys(p, valid, r0, mr, limit);
-      transpose_queries(p.q + b * p.qs[0] + h * p.qs[1] + r0 * p.qs[2], p.qs[2], mr, p.d, qt);
-      amx_row_block(p, qt, mr, limit, kend, kbuf, vt, ldv, out + (row0 + r0) * p.dv, lse + row0 + r0);
-    }
-  }
+  for_each_forward_task<16>(
+      p, t0, t1, kBlockQAmx,
+      [&](int64_t b, int64_t hk, int64_t valid) {
+        copy_keys(p.k + b * p.ks[0] + hk * p.ks[1], p.ks[2], valid, p.d, kbuf);
+        transpose_values(p.v + b * p.vs[0] + hk * p.vs[1], p.vs[2], valid, p.dv, ldv, vt);
+      },
+      [&](int64_t b, int64_t h, int64_t r0, int64_t mr, const int64_t* limit, int64_t kend) {
+        const int64_t row = (b * p.Hq + h) * p.Lq + r0;
+        transpose_queries(p.q + b * p.qs[0] + h * p.qs[1] + r0 * p.qs[2], p.qs[2], mr, p.d, qt);
+        amx_row_block(p, qt, mr, limit, kend, kbuf, vt, ldv, out + row * p.dv, lse + row);
+      });
   _tile_release();
 }
 
