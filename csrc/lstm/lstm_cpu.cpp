@@ -9,7 +9,8 @@
 // Two implementations of the time loop share the ops' set-up and the time-batched GEMMs:
 //  * fast (lstm_cpu_fast.cpp): the GEMM core's AVX-512 micro-kernels with the gate math fused into
 //    each tile's epilogue, one parallel region for the whole loop; float32 and bfloat16, no
-//    projection. Chosen when the CPU has AVX-512 (AVX512-BF16 for bfloat16 input).
+//    projection. Chosen when the CPU has AVX-512 (AVX512-BF16 for bfloat16 input) or AVX2, except
+//    for float32 forward calls of fewer than three steps (see lstm_layer_cpu).
 //  * generic (below): per step gemm::rowmajor (ATen's BLAS) and a vectorized pointwise pass; every
 //    dtype and proj_size, any CPU. BIGMODEL_CPU_KERNEL=generic forces it.
 #include <ATen/ATen.h>
@@ -503,7 +504,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   // column groups with the weight gradients left to BLAS, so only the panels count here).
   const int64_t panel_bytes = G * Fp * int64_t(sizeof(float));
   a.grid = choose_grid(d.B, (H + gemm::kPanel - 1) / gemm::kPanel, panel_bytes, avx2 ? fast::kAvx2BackwardRows : 6);
-  const bool fused = a.grid.C == 1;
+  // Fused weight gradients keep per-worker [4H, H + I] sums that are written, then reduced, once per
+  // call: below ~512 rows that traffic costs more than the BLAS GEMMs after the loop (T = 1 at
+  // B = 64: 0.60 vs 0.54 ms; equal from ~T = 8; NOTES v11).
+  constexpr int64_t kFusedMinRows = 512;
+  const bool fused = a.grid.C == 1 && p.N >= kFusedMinRows;
   const int64_t R = a.grid.R, rows_step = (d.B + R - 1) / R;
   // Updates run when the next step's rows would not fit: with 96 rows of room each update has K >= 64
   // whatever the batch (shrinking batches of short sequences included), and the scratch stays in L2.
@@ -586,7 +591,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_cpu(
   const PackPlan p = make_plan(d.T, d.B, lengths, kOp);
   FlushDenormalsGuard ftz;
   const at::ScalarType ct = compute_dtype(input.scalar_type());
-  if (const FastKernels k = fast_kernels(d, input.scalar_type(), ct); k != FastKernels::None)
+  // A float32 call of one or two steps (nn.LSTMCell, step-by-step decoding) runs the BLAS path: the
+  // tile path pays a fixed cost per call (reading all the weights to validate its packed copy, and
+  // packing them when they changed) that its per-step gain repays only from about three steps on
+  // (measured at H = 200, B = 16/64/256: benchmarks/NOTES.md, v11).
+  constexpr int64_t kTileMinSteps = 3;
+  const bool few_steps = d.T < kTileMinSteps && input.scalar_type() == at::kFloat;
+  if (const FastKernels k = fast_kernels(d, input.scalar_type(), ct); k != FastKernels::None && !few_steps)
     return lstm_forward_fast(input, h0, c0, w_ih, w_hh, b_ih, b_hh, d, p, reverse, train, k);
   const int64_t G = 4 * d.H;
 

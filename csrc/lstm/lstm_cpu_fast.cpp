@@ -615,7 +615,8 @@ void backward_steps(const BackwardArgs& a, int64_t w0, int64_t w1) {
           },
           K::kRows);
     }
-    a.barrier->arrive_and_wait(w1 - w0);
+    // Column groups read back dgates columns other workers wrote; row groups alone own whole rows.
+    if (C > 1) a.barrier->arrive_and_wait(w1 - w0);
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t rg = w / C, cg = w % C;
       // dh panels follow the pointwise split (a worker reads back only the dh it wrote); the dx

@@ -79,7 +79,8 @@ struct BackwardArgs {
   float* dc = nullptr;            // [B, H] running, starts as grad_c_n, ends as grad_c0
   float* dx = nullptr;            // [N, I] grad_input, packed
   // Weight gradients: fused (scratch != nullptr, grid.C == 1), or left to time-batched GEMMs over
-  // dgates [N, 4H] after the loop (grid.C > 1: a worker does not own whole rows of dgates).
+  // dgates [N, 4H] after the loop (grid.C > 1: a worker does not own whole rows of dgates; or too
+  // few rows for the fused sums to pay off).
   WorkerScratch* scratch = nullptr;  // [R]
   int64_t rows_step = 0;  // most rows a worker has in one step
   int64_t rows_cap = 0;   // scratch rows (>= rows_step)
