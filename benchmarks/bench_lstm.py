@@ -102,3 +102,65 @@ def test_lstm(benchmark, quick, device, timed, shape, mode, impl):
         tokens=int(lengths.sum()) if mode == "varlen-train" else T * B,
     )
     benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1, iterations=1)
+
+
+# nn.LSTMCell driven one step at a time (step-by-step decoding, custom recurrences): every call is one
+# step, so per-call costs that a whole-sequence call amortizes are paid T times.
+CELL_SHAPE = ("cell-steps", 20, 64, 100, 200)
+CELL_MODES = ["forward", "train"]
+
+
+def _cell_step(mode, cell, x):
+    T, B, _ = x.shape
+    H = cell.hidden_size
+    params = list(cell.parameters())
+
+    def run():
+        h = torch.zeros(B, H, device=x.device)
+        c = torch.zeros(B, H, device=x.device)
+        for t in range(T):
+            h, c = cell(x[t], (h, c))
+        return h
+
+    if mode == "forward":
+
+        def fn():
+            with torch.no_grad():
+                return run()
+
+        return fn
+
+    def fn():  # train: the loss on the last state, backward through all steps
+        for p in params:
+            p.grad = None
+        x.grad = None
+        run().sum().backward()
+
+    return fn
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", CELL_MODES)
+def test_lstm_cell_steps(benchmark, quick, device, timed, mode, impl):
+    name, T, B, IN, H = CELL_SHAPE
+    torch.manual_seed(0)
+    cell = nn.LSTMCell(IN, H)
+    if impl == "bigmodel":
+        ours = bigmodel.nn.LSTMCell(IN, H)
+        ours.load_state_dict(cell.state_dict())
+        cell = ours
+    cell = cell.to(device)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(T, B, IN, generator=g).to(device).requires_grad_(mode == "train")
+    fn = timed(_cell_step(mode, cell, x))
+    rounds = 5 if quick else 15
+    benchmark.extra_info.update(
+        op="lstm",
+        case=name,
+        shape=f"LSTMCell, {T} calls of B={B} I={IN} H={H}",
+        mode=mode,
+        impl=impl,
+        device=device,
+        tokens=T * B,
+    )
+    benchmark.pedantic(fn, rounds=rounds, warmup_rounds=2, iterations=1)
