@@ -405,11 +405,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fast(
     return gemm::pack_bf16(w, true, cols);
   });
   Tensor bias = d.bias ? (b_ih->to(at::kFloat) + b_hh->to(at::kFloat)).contiguous() : Tensor();
-  Tensor h = at::zeros({2, d.B + slack, Kh}, st);
+  // h and c in row-group-major order (fast::state_row): sorted row j at state[perm[j]].
+  const int64_t state_rows = (d.B + grid.R - 1) / grid.R;
+  std::vector<int64_t> perm_v(d.B);
+  for (int64_t j = 0; j < d.B; ++j) perm_v[j] = (j % grid.R) * state_rows + j / grid.R;
+  const Tensor perm = at::from_blob(perm_v.data(), {d.B}, at::kLong).clone();
+  Tensor h = at::zeros({2, grid.R * state_rows + slack, Kh}, st);
   Tensor h0s = rows_sorted(h0, p, st);
-  h.select(0, 0).narrow(0, 0, d.B).narrow(1, 0, d.H).copy_(h0s);
-  h.select(0, 1).narrow(0, 0, d.B).narrow(1, 0, d.H).copy_(h0s);
-  Tensor c = rows_sorted(c0, p, at::kFloat);
+  h.select(0, 0).narrow(1, 0, d.H).index_copy_(0, perm, h0s);
+  h.select(0, 1).narrow(1, 0, d.H).index_copy_(0, perm, h0s);
+  Tensor c = at::zeros({grid.R * state_rows, d.H}, at::kFloat);
+  c.index_copy_(0, perm, rows_sorted(c0, p, at::kFloat));
   Tensor gates = train ? pooled_empty({d.T * d.B, G}, at::kFloat) : at::empty({0}, at::kFloat);
   Tensor cells = train ? pooled_empty({d.T * d.B, d.H}, at::kFloat) : at::empty({0}, at::kFloat);
   Tensor hout = pooled_empty({p.N, d.H}, st);
@@ -426,6 +432,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fast(
   a.c = c.data_ptr<float>();
   a.h[0] = h.select(0, 0).data_ptr();
   a.h[1] = h.select(0, 1).data_ptr();
+  a.state_rows = state_rows;
   a.hout = hout.data_ptr();
   a.grid = grid;
   a.panels_outer = panel_bytes / grid.C > l2_budget() / 2;
@@ -445,7 +452,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fast(
   const at::ScalarType dt = input.scalar_type();
   Tensor output = from_packed(hout, p, dt);
   Tensor h_n = rows_original(last_states(hout, p, reverse), p, dt);
-  Tensor c_n = rows_original(c, p, dt);
+  Tensor c_n = rows_original(c.index_select(0, perm), p, dt);
   if (train && p.N < d.T * d.B) {  // rows past N are capacity, not data; keep the op deterministic
     gates.narrow(0, p.N, d.T * d.B - p.N).zero_();
     cells.narrow(0, p.N, d.T * d.B - p.N).zero_();

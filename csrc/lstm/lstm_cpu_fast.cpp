@@ -53,15 +53,16 @@ BM_AVX512_BF16 BM_ALWAYS_INLINE void cell_update(const ForwardArgs& a, int64_t o
     const __m512 fg = mk::sigmoid_ps<kBf16>(_mm512_add_ps(_mm512_load_ps(tile[i] + 16), bias[1]));
     const __m512 gg = mk::tanh_ps<kBf16>(_mm512_add_ps(_mm512_load_ps(tile[i] + 32), bias[2]));
     const __m512 og = mk::sigmoid_ps<kBf16>(_mm512_add_ps(_mm512_load_ps(tile[i] + 48), bias[3]));
-    float* cp = a.c + r * H + u0;  // bf16: h is rounded every step, so the kFast math suffices
+    const int64_t sr = state_row(a, r);
+    float* cp = a.c + sr * H + u0;  // bf16: h is rounded every step, so the kFast math suffices
     const __m512 cn = _mm512_fmadd_ps(fg, mk::load_f32(cp, m), _mm512_mul_ps(ig, gg));
     const __m512 hv = _mm512_mul_ps(og, mk::tanh_ps<kBf16>(cn));
     mk::store_f32(cp, cn, m);
     if constexpr (kBf16) {
-      mk::store_bf16(static_cast<uint16_t*>(hn) + r * Kh + u0, hv, m);
+      mk::store_bf16(static_cast<uint16_t*>(hn) + sr * Kh + u0, hv, m);
       mk::store_bf16(static_cast<uint16_t*>(a.hout) + row * H + u0, hv, m);
     } else {
-      mk::store_f32(static_cast<float*>(hn) + r * Kh + u0, hv, m);
+      mk::store_f32(static_cast<float*>(hn) + sr * Kh + u0, hv, m);
       mk::store_f32(static_cast<float*>(a.hout) + row * H + u0, hv, m);
     }
     if constexpr (kTrain) {
@@ -86,12 +87,12 @@ BM_AVX512_BF16 void forward_tile(const ForwardArgs& a, int64_t off, int64_t r0, 
   mk::zero_tile<MR>(acc);
   if constexpr (kBf16) {
     const uint16_t* panel = static_cast<const uint16_t*>(a.panels) + p * (Kh + Kx) * mk::kNR;
-    mk::tile_bf16<MR>(static_cast<const uint16_t*>(hp) + r0 * Kh, rstride * Kh, Kh / 2, panel, acc);
+    mk::tile_bf16<MR>(static_cast<const uint16_t*>(hp) + state_row(a, r0) * Kh, Kh, Kh / 2, panel, acc);
     mk::tile_bf16<MR>(static_cast<const uint16_t*>(a.x) + (off + r0) * Kx, rstride * Kx, Kx / 2,
                       panel + Kh * mk::kNR, acc);
   } else {
     const float* panel = static_cast<const float*>(a.panels) + p * (Kh + Kx) * mk::kNR;
-    mk::tile_f32<MR>(static_cast<const float*>(hp) + r0 * Kh, rstride * Kh, Kh, panel, acc);
+    mk::tile_f32<MR>(static_cast<const float*>(hp) + state_row(a, r0) * Kh, Kh, Kh, panel, acc);
     mk::tile_f32<MR>(static_cast<const float*>(a.x) + (off + r0) * Kx, rstride * Kx, Kx, panel + Kh * mk::kNR,
                      acc);
   }
@@ -108,7 +109,7 @@ BM_AMX void forward_tile_amx(const ForwardArgs& a, int64_t off, int64_t r0, int6
   const int64_t Kh = a.Kh, Kx = a.Kx;
   const uint16_t* panel = static_cast<const uint16_t*>(a.panels) + p * (Kh + Kx) * mk::kNR;
   mk::amx_zero();
-  mk::amx_panel(static_cast<const uint16_t*>(hp) + r0 * Kh, rstride * Kh * 2, Kh / 32, panel);
+  mk::amx_panel(static_cast<const uint16_t*>(hp) + state_row(a, r0) * Kh, Kh * 2, Kh / 32, panel);
   mk::amx_panel(static_cast<const uint16_t*>(a.x) + (off + r0) * Kx, rstride * Kx * 2, Kx / 32,
                 panel + Kh * mk::kNR);
   alignas(64) float tile[16][mk::kNR];
@@ -122,13 +123,13 @@ BM_AMX void forward_tile_amx2(const ForwardArgs& a, int64_t off, int64_t r0, int
                               int64_t p, const void* hp, void* hn) {
   const int64_t Kh = a.Kh, Kx = a.Kx;
   const uint16_t* panel = static_cast<const uint16_t*>(a.panels) + p * (Kh + Kx) * mk::kNR;
-  const uint16_t* h0 = static_cast<const uint16_t*>(hp) + r0 * Kh;
+  const uint16_t* h0 = static_cast<const uint16_t*>(hp) + state_row(a, r0) * Kh;
   const uint16_t* x0 = static_cast<const uint16_t*>(a.x) + (off + r0) * Kx;
-  const int64_t h_next = 16 * rstride * Kh, x_next = 16 * rstride * Kx;  // the second block's first row
+  const int64_t h_next = 16 * Kh, x_next = 16 * rstride * Kx;  // the second block's first row
   alignas(64) float tile[2 * 16][mk::kNR];
   for (int q = 0; q < 4; q += 2) {
     mk::amx_zero();
-    mk::amx_half_panel2(h0, h0 + h_next, rstride * Kh * 2, Kh / 32, panel, q);
+    mk::amx_half_panel2(h0, h0 + h_next, Kh * 2, Kh / 32, panel, q);
     mk::amx_half_panel2(x0, x0 + x_next, rstride * Kx * 2, Kx / 32, panel + Kh * mk::kNR, q);
     mk::amx_store_half2(tile, q);
   }
@@ -216,11 +217,12 @@ BM_AVX2 BM_ALWAYS_INLINE void cell_update_avx2(const ForwardArgs& a, int64_t off
     const __m256 fg = m2::sigmoid_ps(_mm256_add_ps(_mm256_load_ps(tile[i] + 8), bias[1]));
     const __m256 gg = m2::tanh_ps(_mm256_add_ps(_mm256_load_ps(tile[i] + 16), bias[2]));
     const __m256 og = m2::sigmoid_ps(_mm256_add_ps(_mm256_load_ps(tile[i] + 24), bias[3]));
-    float* cp = a.c + r * H + u0;
+    const int64_t sr = state_row(a, r);
+    float* cp = a.c + sr * H + u0;
     const __m256 cn = _mm256_fmadd_ps(fg, m2::load_f32(cp, m), _mm256_mul_ps(ig, gg));
     const __m256 hv = _mm256_mul_ps(og, m2::tanh_ps(cn));
     m2::store_f32(cp, cn, m);
-    m2::store_f32(static_cast<float*>(hn) + r * Kh + u0, hv, m);
+    m2::store_f32(static_cast<float*>(hn) + sr * Kh + u0, hv, m);
     m2::store_f32(static_cast<float*>(a.hout) + row * H + u0, hv, m);
     if constexpr (kTrain) {
       float* gp = a.gates + row * G + u0;
@@ -240,7 +242,7 @@ BM_AVX2 void forward_tile_avx2(const ForwardArgs& a, int64_t off, int64_t r0, in
                                const void* hp, void* hn) {
   const int64_t Kh = a.Kh, Kx = a.Kx;
   const float* panel = static_cast<const float*>(a.panels) + p * (Kh + Kx) * m2::kNR;
-  const float* h_rows = static_cast<const float*>(hp) + r0 * Kh;
+  const float* h_rows = static_cast<const float*>(hp) + state_row(a, r0) * Kh;
   const float* x_rows = static_cast<const float*>(a.x) + (off + r0) * Kx;
   for (int h = 0; h < 2; ++h) {
     const int64_t u0 = p * kUnits + 8 * h;
@@ -249,7 +251,7 @@ BM_AVX2 void forward_tile_avx2(const ForwardArgs& a, int64_t off, int64_t r0, in
     for (int g2 = 0; g2 < 2; ++g2) {  // gates i, f, then g, o
       __m256 acc[MR][2];
       m2::zero_tile<MR, 2>(acc);
-      m2::gate_pair_tile_f32<MR>(h_rows, rstride * Kh, Kh, panel, 32 * g2 + 8 * h, acc);
+      m2::gate_pair_tile_f32<MR>(h_rows, Kh, Kh, panel, 32 * g2 + 8 * h, acc);
       m2::gate_pair_tile_f32<MR>(x_rows, rstride * Kx, Kx, panel + Kh * m2::kNR, 32 * g2 + 8 * h, acc);
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) {

@@ -43,13 +43,22 @@ struct ForwardArgs {
   const void* x = nullptr;       // [N, Kx] packed input (float32, or bf16 bits on the bf16 path)
   float* gates = nullptr;        // train: [N, 4H] activated gates
   float* cells = nullptr;        // train: [N, H]
-  float* c = nullptr;            // [B, H] running cell state, sorted rows
-  void* h[2] = {nullptr, nullptr};  // [B, Kh] running h, double-buffered, both start as h0
+  // Running state in row-group-major order (state_row below): each row group's rows are contiguous, so
+  // a worker's h and c never share a line or a prefetch stream with another's (measured at the seed
+  // shape on two threads: inference 4%, training forward 9%, bf16 12% faster; NOTES v11).
+  float* c = nullptr;            // [R * state_rows, H] running cell state
+  void* h[2] = {nullptr, nullptr};  // [R * state_rows, Kh] running h, double-buffered, both start as h0
+  int64_t state_rows = 0;        // rows per row group in h and c: ceil(B / R)
   void* hout = nullptr;          // [N, H] packed output (float32, or bf16 bits on the bf16 path)
   Grid grid;
   SpinBarrier* barrier = nullptr;  // needed when grid.C > 1
   bool panels_outer = false;       // loop order of a step's tiles (see forward_loop)
 };
+
+// Where sorted row r (of row group r % R) keeps its running h and c.
+inline int64_t state_row(const ForwardArgs& a, int64_t r) {
+  return (r % a.grid.R) * a.state_rows + r / a.grid.R;
+}
 
 // Per-worker scratch of the backward pass with fused weight gradients (grid.C == 1).
 // The dgates and [h_{t-1}, x_t] rows of several steps are collected before each weight-gradient
