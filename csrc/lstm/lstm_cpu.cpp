@@ -355,6 +355,22 @@ fast::Steps steps_of(const PackPlan& p, const Dims& d, bool reverse) {
   return fast::Steps{d.T, d.B, d.H, p.batch_sizes.data(), p.offsets.data(), reverse};
 }
 
+// The running state of the fast loops is kept in row-group-major order (fast::state_row): sorted row j
+// lives at row perm[j] of a [R * ceil(B / R), F] buffer. Returns perm.
+Tensor state_order(int64_t B, const fast::Grid& g, int64_t state_rows) {
+  std::vector<int64_t> perm(B);
+  for (int64_t j = 0; j < B; ++j) perm[j] = fast::state_row(j, g, state_rows);
+  return at::from_blob(perm.data(), {B}, at::kLong).clone();
+}
+
+// A zeroed [R * state_rows, F] state buffer holding the sorted rows `sorted` (or zeros) at perm.
+Tensor to_state_order(const std::optional<Tensor>& sorted, const Tensor& perm, int64_t rows, int64_t F,
+                      at::ScalarType dtype) {
+  Tensor out = at::zeros({rows, F}, dtype);
+  if (sorted.has_value()) out.narrow(1, 0, sorted->size(1)).index_copy_(0, perm, *sorted);
+  return out;
+}
+
 // h_n from the packed output: sorted row j's state after its last processed step.
 Tensor last_states(const Tensor& hout, const PackPlan& p, bool reverse) {
   std::vector<int64_t> rows(p.B);
@@ -405,17 +421,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fast(
     return gemm::pack_bf16(w, true, cols);
   });
   Tensor bias = d.bias ? (b_ih->to(at::kFloat) + b_hh->to(at::kFloat)).contiguous() : Tensor();
-  // h and c in row-group-major order (fast::state_row): sorted row j at state[perm[j]].
+  // h and c in row-group-major order (fast::state_row); h has the AMX slack rows after them.
   const int64_t state_rows = (d.B + grid.R - 1) / grid.R;
-  std::vector<int64_t> perm_v(d.B);
-  for (int64_t j = 0; j < d.B; ++j) perm_v[j] = (j % grid.R) * state_rows + j / grid.R;
-  const Tensor perm = at::from_blob(perm_v.data(), {d.B}, at::kLong).clone();
+  const Tensor perm = state_order(d.B, grid, state_rows);
   Tensor h = at::zeros({2, grid.R * state_rows + slack, Kh}, st);
   Tensor h0s = rows_sorted(h0, p, st);
   h.select(0, 0).narrow(1, 0, d.H).index_copy_(0, perm, h0s);
   h.select(0, 1).narrow(1, 0, d.H).index_copy_(0, perm, h0s);
-  Tensor c = at::zeros({grid.R * state_rows, d.H}, at::kFloat);
-  c.index_copy_(0, perm, rows_sorted(c0, p, at::kFloat));
+  Tensor c = to_state_order(rows_sorted(c0, p, at::kFloat), perm, grid.R * state_rows, d.H, at::kFloat);
   Tensor gates = train ? pooled_empty({d.T * d.B, G}, at::kFloat) : at::empty({0}, at::kFloat);
   Tensor cells = train ? pooled_empty({d.T * d.B, d.H}, at::kFloat) : at::empty({0}, at::kFloat);
   Tensor hout = pooled_empty({p.N, d.H}, st);
@@ -474,8 +487,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   Tensor hout = to_packed(output, p, f32);
   Tensor gout = grad_output.has_value() ? to_packed(*grad_output, p, f32) : Tensor();
   Tensor h0s = rows_sorted(h0, p, f32), c0s = rows_sorted(c0, p, f32);
-  Tensor dh = grad_h_n.has_value() ? rows_sorted(*grad_h_n, p, f32) : at::zeros({d.B, H}, f32);
-  Tensor dc = grad_c_n.has_value() ? rows_sorted(*grad_c_n, p, f32) : at::zeros({d.B, H}, f32);
   Tensor dx = pooled_empty({p.N, d.I}, f32);
   // dgates [W_hh, W_ih] gives [dh_{t-1}, dx_t] in one tile pass.
   Tensor panels = gemm::cached_pack({w_hh, w_ih}, /*kind=*/0, [&] {
@@ -503,14 +514,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   a.hout = hout.const_data_ptr<float>();
   a.x = x.const_data_ptr<float>();
   a.grad_out = gout.defined() ? gout.const_data_ptr<float>() : nullptr;
-  a.dh = dh.data_ptr<float>();
-  a.dc = dc.data_ptr<float>();
   a.dx = dx.data_ptr<float>();
   // Each step streams the [W_hh, W_ih] panels (and, fused, the worker's weight-gradient sums, the
   // same size again: at the seed shape, 2 x 1 MiB, fused on two row groups still measured faster than
   // column groups with the weight gradients left to BLAS, so only the panels count here).
   const int64_t panel_bytes = G * Fp * int64_t(sizeof(float));
   a.grid = choose_grid(d.B, (H + gemm::kPanel - 1) / gemm::kPanel, panel_bytes, avx2 ? fast::kAvx2BackwardRows : 6);
+  a.state_rows = (d.B + a.grid.R - 1) / a.grid.R;
+  const Tensor perm = state_order(d.B, a.grid, a.state_rows);
+  const int64_t srows = a.grid.R * a.state_rows;
+  auto sorted_or_none = [&](const std::optional<Tensor>& t) -> std::optional<Tensor> {
+    if (!t.has_value()) return std::nullopt;
+    return rows_sorted(*t, p, f32);
+  };
+  Tensor dh = to_state_order(sorted_or_none(grad_h_n), perm, srows, H, f32);
+  Tensor dc = to_state_order(sorted_or_none(grad_c_n), perm, srows, H, f32);
+  a.dh = dh.data_ptr<float>();
+  a.dc = dc.data_ptr<float>();
   // Fused weight gradients keep per-worker [4H, H + I] sums that are written, then reduced, once per
   // call: below ~512 rows that traffic costs more than the BLAS GEMMs after the loop (T = 1 at
   // B = 64: 0.60 vs 0.54 ms; equal from ~T = 8; NOTES v11).
@@ -578,8 +598,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   const auto wt = w_ih.scalar_type();
   const at::ScalarType dt = input.scalar_type();
   return {from_packed(dx, p, dt),
-          rows_original(dh, p, dt),
-          rows_original(dc, p, dt),
+          rows_original(dh.index_select(0, perm), p, dt),
+          rows_original(dc.index_select(0, perm), p, dt),
           dw_ih.to(wt).contiguous(),
           dw_hh.to(wt).contiguous(),
           has_bias ? dbias.to(wt) : at::empty({0}, w_ih.options()),

@@ -292,16 +292,17 @@ BM_AVX512 void pointwise_row(const BackwardArgs& a, int64_t t, int64_t r, int64_
   const int64_t pr = prev_row(st, t, r);
   const float* cprev = pr >= 0 ? a.cells + pr * H : a.c0 + r * H;
   const float* g = a.gates + row * G;
+  const int64_t sr = state_row(a, r);
   const __m512 one = _mm512_set1_ps(1.f);
   for (int64_t u = u_begin; u < u_end; u += 16) {
     const __mmask16 m = mk::lanes(u_end - u);
     const __m512 ig = mk::load_f32(g + u, m), fg = mk::load_f32(g + H + u, m);
     const __m512 gg = mk::load_f32(g + 2 * H + u, m), og = mk::load_f32(g + 3 * H + u, m);
     const __m512 tc = mk::tanh_ps(mk::load_f32(a.cells + row * H + u, m));
-    __m512 dh = mk::load_f32(a.dh + r * H + u, m);
+    __m512 dh = mk::load_f32(a.dh + sr * H + u, m);
     if (a.grad_out != nullptr) dh = _mm512_add_ps(dh, mk::load_f32(a.grad_out + row * H + u, m));
     const __m512 dc =
-        _mm512_fmadd_ps(_mm512_mul_ps(dh, og), _mm512_fnmadd_ps(tc, tc, one), mk::load_f32(a.dc + r * H + u, m));
+        _mm512_fmadd_ps(_mm512_mul_ps(dh, og), _mm512_fnmadd_ps(tc, tc, one), mk::load_f32(a.dc + sr * H + u, m));
     __m512 d[4];
     d[0] = _mm512_mul_ps(_mm512_mul_ps(dc, gg), _mm512_mul_ps(ig, _mm512_sub_ps(one, ig)));
     d[1] = _mm512_mul_ps(_mm512_mul_ps(dc, mk::load_f32(cprev + u, m)), _mm512_mul_ps(fg, _mm512_sub_ps(one, fg)));
@@ -313,7 +314,7 @@ BM_AVX512 void pointwise_row(const BackwardArgs& a, int64_t t, int64_t r, int64_
       if (dbias != nullptr)
         mk::store_f32(dbias + q * H + u, _mm512_add_ps(mk::load_f32(dbias + q * H + u, m), d[q]), m);
     }
-    mk::store_f32(a.dc + r * H + u, _mm512_mul_ps(dc, fg), m);
+    mk::store_f32(a.dc + sr * H + u, _mm512_mul_ps(dc, fg), m);
   }
 }
 
@@ -328,7 +329,7 @@ BM_AVX512 void grad_state_tile(const BackwardArgs& a, const float* dg, int64_t l
   mk::tile_f32<MR>(dg, lda, G, a.panels + p * G * mk::kNR, acc);
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {
-    const int64_t r = r0 + i * rstride;
+    const int64_t r = r0 + i * rstride, sr = state_row(a, r);
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) {
       const int64_t col = p * mk::kNR + 16 * j;
@@ -337,7 +338,7 @@ BM_AVX512 void grad_state_tile(const BackwardArgs& a, const float* dg, int64_t l
       const __mmask16 valid = mk::lanes(F - col);
       const __mmask16 to_dh = col >= H ? __mmask16(0) : __mmask16(mk::lanes(H - col) & valid);
       const __mmask16 to_dx = __mmask16(valid & ~to_dh);
-      if (to_dh) _mm512_mask_storeu_ps(a.dh + r * H + col, to_dh, acc[i][j]);
+      if (to_dh) _mm512_mask_storeu_ps(a.dh + sr * H + col, to_dh, acc[i][j]);
       if (to_dx) _mm512_mask_storeu_ps(a.dx + (off + r) * a.I + col - H, to_dx, acc[i][j]);
     }
   }
@@ -411,16 +412,17 @@ BM_AVX2 void pointwise_row_avx2(const BackwardArgs& a, int64_t t, int64_t r, int
   const int64_t pr = prev_row(st, t, r);
   const float* cprev = pr >= 0 ? a.cells + pr * H : a.c0 + r * H;
   const float* g = a.gates + row * G;
+  const int64_t sr = state_row(a, r);
   const __m256 one = _mm256_set1_ps(1.f);
   for (int64_t u = u_begin; u < u_end; u += 8) {
     const m2::Lanes m = m2::lanes(u_end - u);
     const __m256 ig = m2::load_f32(g + u, m), fg = m2::load_f32(g + H + u, m);
     const __m256 gg = m2::load_f32(g + 2 * H + u, m), og = m2::load_f32(g + 3 * H + u, m);
     const __m256 tc = m2::tanh_ps(m2::load_f32(a.cells + row * H + u, m));
-    __m256 dh = m2::load_f32(a.dh + r * H + u, m);
+    __m256 dh = m2::load_f32(a.dh + sr * H + u, m);
     if (a.grad_out != nullptr) dh = _mm256_add_ps(dh, m2::load_f32(a.grad_out + row * H + u, m));
     const __m256 dc =
-        _mm256_fmadd_ps(_mm256_mul_ps(dh, og), _mm256_fnmadd_ps(tc, tc, one), m2::load_f32(a.dc + r * H + u, m));
+        _mm256_fmadd_ps(_mm256_mul_ps(dh, og), _mm256_fnmadd_ps(tc, tc, one), m2::load_f32(a.dc + sr * H + u, m));
     __m256 d[4];
     d[0] = _mm256_mul_ps(_mm256_mul_ps(dc, gg), _mm256_mul_ps(ig, _mm256_sub_ps(one, ig)));
     d[1] = _mm256_mul_ps(_mm256_mul_ps(dc, m2::load_f32(cprev + u, m)), _mm256_mul_ps(fg, _mm256_sub_ps(one, fg)));
@@ -432,7 +434,7 @@ BM_AVX2 void pointwise_row_avx2(const BackwardArgs& a, int64_t t, int64_t r, int
       if (dbias != nullptr)
         m2::store_f32(dbias + q * H + u, _mm256_add_ps(m2::load_f32(dbias + q * H + u, m), d[q]), m);
     }
-    m2::store_f32(a.dc + r * H + u, _mm256_mul_ps(dc, fg), m);
+    m2::store_f32(a.dc + sr * H + u, _mm256_mul_ps(dc, fg), m);
   }
 }
 
@@ -449,18 +451,18 @@ BM_AVX2 void grad_state_tile_avx2(const BackwardArgs& a, const float* dg, int64_
     m2::quarter_tile_f32<MR>(dg, lda, 1, G, panel, q, acc);
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
-      const int64_t r = r0 + i * rstride;
+      const int64_t r = r0 + i * rstride, sr = state_row(a, r);
 #pragma GCC unroll 2
       for (int j = 0; j < 2; ++j) {
         const int64_t col = p * m2::kNR + 16 * q + 8 * j;
         if (col >= F) break;
         if (col + 8 <= H) {
-          _mm256_storeu_ps(a.dh + r * H + col, acc[i][j]);
+          _mm256_storeu_ps(a.dh + sr * H + col, acc[i][j]);
         } else if (col >= H && col + 8 <= F) {
           _mm256_storeu_ps(a.dx + (off + r) * a.I + col - H, acc[i][j]);
         } else {  // a group straddling the dh | dx boundary or past F: split it with masks
           const __m256i valid = m2::lanes(F - col).mask, to_dh = m2::lanes(H - col).mask;
-          if (col < H) m2::store_f32(a.dh + r * H + col, acc[i][j], to_dh);
+          if (col < H) m2::store_f32(a.dh + sr * H + col, acc[i][j], to_dh);
           m2::store_f32(a.dx + (off + r) * a.I + col - H, acc[i][j], _mm256_andnot_si256(to_dh, valid));
         }
       }

@@ -55,10 +55,10 @@ struct ForwardArgs {
   bool panels_outer = false;       // loop order of a step's tiles (see forward_loop)
 };
 
-// Where sorted row r (of row group r % R) keeps its running h and c.
-inline int64_t state_row(const ForwardArgs& a, int64_t r) {
-  return (r % a.grid.R) * a.state_rows + r / a.grid.R;
-}
+// Where sorted row r (of row group r % R) keeps its running state: h and c in forward, dh and dc in
+// backward.
+inline int64_t state_row(int64_t r, const Grid& g, int64_t state_rows) { return (r % g.R) * state_rows + r / g.R; }
+inline int64_t state_row(const ForwardArgs& a, int64_t r) { return state_row(r, a.grid, a.state_rows); }
 
 // Per-worker scratch of the backward pass with fused weight gradients (grid.C == 1).
 // The dgates and [h_{t-1}, x_t] rows of several steps are collected before each weight-gradient
@@ -84,8 +84,10 @@ struct BackwardArgs {
   const float* hout = nullptr;    // [N, H] forward output, packed
   const float* x = nullptr;       // [N, I] input, packed
   const float* grad_out = nullptr;  // [N, H] packed, or nullptr
-  float* dh = nullptr;            // [B, H] running, starts as grad_h_n, ends as grad_h0
-  float* dc = nullptr;            // [B, H] running, starts as grad_c_n, ends as grad_c0
+  // Running state in row-group-major order (state_row), as the forward's h and c.
+  float* dh = nullptr;            // [R * state_rows, H] running, starts as grad_h_n, ends as grad_h0
+  float* dc = nullptr;            // [R * state_rows, H] running, starts as grad_c_n, ends as grad_c0
+  int64_t state_rows = 0;         // rows per row group in dh and dc: ceil(B / R)
   float* dx = nullptr;            // [N, I] grad_input, packed
   // Weight gradients: fused (scratch != nullptr, grid.C == 1), or left to time-batched GEMMs over
   // dgates [N, 4H] after the loop (grid.C > 1: a worker does not own whole rows of dgates; or too
@@ -97,6 +99,8 @@ struct BackwardArgs {
   Grid grid;
   SpinBarrier* barrier = nullptr;
 };
+
+inline int64_t state_row(const BackwardArgs& a, int64_t r) { return state_row(r, a.grid, a.state_rows); }
 
 // Worker bodies for at::parallel_for(0, R * C, 1, ...): run workers [w0, w1) over all steps.
 void forward_f32(const ForwardArgs& a, bool train, int64_t w0, int64_t w1);
