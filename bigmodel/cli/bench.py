@@ -33,6 +33,10 @@ def benchmarks_dir() -> Path:
 
 def _run_pytest(path: Path, quick: bool, tuned: bool, out_json: Path, device: str = "cpu") -> None:
     env = dict(os.environ)
+    # The benchmark process must import the bigmodel this command runs, not whichever one its working
+    # directory (benchmarks/) would find through site-packages.
+    here = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
     if tuned:
         env["GLIBC_TUNABLES"] = TUNED_MALLOC
     else:
