@@ -474,6 +474,11 @@ def _train(args: argparse.Namespace, ranks: Ranks) -> int:
             "config": config,
         }
         _atomic_write(Path(args.json), lambda f: f.write(json.dumps(result, indent=2).encode()))
+    if ranks.distributed:
+        # Every rank finishes its collectives before any tears the process group down: a rank that
+        # destroyed gloo's group while another still wrote its results aborted at exit (seen once in
+        # CI: "terminate called without an active exception").
+        dist.barrier()
     return 0
 
 
