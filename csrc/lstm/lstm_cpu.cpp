@@ -536,7 +536,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   // B = 64: 0.60 vs 0.54 ms; equal from ~T = 8; NOTES v11).
   constexpr int64_t kFusedMinRows = 512;
   const bool fused = a.grid.C == 1 && p.N >= kFusedMinRows;
-  const int64_t R = a.grid.R, rows_step = (d.B + R - 1) / R;
+  const int64_t R = a.grid.R, rows_step = a.state_rows;  // most rows a worker has in one step
   // Updates run when the next step's rows would not fit: with 96 rows of room each update has K >= 64
   // whatever the batch (shrinking batches of short sequences included), and the scratch stays in L2.
   const int64_t rows_cap = std::max<int64_t>(rows_step, 96);

@@ -45,7 +45,7 @@ struct ForwardArgs {
   float* cells = nullptr;        // train: [N, H]
   // Running state in row-group-major order (state_row below): each row group's rows are contiguous, so
   // a worker's h and c never share a line or a prefetch stream with another's (measured at the seed
-  // shape on two threads: inference 4%, training forward 9%, bf16 12% faster; NOTES v11).
+  // shape on two threads: inference 4%, training forward 9%, bf16 12% faster; NOTES v12).
   float* c = nullptr;            // [R * state_rows, H] running cell state
   void* h[2] = {nullptr, nullptr};  // [R * state_rows, Kh] running h, double-buffered, both start as h0
   int64_t state_rows = 0;        // rows per row group in h and c: ceil(B / R)
