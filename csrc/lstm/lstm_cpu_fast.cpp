@@ -318,22 +318,24 @@ BM_AVX512 void pointwise_row(const BackwardArgs& a, int64_t t, int64_t r, int64_
   }
 }
 
-// [dh, dx] for MR rows: columns 64 p .. 64 p + 63 of dgates [W_hh, W_ih]. A = dgates rows at stride
-// lda; out row i is sorted row r0 + i * rstride (packed row off + r0 + i * rstride).
-template <int MR>
+// [dh, dx] for MR rows: columns 64 p .. 64 p + 16 NV - 1 of dgates [W_hh, W_ih]. A = dgates rows at
+// stride lda; out row i is sorted row r0 + i * rstride (packed row off + r0 + i * rstride).
+template <int MR, int NV>
 BM_AVX512 void grad_state_tile(const BackwardArgs& a, const float* dg, int64_t lda, int64_t off, int64_t r0,
                                int64_t rstride, int64_t p) {
   const int64_t H = a.steps.H, G = 4 * H, F = H + a.I;
-  __m512 acc[MR][4];
-  mk::zero_tile<MR>(acc);
-  mk::tile_f32<MR>(dg, lda, G, a.panels + p * G * mk::kNR, acc);
+  __m512 acc[MR][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_setzero_ps();
+  mk::tile_f32_rows<MR, NV>(dg, lda, G, a.panels + p * G * mk::kNR, mk::kNR, acc);
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {
     const int64_t r = r0 + i * rstride, sr = state_row(a, r);
 #pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) {
+    for (int j = 0; j < NV; ++j) {
       const int64_t col = p * mk::kNR + 16 * j;
-      if (col >= F) break;
       // A 16-column group may straddle the dh | dx boundary: split it with masks.
       const __mmask16 valid = mk::lanes(F - col);
       const __mmask16 to_dh = col >= H ? __mmask16(0) : __mmask16(mk::lanes(H - col) & valid);
@@ -344,34 +346,52 @@ BM_AVX512 void grad_state_tile(const BackwardArgs& a, const float* dg, int64_t l
   }
 }
 
+// Zmm vectors of column panel p that hold any of the first F columns: the last panel of a width that is
+// not a multiple of 64 runs narrower (H + I = 300: 3 of 4, 5% of the backward's FMAs).
+inline int64_t panel_vectors(int64_t F, int64_t p) {
+  return std::min<int64_t>(4, (F - p * mk::kNR + 15) / 16);
+}
+
 void grad_state_tiles(const BackwardArgs& a, const float* dg, int64_t lda, int64_t off, int64_t r0, int64_t mr,
                       int64_t rstride, int64_t p0, int64_t p1) {
+  const int64_t F = a.steps.H + a.I;
   mk::with_rows(mr, [&](auto rows) {
-    for (int64_t p = p0; p < p1; ++p) grad_state_tile<decltype(rows)::value>(a, dg, lda, off, r0, rstride, p);
+    for (int64_t p = p0; p < p1; ++p)
+      mk::with_vectors(panel_vectors(F, p), [&](auto nv) {
+        grad_state_tile<decltype(rows)::value, decltype(nv)::value>(a, dg, lda, off, r0, rstride, p);
+      });
   });
 }
 
-// dw[m0 .. m0 + MR, 64 p ..] += dg[0 .. n, m0 ..]^T hx[p][0 .. n]: a weight-gradient tile, with the
-// worker's n rows of this step as K.
-template <int MR>
-BM_AVX512 void grad_weight_tile(const WorkerScratch& ws, int64_t G, int64_t F, int64_t rows_cap, int64_t n,
+// dw[m0 .. m0 + MR, 64 p .. 64 p + 16 NV) += dg[0 .. n, m0 ..]^T hx[p][0 .. n]: a weight-gradient tile,
+// with the worker's collected rows as K. dw rows are ldw floats.
+template <int MR, int NV>
+BM_AVX512 void grad_weight_tile(const WorkerScratch& ws, int64_t G, int64_t ldw, int64_t rows_cap, int64_t n,
                                 int64_t m0, int64_t p) {
-  __m512 acc[MR][4];
-  float* c = ws.dw + m0 * F + p * mk::kNR;
-  if (ws.fresh)
-    mk::zero_tile<MR>(acc);
-  else
-    mk::load_tile<MR>(c, F, acc);
-  mk::tile_f32_kstrided<MR>(ws.dg + m0, 1, G, n, ws.hx + p * rows_cap * mk::kNR, acc);
-  mk::store_tile<MR>(acc, c, F);
+  __m512 acc[MR][NV];
+  float* c = ws.dw + m0 * ldw + p * mk::kNR;
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) acc[i][j] = ws.fresh ? _mm512_setzero_ps() : _mm512_loadu_ps(c + i * ldw + 16 * j);
+  mk::tile_f32_rows<MR, NV>(ws.dg + m0, 1, n, ws.hx + p * rows_cap * mk::kNR, mk::kNR, acc, G);
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) _mm512_storeu_ps(c + i * ldw + 16 * j, acc[i][j]);
 }
 
-BM_AVX512 void grad_weights_update(const WorkerScratch& ws, int64_t G, int64_t F, int64_t rows_cap, int64_t n) {
-  const int64_t np = F / mk::kNR;
+// The columns of dw past F (the last panel's padding) are never written.
+BM_AVX512 void grad_weights_update(const WorkerScratch& ws, int64_t G, int64_t F, int64_t ldw, int64_t rows_cap,
+                                   int64_t n) {
+  const int64_t np = (F + mk::kNR - 1) / mk::kNR;
   for (int64_t m0 = 0; m0 < G; m0 += mk::kMR) {
     const int64_t mr = std::min<int64_t>(mk::kMR, G - m0);
     mk::with_rows(mr, [&](auto rows) {
-      for (int64_t p = 0; p < np; ++p) grad_weight_tile<decltype(rows)::value>(ws, G, F, rows_cap, n, m0, p);
+      for (int64_t p = 0; p < np; ++p)
+        mk::with_vectors(panel_vectors(F, p), [&](auto nv) {
+          grad_weight_tile<decltype(rows)::value, decltype(nv)::value>(ws, G, ldw, rows_cap, n, m0, p);
+        });
     });
   }
 }
@@ -479,28 +499,30 @@ void grad_state_tiles_avx2(const BackwardArgs& a, const float* dg, int64_t lda, 
 }
 
 template <int MR>
-BM_AVX2 void grad_weight_tile_avx2(const WorkerScratch& ws, int64_t G, int64_t F, int64_t rows_cap, int64_t n,
-                                   int64_t m0, int64_t p) {
+BM_AVX2 void grad_weight_tile_avx2(const WorkerScratch& ws, int64_t G, int64_t F, int64_t ldw, int64_t rows_cap,
+                                   int64_t n, int64_t m0, int64_t p) {
   const float* panel = ws.hx + p * rows_cap * m2::kNR;
   for (int q = 0; q < 4; ++q) {
+    if (p * m2::kNR + 16 * q >= F) break;
     __m256 acc[MR][2];
-    float* c = ws.dw + m0 * F + p * m2::kNR + 16 * q;
+    float* c = ws.dw + m0 * ldw + p * m2::kNR + 16 * q;
     if (ws.fresh)
       m2::zero_tile<MR, 2>(acc);
     else
-      m2::load_quarter<MR>(c, F, acc);
+      m2::load_quarter<MR>(c, ldw, acc);
     m2::quarter_tile_f32<MR>(ws.dg + m0, 1, G, n, panel, q, acc);
-    m2::store_quarter<MR>(acc, c, F);
+    m2::store_quarter<MR>(acc, c, ldw);
   }
 }
 
-void grad_weights_update_avx2(const WorkerScratch& ws, int64_t G, int64_t F, int64_t rows_cap, int64_t n) {
-  const int64_t np = F / m2::kNR;
+void grad_weights_update_avx2(const WorkerScratch& ws, int64_t G, int64_t F, int64_t ldw, int64_t rows_cap,
+                              int64_t n) {
+  const int64_t np = (F + m2::kNR - 1) / m2::kNR;
   for (int64_t m0 = 0; m0 < G; m0 += m2::kQuarterMR) {
     const int64_t mr = std::min<int64_t>(m2::kQuarterMR, G - m0);
     m2::with_rows<m2::kQuarterMR>(mr, [&](auto rows) {
       for (int64_t p = 0; p < np; ++p)
-        grad_weight_tile_avx2<decltype(rows)::value>(ws, G, F, rows_cap, n, m0, p);
+        grad_weight_tile_avx2<decltype(rows)::value>(ws, G, F, ldw, rows_cap, n, m0, p);
     });
   }
 }
@@ -541,8 +563,9 @@ struct Avx512Backward {
                           int64_t rstride, int64_t p0, int64_t p1) {
     grad_state_tiles(a, dg, lda, off, r0, mr, rstride, p0, p1);
   }
-  static void weights_update(const WorkerScratch& ws, int64_t G, int64_t F, int64_t rows_cap, int64_t n) {
-    grad_weights_update(ws, G, F, rows_cap, n);
+  static void weights_update(const WorkerScratch& ws, int64_t G, int64_t F, int64_t ldw, int64_t rows_cap,
+                             int64_t n) {
+    grad_weights_update(ws, G, F, ldw, rows_cap, n);
   }
   static void gather(const BackwardArgs& a, const WorkerScratch& ws, int64_t t, int64_t off, int64_t rg, int64_t R,
                      int64_t n, int64_t F, int64_t k0) {
@@ -560,8 +583,9 @@ struct Avx2Backward {
                           int64_t rstride, int64_t p0, int64_t p1) {
     grad_state_tiles_avx2(a, dg, lda, off, r0, mr, rstride, p0, p1);
   }
-  static void weights_update(const WorkerScratch& ws, int64_t G, int64_t F, int64_t rows_cap, int64_t n) {
-    grad_weights_update_avx2(ws, G, F, rows_cap, n);
+  static void weights_update(const WorkerScratch& ws, int64_t G, int64_t F, int64_t ldw, int64_t rows_cap,
+                             int64_t n) {
+    grad_weights_update_avx2(ws, G, F, ldw, rows_cap, n);
   }
   static void gather(const BackwardArgs& a, const WorkerScratch& ws, int64_t t, int64_t off, int64_t rg, int64_t R,
                      int64_t n, int64_t F, int64_t k0) {
@@ -587,14 +611,17 @@ void backward_steps(const BackwardArgs& a, int64_t w0, int64_t w1) {
         if (b <= rg) continue;
         const int64_t n = (b - rg + R - 1) / R;
         if (ws.pending + n > a.rows_cap) {
-          K::weights_update(ws, G, Fp, a.rows_cap, ws.pending);
+          K::weights_update(ws, G, F, Fp, a.rows_cap, ws.pending);
           ws.pending = 0;
           ws.fresh = false;
         }
         const int64_t kb = ws.pending;  // this step's first scratch row
         K::gather(a, ws, t, off, rg, R, n, Fp, kb);
-        for (int64_t k0 = 0; k0 < n; k0 += K::kRows) {
-          const int64_t mr = std::min<int64_t>(K::kRows, n - k0);
+        // Near-equal blocks (32 rows: 6, 6, 5, 5, 5, 5, not 6 x 5 + 2): every block streams all the
+        // panels, so a 2-row block costs nearly what a full one does.
+        const int64_t nblk = (n + K::kRows - 1) / K::kRows;
+        for (int64_t i = 0; i < nblk; ++i) {
+          const int64_t k0 = i * n / nblk, mr = (i + 1) * n / nblk - k0;
           for (int64_t k = k0; k < k0 + mr; ++k) {
             const int64_t r = rg + R * k;
             K::pointwise(a, t, r, off + r, ws.dg + (kb + k) * G, ws.dbias, 0, H);
@@ -641,7 +668,7 @@ void backward_steps(const BackwardArgs& a, int64_t w0, int64_t w1) {
     for (int64_t w = w0; w < w1; ++w) {
       WorkerScratch& ws = a.scratch[w];
       if (ws.pending > 0) {
-        K::weights_update(ws, G, Fp, a.rows_cap, ws.pending);
+        K::weights_update(ws, G, F, Fp, a.rows_cap, ws.pending);
         ws.fresh = false;
       }
       ws.pending = 0;

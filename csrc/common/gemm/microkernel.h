@@ -110,30 +110,10 @@ BM_AVX512_BF16 BM_ALWAYS_INLINE void tile_bf16(const uint16_t* a, int64_t lda, i
   }
 }
 
-// The same product with A(r, k) = a[r * lda + k * kstride]: A read transposed in place, as a weight
-// gradient reads dgates^T.
-template <int MR>
-BM_AVX512 BM_ALWAYS_INLINE void tile_f32_kstrided(const float* a, int64_t lda, int64_t kstride, int64_t K,
-                                                  const float* panel, __m512 (&acc)[MR][4]) {
-  for (int64_t k = 0; k < K; ++k) {
-    const float* w = panel + k * kNR;
-    const float* ak = a + k * kstride;
-    const __m512 w0 = _mm512_load_ps(w), w1 = _mm512_load_ps(w + 16);
-    const __m512 w2 = _mm512_load_ps(w + 32), w3 = _mm512_load_ps(w + 48);
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      const __m512 av = _mm512_set1_ps(ak[r * lda]);
-      acc[r][0] = _mm512_fmadd_ps(av, w0, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(av, w1, acc[r][1]);
-      acc[r][2] = _mm512_fmadd_ps(av, w2, acc[r][2]);
-      acc[r][3] = _mm512_fmadd_ps(av, w3, acc[r][3]);
-    }
-  }
-}
-
-// acc[r][j] += sum_k A[r, k] * B[k, 16 j .. 16 j + 15] for an unpacked B (rows at stride ldb, NV * 16
-// columns each), A(r, k) = a[r * lda + k * kstride]: attention's P V with V read in place
-// (NV = dv / 16), and its backward's P^T dO and dS^T Q (A read transposed, kstride = row length).
+// acc[r][j] += sum_k A[r, k] * B[k, 16 j .. 16 j + 15] for B rows at stride ldb, NV * 16 columns each,
+// and A(r, k) = a[r * lda + k * kstride]: attention's P V with V read in place (NV = dv / 16), its
+// backward's P^T dO and dS^T Q (A read transposed, kstride = row length), and the LSTM backward's
+// narrow last panels (ldb = 64) and weight gradients (dgates read transposed).
 template <int MR, int NV>
 BM_AVX512 BM_ALWAYS_INLINE void tile_f32_rows(const float* a, int64_t lda, int64_t K, const float* b, int64_t ldb,
                                               __m512 (&acc)[MR][NV], int64_t kstride = 1) {
@@ -149,23 +129,6 @@ BM_AVX512 BM_ALWAYS_INLINE void tile_f32_rows(const float* a, int64_t lda, int64
       for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_fmadd_ps(av, w[j], acc[r][j]);
     }
   }
-}
-
-// Loads / stores a tile from / to rows of 64 floats at stride ldc (an accumulating C kept in memory).
-template <int MR>
-BM_AVX512 BM_ALWAYS_INLINE void load_tile(const float* c, int64_t ldc, __m512 (&acc)[MR][4]) {
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_loadu_ps(c + r * ldc + 16 * j);
-}
-
-template <int MR>
-BM_AVX512 BM_ALWAYS_INLINE void store_tile(const __m512 (&acc)[MR][4], float* c, int64_t ldc) {
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(c + r * ldc + 16 * j, acc[r][j]);
 }
 
 // Spills a tile to an L1 buffer [MR][64]: epilogues that need many temporaries per row run from
