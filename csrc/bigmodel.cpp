@@ -1,5 +1,6 @@
 // Every op schema of the bigmodel library. Kernels register themselves per device at the end of
-// their own files (TORCH_LIBRARY_IMPL); autograd and fake kernels are registered from Python.
+// their own files (TORCH_LIBRARY_IMPL), as does lstm_layer's autograd (lstm/lstm_autograd.cpp); the
+// attention's autograd and every fake kernel are registered from Python.
 #include <torch/library.h>
 
 #include <string>

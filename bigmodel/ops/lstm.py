@@ -1,6 +1,8 @@
-"""Typed wrapper, fake kernel and autograd formula of ``torch.ops.bigmodel.lstm_layer``.
+"""Typed wrapper and fake kernels of ``torch.ops.bigmodel.lstm_layer`` and its backward.
 
-The op runs the whole time loop of one LSTM layer in one direction (contract: csrc/lstm/lstm.h).
+The op runs the whole time loop of one LSTM layer in one direction (contract: csrc/lstm/lstm.h). Its
+autograd formula is a C++ kernel (csrc/lstm/lstm_autograd.cpp): a step-by-step loop calls the op once
+per step, and a Python formula cost as much per step as the step's math.
 """
 
 from __future__ import annotations
@@ -89,38 +91,3 @@ def _lstm_layer_backward_fake(
         grad_bias,
         grad_w_hr,
     )
-
-
-def _setup_context(ctx, inputs, output):
-    input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, train = inputs
-    out, _, _, gates, cells = output
-    ctx.reverse = reverse
-    ctx.has_bias = b_ih is not None
-    ctx.has_proj = w_hr is not None
-    ctx.train = train
-    # gates/cells are workspace: never differentiated, and their (52 MB at the seed shape) zero
-    # gradients must not be materialized.
-    ctx.mark_non_differentiable(gates, cells)
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(input, h0, c0, w_ih, w_hh, w_hr, lengths, out, gates, cells)
-
-
-def _backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
-    if not ctx.train:
-        raise RuntimeError(
-            "bigmodel.lstm: backward through a call made with train=False; call it with train=True "
-            "(the default when inputs require grad) to keep what backward needs"
-        )
-    input, h0, c0, w_ih, w_hh, w_hr, lengths, out, gates, cells = ctx.saved_tensors
-    d_in, d_h0, d_c0, d_wih, d_whh, d_b, d_whr = torch.ops.bigmodel.lstm_layer_backward(
-        grad_out, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, w_hr, lengths, out, gates, cells,
-        ctx.reverse, ctx.has_bias,
-    )
-    d_bias = d_b if ctx.has_bias else None
-    return (
-        d_in, d_h0, d_c0, d_wih, d_whh, d_bias, d_bias, d_whr if ctx.has_proj else None,
-        None, None, None,
-    )
-
-
-torch.library.register_autograd("bigmodel::lstm_layer", _backward, setup_context=_setup_context)

@@ -1,0 +1,93 @@
+// Autograd of bigmodel::lstm_layer, in C++ for every device (the Autograd alias key).
+//
+// A step-by-step loop (nn.LSTMCell, decoding) calls the op once per step, so autograd's per-call cost
+// counts: the Python formula (torch.library.register_autograd) cost ~210 µs per step of forward and
+// backward bookkeeping at B = 64, H = 200, about as much as the step's own math (benchmarks/NOTES.md,
+// v13). This node does the same work (save the inputs and the workspace, call lstm_layer_backward)
+// without entering Python. torch.compile traces through it like any C++ autograd kernel; the fake
+// kernels stay in Python (bigmodel/ops/lstm.py).
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+namespace bigmodel::lstm {
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using LayerOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+using BackwardOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+std::optional<Tensor> defined_or_none(const Tensor& t) {
+  return t.defined() ? std::optional<Tensor>(t) : std::nullopt;
+}
+
+class LstmLayerFunction : public torch::autograd::Function<LstmLayerFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& h0, const Tensor& c0,
+                               const Tensor& w_ih, const Tensor& w_hh, const std::optional<Tensor>& b_ih,
+                               const std::optional<Tensor>& b_hh, const std::optional<Tensor>& w_hr,
+                               const std::optional<Tensor>& lengths, bool reverse, bool train) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("bigmodel::lstm_layer", "")
+                         .typed<LayerOutputs(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                             const Tensor&, const std::optional<Tensor>&,
+                                             const std::optional<Tensor>&, const std::optional<Tensor>&,
+                                             const std::optional<Tensor>&, bool, bool)>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [out, h_n, c_n, gates, cells] = op.call(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, train);
+    ctx->saved_data["reverse"] = reverse;
+    ctx->saved_data["train"] = train;
+    ctx->saved_data["has_bias"] = b_ih.has_value();
+    ctx->save_for_backward({input, h0, c0, w_ih, w_hh, w_hr.value_or(Tensor()), lengths.value_or(Tensor()), out,
+                            gates, cells});
+    // gates/cells are workspace: never differentiated, and their zero gradients (52 MB at the seed
+    // shape) must not be materialized; nor those of outputs the loss does not use.
+    ctx->mark_non_differentiable({gates, cells});
+    ctx->set_materialize_grads(false);
+    return {out, h_n, c_n, gates, cells};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    TORCH_CHECK(ctx->saved_data["train"].toBool(),
+                "bigmodel.lstm: backward through a call made with train=False; call it with train=True "
+                "(the default when inputs require grad) to keep what backward needs");
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("bigmodel::lstm_layer_backward", "")
+                         .typed<BackwardOutputs(const std::optional<Tensor>&, const std::optional<Tensor>&,
+                                                const std::optional<Tensor>&, const Tensor&, const Tensor&,
+                                                const Tensor&, const Tensor&, const Tensor&,
+                                                const std::optional<Tensor>&, const std::optional<Tensor>&,
+                                                const Tensor&, const Tensor&, const Tensor&, bool, bool)>();
+    const variable_list saved = ctx->get_saved_variables();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const std::optional<Tensor> w_hr = defined_or_none(saved[5]);
+    auto [d_in, d_h0, d_c0, d_wih, d_whh, d_b, d_whr] =
+        op.call(defined_or_none(grads[0]), defined_or_none(grads[1]), defined_or_none(grads[2]), saved[0], saved[1],
+                saved[2], saved[3], saved[4], w_hr, defined_or_none(saved[6]), saved[7], saved[8], saved[9],
+                ctx->saved_data["reverse"].toBool(), has_bias);
+    const Tensor d_bias = has_bias ? d_b : Tensor();
+    // One gradient per forward argument: b_ih and b_hh get the same one; lengths, reverse, train none.
+    return {d_in, d_h0, d_c0, d_wih, d_whh, d_bias, d_bias, w_hr.has_value() ? d_whr : Tensor(),
+            Tensor(), Tensor(), Tensor()};
+  }
+};
+
+LayerOutputs lstm_layer_autograd(const Tensor& input, const Tensor& h0, const Tensor& c0, const Tensor& w_ih,
+                                 const Tensor& w_hh, const std::optional<Tensor>& b_ih,
+                                 const std::optional<Tensor>& b_hh, const std::optional<Tensor>& w_hr,
+                                 const std::optional<Tensor>& lengths, bool reverse, bool train) {
+  variable_list r = LstmLayerFunction::apply(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, train);
+  return {r[0], r[1], r[2], r[3], r[4]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bigmodel, Autograd, m) { m.impl("lstm_layer", &lstm_layer_autograd); }
+
+}  // namespace bigmodel::lstm
