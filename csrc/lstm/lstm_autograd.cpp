@@ -5,7 +5,8 @@
 // backward bookkeeping at B = 64, H = 200, about as much as the step's own math (benchmarks/NOTES.md,
 // v13). This node does the same work (save the inputs and the workspace, call lstm_layer_backward)
 // without entering Python. torch.compile traces through it like any C++ autograd kernel; the fake
-// kernels stay in Python (bigmodel/ops/lstm.py).
+// kernels stay in Python (bigmodel/ops/lstm.py). lstm_layer_backward has an autograd kernel too, only
+// so that a double backward fails with a clear error.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -22,6 +23,21 @@ using torch::autograd::variable_list;
 
 using LayerOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
 using BackwardOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+const c10::TypedOperatorHandle<BackwardOutputs(
+    const std::optional<Tensor>&, const std::optional<Tensor>&, const std::optional<Tensor>&, const Tensor&,
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
+    const std::optional<Tensor>&, const Tensor&, const Tensor&, const Tensor&, bool, bool)>&
+backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("bigmodel::lstm_layer_backward", "")
+                             .typed<BackwardOutputs(const std::optional<Tensor>&, const std::optional<Tensor>&,
+                                                    const std::optional<Tensor>&, const Tensor&, const Tensor&,
+                                                    const Tensor&, const Tensor&, const Tensor&,
+                                                    const std::optional<Tensor>&, const std::optional<Tensor>&,
+                                                    const Tensor&, const Tensor&, const Tensor&, bool, bool)>();
+  return op;
+}
 
 std::optional<Tensor> defined_or_none(const Tensor& t) {
   return t.defined() ? std::optional<Tensor>(t) : std::nullopt;
@@ -57,18 +73,13 @@ class LstmLayerFunction : public torch::autograd::Function<LstmLayerFunction> {
     TORCH_CHECK(ctx->saved_data["train"].toBool(),
                 "bigmodel.lstm: backward through a call made with train=False; call it with train=True "
                 "(the default when inputs require grad) to keep what backward needs");
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("bigmodel::lstm_layer_backward", "")
-                         .typed<BackwardOutputs(const std::optional<Tensor>&, const std::optional<Tensor>&,
-                                                const std::optional<Tensor>&, const Tensor&, const Tensor&,
-                                                const Tensor&, const Tensor&, const Tensor&,
-                                                const std::optional<Tensor>&, const std::optional<Tensor>&,
-                                                const Tensor&, const Tensor&, const Tensor&, bool, bool)>();
     const variable_list saved = ctx->get_saved_variables();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const std::optional<Tensor> w_hr = defined_or_none(saved[5]);
+    // Through the dispatcher's Autograd key: with create_graph=True the result records a
+    // LstmLayerBackwardFunction node, whose own backward raises.
     auto [d_in, d_h0, d_c0, d_wih, d_whh, d_b, d_whr] =
-        op.call(defined_or_none(grads[0]), defined_or_none(grads[1]), defined_or_none(grads[2]), saved[0], saved[1],
+        backward_op().call(defined_or_none(grads[0]), defined_or_none(grads[1]), defined_or_none(grads[2]), saved[0], saved[1],
                 saved[2], saved[3], saved[4], w_hr, defined_or_none(saved[6]), saved[7], saved[8], saved[9],
                 ctx->saved_data["reverse"].toBool(), has_bias);
     const Tensor d_bias = has_bias ? d_b : Tensor();
@@ -77,6 +88,43 @@ class LstmLayerFunction : public torch::autograd::Function<LstmLayerFunction> {
             Tensor(), Tensor(), Tensor()};
   }
 };
+
+// The gradient op is differentiable once: its own backward (reached only through a double backward,
+// e.g. a gradient penalty) raises instead of PyTorch's fallback, which warns and then treats the op
+// as constant, a silently wrong second derivative.
+class LstmLayerBackwardFunction : public torch::autograd::Function<LstmLayerBackwardFunction> {
+ public:
+  static variable_list forward(AutogradContext* /*ctx*/, const std::optional<Tensor>& grad_output,
+                               const std::optional<Tensor>& grad_h_n, const std::optional<Tensor>& grad_c_n,
+                               const Tensor& input, const Tensor& h0, const Tensor& c0, const Tensor& w_ih,
+                               const Tensor& w_hh, const std::optional<Tensor>& w_hr,
+                               const std::optional<Tensor>& lengths, const Tensor& output, const Tensor& gates,
+                               const Tensor& cells, bool reverse, bool has_bias) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [d_in, d_h0, d_c0, d_wih, d_whh, d_b, d_whr] =
+        backward_op().call(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, w_hr, lengths, output, gates,
+                           cells, reverse, has_bias);
+    return {d_in, d_h0, d_c0, d_wih, d_whh, d_b, d_whr};
+  }
+
+  static variable_list backward(AutogradContext* /*ctx*/, variable_list /*grads*/) {
+    TORCH_CHECK(false,
+                "bigmodel.lstm: the LSTM's gradient is not differentiable: double backward (create_graph=True "
+                "and a second backward through it, e.g. a gradient penalty) is not supported; use torch.nn.LSTM "
+                "for that");
+    return {};
+  }
+};
+
+BackwardOutputs lstm_layer_backward_autograd(
+    const std::optional<Tensor>& grad_output, const std::optional<Tensor>& grad_h_n,
+    const std::optional<Tensor>& grad_c_n, const Tensor& input, const Tensor& h0, const Tensor& c0,
+    const Tensor& w_ih, const Tensor& w_hh, const std::optional<Tensor>& w_hr, const std::optional<Tensor>& lengths,
+    const Tensor& output, const Tensor& gates, const Tensor& cells, bool reverse, bool has_bias) {
+  variable_list r = LstmLayerBackwardFunction::apply(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, w_hr,
+                                                     lengths, output, gates, cells, reverse, has_bias);
+  return {r[0], r[1], r[2], r[3], r[4], r[5], r[6]};
+}
 
 LayerOutputs lstm_layer_autograd(const Tensor& input, const Tensor& h0, const Tensor& c0, const Tensor& w_ih,
                                  const Tensor& w_hh, const std::optional<Tensor>& b_ih,
@@ -88,6 +136,9 @@ LayerOutputs lstm_layer_autograd(const Tensor& input, const Tensor& h0, const Te
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(bigmodel, Autograd, m) { m.impl("lstm_layer", &lstm_layer_autograd); }
+TORCH_LIBRARY_IMPL(bigmodel, Autograd, m) {
+  m.impl("lstm_layer", &lstm_layer_autograd);
+  m.impl("lstm_layer_backward", &lstm_layer_backward_autograd);
+}
 
 }  // namespace bigmodel::lstm

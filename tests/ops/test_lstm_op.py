@@ -355,3 +355,14 @@ def test_bfloat16_row_blocks(cpu_kernel, threads, B):
     ref = lstm_layer_reference(*[a.double() if a is not None else None for a in args], lengths=lengths)
     for o, r in zip(out[:3], ref[:3], strict=True):
         torch.testing.assert_close(o.double(), r, atol=0.03, rtol=0.03)
+
+
+def test_double_backward_raises(device):
+    """A second backward through the LSTM's gradient is an error, not a silently constant gradient."""
+    args, _ = make_args(
+        3, 2, 4, 5, 0, proj=False, bias=True, has_lengths=False, dtype=torch.float32, device=device
+    )
+    out, _, _ = lstm_layer(*args)
+    (g,) = torch.autograd.grad(out.sum(), args[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="gradient is not differentiable: double backward"):
+        g.sum().backward()
