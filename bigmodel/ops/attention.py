@@ -126,3 +126,19 @@ def _backward(ctx, grad_out, _grad_lse):
 
 
 torch.library.register_autograd("bigmodel::attention", _backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "bigmodel.attention: the attention's gradient is not differentiable: double backward "
+        "(create_graph=True and a second backward through it, e.g. a gradient penalty) is not supported; "
+        "use torch.nn.functional.scaled_dot_product_attention for that"
+    )
+
+
+# The gradient op is differentiable once: this formula is reached only through a double backward, and
+# raises instead of PyTorch's fallback (a warning, then the op treated as constant: a silently wrong
+# second derivative).
+torch.library.register_autograd(
+    "bigmodel::attention_backward", _no_double_backward, setup_context=lambda ctx, inputs, output: None
+)

@@ -355,3 +355,12 @@ def test_strided_heads_need_no_copy_and_match(is_causal):
     (ref * torch.arange(ref.numel(), dtype=ref.dtype).view_as(ref).sin()).sum().backward()
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
     torch.testing.assert_close(grad_strided, qkv_proj.grad, atol=1e-12, rtol=1e-10)
+
+
+def test_double_backward_raises(device):
+    """A second backward through the attention's gradient is an error, not a silently constant gradient."""
+    q, k, v = (torch.randn(2, 2, 5, 8, device=device, requires_grad=True) for _ in range(3))
+    out, _ = attention(q, k, v)
+    (g,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="gradient is not differentiable: double backward"):
+        g.sum().backward()
