@@ -1,7 +1,8 @@
 """bigmodel: fused LSTM and attention kernels for PyTorch, as drop-in layers.
 
 Importing the package loads the compiled extension (``bigmodel._C``), which registers the ops as
-``torch.ops.bigmodel.*``; the Python side registers their fake kernels and autograd formulas.
+``torch.ops.bigmodel.*`` (and the LSTM's autograd formula); the Python side registers the fake
+kernels and the attention's autograd formula.
 """
 
 import torch  # noqa: F401  (the extension links against libtorch)
