@@ -29,13 +29,14 @@ const c10::TypedOperatorHandle<BackwardOutputs(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
     const std::optional<Tensor>&, const Tensor&, const Tensor&, const Tensor&, bool, bool)>&
 backward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("bigmodel::lstm_layer_backward", "")
-                             .typed<BackwardOutputs(const std::optional<Tensor>&, const std::optional<Tensor>&,
-                                                    const std::optional<Tensor>&, const Tensor&, const Tensor&,
-                                                    const Tensor&, const Tensor&, const Tensor&,
-                                                    const std::optional<Tensor>&, const std::optional<Tensor>&,
-                                                    const Tensor&, const Tensor&, const Tensor&, bool, bool)>();
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("bigmodel::lstm_layer_backward", "")
+          .typed<BackwardOutputs(const std::optional<Tensor>&, const std::optional<Tensor>&,
+                                 const std::optional<Tensor>&, const Tensor&, const Tensor&, const Tensor&,
+                                 const Tensor&, const Tensor&, const std::optional<Tensor>&,
+                                 const std::optional<Tensor>&, const Tensor&, const Tensor&, const Tensor&,
+                                 bool, bool)>();
   return op;
 }
 
@@ -49,19 +50,20 @@ class LstmLayerFunction : public torch::autograd::Function<LstmLayerFunction> {
                                const Tensor& w_ih, const Tensor& w_hh, const std::optional<Tensor>& b_ih,
                                const std::optional<Tensor>& b_hh, const std::optional<Tensor>& w_hr,
                                const std::optional<Tensor>& lengths, bool reverse, bool train) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("bigmodel::lstm_layer", "")
-                         .typed<LayerOutputs(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                             const Tensor&, const std::optional<Tensor>&,
-                                             const std::optional<Tensor>&, const std::optional<Tensor>&,
-                                             const std::optional<Tensor>&, bool, bool)>();
+    static auto op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("bigmodel::lstm_layer", "")
+            .typed<LayerOutputs(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                const std::optional<Tensor>&, const std::optional<Tensor>&,
+                                const std::optional<Tensor>&, const std::optional<Tensor>&, bool, bool)>();
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [out, h_n, c_n, gates, cells] = op.call(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, train);
+    auto [out, h_n, c_n, gates, cells] =
+        op.call(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, train);
     ctx->saved_data["reverse"] = reverse;
     ctx->saved_data["train"] = train;
     ctx->saved_data["has_bias"] = b_ih.has_value();
-    ctx->save_for_backward({input, h0, c0, w_ih, w_hh, w_hr.value_or(Tensor()), lengths.value_or(Tensor()), out,
-                            gates, cells});
+    ctx->save_for_backward(
+        {input, h0, c0, w_ih, w_hh, w_hr.value_or(Tensor()), lengths.value_or(Tensor()), out, gates, cells});
     // gates/cells are workspace: never differentiated, and their zero gradients (52 MB at the seed
     // shape) must not be materialized; nor those of outputs the loss does not use.
     ctx->mark_non_differentiable({gates, cells});
@@ -79,13 +81,13 @@ class LstmLayerFunction : public torch::autograd::Function<LstmLayerFunction> {
     // Through the dispatcher's Autograd key: with create_graph=True the result records a
     // LstmLayerBackwardFunction node, whose own backward raises.
     auto [d_in, d_h0, d_c0, d_wih, d_whh, d_b, d_whr] =
-        backward_op().call(defined_or_none(grads[0]), defined_or_none(grads[1]), defined_or_none(grads[2]), saved[0], saved[1],
-                saved[2], saved[3], saved[4], w_hr, defined_or_none(saved[6]), saved[7], saved[8], saved[9],
-                ctx->saved_data["reverse"].toBool(), has_bias);
+        backward_op().call(defined_or_none(grads[0]), defined_or_none(grads[1]), defined_or_none(grads[2]),
+                           saved[0], saved[1], saved[2], saved[3], saved[4], w_hr, defined_or_none(saved[6]),
+                           saved[7], saved[8], saved[9], ctx->saved_data["reverse"].toBool(), has_bias);
     const Tensor d_bias = has_bias ? d_b : Tensor();
     // One gradient per forward argument: b_ih and b_hh get the same one; lengths, reverse, train none.
-    return {d_in, d_h0, d_c0, d_wih, d_whh, d_bias, d_bias, w_hr.has_value() ? d_whr : Tensor(),
-            Tensor(), Tensor(), Tensor()};
+    const Tensor d_w_hr = w_hr.has_value() ? d_whr : Tensor(), none;
+    return {d_in, d_h0, d_c0, d_wih, d_whh, d_bias, d_bias, d_w_hr, none, none, none};
   }
 };
 
@@ -98,31 +100,36 @@ class LstmLayerBackwardFunction : public torch::autograd::Function<LstmLayerBack
                                const std::optional<Tensor>& grad_h_n, const std::optional<Tensor>& grad_c_n,
                                const Tensor& input, const Tensor& h0, const Tensor& c0, const Tensor& w_ih,
                                const Tensor& w_hh, const std::optional<Tensor>& w_hr,
-                               const std::optional<Tensor>& lengths, const Tensor& output, const Tensor& gates,
-                               const Tensor& cells, bool reverse, bool has_bias) {
+                               const std::optional<Tensor>& lengths, const Tensor& output,
+                               const Tensor& gates, const Tensor& cells, bool reverse, bool has_bias) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [d_in, d_h0, d_c0, d_wih, d_whh, d_b, d_whr] =
-        backward_op().call(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, w_hr, lengths, output, gates,
-                           cells, reverse, has_bias);
+        backward_op().call(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, w_hr, lengths, output,
+                           gates, cells, reverse, has_bias);
     return {d_in, d_h0, d_c0, d_wih, d_whh, d_b, d_whr};
   }
 
   static variable_list backward(AutogradContext* /*ctx*/, variable_list /*grads*/) {
-    TORCH_CHECK(false,
-                "bigmodel.lstm: the LSTM's gradient is not differentiable: double backward (create_graph=True "
-                "and a second backward through it, e.g. a gradient penalty) is not supported; use torch.nn.LSTM "
-                "for that");
+    TORCH_CHECK(
+        false,
+        "bigmodel.lstm: the LSTM's gradient is not differentiable: double backward (create_graph=True "
+        "and a second backward through it, e.g. a gradient penalty) is not supported; use torch.nn.LSTM "
+        "for that");
     return {};
   }
 };
 
-BackwardOutputs lstm_layer_backward_autograd(
-    const std::optional<Tensor>& grad_output, const std::optional<Tensor>& grad_h_n,
-    const std::optional<Tensor>& grad_c_n, const Tensor& input, const Tensor& h0, const Tensor& c0,
-    const Tensor& w_ih, const Tensor& w_hh, const std::optional<Tensor>& w_hr, const std::optional<Tensor>& lengths,
-    const Tensor& output, const Tensor& gates, const Tensor& cells, bool reverse, bool has_bias) {
-  variable_list r = LstmLayerBackwardFunction::apply(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, w_hr,
-                                                     lengths, output, gates, cells, reverse, has_bias);
+BackwardOutputs lstm_layer_backward_autograd(const std::optional<Tensor>& grad_output,
+                                             const std::optional<Tensor>& grad_h_n,
+                                             const std::optional<Tensor>& grad_c_n, const Tensor& input,
+                                             const Tensor& h0, const Tensor& c0, const Tensor& w_ih,
+                                             const Tensor& w_hh, const std::optional<Tensor>& w_hr,
+                                             const std::optional<Tensor>& lengths, const Tensor& output,
+                                             const Tensor& gates, const Tensor& cells, bool reverse,
+                                             bool has_bias) {
+  variable_list r =
+      LstmLayerBackwardFunction::apply(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, w_hr,
+                                       lengths, output, gates, cells, reverse, has_bias);
   return {r[0], r[1], r[2], r[3], r[4], r[5], r[6]};
 }
 
@@ -130,7 +137,8 @@ LayerOutputs lstm_layer_autograd(const Tensor& input, const Tensor& h0, const Te
                                  const Tensor& w_hh, const std::optional<Tensor>& b_ih,
                                  const std::optional<Tensor>& b_hh, const std::optional<Tensor>& w_hr,
                                  const std::optional<Tensor>& lengths, bool reverse, bool train) {
-  variable_list r = LstmLayerFunction::apply(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, train);
+  variable_list r =
+      LstmLayerFunction::apply(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, train);
   return {r[0], r[1], r[2], r[3], r[4]};
 }
 
