@@ -325,10 +325,7 @@ BM_AVX512 void grad_state_tile(const BackwardArgs& a, const float* dg, int64_t l
                                int64_t rstride, int64_t p) {
   const int64_t H = a.steps.H, G = 4 * H, F = H + a.I;
   __m512 acc[MR][NV];
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_setzero_ps();
+  mk::zero_tile(acc);
   mk::tile_f32_rows<MR, NV>(dg, lda, G, a.panels + p * G * mk::kNR, mk::kNR, acc);
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {
@@ -370,15 +367,12 @@ BM_AVX512 void grad_weight_tile(const WorkerScratch& ws, int64_t G, int64_t ldw,
                                 int64_t m0, int64_t p) {
   __m512 acc[MR][NV];
   float* c = ws.dw + m0 * ldw + p * mk::kNR;
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) acc[i][j] = ws.fresh ? _mm512_setzero_ps() : _mm512_loadu_ps(c + i * ldw + 16 * j);
+  if (ws.fresh)
+    mk::zero_tile(acc);
+  else
+    mk::load_tile(c, ldw, acc);
   mk::tile_f32_rows<MR, NV>(ws.dg + m0, 1, n, ws.hx + p * rows_cap * mk::kNR, mk::kNR, acc, G);
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) _mm512_storeu_ps(c + i * ldw + 16 * j, acc[i][j]);
+  mk::store_tile(acc, c, ldw);
 }
 
 // The columns of dw past F (the last panel's padding) are never written.

@@ -60,12 +60,13 @@ inline void with_vectors(int64_t nv, const F& f) {
   }
 }
 
-template <int MR>
-BM_AVX512 BM_ALWAYS_INLINE void zero_tile(__m512 (&acc)[MR][4]) {
+// A tile of MR rows x NV zmm columns (NV < 4: a panel's last, narrower columns).
+template <int MR, int NV = 4>
+BM_AVX512 BM_ALWAYS_INLINE void zero_tile(__m512 (&acc)[MR][NV]) {
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+    for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_setzero_ps();
 }
 
 // acc[r][j] += sum_k A[r, k] * panel[k][16 j .. 16 j + 15]. A product over a K split in parts (the
@@ -129,6 +130,23 @@ BM_AVX512 BM_ALWAYS_INLINE void tile_f32_rows(const float* a, int64_t lda, int64
       for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_fmadd_ps(av, w[j], acc[r][j]);
     }
   }
+}
+
+// Loads / stores a tile from / to rows at stride ldc (an accumulating C kept in memory).
+template <int MR, int NV>
+BM_AVX512 BM_ALWAYS_INLINE void load_tile(const float* c, int64_t ldc, __m512 (&acc)[MR][NV]) {
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_loadu_ps(c + r * ldc + 16 * j);
+}
+
+template <int MR, int NV>
+BM_AVX512 BM_ALWAYS_INLINE void store_tile(const __m512 (&acc)[MR][NV], float* c, int64_t ldc) {
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) _mm512_storeu_ps(c + r * ldc + 16 * j, acc[r][j]);
 }
 
 // Spills a tile to an L1 buffer [MR][64]: epilogues that need many temporaries per row run from
