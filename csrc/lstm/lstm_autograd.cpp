@@ -23,20 +23,26 @@ using torch::autograd::variable_list;
 
 using LayerOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
 using BackwardOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+using OptTensor = std::optional<Tensor>;
+// The schemas of bigmodel.cpp, as the dispatcher's typed calls see them.
+using LayerSignature = LayerOutputs(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                    const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                                    bool, bool);
+using BackwardSignature = BackwardOutputs(const OptTensor&, const OptTensor&, const OptTensor&, const Tensor&,
+                                          const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                          const OptTensor&, const OptTensor&, const Tensor&, const Tensor&,
+                                          const Tensor&, bool, bool);
 
-const c10::TypedOperatorHandle<BackwardOutputs(
-    const std::optional<Tensor>&, const std::optional<Tensor>&, const std::optional<Tensor>&, const Tensor&,
-    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
-    const std::optional<Tensor>&, const Tensor&, const Tensor&, const Tensor&, bool, bool)>&
-backward_op() {
+const c10::TypedOperatorHandle<LayerSignature>& layer_op() {
   static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("bigmodel::lstm_layer_backward", "")
-          .typed<BackwardOutputs(const std::optional<Tensor>&, const std::optional<Tensor>&,
-                                 const std::optional<Tensor>&, const Tensor&, const Tensor&, const Tensor&,
-                                 const Tensor&, const Tensor&, const std::optional<Tensor>&,
-                                 const std::optional<Tensor>&, const Tensor&, const Tensor&, const Tensor&,
-                                 bool, bool)>();
+      c10::Dispatcher::singleton().findSchemaOrThrow("bigmodel::lstm_layer", "").typed<LayerSignature>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<BackwardSignature>& backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("bigmodel::lstm_layer_backward", "")
+                             .typed<BackwardSignature>();
   return op;
 }
 
@@ -50,15 +56,9 @@ class LstmLayerFunction : public torch::autograd::Function<LstmLayerFunction> {
                                const Tensor& w_ih, const Tensor& w_hh, const std::optional<Tensor>& b_ih,
                                const std::optional<Tensor>& b_hh, const std::optional<Tensor>& w_hr,
                                const std::optional<Tensor>& lengths, bool reverse, bool train) {
-    static auto op =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("bigmodel::lstm_layer", "")
-            .typed<LayerOutputs(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                const std::optional<Tensor>&, const std::optional<Tensor>&,
-                                const std::optional<Tensor>&, const std::optional<Tensor>&, bool, bool)>();
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [out, h_n, c_n, gates, cells] =
-        op.call(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, train);
+        layer_op().call(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, train);
     ctx->saved_data["reverse"] = reverse;
     ctx->saved_data["train"] = train;
     ctx->saved_data["has_bias"] = b_ih.has_value();
