@@ -31,11 +31,12 @@ std::string build_info() {
   s += "cuda=0\n";
 #endif
   s += "cuda_archs=" BIGMODEL_CUDA_ARCHS "\n";
-  // What this CPU runs: the AVX-512 micro-kernels (and their bf16 variant), the AVX2 ones, or the
-  // generic path (BIGMODEL_CPU_KERNEL).
+  // What this CPU runs: AMX tiles (bf16), the AVX-512 micro-kernels (and their bf16 variant), the
+  // AVX2 ones, or the generic path (BIGMODEL_CPU_KERNEL).
   namespace cpu = bigmodel::gemm::cpu;
   s += std::string("cpu_avx512=") + (cpu::has_avx512() ? "1" : "0") + "\n";
   s += std::string("cpu_avx512_bf16=") + (cpu::has_avx512_bf16() ? "1" : "0") + "\n";
+  s += std::string("cpu_amx_bf16=") + (cpu::has_amx_bf16() ? "1" : "0") + "\n";
   s += std::string("cpu_avx2=") + (cpu::has_avx2() ? "1" : "0") + "\n";
   try {
     s += std::string("cpu_kernel=") + cpu::kernel_choice_name(cpu::kernel_choice()) + "\n";

@@ -54,17 +54,20 @@ def pytest_collection_modifyitems(config, items) -> None:
             item.add_marker(pytest.mark.skip(reason=reason))
 
 
-def _cpu_has_avx2() -> bool:
-    info = dict(line.split("=", 1) for line in torch.ops.bigmodel.build_info().splitlines() if "=" in line)
-    return info.get("cpu_avx2") == "1"
+def _build_info() -> dict:
+    return dict(line.split("=", 1) for line in torch.ops.bigmodel.build_info().splitlines() if "=" in line)
 
 
-_NO_AVX2 = not _cpu_has_avx2()
+_NO_AVX2 = _build_info().get("cpu_avx2") != "1"
+_NO_AVX512 = _build_info().get("cpu_avx512") != "1"
 
 
 @pytest.fixture(
     params=[
         "auto",
+        pytest.param(
+            "avx512", marks=pytest.mark.skipif(_NO_AVX512, reason="this CPU (or build) has no AVX-512 kernels")
+        ),
         pytest.param(
             "avx2", marks=pytest.mark.skipif(_NO_AVX2, reason="this CPU (or build) has no AVX2 + FMA kernels")
         ),
@@ -72,9 +75,10 @@ _NO_AVX2 = not _cpu_has_avx2()
     ]
 )
 def cpu_kernel(request, monkeypatch) -> str:
-    """Runs a CPU test on each LSTM time loop through BIGMODEL_CPU_KERNEL: the best micro-kernels
-    the CPU has ("auto": AVX-512, else AVX2), the AVX2 micro-kernels even on an AVX-512 CPU
-    ("avx2"), and the ATen-BLAS path ("generic")."""
+    """Runs a CPU test on each CPU kernel set through BIGMODEL_CPU_KERNEL: the best micro-kernels
+    the CPU has ("auto": AMX for bf16 and AVX-512, else AVX2), the AVX-512 ones without AMX
+    ("avx512": the bf16 paths a CPU with AVX512-BF16 and no AMX runs), the AVX2 micro-kernels even
+    on an AVX-512 CPU ("avx2"), and the ATen-BLAS path ("generic")."""
     monkeypatch.setenv("BIGMODEL_CPU_KERNEL", request.param)
     return request.param
 

@@ -50,7 +50,12 @@ def run_info() -> int:
         print("compiled for CUDA: no (CPU-only build)")
     has = [
         name
-        for key, name in (("cpu_avx512", "AVX-512"), ("cpu_avx512_bf16", "AVX512-BF16"), ("cpu_avx2", "AVX2"))
+        for key, name in (
+            ("cpu_amx_bf16", "AMX-BF16"),
+            ("cpu_avx512", "AVX-512"),
+            ("cpu_avx512_bf16", "AVX512-BF16"),
+            ("cpu_avx2", "AVX2"),
+        )
         if info.get(key) == "1"
     ]
     print(

@@ -324,7 +324,7 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& query, const Tensor& key,
   const at::ScalarType ct = compute_dtype(query.scalar_type());
   const Tensor lengths = lengths_int64(key_lengths), mask = additive_mask(attn_mask, d, ct);
   if (query.scalar_type() == at::kBFloat16 && !mask.defined() && !dropout.active() &&
-      fast::supports_amx(d.d, d.dv) && gemm::cpu::has_amx_bf16() && gemm::cpu::microkernels_enabled()) {
+      fast::supports_amx(d.d, d.dv) && gemm::cpu::amx_enabled()) {
     const Tensor q = rows_ready(query, at::kBFloat16), k = rows_ready(key, at::kBFloat16);
     const Tensor v = rows_ready(value, at::kBFloat16);
     Tensor out = at::empty({d.B, d.Hq, d.Lq, d.dv}, q.options());

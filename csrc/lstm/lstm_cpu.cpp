@@ -290,9 +290,11 @@ Tensor rows_original(const Tensor& t, const PackPlan& p, at::ScalarType dtype) {
 // ---- the fast path's set-up ----
 
 // Which fused micro-kernel loop runs this layer, if any: none with a projection; float32 layers on
-// AVX-512, else AVX2; bf16 layers only on AVX512-BF16 (an AVX2 CPU runs them on the portable path).
-// BIGMODEL_CPU_KERNEL=avx2 picks the AVX2 loop (or none for bf16) as an AVX2-only CPU would.
-enum class FastKernels { None, Avx512, Avx2 };
+// AVX-512, else AVX2; bf16 layers on AMX tiles, else AVX512-BF16 (an AVX2 CPU runs them on the
+// portable path). BIGMODEL_CPU_KERNEL=avx512 keeps bf16 layers off AMX, as a CPU with AVX512-BF16
+// and no AMX (Zen 4, Cooper Lake) runs them; avx2 picks the AVX2 loop (or none for bf16) as an
+// AVX2-only CPU would.
+enum class FastKernels { None, Amx, Avx512, Avx2 };
 
 FastKernels fast_kernels(const Dims& d, at::ScalarType input_dtype, at::ScalarType ct) {
   if (d.proj || ct != at::kFloat) return FastKernels::None;
@@ -302,9 +304,12 @@ FastKernels fast_kernels(const Dims& d, at::ScalarType input_dtype, at::ScalarTy
       return FastKernels::None;
     case gemm::cpu::KernelChoice::Avx2:
       return bf16 ? FastKernels::None : FastKernels::Avx2;
+    case gemm::cpu::KernelChoice::Avx512:
+      return !bf16 || gemm::cpu::has_avx512_bf16() ? FastKernels::Avx512 : FastKernels::None;
     case gemm::cpu::KernelChoice::Auto:
       break;
   }
+  if (bf16 && gemm::cpu::amx_enabled()) return FastKernels::Amx;
   if (bf16) return gemm::cpu::has_avx512_bf16() ? FastKernels::Avx512 : FastKernels::None;
   if (gemm::cpu::has_avx512()) return FastKernels::Avx512;
   return gemm::cpu::has_avx2() ? FastKernels::Avx2 : FastKernels::None;
@@ -393,7 +398,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fast(
     bool reverse, bool train, FastKernels kernels) {
   const bool bf16 = input.scalar_type() == at::kBFloat16;
   const bool avx2 = kernels == FastKernels::Avx2;  // float32 only
-  const bool amx = bf16 && gemm::cpu::has_amx_bf16();
+  const bool amx = kernels == FastKernels::Amx;  // bf16 only
   const at::ScalarType st = bf16 ? at::kBFloat16 : at::kFloat;  // storage of x, h and the output
   const int64_t G = 4 * d.H;
   // bf16 reads k in pairs and AMX in blocks of 32: h and x rows are zero-padded to that length.

@@ -253,8 +253,13 @@ KernelChoice kernel_choice() {
   const char* env = std::getenv("BIGMODEL_CPU_KERNEL");
   if (env == nullptr || env[0] == '\0' || std::strcmp(env, "auto") == 0) return KernelChoice::Auto;
   if (std::strcmp(env, "generic") == 0) return KernelChoice::Generic;
-  TORCH_CHECK(std::strcmp(env, "avx2") == 0,
-              "bigmodel: BIGMODEL_CPU_KERNEL must be 'auto', 'avx2' or 'generic' (or unset), got '", env, "'");
+  if (std::strcmp(env, "avx512") == 0) {
+    TORCH_CHECK(has_avx512(), "bigmodel: BIGMODEL_CPU_KERNEL=avx512, but this CPU lacks AVX-512 (or this build has ",
+                "no AVX-512 kernels); use 'auto', 'avx2' or 'generic'");
+    return KernelChoice::Avx512;
+  }
+  TORCH_CHECK(std::strcmp(env, "avx2") == 0, "bigmodel: BIGMODEL_CPU_KERNEL must be 'auto', 'avx512', 'avx2' or ",
+              "'generic' (or unset), got '", env, "'");
   TORCH_CHECK(has_avx2(), "bigmodel: BIGMODEL_CPU_KERNEL=avx2, but this CPU lacks AVX2 + FMA (or this build has ",
               "no AVX2 kernels); use 'auto' or 'generic'");
   return KernelChoice::Avx2;
@@ -263,13 +268,19 @@ KernelChoice kernel_choice() {
 const char* kernel_choice_name(KernelChoice k) {
   switch (k) {
     case KernelChoice::Auto: return "auto";
+    case KernelChoice::Avx512: return "avx512";
     case KernelChoice::Avx2: return "avx2";
     case KernelChoice::Generic: return "generic";
   }
   return "?";
 }
 
-bool microkernels_enabled() { return kernel_choice() == KernelChoice::Auto; }
+bool microkernels_enabled() {
+  const KernelChoice k = kernel_choice();
+  return k == KernelChoice::Auto || k == KernelChoice::Avx512;
+}
+
+bool amx_enabled() { return has_amx_bf16() && kernel_choice() == KernelChoice::Auto; }
 
 }  // namespace cpu
 }  // namespace bigmodel::gemm

@@ -54,16 +54,20 @@ bool has_avx2();
 
 // Which CPU kernels BIGMODEL_CPU_KERNEL asks for (read on every call, so tests and benchmarks can
 // switch in one process):
-//   auto     (or unset) the best kernels this CPU has: AVX-512 (and AMX), else AVX2, else portable
+//   auto     (or unset) the best kernels this CPU has: AVX-512 and AMX, else AVX2, else portable
+//   avx512   the AVX-512 kernels without AMX tiles (bf16 on vdpbf16ps, as a CPU with AVX512-BF16
+//            but no AMX runs them); an error on a CPU without AVX-512
 //   avx2     the AVX2 kernels even on an AVX-512 CPU, and the portable path wherever there is no
 //            AVX2 kernel (as an AVX2-only CPU would run); an error on a CPU without AVX2 + FMA
 //   generic  the portable ATen-BLAS path everywhere
 // Any other value is an error naming the variable and these values.
-enum class KernelChoice { Auto, Avx2, Generic };
+enum class KernelChoice { Auto, Avx512, Avx2, Generic };
 KernelChoice kernel_choice();
 const char* kernel_choice_name(KernelChoice k);
-// The AVX-512 / AMX micro-kernels may run: kernel_choice() is Auto (callers still check the CPU).
+// The AVX-512 micro-kernels may run: kernel_choice() is Auto or Avx512 (callers still check the CPU).
 bool microkernels_enabled();
+// The AMX tiles may run: the CPU has them and kernel_choice() is Auto.
+bool amx_enabled();
 }  // namespace cpu
 
 }  // namespace bigmodel::gemm
