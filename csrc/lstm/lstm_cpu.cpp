@@ -478,7 +478,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fast(
   return {output, h_n, c_n, gates, cells};
 }
 
-// The fast backward (float32; bf16/fp16 layers compute in float32 here too).
+// The fast backward (float32; bf16/fp16 layers compute in float32 here too, except that on AMX a bf16
+// layer's [dh, dx] tiles multiply dgates rounded to bf16 by its bf16 weights).
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_fast(
     const std::optional<Tensor>& grad_output, const std::optional<Tensor>& grad_h_n,
     const std::optional<Tensor>& grad_c_n, const Tensor& input, const Tensor& h0, const Tensor& c0,
@@ -486,6 +487,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
     bool reverse, bool has_bias, const Dims& d, const PackPlan& p, FastKernels kernels) {
   const at::ScalarType f32 = at::kFloat;
   const bool avx2 = kernels == FastKernels::Avx2;
+  const bool amx = kernels == FastKernels::Amx;  // bf16 only
   const int64_t G = 4 * d.H, H = d.H, F = d.H + d.I;
   const int64_t Fp = (F + gemm::kPanel - 1) / gemm::kPanel * gemm::kPanel;
   Tensor x = to_packed(input, p, f32);
@@ -494,7 +496,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   Tensor h0s = rows_sorted(h0, p, f32), c0s = rows_sorted(c0, p, f32);
   Tensor dx = pooled_empty({p.N, d.I}, f32);
   // dgates [W_hh, W_ih] gives [dh_{t-1}, dx_t] in one tile pass.
-  Tensor panels = gemm::cached_pack({w_hh, w_ih}, /*kind=*/0, [&] {
+  // (On AMX only the bf16 panels below are read.)
+  Tensor panels = amx ? Tensor() : gemm::cached_pack({w_hh, w_ih}, /*kind=*/0, [&] {
     // Columns 0..H-1 from W_hh, H..H+I-1 from W_ih.
     const gemm::ColumnMap all = gemm::contiguous_columns(F);
     gemm::ColumnMap from_hh(all.size(), -1), from_ih(all.size(), -1);
@@ -509,9 +512,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   });
 
   fast::BackwardArgs a;
+  Tensor panels_bf16;
+  if (amx) {  // the same B matrix, K = 4H padded to 32, as bf16 AMX panels (cache kind -32)
+    a.Gp = (G + 31) / 32 * 32;
+    panels_bf16 = gemm::cached_pack({w_hh, w_ih}, -32, [&] {
+      const Tensor w = at::constant_pad_nd(at::cat({w_hh, w_ih}, 1).to(at::kBFloat16), {0, 0, 0, a.Gp - G});
+      return gemm::pack_bf16(w, false, gemm::contiguous_columns(F));
+    });
+    a.panels_bf16 = static_cast<const uint16_t*>(panels_bf16.const_data_ptr());
+  }
   a.steps = steps_of(p, d, reverse);
   a.I = d.I;
-  a.panels = panels.const_data_ptr<float>();
+  a.panels = amx ? nullptr : panels.const_data_ptr<float>();
   a.gates = gates.const_data_ptr<float>();
   a.cells = cells.const_data_ptr<float>();
   a.c0 = c0s.const_data_ptr<float>();
@@ -523,8 +535,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   // Each step streams the [W_hh, W_ih] panels (and, fused, the worker's weight-gradient sums, the
   // same size again: at the seed shape, 2 x 1 MiB, fused on two row groups still measured faster than
   // column groups with the weight gradients left to BLAS, so only the panels count here).
-  const int64_t panel_bytes = G * Fp * int64_t(sizeof(float));
-  a.grid = choose_grid(d.B, (H + gemm::kPanel - 1) / gemm::kPanel, panel_bytes, avx2 ? fast::kAvx2BackwardRows : 6);
+  const int64_t panel_bytes = G * Fp * int64_t(amx ? 2 : sizeof(float));
+  a.grid = choose_grid(d.B, (H + gemm::kPanel - 1) / gemm::kPanel, panel_bytes,
+                       amx ? fast::kAmxRows : avx2 ? fast::kAvx2BackwardRows : 6);
   a.state_rows = (d.B + a.grid.R - 1) / a.grid.R;
   const Tensor perm = state_order(d.B, a.grid, a.state_rows);
   const int64_t srows = a.grid.R * a.state_rows;
@@ -568,6 +581,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   run_grid(a.grid, [&](int64_t w0, int64_t w1) {
     if (avx2)
       fast::backward_f32_avx2(a, w0, w1);
+    else if (amx)
+      fast::backward_amx(a, w0, w1);
     else
       fast::backward_f32(a, w0, w1);
   });
@@ -691,7 +706,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
   if (grad_output.has_value()) check_shape(*grad_output, {d.T, d.B, P}, op, "grad_output", "(T, B, P)");
   if (grad_h_n.has_value()) check_shape(*grad_h_n, {d.B, P}, op, "grad_h_n", "(B, P)");
   if (grad_c_n.has_value()) check_shape(*grad_c_n, {d.B, H}, op, "grad_c_n", "(B, hidden_size)");
-  if (const FastKernels k = fast_kernels(d, at::kFloat, ct); k != FastKernels::None)
+  // The backward computes in float32 (bf16 layers included: any AVX-512 or AVX2 CPU runs it); a bf16
+  // layer takes the AMX tiles where the forward does.
+  FastKernels k = fast_kernels(d, at::kFloat, ct);
+  if (k == FastKernels::Avx512 && input.scalar_type() == at::kBFloat16 &&
+      fast_kernels(d, at::kBFloat16, ct) == FastKernels::Amx)
+    k = FastKernels::Amx;
+  if (k != FastKernels::None)
     return lstm_backward_fast(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, output, gates, cells,
                               reverse, has_bias, d, p, k);
 

@@ -3,6 +3,8 @@
 #include "lstm/lstm_cpu_fast.h"
 
 #include <algorithm>
+#include <cstring>
+#include <vector>
 
 #include "common/gemm/microkernel.h"
 #include "common/gemm/microkernel_avx2.h"
@@ -546,6 +548,55 @@ BM_AVX2 void gather_hx_avx2(const BackwardArgs& a, const WorkerScratch& ws, int6
   }
 }
 
+// [dh, dx] on AMX for mr <= kAmxRows rows: the rows of dgates are rounded to bf16 into an L2 buffer
+// of whole 16-row blocks (zero past mr and past 4H), then each column panel is one or two row blocks
+// against the bf16 panels, as in the forward; the tile goes out through an L1 buffer.
+BM_AMX void grad_state_tiles_amx(const BackwardArgs& a, const float* dg, int64_t lda, int64_t off, int64_t r0,
+                                 int64_t mr, int64_t rstride, int64_t p0, int64_t p1) {
+  const int64_t H = a.steps.H, G = 4 * H, F = H + a.I, Gp = a.Gp;
+  const int64_t blocks = mr > 16 ? 2 : 1;
+  thread_local std::vector<uint16_t> rows;
+  if (int64_t(rows.size()) < kAmxRows * Gp) rows.assign(kAmxRows * Gp, 0);
+  uint16_t* A = rows.data();
+  for (int64_t i = 0; i < 16 * blocks; ++i) {
+    uint16_t* o = A + i * Gp;
+    if (i >= mr) {
+      std::memset(o, 0, Gp * sizeof(uint16_t));
+      continue;
+    }
+    for (int64_t k = 0; k < Gp; k += 16)
+      mk::store_bf16(o + k, mk::load_f32(dg + i * lda + k, k < G ? mk::lanes(G - k) : __mmask16(0)), 0xFFFF);
+  }
+  alignas(64) float tile[2 * 16][mk::kNR];
+  for (int64_t p = p0; p < p1; ++p) {
+    const uint16_t* panel = a.panels_bf16 + p * Gp * mk::kNR;
+    if (blocks == 2) {
+      for (int q = 0; q < 4; q += 2) {
+        mk::amx_zero();
+        mk::amx_half_panel2(A, A + 16 * Gp, Gp * 2, Gp / 32, panel, q);
+        mk::amx_store_half2(tile, q);
+      }
+    } else {
+      mk::amx_zero();
+      mk::amx_panel(A, Gp * 2, Gp / 32, panel);
+      mk::amx_store(tile);
+    }
+    for (int64_t i = 0; i < mr; ++i) {
+      const int64_t r = r0 + i * rstride, sr = state_row(a, r);
+      for (int j = 0; j < 4; ++j) {
+        const int64_t col = p * mk::kNR + 16 * j;
+        if (col >= F) break;
+        const __mmask16 valid = mk::lanes(F - col);
+        const __mmask16 to_dh = col >= H ? __mmask16(0) : __mmask16(mk::lanes(H - col) & valid);
+        const __mmask16 to_dx = __mmask16(valid & ~to_dh);
+        const __m512 v = _mm512_load_ps(tile[i] + 16 * j);
+        if (to_dh) _mm512_mask_storeu_ps(a.dh + sr * H + col, to_dh, v);
+        if (to_dx) _mm512_mask_storeu_ps(a.dx + (off + r) * a.I + col - H, to_dx, v);
+      }
+    }
+  }
+}
+
 // The backward's kernel sets: what backward_steps calls per step.
 struct Avx512Backward {
   static constexpr int64_t kRows = mk::kMR;
@@ -564,6 +615,15 @@ struct Avx512Backward {
   static void gather(const BackwardArgs& a, const WorkerScratch& ws, int64_t t, int64_t off, int64_t rg, int64_t R,
                      int64_t n, int64_t F, int64_t k0) {
     gather_hx(a, ws, t, off, rg, R, n, F, k0);
+  }
+};
+
+// Avx512Backward with the [dh, dx] tiles on AMX (bf16 layers).
+struct AmxBackward : Avx512Backward {
+  static constexpr int64_t kRows = kAmxRows;
+  static void state_tiles(const BackwardArgs& a, const float* dg, int64_t lda, int64_t off, int64_t r0, int64_t mr,
+                          int64_t rstride, int64_t p0, int64_t p1) {
+    grad_state_tiles_amx(a, dg, lda, off, r0, mr, rstride, p0, p1);
   }
 };
 
@@ -701,6 +761,12 @@ void forward_amx(const ForwardArgs& a, bool train, int64_t w0, int64_t w1) {
 
 void backward_f32(const BackwardArgs& a, int64_t w0, int64_t w1) { backward_steps<Avx512Backward>(a, w0, w1); }
 
+BM_AMX void backward_amx(const BackwardArgs& a, int64_t w0, int64_t w1) {
+  mk::amx_configure();
+  backward_steps<AmxBackward>(a, w0, w1);
+  _tile_release();
+}
+
 void backward_f32_avx2(const BackwardArgs& a, int64_t w0, int64_t w1) { backward_steps<Avx2Backward>(a, w0, w1); }
 
 }  // namespace bigmodel::lstm::fast
@@ -714,6 +780,7 @@ void forward_f32(const ForwardArgs&, bool, int64_t, int64_t) { TORCH_INTERNAL_AS
 void forward_bf16(const ForwardArgs&, bool, int64_t, int64_t) { TORCH_INTERNAL_ASSERT(false); }
 void forward_amx(const ForwardArgs&, bool, int64_t, int64_t) { TORCH_INTERNAL_ASSERT(false); }
 void backward_f32(const BackwardArgs&, int64_t, int64_t) { TORCH_INTERNAL_ASSERT(false); }
+void backward_amx(const BackwardArgs&, int64_t, int64_t) { TORCH_INTERNAL_ASSERT(false); }
 void forward_f32_avx2(const ForwardArgs&, bool, int64_t, int64_t) { TORCH_INTERNAL_ASSERT(false); }
 void backward_f32_avx2(const BackwardArgs&, int64_t, int64_t) { TORCH_INTERNAL_ASSERT(false); }
 }  // namespace bigmodel::lstm::fast

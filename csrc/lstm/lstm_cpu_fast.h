@@ -77,6 +77,10 @@ struct BackwardArgs {
   Steps steps;
   int64_t I = 0;
   const float* panels = nullptr;  // [W_hh, W_ih] as a [4H, H + I] B matrix, contiguous columns
+  // bf16 layers on AMX: the same B matrix as bf16 AMX panels with K = 4H zero-padded to Gp (a multiple
+  // of 32); the [dh, dx] tiles then multiply dgates rounded to bf16 (backward_amx).
+  const uint16_t* panels_bf16 = nullptr;
+  int64_t Gp = 0;
   const float* gates = nullptr;   // [N, 4H] activated
   const float* cells = nullptr;   // [N, H]
   const float* c0 = nullptr;      // [B, H] sorted rows
@@ -106,6 +110,10 @@ inline int64_t state_row(const BackwardArgs& a, int64_t r) { return state_row(r,
 void forward_f32(const ForwardArgs& a, bool train, int64_t w0, int64_t w1);
 void forward_bf16(const ForwardArgs& a, bool train, int64_t w0, int64_t w1);
 void backward_f32(const BackwardArgs& a, int64_t w0, int64_t w1);
+// bf16 layers on AMX: backward_f32 with the [dh, dx] tiles on AMX (dgates rounded to bf16, as the
+// layer's own bf16 GEMM would; float32 accumulation, float32 dh and dc across steps, float32 weight
+// gradients). Row blocks of up to kAmxRows.
+void backward_amx(const BackwardArgs& a, int64_t w0, int64_t w1);
 
 // The float32 loops on AVX2 + FMA. Forward tiles are kAvx2GateRows rows x two gates of 8 hidden
 // units (a panel is four of them); backward tiles kAvx2BackwardRows rows x a quarter panel.

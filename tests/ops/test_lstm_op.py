@@ -357,6 +357,33 @@ def test_bfloat16_row_blocks(cpu_kernel, threads, B):
         torch.testing.assert_close(o.double(), r, atol=0.03, rtol=0.03)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("T,B", [(6, 5), (6, 40), (24, 20), (24, 70)])
+def test_bfloat16_backward_row_blocks(cpu_kernel, threads, reverse, T, B):
+    """The bf16 backward (on AMX: [dh, dx] tiles of dgates rounded to bf16, in 16- and 32-row blocks,
+    with the weight gradients fused or left to BLAS) stays within bf16 rounding of the float64
+    reference's gradients, with lengths."""
+    args, lengths = make_args(
+        T, B, 10, 37, 0, proj=False, bias=True, has_lengths=True, dtype=torch.bfloat16, device="cpu"
+    )
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = lstm_layer(*args, lengths=lengths, reverse=reverse)
+        seed_grads = [torch.randn_like(o) for o in out]
+        got = grads(out, args, seed_grads)
+    finally:
+        torch.set_num_threads(saved)
+    args64 = [a.detach().double().requires_grad_() if a is not None else None for a in args]
+    ref = lstm_layer_reference(*args64, lengths=lengths, reverse=reverse)
+    want = grads(ref, args64, [g.double() for g in seed_grads])
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == torch.bfloat16
+        scale = w.abs().max().item()
+        assert (g.double() - w).abs().max().item() <= 0.02 * scale + 1e-3
+
+
 def test_double_backward_raises(device):
     """A second backward through the LSTM's gradient is an error, not a silently constant gradient."""
     args, _ = make_args(
