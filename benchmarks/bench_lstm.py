@@ -22,7 +22,7 @@ SHAPES = [
     ("small", 128, 16, 128, 128, 1, False),
     ("2L-bidir", 256, 32, 256, 256, 2, True),
 ]
-MODES = ["forward", "train", "varlen-train", "forward-bf16"]
+MODES = ["forward", "train", "varlen-train", "forward-bf16", "train-bf16"]
 IMPLS = ["native", "bigmodel"]
 
 
@@ -47,7 +47,7 @@ def _step(impl, mode, model, x, lengths):
 
         return fn
 
-    if mode == "train":
+    if mode in ("train", "train-bf16"):
 
         def fn():
             for p in params:
@@ -85,7 +85,7 @@ def test_lstm(benchmark, quick, device, timed, shape, mode, impl):
     # In training the input requires grad, as in the seed classifier where an Embedding feeds the
     # LSTM: both sides must compute the input gradient.
     x = torch.randn(T, B, IN, generator=g).to(device).requires_grad_(not mode.startswith("forward"))
-    if mode == "forward-bf16":  # bf16 module and input on both sides
+    if mode.endswith("-bf16"):  # bf16 module and input on both sides
         model = model.bfloat16()
         x = x.bfloat16()
     lengths = torch.randint(1, T + 1, (B,), generator=g)  # on the CPU, as pack_padded_sequence wants
