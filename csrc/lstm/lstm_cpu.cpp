@@ -564,7 +564,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
     // From bigmodel's buffer cache: fresh multi-MiB allocations would page-fault on every call.
     dg_s = pooled_empty({R, rows_cap, G}, f32);
     hx_s = pooled_empty({R, Fp / gemm::kPanel, rows_cap, gemm::kPanel}, f32);
-    dw_s = pooled_empty({R, G, Fp}, f32);  // each worker's first update stores
+    // each worker's first update stores; on AMX the sums are transposed, [Fp, 4H rounded up to 32]
+    dw_s = amx ? pooled_empty({R, Fp, a.Gp}, f32) : pooled_empty({R, G, Fp}, f32);
     dbias_s = at::zeros({R, G}, f32);
     for (int64_t r = 0; r < R; ++r)
       scratch.push_back({dg_s[r].data_ptr<float>(), hx_s[r].data_ptr<float>(), dw_s[r].data_ptr<float>(),
@@ -591,9 +592,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   if (fused) {  // sum the row groups' partial sums straight into the two contiguous gradients
     for (int64_t r = 0; r < R; ++r)
       if (scratch[r].fresh) dw_s[r].zero_();  // a row group that never had a row
+    auto part = [&](int64_t r, int64_t begin, int64_t len) {
+      return amx ? dw_s[r].narrow(0, begin, len).narrow(1, 0, G).t() : dw_s[r].narrow(1, begin, len);
+    };
     auto reduce = [&](int64_t begin, int64_t len) {
-      Tensor out = dw_s[0].narrow(1, begin, len).clone(at::MemoryFormat::Contiguous);
-      for (int64_t r = 1; r < R; ++r) out.add_(dw_s[r].narrow(1, begin, len));
+      Tensor out = part(0, begin, len).clone(at::MemoryFormat::Contiguous);
+      for (int64_t r = 1; r < R; ++r) out.add_(part(r, begin, len));
       return out;
     };
     dw_hh = reduce(0, H);

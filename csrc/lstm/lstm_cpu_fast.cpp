@@ -618,12 +618,84 @@ struct Avx512Backward {
   }
 };
 
-// Avx512Backward with the [dh, dx] tiles on AMX (bf16 layers).
+// The weight-gradient update on AMX (bf16 layers), transposed: dw^T [Fp, Gp] += hx^T dg over the n
+// collected rows, K padded to 32 with zeros. hx^T (a transpose of the B panels, rounded to bf16) makes
+// the A tiles; dg rounded to bf16 with row pairs interleaved makes the B tiles; Gp = 4H rounded up
+// to 32. Each 32 x 32 block of dw^T is four accumulator tiles loaded (or zeroed, the first time),
+// run over K and stored back.
+BM_AMX void grad_weights_update_amx(const WorkerScratch& ws, int64_t G, int64_t Fp, int64_t rows_cap, int64_t n) {
+  const int64_t Kp = (n + 31) / 32 * 32, Gp = (G + 31) / 32 * 32;
+  thread_local std::vector<uint16_t> at_buf, b_buf;
+  if (int64_t(at_buf.size()) < Fp * Kp) at_buf.resize(Fp * Kp);
+  if (int64_t(b_buf.size()) < Kp * Gp) b_buf.resize(Kp * Gp);
+  uint16_t* At = at_buf.data();  // [Fp, Kp]
+  uint16_t* Bv = b_buf.data();   // [Kp / 2, Gp, 2]
+  // hx^T: column f of panel f / 64 is 64 floats apart from row to row.
+  const __m512i rows16 = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(int(mk::kNR)));
+  for (int64_t f = 0; f < Fp; ++f) {
+    const float* col = ws.hx + (f / mk::kNR) * rows_cap * mk::kNR + f % mk::kNR;
+    for (int64_t k = 0; k < Kp; k += 16) {
+      const __mmask16 m = k < n ? mk::lanes(n - k) : __mmask16(0);
+      const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, rows16, col + k * mk::kNR, 4);
+      mk::store_bf16(At + f * Kp + k, v, 0xFFFF);
+    }
+  }
+  // dg with row pairs interleaved: Bv[j][g] = (dg[2j][g], dg[2j + 1][g]) as one 32-bit word.
+  for (int64_t j = 0; j < Kp / 2; ++j) {
+    const int64_t k0 = 2 * j, k1 = 2 * j + 1;
+    for (int64_t g = 0; g < Gp; g += 16) {
+      const __mmask16 m = g < G ? mk::lanes(G - g) : __mmask16(0);
+      const __m512 v0 = mk::load_f32(ws.dg + k0 * G + g, k0 < n ? m : __mmask16(0));
+      const __m512 v1 = mk::load_f32(ws.dg + k1 * G + g, k1 < n ? m : __mmask16(0));
+      const __m256bh b0 = _mm512_cvtneps_pbh(v0), b1 = _mm512_cvtneps_pbh(v1);
+      __m256i i0, i1;
+      std::memcpy(&i0, &b0, sizeof(i0));
+      std::memcpy(&i1, &b1, sizeof(i1));
+      const __m512i w = _mm512_or_si512(_mm512_cvtepu16_epi32(i0), _mm512_slli_epi32(_mm512_cvtepu16_epi32(i1), 16));
+      _mm512_storeu_si512(Bv + (j * Gp + g) * 2, w);
+    }
+  }
+  const int64_t ldc = Gp * int64_t(sizeof(float));
+  for (int64_t f0 = 0; f0 < Fp; f0 += 32)
+    for (int64_t g0 = 0; g0 < Gp; g0 += 32) {
+      float* c = ws.dw + f0 * Gp + g0;
+      if (ws.fresh) {
+        mk::amx_zero();
+      } else {
+        _tile_loadd(0, c, ldc);
+        _tile_loadd(1, c + 16, ldc);
+        _tile_loadd(2, c + 16 * Gp, ldc);
+        _tile_loadd(3, c + 16 * Gp + 16, ldc);
+      }
+      for (int64_t kc = 0; kc < Kp / 32; ++kc) {
+        _tile_loadd(4, At + f0 * Kp + 32 * kc, Kp * 2);
+        _tile_loadd(7, At + (f0 + 16) * Kp + 32 * kc, Kp * 2);
+        const uint16_t* b = Bv + (kc * 16 * Gp + g0) * 2;
+        _tile_loadd(5, b, Gp * 4);
+        _tile_loadd(6, b + 32, Gp * 4);
+        _tile_dpbf16ps(0, 4, 5);
+        _tile_dpbf16ps(1, 4, 6);
+        _tile_dpbf16ps(2, 7, 5);
+        _tile_dpbf16ps(3, 7, 6);
+      }
+      _tile_stored(0, c, ldc);
+      _tile_stored(1, c + 16, ldc);
+      _tile_stored(2, c + 16 * Gp, ldc);
+      _tile_stored(3, c + 16 * Gp + 16, ldc);
+    }
+}
+
+// Avx512Backward with the [dh, dx] tiles and the weight-gradient updates on AMX (bf16 layers). The
+// weight-gradient sums are kept transposed (WorkerScratch::dw is [Fp, Gp]).
 struct AmxBackward : Avx512Backward {
   static constexpr int64_t kRows = kAmxRows;
   static void state_tiles(const BackwardArgs& a, const float* dg, int64_t lda, int64_t off, int64_t r0, int64_t mr,
                           int64_t rstride, int64_t p0, int64_t p1) {
     grad_state_tiles_amx(a, dg, lda, off, r0, mr, rstride, p0, p1);
+  }
+  static void weights_update(const WorkerScratch& ws, int64_t G, int64_t, int64_t Fp, int64_t rows_cap, int64_t n) {
+    grad_weights_update_amx(ws, G, Fp, rows_cap, n);
   }
 };
 

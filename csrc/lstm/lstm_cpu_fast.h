@@ -68,6 +68,7 @@ struct WorkerScratch {
   float* dg = nullptr;     // [rows_cap, 4H] dgates of the worker's rows of the collected steps
   float* hx = nullptr;     // [F / 64, rows_cap, 64] their [h_{t-1}, x_t] as B panels, F = H + I padded
   float* dw = nullptr;     // [4H, F] running sum of dgates^T [h_{t-1}, x_t]: grad [W_hh, W_ih]
+                           // (backward_amx: its transpose, [F, 4H rounded up to 32])
   float* dbias = nullptr;  // [4H] running sum of dgates
   int64_t pending = 0;     // rows collected since the last update
   bool fresh = true;       // dw and dbias not written yet (the first update stores instead of adding)
@@ -110,9 +111,9 @@ inline int64_t state_row(const BackwardArgs& a, int64_t r) { return state_row(r,
 void forward_f32(const ForwardArgs& a, bool train, int64_t w0, int64_t w1);
 void forward_bf16(const ForwardArgs& a, bool train, int64_t w0, int64_t w1);
 void backward_f32(const BackwardArgs& a, int64_t w0, int64_t w1);
-// bf16 layers on AMX: backward_f32 with the [dh, dx] tiles on AMX (dgates rounded to bf16, as the
-// layer's own bf16 GEMM would; float32 accumulation, float32 dh and dc across steps, float32 weight
-// gradients). Row blocks of up to kAmxRows.
+// bf16 layers on AMX: backward_f32 with the [dh, dx] tiles and the fused weight-gradient updates on
+// AMX (dgates rounded to bf16, and [h, x] for the weight gradients, as the layer's own bf16 GEMMs
+// would; float32 accumulation, float32 dh and dc across steps). Row blocks of up to kAmxRows.
 void backward_amx(const BackwardArgs& a, int64_t w0, int64_t w1);
 
 // The float32 loops on AVX2 + FMA. Forward tiles are kAvx2GateRows rows x two gates of 8 hidden
