@@ -581,6 +581,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   } else {
     dgates = pooled_empty({p.N, G}, f32);
     a.dgates = dgates.data_ptr<float>();
+    // grad_bias summed by the pointwise pass: a row group's column groups own disjoint units.
+    dbias_s = at::zeros({R, G}, f32);
+    a.dbias = dbias_s.data_ptr<float>();
   }
   SpinBarrier barrier(a.grid.R * a.grid.C);
   a.barrier = &barrier;
@@ -610,19 +613,31 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
     dbias = R == 1 ? dbias_s[0] : dbias_s.sum(0);
   } else {
     // grad_w = dgates^T [h_{t-1}, x_t] over all rows; h_{t-1} is the previous step's output row or h0.
-    Tensor hprev = pooled_empty({p.N, H}, f32);
-    float* hp = hprev.data_ptr<float>();
-    const float* ho = hout.const_data_ptr<float>();
-    const float* h0p = h0s.const_data_ptr<float>();
-    for (int64_t t = 0; t < d.T; ++t)
-      for (int64_t j = 0; j < p.batch_sizes[t]; ++j) {
-        const int64_t pr = p.prev_row(t, j, reverse);
-        std::memcpy(hp + (p.offsets[t] + j) * H, pr >= 0 ? ho + pr * H : h0p + j * H, H * sizeof(float));
-      }
     Tensor dg = dgates.narrow(0, 0, p.N);
-    dw_hh = at::mm(dg.t(), hprev);
+    if (p.N == d.T * d.B) {
+      // Every step has all B rows: the h_{t-1} rows are the output shifted by one step, and h0 for
+      // the first step (the last, in reverse): two GEMMs, no gather.
+      const int64_t B = d.B, N = p.N;
+      const Tensor hs = hout.narrow(0, reverse ? B : 0, N - B), dgs = dg.narrow(0, reverse ? 0 : B, N - B);
+      const Tensor dg0 = dg.narrow(0, reverse ? N - B : 0, B);
+      dw_hh = at::mm(dg0.t(), h0s);
+      if (N > B) dw_hh.addmm_(dgs.t(), hs);
+    } else {
+      Tensor hprev = pooled_empty({p.N, H}, f32);
+      float* hp = hprev.data_ptr<float>();
+      const float* ho = hout.const_data_ptr<float>();
+      const float* h0p = h0s.const_data_ptr<float>();
+      at::parallel_for(0, d.T, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t)
+          for (int64_t j = 0; j < p.batch_sizes[t]; ++j) {
+            const int64_t pr = p.prev_row(t, j, reverse);
+            std::memcpy(hp + (p.offsets[t] + j) * H, pr >= 0 ? ho + pr * H : h0p + j * H, H * sizeof(float));
+          }
+      });
+      dw_hh = at::mm(dg.t(), hprev);
+    }
     dw_ih = at::mm(dg.t(), x);
-    dbias = dg.sum(0);
+    dbias = R == 1 ? dbias_s[0] : dbias_s.sum(0);
   }
   const auto wt = w_ih.scalar_type();
   const at::ScalarType dt = input.scalar_type();

@@ -767,7 +767,7 @@ void backward_steps(const BackwardArgs& a, int64_t w0, int64_t w1) {
           [&](int64_t r0, int64_t mr) {
             for (int64_t i = 0; i < mr; ++i) {
               const int64_t r = r0 + i * R;
-              K::pointwise(a, t, r, off + r, a.dgates + (off + r) * G, nullptr, u0, u1);
+              K::pointwise(a, t, r, off + r, a.dgates + (off + r) * G, a.dbias + rg * G, u0, u1);
             }
           },
           K::kRows);

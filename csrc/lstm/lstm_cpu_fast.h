@@ -101,6 +101,7 @@ struct BackwardArgs {
   int64_t rows_step = 0;  // most rows a worker has in one step
   int64_t rows_cap = 0;   // scratch rows (>= rows_step)
   float* dgates = nullptr;
+  float* dbias = nullptr;  // without scratch: [R, 4H] per row group, summed by the pointwise pass
   Grid grid;
   SpinBarrier* barrier = nullptr;
 };
