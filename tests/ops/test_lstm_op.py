@@ -51,6 +51,19 @@ def grads(outputs, inputs, seed_grads):
     return torch.autograd.grad(loss, present)
 
 
+def outputs_and_grads(args, lengths, reverse, threads):
+    """lstm_layer's outputs, random seed gradients for them, and the input gradients, on `threads`
+    threads."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = lstm_layer(*args, lengths=lengths, reverse=reverse)
+        seed_grads = [torch.randn_like(o) for o in out]
+        return out, seed_grads, grads(out, args, seed_grads)
+    finally:
+        torch.set_num_threads(saved)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: "T{}B{}I{}H{}P{}".format(*s))
 @pytest.mark.parametrize("has_lengths,reverse,proj,bias", FLAGS)
@@ -87,14 +100,7 @@ def test_work_splits_match_reference(cpu_kernel, threads, T, B, IN, H, reverse):
     args, lengths = make_args(
         T, B, IN, H, 0, proj=False, bias=True, has_lengths=True, dtype=torch.float32, device="cpu"
     )
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        out = lstm_layer(*args, lengths=lengths, reverse=reverse)
-        seed_grads = [torch.randn_like(o) for o in out]
-        got = grads(out, args, seed_grads)
-    finally:
-        torch.set_num_threads(saved)
+    out, seed_grads, got = outputs_and_grads(args, lengths, reverse, threads)
     ref = lstm_layer_reference(*args, lengths=lengths, reverse=reverse)
     for o, r in zip(out, ref, strict=True):
         torch.testing.assert_close(o, r, **TOL[torch.float32])
@@ -367,14 +373,7 @@ def test_bfloat16_backward_row_blocks(cpu_kernel, threads, reverse, T, B):
     args, lengths = make_args(
         T, B, 10, 37, 0, proj=False, bias=True, has_lengths=True, dtype=torch.bfloat16, device="cpu"
     )
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        out = lstm_layer(*args, lengths=lengths, reverse=reverse)
-        seed_grads = [torch.randn_like(o) for o in out]
-        got = grads(out, args, seed_grads)
-    finally:
-        torch.set_num_threads(saved)
+    out, seed_grads, got = outputs_and_grads(args, lengths, reverse, threads)
     args64 = [a.detach().double().requires_grad_() if a is not None else None for a in args]
     ref = lstm_layer_reference(*args64, lengths=lengths, reverse=reverse)
     want = grads(ref, args64, [g.double() for g in seed_grads])
