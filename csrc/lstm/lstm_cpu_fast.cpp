@@ -38,8 +38,9 @@ inline int64_t split(int64_t n, int64_t parts, int64_t i) { return i * n / parts
 // ---- forward ----
 
 // The cell update of rows r0, r0 + rstride, ... (mr of them) and hidden units 16p .. 16p + 15, from
-// their pre-activations in tile[i] (gates i, f, g, o at columns 0, 16, 32, 48), bias not yet added.
-template <bool kBf16, bool kTrain>
+// their pre-activations in tile[i] (gates i, f, g, o at columns 0, 16, 32, 48; kGS = 8: at 0, 8, 16,
+// 24, for a half-width panel of at most 8 units), bias not yet added.
+template <bool kBf16, bool kTrain, int kGS = 16>
 BM_AVX512_BF16 BM_ALWAYS_INLINE void cell_update(const ForwardArgs& a, int64_t off, int64_t r0, int64_t mr,
                                                  int64_t rstride, int64_t p, const float (*tile)[mk::kNR], void* hn) {
   const int64_t H = a.steps.H, G = 4 * H, Kh = a.Kh;
@@ -51,10 +52,10 @@ BM_AVX512_BF16 BM_ALWAYS_INLINE void cell_update(const ForwardArgs& a, int64_t o
     bias[g] = a.bias != nullptr ? mk::load_f32(a.bias + g * H + u0, m) : _mm512_setzero_ps();
   for (int64_t i = 0; i < mr; ++i) {
     const int64_t r = r0 + i * rstride, row = off + r;
-    const __m512 ig = mk::sigmoid_ps<kBf16>(_mm512_add_ps(_mm512_load_ps(tile[i]), bias[0]));
-    const __m512 fg = mk::sigmoid_ps<kBf16>(_mm512_add_ps(_mm512_load_ps(tile[i] + 16), bias[1]));
-    const __m512 gg = mk::tanh_ps<kBf16>(_mm512_add_ps(_mm512_load_ps(tile[i] + 32), bias[2]));
-    const __m512 og = mk::sigmoid_ps<kBf16>(_mm512_add_ps(_mm512_load_ps(tile[i] + 48), bias[3]));
+    const __m512 ig = mk::sigmoid_ps<kBf16>(_mm512_add_ps(mk::load_f32(tile[i], m), bias[0]));
+    const __m512 fg = mk::sigmoid_ps<kBf16>(_mm512_add_ps(mk::load_f32(tile[i] + kGS, m), bias[1]));
+    const __m512 gg = mk::tanh_ps<kBf16>(_mm512_add_ps(mk::load_f32(tile[i] + 2 * kGS, m), bias[2]));
+    const __m512 og = mk::sigmoid_ps<kBf16>(_mm512_add_ps(mk::load_f32(tile[i] + 3 * kGS, m), bias[3]));
     const int64_t sr = state_row(a, r);
     float* cp = a.c + sr * H + u0;  // bf16: h is rounded every step, so the kFast math suffices
     const __m512 cn = _mm512_fmadd_ps(fg, mk::load_f32(cp, m), _mm512_mul_ps(ig, gg));
@@ -101,6 +102,23 @@ BM_AVX512_BF16 void forward_tile(const ForwardArgs& a, int64_t off, int64_t r0, 
   alignas(64) float tile[MR][mk::kNR];
   mk::store_tile<MR>(acc, tile);
   cell_update<kBf16, kTrain>(a, off, r0, MR, rstride, p, tile, hn);
+}
+
+// The half-width last panel (float32): two zmm columns hold the i, f, g, o pre-activations of its at
+// most 8 units (gemm::gate_grouped_columns with half_last), half the FMAs of a full tile.
+template <bool kTrain, int MR>
+BM_AVX512_BF16 void forward_tile_half(const ForwardArgs& a, int64_t off, int64_t r0, int64_t rstride, int64_t p,
+                                      const void* hp, void* hn) {
+  const int64_t Kh = a.Kh, Kx = a.Kx;
+  __m512 acc[MR][2];
+  mk::zero_tile(acc);
+  const float* panel = static_cast<const float*>(a.panels) + p * (Kh + Kx) * mk::kNR;
+  mk::tile_f32_rows<MR, 2>(static_cast<const float*>(hp) + state_row(a, r0) * Kh, Kh, Kh, panel, mk::kNR, acc);
+  mk::tile_f32_rows<MR, 2>(static_cast<const float*>(a.x) + (off + r0) * Kx, rstride * Kx, Kx,
+                           panel + Kh * mk::kNR, mk::kNR, acc);
+  alignas(64) float tile[MR][mk::kNR];
+  mk::store_tile(acc, tile[0], mk::kNR);
+  cell_update<false, kTrain, 8>(a, off, r0, MR, rstride, p, tile, hn);
 }
 
 // The AMX tile: always 16 rows of A (rows past the block are padding the buffers provide), of which
@@ -178,7 +196,10 @@ void forward_loop(const ForwardArgs& a, int64_t w0, int64_t w1) {
   forward_steps(a, w0, w1, mk::kMR, a.panels_outer,
                 [&](int64_t off, int64_t r0, int64_t mr, int64_t p, const void* hp, void* hn) {
                   mk::with_rows(mr, [&](auto rows) {
-                    forward_tile<kBf16, kTrain, decltype(rows)::value>(a, off, r0, a.grid.R, p, hp, hn);
+                    if (!kBf16 && p == a.half_panel)
+                      forward_tile_half<kTrain, decltype(rows)::value>(a, off, r0, a.grid.R, p, hp, hn);
+                    else
+                      forward_tile<kBf16, kTrain, decltype(rows)::value>(a, off, r0, a.grid.R, p, hp, hn);
                   });
                 });
 }

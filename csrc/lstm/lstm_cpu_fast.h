@@ -37,6 +37,7 @@ struct ForwardArgs {
   Steps steps;
   // [W_hh; W_ih]^T packed gate-grouped, K = Kh + Kx rows: float32, or bf16 bits on the bf16 path
   const void* panels = nullptr;
+  int64_t half_panel = -1;       // float32 AVX-512: the half-width last panel (gemm::half_width_panel)
   int64_t Kh = 0;                // h's row length (H; rounded up to even on the bf16 path)
   int64_t Kx = 0;                // x's row length (I; rounded up to even on the bf16 path)
   const float* bias = nullptr;   // [4H] b_ih + b_hh, or nullptr

@@ -27,13 +27,21 @@ ColumnMap contiguous_columns(int64_t N) {
   return cols;
 }
 
-ColumnMap gate_grouped_columns(int64_t H) {
+int64_t half_width_panel(int64_t H) {
+  constexpr int64_t U = kPanel / 4;
+  return H % U != 0 && H % U <= U / 2 ? H / U : -1;
+}
+
+ColumnMap gate_grouped_columns(int64_t H, bool half_last) {
   constexpr int64_t U = kPanel / 4;
   const int64_t np = (H + U - 1) / U;
+  const int64_t half = half_last ? half_width_panel(H) : -1;
   ColumnMap cols(np * kPanel, -1);
-  for (int64_t p = 0; p < np; ++p)
+  for (int64_t p = 0; p < np; ++p) {
+    const int64_t stride = p == half ? U / 2 : U;  // columns between a unit's gates
     for (int64_t g = 0; g < 4; ++g)
-      for (int64_t u = 0; u < U && p * U + u < H; ++u) cols[p * kPanel + g * U + u] = g * H + p * U + u;
+      for (int64_t u = 0; u < U && p * U + u < H; ++u) cols[p * kPanel + g * stride + u] = g * H + p * U + u;
+  }
   return cols;
 }
 

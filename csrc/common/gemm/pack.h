@@ -24,7 +24,11 @@ ColumnMap contiguous_columns(int64_t N);
 
 // The LSTM's gate-grouped order over 4H gate columns (i, f, g, o blocks of H): panel p holds
 // hidden units 16p .. 16p+15 of gate i, then of f, g and o. ceil(H/16) panels.
-ColumnMap gate_grouped_columns(int64_t H);
+// half_last: when the last panel holds 8 units or fewer, its gates sit 8 columns apart (i, f, g, o in
+// columns 0-31, the rest zero), so that a tile of two zmm columns covers it.
+ColumnMap gate_grouped_columns(int64_t H, bool half_last = false);
+// The panel gate_grouped_columns(H, true) made half-width, or -1.
+int64_t half_width_panel(int64_t H);
 
 // B(k, n) is src[n, k] when src_is_nk (src is [N, K], e.g. a weight used as x W^T), else src[k, n];
 // src is a 2-D float32, float64 or bfloat16 tensor.
