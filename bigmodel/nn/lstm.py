@@ -455,9 +455,17 @@ class LSTMCell(nn.Module):
             for name, t in (("hx[0] (h)", h), ("hx[1] (c)", c)):
                 _check_hidden_shape("LSTMCell", name, t, (B, self.hidden_size), "(batch, hidden_size)")
                 _check_same_dtype_device("LSTMCell", name, t, input, "input")
-        _, h_new, c_new = lstm_layer(
-            input.unsqueeze(0), h, c, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
-        )
+        if input.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # nn.LSTMCell's op is not on ATen's CPU autocast list (nn.LSTM's is): it stays in the
+            # input's dtype there, so this one does too.
+            with torch.autocast("cpu", enabled=False):
+                _, h_new, c_new = lstm_layer(
+                    input.unsqueeze(0), h, c, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
+                )
+        else:
+            _, h_new, c_new = lstm_layer(
+                input.unsqueeze(0), h, c, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
+            )
         if not is_batched:
             return h_new.squeeze(0), c_new.squeeze(0)
         return h_new, c_new
