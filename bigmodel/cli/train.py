@@ -65,7 +65,10 @@ RUN_DEFAULTS: dict[str, Any] = {
     "lr": 1e-3,
     "grad_clip": 5.0,
     "seed": 0,
+    "amp": False,
 }
+# Settings added after checkpoints were first written, with the value those checkpoints ran with.
+ADDED_SETTINGS: dict[str, Any] = {"amp": False}
 
 
 class TrainError(Exception):
@@ -110,6 +113,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--grad-clip", type=float, metavar="X", help="gradient norm bound, 0 for none (default: 5)"
     )
     run.add_argument("--seed", type=int, metavar="N", help="seed of data split, init, batching (default: 0)")
+    run.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        help="mixed precision: forward passes under bfloat16 autocast, on the CPU or CUDA; parameters, "
+        "gradients and Adam stay float32 (default: off)",
+    )
     parser.add_argument(
         "--backend", choices=BACKENDS, default="fused", help="LSTM implementation (default: fused)"
     )
@@ -226,6 +235,7 @@ def _resolve_config(args: argparse.Namespace, saved: dict | None, ckpt_path: Pat
         given["data"] = str(Path(given["data"]).resolve())
     if saved is None:
         return {key: RUN_DEFAULTS[key] if value is None else value for key, value in given.items()}
+    saved = {**{k: v for k, v in ADDED_SETTINGS.items() if k not in saved}, **saved}
     unknown = sorted(set(RUN_DEFAULTS) ^ set(saved))
     if unknown:
         raise CheckpointError(f"{ckpt_path}: checkpoint settings do not match this version ({unknown})")
@@ -266,7 +276,8 @@ def _train_epoch(model, core: TextClassifier, optimizer, loader, config, ranks, 
     for step, (ids, lengths, labels) in enumerate(bar, 1):
         ids, labels = ids.to(ranks.device), labels.to(ranks.device)
         lengths = lengths.to(ranks.device)
-        loss = core.loss(model(ids, lengths), labels)
+        with torch.autocast(ranks.device.type, dtype=torch.bfloat16, enabled=config["amp"]):
+            loss = core.loss(model(ids, lengths), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config["grad_clip"] > 0:
@@ -287,13 +298,15 @@ def _train_epoch(model, core: TextClassifier, optimizer, loader, config, ranks, 
 
 
 @torch.no_grad()
-def _evaluate(core: TextClassifier, loader, ranks) -> float:
+def _evaluate(core: TextClassifier, loader, ranks, amp: bool) -> float:
     core.eval()
     correct = total = 0
     for ids, lengths, labels in loader:
         ids, labels = ids.to(ranks.device), labels.to(ranks.device)
         lengths = lengths.to(ranks.device)
-        correct += int((core.predict(core(ids, lengths)) == labels).sum())
+        with torch.autocast(ranks.device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = core(ids, lengths)
+        correct += int((core.predict(logits) == labels).sum())
         total += len(labels)
     correct, total = _sum_across_ranks(ranks, [correct, total])
     return correct / total
@@ -442,7 +455,7 @@ def _train(args: argparse.Namespace, ranks: Ranks) -> int:
         stats = _train_epoch(
             model, core, optimizer, train_loader, config, ranks, f"epoch {epoch + 1}/{args.epochs}"
         )
-        accuracy = _evaluate(core, test_loader, ranks)
+        accuracy = _evaluate(core, test_loader, ranks, config["amp"])
         record = {"epoch": epoch + 1, "loss": stats["loss"], "accuracy": accuracy, **stats}
         record = {k: record[k] for k in ("epoch", "loss", "accuracy", "epoch_seconds", "tokens_per_second")}
         history.append(record)

@@ -72,6 +72,29 @@ def test_resume_continues_exactly(small_corpus, tmp_path, train, tiny, read_json
     assert [e["loss"] for e in ja["epochs"]] == [e["loss"] for e in jb["epochs"]]
 
 
+def test_amp_trains_and_is_part_of_the_run(tmp_path, train, read_json, capsys):
+    """--amp (bfloat16 autocast) still learns the synthetic corpus, is saved with the run, and a
+    resume that contradicts it is refused."""
+    out, run = tmp_path / "amp.json", tmp_path / "run"
+    args = ("--embed-dim", "32", "--hidden-dim", "64", "--lr", "0.003", "--threads", "1")
+    assert train("--epochs", "2", *args, "--amp", "--out", run, "--json", out) == 0
+    assert read_json(out)["epochs"][-1]["accuracy"] >= 0.90
+    assert _checkpoint(run)["config"]["amp"] is True
+    assert train("--epochs", "3", "--out", run, "--resume", "--no-amp") == 2
+    assert "--amp False (checkpoint: True)" in capsys.readouterr().err
+
+
+def test_checkpoint_without_amp_setting_resumes(small_corpus, tmp_path, train, tiny):
+    """A checkpoint written before --amp existed resumes as a run without it."""
+    out = tmp_path / "run"
+    assert train("--data", small_corpus, *tiny, "--epochs", "1", "--out", out) == 0
+    ckpt = _checkpoint(out)
+    del ckpt["config"]["amp"]
+    torch.save(ckpt, out / CHECKPOINT_NAME)
+    assert train("--epochs", "2", "--out", out, "--resume", "--threads", "1") == 0
+    assert _checkpoint(out)["config"]["amp"] is False
+
+
 def test_resume_into_the_other_backend(small_corpus, tmp_path, train, tiny):
     out = tmp_path / "run"
     assert train("--data", small_corpus, *tiny, "--epochs", "1", "--out", out, "--backend", "fused") == 0
