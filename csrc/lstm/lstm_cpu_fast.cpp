@@ -341,29 +341,32 @@ BM_AVX512 void pointwise_row(const BackwardArgs& a, int64_t t, int64_t r, int64_
   }
 }
 
+// Columns col .. col + 15 of [dh, dx] for sorted row r (packed row off + r): dh into the running
+// state, dx into the packed input gradient. A 16-column group may straddle the dh | dx boundary:
+// masks split it.
+BM_AVX512 BM_ALWAYS_INLINE void store_grad_state(const BackwardArgs& a, int64_t off, int64_t r, int64_t col,
+                                                 __m512 v) {
+  const int64_t H = a.steps.H, F = H + a.I;
+  const __mmask16 valid = mk::lanes(F - col);
+  const __mmask16 to_dh = col >= H ? __mmask16(0) : __mmask16(mk::lanes(H - col) & valid);
+  const __mmask16 to_dx = __mmask16(valid & ~to_dh);
+  if (to_dh) _mm512_mask_storeu_ps(a.dh + state_row(a, r) * H + col, to_dh, v);
+  if (to_dx) _mm512_mask_storeu_ps(a.dx + (off + r) * a.I + col - H, to_dx, v);
+}
+
 // [dh, dx] for MR rows: columns 64 p .. 64 p + 16 NV - 1 of dgates [W_hh, W_ih]. A = dgates rows at
 // stride lda; out row i is sorted row r0 + i * rstride (packed row off + r0 + i * rstride).
 template <int MR, int NV>
 BM_AVX512 void grad_state_tile(const BackwardArgs& a, const float* dg, int64_t lda, int64_t off, int64_t r0,
                                int64_t rstride, int64_t p) {
-  const int64_t H = a.steps.H, G = 4 * H, F = H + a.I;
+  const int64_t G = 4 * a.steps.H;
   __m512 acc[MR][NV];
   mk::zero_tile(acc);
   mk::tile_f32_rows<MR, NV>(dg, lda, G, a.panels + p * G * mk::kNR, mk::kNR, acc);
 #pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i) {
-    const int64_t r = r0 + i * rstride, sr = state_row(a, r);
+  for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) {
-      const int64_t col = p * mk::kNR + 16 * j;
-      // A 16-column group may straddle the dh | dx boundary: split it with masks.
-      const __mmask16 valid = mk::lanes(F - col);
-      const __mmask16 to_dh = col >= H ? __mmask16(0) : __mmask16(mk::lanes(H - col) & valid);
-      const __mmask16 to_dx = __mmask16(valid & ~to_dh);
-      if (to_dh) _mm512_mask_storeu_ps(a.dh + sr * H + col, to_dh, acc[i][j]);
-      if (to_dx) _mm512_mask_storeu_ps(a.dx + (off + r) * a.I + col - H, to_dx, acc[i][j]);
-    }
-  }
+    for (int j = 0; j < NV; ++j) store_grad_state(a, off, r0 + i * rstride, p * mk::kNR + 16 * j, acc[i][j]);
 }
 
 // Zmm vectors of column panel p that hold any of the first F columns: the last panel of a width that is
@@ -602,19 +605,9 @@ BM_AMX void grad_state_tiles_amx(const BackwardArgs& a, const float* dg, int64_t
       mk::amx_panel(A, Gp * 2, Gp / 32, panel);
       mk::amx_store(tile);
     }
-    for (int64_t i = 0; i < mr; ++i) {
-      const int64_t r = r0 + i * rstride, sr = state_row(a, r);
-      for (int j = 0; j < 4; ++j) {
-        const int64_t col = p * mk::kNR + 16 * j;
-        if (col >= F) break;
-        const __mmask16 valid = mk::lanes(F - col);
-        const __mmask16 to_dh = col >= H ? __mmask16(0) : __mmask16(mk::lanes(H - col) & valid);
-        const __mmask16 to_dx = __mmask16(valid & ~to_dh);
-        const __m512 v = _mm512_load_ps(tile[i] + 16 * j);
-        if (to_dh) _mm512_mask_storeu_ps(a.dh + sr * H + col, to_dh, v);
-        if (to_dx) _mm512_mask_storeu_ps(a.dx + (off + r) * a.I + col - H, to_dx, v);
-      }
-    }
+    for (int64_t i = 0; i < mr; ++i)
+      for (int j = 0; j < 4 && p * mk::kNR + 16 * j < F; ++j)
+        store_grad_state(a, off, r0 + i * rstride, p * mk::kNR + 16 * j, _mm512_load_ps(tile[i] + 16 * j));
   }
 }
 
@@ -681,29 +674,12 @@ BM_AMX void grad_weights_update_amx(const WorkerScratch& ws, int64_t G, int64_t 
   for (int64_t f0 = 0; f0 < Fp; f0 += 32)
     for (int64_t g0 = 0; g0 < Gp; g0 += 32) {
       float* c = ws.dw + f0 * Gp + g0;
-      if (ws.fresh) {
+      if (ws.fresh)
         mk::amx_zero();
-      } else {
-        _tile_loadd(0, c, ldc);
-        _tile_loadd(1, c + 16, ldc);
-        _tile_loadd(2, c + 16 * Gp, ldc);
-        _tile_loadd(3, c + 16 * Gp + 16, ldc);
-      }
-      for (int64_t kc = 0; kc < Kp / 32; ++kc) {
-        _tile_loadd(4, At + f0 * Kp + 32 * kc, Kp * 2);
-        _tile_loadd(7, At + (f0 + 16) * Kp + 32 * kc, Kp * 2);
-        const uint16_t* b = Bv + (kc * 16 * Gp + g0) * 2;
-        _tile_loadd(5, b, Gp * 4);
-        _tile_loadd(6, b + 32, Gp * 4);
-        _tile_dpbf16ps(0, 4, 5);
-        _tile_dpbf16ps(1, 4, 6);
-        _tile_dpbf16ps(2, 7, 5);
-        _tile_dpbf16ps(3, 7, 6);
-      }
-      _tile_stored(0, c, ldc);
-      _tile_stored(1, c + 16, ldc);
-      _tile_stored(2, c + 16 * Gp, ldc);
-      _tile_stored(3, c + 16 * Gp + 16, ldc);
+      else
+        mk::amx_load_2x2(c, ldc);
+      mk::amx_2x2(At + f0 * Kp, At + (f0 + 16) * Kp, Kp * 2, Kp / 32, Bv + g0 * 2, 16 * Gp * 2, Gp * 4);
+      mk::amx_store_2x2(c, ldc);
     }
 }
 

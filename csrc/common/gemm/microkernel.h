@@ -204,14 +204,16 @@ BM_AMX BM_ALWAYS_INLINE void amx_panel(const uint16_t* a, int64_t a_stride, int6
 
 // Two 16-row blocks (A rows from a0 and a1) against half a panel (quarters q, q + 1): each B tile
 // feeds two products, halving the weight traffic of amx_panel. tmm0/1: block 0, tmm2/3: block 1.
-BM_AMX BM_ALWAYS_INLINE void amx_half_panel2(const uint16_t* a0, const uint16_t* a1, int64_t a_stride, int64_t kc32,
-                                             const uint16_t* panel, int q) {
+// The 2 x 2 accumulator block (tmm0/1: rows 0-15, tmm2/3: rows 16-31; 16 columns each) += A rows
+// (a0: block 0, a1: block 1, a_stride bytes apart, 32 k per tile) times B tiles b + kc * b_kstep and
+// 32 elements after it (16 k pairs x 16 columns x 2, rows b_stride bytes apart), over kc32 k blocks.
+BM_AMX BM_ALWAYS_INLINE void amx_2x2(const uint16_t* a0, const uint16_t* a1, int64_t a_stride, int64_t kc32,
+                                     const uint16_t* b, int64_t b_kstep, int64_t b_stride) {
   for (int64_t kc = 0; kc < kc32; ++kc) {
     _tile_loadd(4, a0 + 32 * kc, a_stride);
     _tile_loadd(7, a1 + 32 * kc, a_stride);
-    const uint16_t* b = panel + kc * 16 * (2 * kNR) + 32 * q;
-    _tile_loadd(5, b, 4 * kNR);
-    _tile_loadd(6, b + 32, 4 * kNR);
+    _tile_loadd(5, b + kc * b_kstep, b_stride);
+    _tile_loadd(6, b + kc * b_kstep + 32, b_stride);
     _tile_dpbf16ps(0, 4, 5);
     _tile_dpbf16ps(1, 4, 6);
     _tile_dpbf16ps(2, 7, 5);
@@ -219,13 +221,31 @@ BM_AMX BM_ALWAYS_INLINE void amx_half_panel2(const uint16_t* a0, const uint16_t*
   }
 }
 
-// The accumulators of amx_half_panel2 to an L1 buffer [32][64] at columns 16 q ...
-BM_AMX BM_ALWAYS_INLINE void amx_store_half2(float (*out)[kNR], int q) {
-  _tile_stored(0, out[0] + 16 * q, 4 * kNR);
-  _tile_stored(1, out[0] + 16 * q + 16, 4 * kNR);
-  _tile_stored(2, out[16] + 16 * q, 4 * kNR);
-  _tile_stored(3, out[16] + 16 * q + 16, 4 * kNR);
+// amx_2x2 against half a panel (columns 16 q .. 16 q + 31 of its AMX layout).
+BM_AMX BM_ALWAYS_INLINE void amx_half_panel2(const uint16_t* a0, const uint16_t* a1, int64_t a_stride, int64_t kc32,
+                                             const uint16_t* panel, int q) {
+  amx_2x2(a0, a1, a_stride, kc32, panel + 32 * q, 16 * (2 * kNR), 4 * kNR);
 }
+
+// The 2 x 2 accumulator block from / to 32 rows x 32 floats at c, rows ldc bytes apart.
+BM_AMX BM_ALWAYS_INLINE void amx_load_2x2(const float* c, int64_t ldc) {
+  const int64_t down = 16 * ldc / int64_t(sizeof(float));
+  _tile_loadd(0, c, ldc);
+  _tile_loadd(1, c + 16, ldc);
+  _tile_loadd(2, c + down, ldc);
+  _tile_loadd(3, c + down + 16, ldc);
+}
+
+BM_AMX BM_ALWAYS_INLINE void amx_store_2x2(float* c, int64_t ldc) {
+  const int64_t down = 16 * ldc / int64_t(sizeof(float));
+  _tile_stored(0, c, ldc);
+  _tile_stored(1, c + 16, ldc);
+  _tile_stored(2, c + down, ldc);
+  _tile_stored(3, c + down + 16, ldc);
+}
+
+// The accumulators of amx_half_panel2 to an L1 buffer [32][64] at columns 16 q ...
+BM_AMX BM_ALWAYS_INLINE void amx_store_half2(float (*out)[kNR], int q) { amx_store_2x2(out[0] + 16 * q, 4 * kNR); }
 
 BM_AMX BM_ALWAYS_INLINE void amx_zero() {
   _tile_zero(0);
