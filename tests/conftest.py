@@ -54,12 +54,9 @@ def pytest_collection_modifyitems(config, items) -> None:
             item.add_marker(pytest.mark.skip(reason=reason))
 
 
-def _build_info() -> dict:
-    return dict(line.split("=", 1) for line in torch.ops.bigmodel.build_info().splitlines() if "=" in line)
-
-
-_NO_AVX2 = _build_info().get("cpu_avx2") != "1"
-_NO_AVX512 = _build_info().get("cpu_avx512") != "1"
+_BUILD_INFO = dict(line.split("=", 1) for line in torch.ops.bigmodel.build_info().splitlines() if "=" in line)
+_NO_AVX2 = _BUILD_INFO.get("cpu_avx2") != "1"
+_NO_AVX512 = _BUILD_INFO.get("cpu_avx512") != "1"
 
 
 @pytest.fixture(

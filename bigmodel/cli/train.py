@@ -67,8 +67,8 @@ RUN_DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "amp": False,
 }
-# Settings added after checkpoints were first written, with the value those checkpoints ran with.
-ADDED_SETTINGS: dict[str, Any] = {"amp": False}
+# Settings added after checkpoints were first written: such a checkpoint ran with their default.
+ADDED_SETTINGS = ("amp",)
 
 
 class TrainError(Exception):
@@ -235,7 +235,7 @@ def _resolve_config(args: argparse.Namespace, saved: dict | None, ckpt_path: Pat
         given["data"] = str(Path(given["data"]).resolve())
     if saved is None:
         return {key: RUN_DEFAULTS[key] if value is None else value for key, value in given.items()}
-    saved = {**{k: v for k, v in ADDED_SETTINGS.items() if k not in saved}, **saved}
+    saved = {**{k: RUN_DEFAULTS[k] for k in ADDED_SETTINGS}, **saved}
     unknown = sorted(set(RUN_DEFAULTS) ^ set(saved))
     if unknown:
         raise CheckpointError(f"{ckpt_path}: checkpoint settings do not match this version ({unknown})")
@@ -265,6 +265,11 @@ def _loader(dataset: TextDataset, sampler: BucketBatchSampler) -> DataLoader:
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=pad_batch)
 
 
+def _autocast(ranks: Ranks, amp: bool) -> torch.autocast:
+    """--amp: bfloat16 autocast on the run's device (parameters and optimizer stay float32)."""
+    return torch.autocast(ranks.device.type, dtype=torch.bfloat16, enabled=amp)
+
+
 def _train_epoch(model, core: TextClassifier, optimizer, loader, config, ranks, desc: str) -> dict:
     from tqdm import tqdm
 
@@ -276,7 +281,7 @@ def _train_epoch(model, core: TextClassifier, optimizer, loader, config, ranks, 
     for step, (ids, lengths, labels) in enumerate(bar, 1):
         ids, labels = ids.to(ranks.device), labels.to(ranks.device)
         lengths = lengths.to(ranks.device)
-        with torch.autocast(ranks.device.type, dtype=torch.bfloat16, enabled=config["amp"]):
+        with _autocast(ranks, config["amp"]):
             loss = core.loss(model(ids, lengths), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -304,7 +309,7 @@ def _evaluate(core: TextClassifier, loader, ranks, amp: bool) -> float:
     for ids, lengths, labels in loader:
         ids, labels = ids.to(ranks.device), labels.to(ranks.device)
         lengths = lengths.to(ranks.device)
-        with torch.autocast(ranks.device.type, dtype=torch.bfloat16, enabled=amp):
+        with _autocast(ranks, amp):
             logits = core(ids, lengths)
         correct += int((core.predict(logits) == labels).sum())
         total += len(labels)

@@ -8,6 +8,7 @@ subclass ``nn.RNNBase``: Dynamo graph-breaks on RNNBase instances, and these mus
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import warnings
@@ -455,14 +456,10 @@ class LSTMCell(nn.Module):
             for name, t in (("hx[0] (h)", h), ("hx[1] (c)", c)):
                 _check_hidden_shape("LSTMCell", name, t, (B, self.hidden_size), "(batch, hidden_size)")
                 _check_same_dtype_device("LSTMCell", name, t, input, "input")
-        if input.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-            # nn.LSTMCell's op is not on ATen's CPU autocast list (nn.LSTM's is): it stays in the
-            # input's dtype there, so this one does too.
-            with torch.autocast("cpu", enabled=False):
-                _, h_new, c_new = lstm_layer(
-                    input.unsqueeze(0), h, c, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
-                )
-        else:
+        # nn.LSTMCell's op is not on ATen's CPU autocast list (nn.LSTM's is): it stays in the input's
+        # dtype there, so this one does too.
+        cpu_autocast = input.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+        with torch.autocast("cpu", enabled=False) if cpu_autocast else contextlib.nullcontext():
             _, h_new, c_new = lstm_layer(
                 input.unsqueeze(0), h, c, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
             )

@@ -11,6 +11,8 @@
 #include <optional>
 #include <tuple>
 
+#include "lstm/lstm_ops.h"
+
 namespace bigmodel {
 namespace {
 
@@ -27,23 +29,17 @@ struct Autocast {
   OptTensor operator()(const OptTensor& t) const { return at::autocast::cached_cast(dtype, t, kDevice); }
 };
 
-using LayerOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
-using LayerSignature = LayerOutputs(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                    const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-                                    bool, bool);
 using AttentionSignature = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                       const OptTensor&, const OptTensor&, bool,
                                                       std::optional<double>, double, int64_t);
 
 template <c10::DeviceType kDevice>
-LayerOutputs lstm_layer_autocast(const Tensor& input, const Tensor& h0, const Tensor& c0, const Tensor& w_ih,
+lstm::LayerOutputs lstm_layer_autocast(const Tensor& input, const Tensor& h0, const Tensor& c0, const Tensor& w_ih,
                                  const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
                                  const OptTensor& w_hr, const OptTensor& lengths, bool reverse, bool train) {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("bigmodel::lstm_layer", "").typed<LayerSignature>();
   const Autocast<kDevice> cast;
   // lengths is an integer tensor: left alone
-  return op.call(cast(input), cast(h0), cast(c0), cast(w_ih), cast(w_hh), cast(b_ih), cast(b_hh), cast(w_hr),
+  return lstm::layer_op().call(cast(input), cast(h0), cast(c0), cast(w_ih), cast(w_hh), cast(b_ih), cast(b_hh), cast(w_hr),
                  lengths, reverse, train);
 }
 

@@ -7,31 +7,15 @@
 // without entering Python. torch.compile traces through it like any C++ autograd kernel; the fake
 // kernels stay in Python (bigmodel/ops/lstm.py). lstm_layer_backward has an autograd kernel too, only
 // so that a double backward fails with a clear error.
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <optional>
 #include <tuple>
 
+#include "lstm/lstm_ops.h"
+
 namespace bigmodel::lstm {
-namespace {
-
-using at::Tensor;
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-
-using LayerOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
-using BackwardOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
-using OptTensor = std::optional<Tensor>;
-// The schemas of bigmodel.cpp, as the dispatcher's typed calls see them.
-using LayerSignature = LayerOutputs(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                    const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-                                    bool, bool);
-using BackwardSignature = BackwardOutputs(const OptTensor&, const OptTensor&, const OptTensor&, const Tensor&,
-                                          const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                          const OptTensor&, const OptTensor&, const Tensor&, const Tensor&,
-                                          const Tensor&, bool, bool);
 
 const c10::TypedOperatorHandle<LayerSignature>& layer_op() {
   static const auto op =
@@ -45,6 +29,12 @@ const c10::TypedOperatorHandle<BackwardSignature>& backward_op() {
                              .typed<BackwardSignature>();
   return op;
 }
+
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
 
 std::optional<Tensor> defined_or_none(const Tensor& t) {
   return t.defined() ? std::optional<Tensor>(t) : std::nullopt;

@@ -486,7 +486,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fast(
 }
 
 // The fast backward (float32; bf16/fp16 layers compute in float32 here too, except that on AMX a bf16
-// layer's [dh, dx] tiles multiply dgates rounded to bf16 by its bf16 weights).
+// layer's [dh, dx] tiles and fused weight-gradient updates multiply dgates rounded to bf16).
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_fast(
     const std::optional<Tensor>& grad_output, const std::optional<Tensor>& grad_h_n,
     const std::optional<Tensor>& grad_c_n, const Tensor& input, const Tensor& h0, const Tensor& c0,
@@ -567,7 +567,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   // Updates run when the next step's rows would not fit: with 96 rows of room each update has K >= 64
   // whatever the batch (shrinking batches of short sequences included), and the scratch stays in L2.
   const int64_t rows_cap = std::max<int64_t>(rows_step, 96);
-  Tensor dg_s, hx_s, dw_s, dbias_s, dgates;
+  Tensor dg_s, hx_s, dw_s, dgates;
+  // grad_bias, summed by the pointwise pass per row group: fused, into each row group's scratch;
+  // otherwise a row group's column groups own disjoint units.
+  const Tensor dbias_s = at::zeros({R, G}, f32);
   std::vector<fast::WorkerScratch> scratch;
   if (fused) {
     // From bigmodel's buffer cache: fresh multi-MiB allocations would page-fault on every call.
@@ -575,7 +578,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
     hx_s = pooled_empty({R, Fp / gemm::kPanel, rows_cap, gemm::kPanel}, f32);
     // each worker's first update stores; on AMX the sums are transposed, [Fp, 4H rounded up to 32]
     dw_s = amx ? pooled_empty({R, Fp, a.Gp}, f32) : pooled_empty({R, G, Fp}, f32);
-    dbias_s = at::zeros({R, G}, f32);
     for (int64_t r = 0; r < R; ++r)
       scratch.push_back({dg_s[r].data_ptr<float>(), hx_s[r].data_ptr<float>(), dw_s[r].data_ptr<float>(),
                          dbias_s[r].data_ptr<float>()});
@@ -585,8 +587,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   } else {
     dgates = pooled_empty({p.N, G}, f32);
     a.dgates = dgates.data_ptr<float>();
-    // grad_bias summed by the pointwise pass: a row group's column groups own disjoint units.
-    dbias_s = at::zeros({R, G}, f32);
     a.dbias = dbias_s.data_ptr<float>();
   }
   SpinBarrier barrier(a.grid.R * a.grid.C);
@@ -600,7 +600,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
       fast::backward_f32(a, w0, w1);
   });
 
-  Tensor dw_hh, dw_ih, dbias;
+  Tensor dw_hh, dw_ih;
+  const Tensor dbias = R == 1 ? dbias_s[0] : dbias_s.sum(0);
   if (fused) {  // sum the row groups' partial sums straight into the two contiguous gradients
     for (int64_t r = 0; r < R; ++r)
       if (scratch[r].fresh) dw_s[r].zero_();  // a row group that never had a row
@@ -614,7 +615,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
     };
     dw_hh = reduce(0, H);
     dw_ih = reduce(H, d.I);
-    dbias = R == 1 ? dbias_s[0] : dbias_s.sum(0);
   } else {
     // grad_w = dgates^T [h_{t-1}, x_t] over all rows; h_{t-1} is the previous step's output row or h0.
     Tensor dg = dgates.narrow(0, 0, p.N);
@@ -641,7 +641,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
       dw_hh = at::mm(dg.t(), hprev);
     }
     dw_ih = at::mm(dg.t(), x);
-    dbias = R == 1 ? dbias_s[0] : dbias_s.sum(0);
   }
   const auto wt = w_ih.scalar_type();
   const at::ScalarType dt = input.scalar_type();
@@ -737,8 +736,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
   // The backward computes in float32 (bf16 layers included: any AVX-512 or AVX2 CPU runs it); a bf16
   // layer takes the AMX tiles where the forward does.
   FastKernels k = fast_kernels(d, at::kFloat, ct);
-  if (k == FastKernels::Avx512 && input.scalar_type() == at::kBFloat16 &&
-      fast_kernels(d, at::kBFloat16, ct) == FastKernels::Amx)
+  if (k == FastKernels::Avx512 && input.scalar_type() == at::kBFloat16 && gemm::cpu::amx_enabled())
     k = FastKernels::Amx;
   if (k != FastKernels::None)
     return lstm_backward_fast(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, output, gates, cells,

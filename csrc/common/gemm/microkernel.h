@@ -202,8 +202,6 @@ BM_AMX BM_ALWAYS_INLINE void amx_panel(const uint16_t* a, int64_t a_stride, int6
   }
 }
 
-// Two 16-row blocks (A rows from a0 and a1) against half a panel (quarters q, q + 1): each B tile
-// feeds two products, halving the weight traffic of amx_panel. tmm0/1: block 0, tmm2/3: block 1.
 // The 2 x 2 accumulator block (tmm0/1: rows 0-15, tmm2/3: rows 16-31; 16 columns each) += A rows
 // (a0: block 0, a1: block 1, a_stride bytes apart, 32 k per tile) times B tiles b + kc * b_kstep and
 // 32 elements after it (16 k pairs x 16 columns x 2, rows b_stride bytes apart), over kc32 k blocks.
@@ -221,7 +219,8 @@ BM_AMX BM_ALWAYS_INLINE void amx_2x2(const uint16_t* a0, const uint16_t* a1, int
   }
 }
 
-// amx_2x2 against half a panel (columns 16 q .. 16 q + 31 of its AMX layout).
+// Two 16-row blocks (A rows from a0 and a1) against half a panel (quarters q, q + 1) with amx_2x2:
+// each B tile feeds two products, halving the weight traffic of amx_panel.
 BM_AMX BM_ALWAYS_INLINE void amx_half_panel2(const uint16_t* a0, const uint16_t* a1, int64_t a_stride, int64_t kc32,
                                              const uint16_t* panel, int q) {
   amx_2x2(a0, a1, a_stride, kc32, panel + 32 * q, 16 * (2 * kNR), 4 * kNR);
