@@ -420,17 +420,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fast(
   // H = 200). Cache kind: kq (1 float32 on AVX2, 2 bf16 pairs, 32 AMX), 4 float32 on AVX-512 (the
   // half-width panel); 0 and -32 are the backward's packings.
   const bool half = !bf16 && !avx2;
-  Tensor panels = gemm::cached_pack({w_hh, w_ih}, half ? 4 : kq, [&] {
+  // float32: K rows are h's H, then x's I, packed part by part into zeroed panels.
+  const auto pack_f32 = [&](Tensor& out) {
     const gemm::ColumnMap cols = gemm::gate_grouped_columns(d.H, half);
-    if (!bf16) {  // K rows: h's H, then x's I
-      Tensor out = at::zeros({int64_t(cols.size()) / gemm::kPanel, Kh + Kx, gemm::kPanel}, at::kFloat);
-      gemm::pack_f32_into(out.data_ptr<float>(), Kh + Kx, 0, w_hh, true, cols);
-      gemm::pack_f32_into(out.data_ptr<float>(), Kh + Kx, Kh, w_ih, true, cols);
-      return out;
-    }
-    Tensor w = at::cat({w_hh.to(st), at::zeros({G, Kh - d.H}, st), w_ih.to(st), at::zeros({G, Kx - d.I}, st)}, 1);
-    return gemm::pack_bf16(w, true, cols);
-  });
+    gemm::pack_f32_into(out.data_ptr<float>(), Kh + Kx, 0, w_hh, true, cols);
+    gemm::pack_f32_into(out.data_ptr<float>(), Kh + Kx, Kh, w_ih, true, cols);
+  };
+  Tensor panels = gemm::cached_pack(
+      {w_hh, w_ih}, half ? 4 : kq,
+      [&] {
+        const gemm::ColumnMap cols = gemm::gate_grouped_columns(d.H, half);
+        if (!bf16) {
+          Tensor out = at::zeros({int64_t(cols.size()) / gemm::kPanel, Kh + Kx, gemm::kPanel}, at::kFloat);
+          pack_f32(out);
+          return out;
+        }
+        Tensor w =
+            at::cat({w_hh.to(st), at::zeros({G, Kh - d.H}, st), w_ih.to(st), at::zeros({G, Kx - d.I}, st)}, 1);
+        return gemm::pack_bf16(w, true, cols);
+      },
+      bf16 ? std::function<void(Tensor&)>() : std::function<void(Tensor&)>(pack_f32));
   Tensor bias = d.bias ? (b_ih->to(at::kFloat) + b_hh->to(at::kFloat)).contiguous() : Tensor();
   // h and c in row-group-major order (fast::state_row); h has the AMX slack rows after them.
   const int64_t state_rows = (d.B + grid.R - 1) / grid.R;
@@ -504,19 +513,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   Tensor dx = pooled_empty({p.N, d.I}, f32);
   // dgates [W_hh, W_ih] gives [dh_{t-1}, dx_t] in one tile pass.
   // (On AMX only the bf16 panels below are read.)
-  Tensor panels = amx ? Tensor() : gemm::cached_pack({w_hh, w_ih}, /*kind=*/0, [&] {
-    // Columns 0..H-1 from W_hh, H..H+I-1 from W_ih.
-    const gemm::ColumnMap all = gemm::contiguous_columns(F);
+  // Columns 0..H-1 from W_hh, H..H+I-1 from W_ih, packed into zeroed panels.
+  const gemm::ColumnMap all = gemm::contiguous_columns(F);
+  const auto pack_panels = [&](Tensor& out) {
     gemm::ColumnMap from_hh(all.size(), -1), from_ih(all.size(), -1);
     for (size_t c = 0; c < all.size(); ++c) {
       if (all[c] >= 0 && all[c] < H) from_hh[c] = all[c];
       if (all[c] >= H) from_ih[c] = all[c] - H;
     }
-    Tensor out = at::zeros({int64_t(all.size()) / gemm::kPanel, G, gemm::kPanel}, f32);
     gemm::pack_f32_into(out.data_ptr<float>(), G, 0, w_hh, false, from_hh);
     gemm::pack_f32_into(out.data_ptr<float>(), G, 0, w_ih, false, from_ih);
-    return out;
-  });
+  };
+  Tensor panels = amx ? Tensor()
+                      : gemm::cached_pack(
+                            {w_hh, w_ih}, /*kind=*/0,
+                            [&] {
+                              Tensor out = at::zeros({int64_t(all.size()) / gemm::kPanel, G, gemm::kPanel}, f32);
+                              pack_panels(out);
+                              return out;
+                            },
+                            pack_panels);
 
   fast::BackwardArgs a;
   Tensor panels_bf16;

@@ -44,8 +44,12 @@ at::Tensor pack_bf16(const at::Tensor& src, bool src_is_nk, const ColumnMap& col
 // `kind` (which packing) and sources of the same shapes, dtypes and contents. Contents are compared
 // through a 64-bit digest of their bytes, not through identity or version counters: an update
 // through `.data` or a fresh tensor at a reused address can never hit a stale entry, and reading
-// the weights costs ~1% of packing them. At most 16 entries, least recently used first out.
-at::Tensor cached_pack(const std::vector<at::Tensor>& sources, int64_t kind, const std::function<at::Tensor()>& make);
+// the weights costs ~1% of packing them. At most 16 entries, least recently used first out. When
+// the contents changed and `refill` is given, an entry of the same kind and shapes that only the
+// cache holds is packed over by `refill(buffer)` instead of making a new one (a training step's
+// weights change on every call).
+at::Tensor cached_pack(const std::vector<at::Tensor>& sources, int64_t kind, const std::function<at::Tensor()>& make,
+                       const std::function<void(at::Tensor&)>& refill = {});
 
 namespace cpu {
 // The CPU has AVX-512 F/BW/DQ/VL (and AVX512-BF16) and this build has the kernels.
