@@ -420,26 +420,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fast(
   // H = 200). Cache kind: kq (1 float32 on AVX2, 2 bf16 pairs, 32 AMX), 4 float32 on AVX-512 (the
   // half-width panel); 0 and -32 are the backward's packings.
   const bool half = !bf16 && !avx2;
-  // float32: K rows are h's H, then x's I, packed part by part into zeroed panels.
-  const auto pack_f32 = [&](Tensor& out) {
-    const gemm::ColumnMap cols = gemm::gate_grouped_columns(d.H, half);
-    gemm::pack_f32_into(out.data_ptr<float>(), Kh + Kx, 0, w_hh, true, cols);
-    gemm::pack_f32_into(out.data_ptr<float>(), Kh + Kx, Kh, w_ih, true, cols);
+  // K rows are h's H, then x's I (each zero-padded to Kh, Kx), packed part by part into zeroed panels:
+  // float32 [np, Kh + Kx, 64], bf16 k pairs [np, (Kh + Kx) / 2, 64, 2].
+  const gemm::ColumnMap cols = gemm::gate_grouped_columns(d.H, half);
+  const int64_t np = int64_t(cols.size()) / gemm::kPanel;
+  const auto pack = [&](Tensor& out) {
+    if (bf16) {
+      gemm::pack_bf16_into(out.data_ptr<int16_t>(), (Kh + Kx) / 2, 0, w_hh, true, cols);
+      gemm::pack_bf16_into(out.data_ptr<int16_t>(), (Kh + Kx) / 2, Kh, w_ih, true, cols);
+    } else {
+      gemm::pack_f32_into(out.data_ptr<float>(), Kh + Kx, 0, w_hh, true, cols);
+      gemm::pack_f32_into(out.data_ptr<float>(), Kh + Kx, Kh, w_ih, true, cols);
+    }
   };
   Tensor panels = gemm::cached_pack(
       {w_hh, w_ih}, half ? 4 : kq,
       [&] {
-        const gemm::ColumnMap cols = gemm::gate_grouped_columns(d.H, half);
-        if (!bf16) {
-          Tensor out = at::zeros({int64_t(cols.size()) / gemm::kPanel, Kh + Kx, gemm::kPanel}, at::kFloat);
-          pack_f32(out);
-          return out;
-        }
-        Tensor w =
-            at::cat({w_hh.to(st), at::zeros({G, Kh - d.H}, st), w_ih.to(st), at::zeros({G, Kx - d.I}, st)}, 1);
-        return gemm::pack_bf16(w, true, cols);
+        Tensor out = bf16 ? at::zeros({np, (Kh + Kx) / 2, gemm::kPanel, 2}, at::kShort)
+                          : at::zeros({np, Kh + Kx, gemm::kPanel}, at::kFloat);
+        pack(out);
+        return out;
       },
-      bf16 ? std::function<void(Tensor&)>() : std::function<void(Tensor&)>(pack_f32));
+      pack);
   Tensor bias = d.bias ? (b_ih->to(at::kFloat) + b_hh->to(at::kFloat)).contiguous() : Tensor();
   // h and c in row-group-major order (fast::state_row); h has the AMX slack rows after them.
   const int64_t state_rows = (d.B + grid.R - 1) / grid.R;
@@ -515,12 +517,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   // (On AMX only the bf16 panels below are read.)
   // Columns 0..H-1 from W_hh, H..H+I-1 from W_ih, packed into zeroed panels.
   const gemm::ColumnMap all = gemm::contiguous_columns(F);
+  gemm::ColumnMap from_hh(all.size(), -1), from_ih(all.size(), -1);
+  for (size_t c = 0; c < all.size(); ++c) {
+    if (all[c] >= 0 && all[c] < H) from_hh[c] = all[c];
+    if (all[c] >= H) from_ih[c] = all[c] - H;
+  }
   const auto pack_panels = [&](Tensor& out) {
-    gemm::ColumnMap from_hh(all.size(), -1), from_ih(all.size(), -1);
-    for (size_t c = 0; c < all.size(); ++c) {
-      if (all[c] >= 0 && all[c] < H) from_hh[c] = all[c];
-      if (all[c] >= H) from_ih[c] = all[c] - H;
-    }
     gemm::pack_f32_into(out.data_ptr<float>(), G, 0, w_hh, false, from_hh);
     gemm::pack_f32_into(out.data_ptr<float>(), G, 0, w_ih, false, from_ih);
   };
@@ -538,10 +540,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   Tensor panels_bf16;
   if (amx) {  // the same B matrix, K = 4H padded to 32, as bf16 AMX panels (cache kind -32)
     a.Gp = (G + 31) / 32 * 32;
-    panels_bf16 = gemm::cached_pack({w_hh, w_ih}, -32, [&] {
-      const Tensor w = at::constant_pad_nd(at::cat({w_hh, w_ih}, 1).to(at::kBFloat16), {0, 0, 0, a.Gp - G});
-      return gemm::pack_bf16(w, false, gemm::contiguous_columns(F));
-    });
+    const auto pack_bf16 = [&](Tensor& out) {  // rows G .. Gp stay zero
+      gemm::pack_bf16_into(out.data_ptr<int16_t>(), a.Gp / 2, 0, w_hh, false, from_hh);
+      gemm::pack_bf16_into(out.data_ptr<int16_t>(), a.Gp / 2, 0, w_ih, false, from_ih);
+    };
+    panels_bf16 = gemm::cached_pack(
+        {w_hh, w_ih}, -32,
+        [&] {
+          Tensor out = at::zeros({int64_t(all.size()) / gemm::kPanel, a.Gp / 2, gemm::kPanel, 2}, at::kShort);
+          pack_bf16(out);
+          return out;
+        },
+        pack_bf16);
     a.panels_bf16 = static_cast<const uint16_t*>(panels_bf16.const_data_ptr());
   }
   a.steps = steps_of(p, d, reverse);

@@ -9,6 +9,7 @@
 #include <climits>
 #include <cstring>
 #include <mutex>
+#include <type_traits>
 
 #if defined(__linux__)
 #include <sys/syscall.h>
@@ -46,35 +47,6 @@ ColumnMap gate_grouped_columns(int64_t H, bool half_last) {
 }
 
 namespace {
-
-// Calls put(panel, k, c, value) for every nonzero panel element from a float view of src, reading
-// src along its rows.
-template <typename F>
-void for_each_packed(const at::Tensor& src, bool src_is_nk, const ColumnMap& cols, const F& put) {
-  const at::Tensor s = src.to(at::kFloat).contiguous();
-  const float* sp = s.const_data_ptr<float>();
-  const int64_t K = src_is_nk ? s.size(1) : s.size(0);
-  const int64_t ld = s.size(1);
-  const int64_t np = int64_t(cols.size()) / kPanel;
-  at::parallel_for(0, np, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      if (src_is_nk) {  // column n of B is row n of src: 16 rows advance together, writes stay contiguous
-        for (int64_t c0 = 0; c0 < kPanel; c0 += 16)
-          for (int64_t k = 0; k < K; ++k)
-            for (int64_t c = c0; c < c0 + 16; ++c) {
-              const int64_t n = cols[p * kPanel + c];
-              if (n >= 0) put(p, k, c, sp[n * ld + k]);
-            }
-      } else {
-        for (int64_t k = 0; k < K; ++k)
-          for (int64_t c = 0; c < kPanel; ++c) {
-            const int64_t n = cols[p * kPanel + c];
-            if (n >= 0) put(p, k, c, sp[k * ld + n]);
-          }
-      }
-    }
-  });
-}
 
 // A 64-bit digest of a tensor's bytes (position-dependent multiply-add over 8-byte words; the
 // loop vectorizes). Reading the weights costs ~1% of packing them.
@@ -226,16 +198,54 @@ void pack_f32_into(float* out, int64_t K_total, int64_t k0, const at::Tensor& sr
   });
 }
 
-at::Tensor pack_bf16(const at::Tensor& src, bool src_is_nk, const ColumnMap& cols) {
-  const int64_t K = src_is_nk ? src.size(1) : src.size(0);
-  const int64_t K2 = (K + 1) / 2;
+namespace {
+
+// Element k (along the row) of row n of a float32 or bfloat16 matrix, as bf16 bits (float32 rounds
+// to nearest even, as Tensor.to(torch.bfloat16) does).
+template <typename T>
+inline int16_t bf16_bits(const T* row, int64_t k) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>)
+    return int16_t(row[k].x);
+  else
+    return int16_t(c10::BFloat16(row[k]).x);
+}
+
+template <typename T>
+void pack_bf16_rows(int16_t* out, int64_t K2_total, int64_t k0, const T* sp, int64_t K, int64_t ld,
+                    bool src_is_nk, const ColumnMap& cols) {
   const int64_t np = int64_t(cols.size()) / kPanel;
-  at::Tensor out = at::zeros({np, K2, kPanel, 2}, at::kShort);  // zeros: the pad row of an odd K
-  int16_t* o = out.data_ptr<int16_t>();
-  for_each_packed(src, src_is_nk, cols, [&](int64_t p, int64_t k, int64_t c, float v) {
-    o[((p * K2 + k / 2) * kPanel + c) * 2 + (k % 2)] = int16_t(c10::BFloat16(v).x);
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, K * kPanel));
+  at::parallel_for(0, np, grain, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      int16_t* op = out + p * K2_total * kPanel * 2;
+      const int64_t* cp = cols.data() + p * kPanel;
+      for (int64_t c = 0; c < kPanel; ++c) {
+        if (cp[c] < 0) continue;
+        if (src_is_nk) {  // column n of B is row n of src: read it along k
+          const T* row = sp + cp[c] * ld;
+          for (int64_t k = 0; k < K; ++k) op[(((k0 + k) / 2) * kPanel + c) * 2 + ((k0 + k) & 1)] = bf16_bits(row, k);
+        } else {
+          for (int64_t k = 0; k < K; ++k)
+            op[(((k0 + k) / 2) * kPanel + c) * 2 + ((k0 + k) & 1)] = bf16_bits(sp + k * ld, cp[c]);
+        }
+      }
+    }
   });
-  return out;
+}
+
+}  // namespace
+
+void pack_bf16_into(int16_t* out, int64_t K2_total, int64_t k0, const at::Tensor& src, bool src_is_nk,
+                    const ColumnMap& cols) {
+  TORCH_CHECK(src.dim() == 2 && (src.scalar_type() == at::kFloat || src.scalar_type() == at::kBFloat16),
+              "pack_bf16_into: src must be a 2-D float32 or bfloat16 tensor");
+  const at::Tensor s = src.contiguous();
+  const int64_t K = src_is_nk ? s.size(1) : s.size(0), ld = s.size(1);
+  TORCH_CHECK(k0 >= 0 && k0 + K <= 2 * K2_total, "pack_bf16_into: rows past the panels");
+  if (s.scalar_type() == at::kBFloat16)
+    pack_bf16_rows(out, K2_total, k0, s.const_data_ptr<c10::BFloat16>(), K, ld, src_is_nk, cols);
+  else
+    pack_bf16_rows(out, K2_total, k0, s.const_data_ptr<float>(), K, ld, src_is_nk, cols);
 }
 
 namespace cpu {

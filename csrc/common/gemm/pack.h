@@ -38,7 +38,11 @@ int64_t half_width_panel(int64_t H);
 // part by part into one zeroed buffer, without concatenating the weights first.
 void pack_f32_into(float* out, int64_t K_total, int64_t k0, const at::Tensor& src, bool src_is_nk,
                    const ColumnMap& cols);
-at::Tensor pack_bf16(const at::Tensor& src, bool src_is_nk, const ColumnMap& cols);  // [np, ceil(K/2), 64, 2]
+// The same for bf16 k pairs: rows k0 .. k0 + K(src) of panels [npanels, K2_total, 64, 2] (int16 bf16
+// bits; row k is element k % 2 of pair k / 2), from a float32 (rounded to nearest even) or bfloat16
+// src, read in place.
+void pack_bf16_into(int16_t* out, int64_t K2_total, int64_t k0, const at::Tensor& src, bool src_is_nk,
+                    const ColumnMap& cols);
 
 // The packed form of weights, cached across calls: `make()` runs only when no entry has the same
 // `kind` (which packing) and sources of the same shapes, dtypes and contents. Contents are compared
