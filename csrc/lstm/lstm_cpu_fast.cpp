@@ -782,7 +782,7 @@ void backward_steps(const BackwardArgs& a, int64_t w0, int64_t w1) {
           [&](int64_t r0, int64_t mr) {
             const float* dg = a.dgates + (off + r0) * G;
             K::state_tiles(a, dg, R * G, off, r0, mr, R, p0, p1);
-            K::state_tiles(a, dg, R * G, off, r0, mr, R, x0, x1);
+            if (!a.dx_after) K::state_tiles(a, dg, R * G, off, r0, mr, R, x0, x1);
           },
           K::kRows);
     }

@@ -103,6 +103,8 @@ struct BackwardArgs {
   int64_t rows_cap = 0;   // scratch rows (>= rows_step)
   float* dgates = nullptr;
   float* dbias = nullptr;  // without scratch: [R, 4H] per row group, summed by the pointwise pass
+  // Without scratch: the loop computes dh only, and dx = dgates W_ih is left to one GEMM after it.
+  bool dx_after = false;
   Grid grid;
   SpinBarrier* barrier = nullptr;
 };

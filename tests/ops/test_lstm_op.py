@@ -96,7 +96,8 @@ def test_work_splits_match_reference(cpu_kernel, threads, T, B, IN, H, reverse):
     """The CPU time loop splits batch rows (no synchronisation) or, for small batches and for
     weights larger than a core's L2, hidden units (one barrier per step) over threads: every split
     gives the reference's outputs and gradients, with lengths. Row groups fuse the weight gradients
-    into the loop from 512 packed rows on (the last case: ~980 rows)."""
+    into the loop from 512 packed rows on (the last case: ~980 rows); column groups leave dx to one
+    GEMM after the loop."""
     args, lengths = make_args(
         T, B, IN, H, 0, proj=False, bias=True, has_lengths=True, dtype=torch.float32, device="cpu"
     )
