@@ -112,17 +112,26 @@ class TextClassifier(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(features, 1 if num_classes == 2 else num_classes)
 
+    def _run_lstm(self, ids: Tensor, lengths: Tensor, need_sequence: bool = True) -> tuple[Tensor | None, Tensor]:
+        """The LSTM's padded output ``(B, T, D * hidden_dim)`` (None unless ``need_sequence``) and
+        its final hidden state ``h_n`` (the last valid step of each sequence)."""
+        x = self.embedding(ids)
+        if self.backend == "fused":
+            out, (h_n, _) = self.lstm(x, lengths=lengths)
+            return out, h_n
+        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, (h_n, _) = self.lstm(packed)
+        if not need_sequence:
+            return None, h_n
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=ids.shape[1])
+        return out, h_n
+
     def encode(self, ids: Tensor, lengths: Tensor) -> Tensor:
         """The sequence features ``(B, T, D * hidden_dim)``; zero at padded steps unless attention
         is on (then padded steps hold values that pooling ignores)."""
         T = ids.shape[1]
-        x = self.embedding(ids)
-        if self.backend == "fused":
-            out, _ = self.lstm(x, lengths=lengths)
-        else:
-            packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-            out, _ = self.lstm(packed)
-            out, _ = pad_packed_sequence(out, batch_first=True, total_length=T)
+        out, _ = self._run_lstm(ids, lengths)
+        assert out is not None
         if self.attention is not None:
             padding = _valid_mask(lengths.to(ids.device), T).logical_not()
             attended, _ = self.attention(out, out, out, key_padding_mask=padding, need_weights=False)
@@ -147,7 +156,14 @@ class TextClassifier(nn.Module):
         return torch.bmm(weights.unsqueeze(1), seq).squeeze(1)
 
     def forward(self, ids: Tensor, lengths: Tensor) -> Tensor:
-        pooled = self.pool(self.encode(ids, lengths), lengths)
+        if self.pooling == "last" and self.attention is None:
+            # Each direction's last valid state is the LSTM's own final state (h_n): the values
+            # `pool` would gather from the sequence, without a (B, T, F) gradient to zero-fill and
+            # scatter in backward.
+            _, h_n = self._run_lstm(ids, lengths, need_sequence=False)
+            pooled = torch.cat([h_n[-2], h_n[-1]], dim=1) if self.bidirectional else h_n[-1]
+        else:
+            pooled = self.pool(self.encode(ids, lengths), lengths)
         logits = self.classifier(self.dropout(pooled))
         return logits.squeeze(-1) if self.num_classes == 2 else logits
 

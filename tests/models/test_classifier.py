@@ -80,6 +80,24 @@ def test_last_pooling_is_h_n(backend, bidirectional):
 
 
 @pytest.mark.parametrize("backend", ["fused", "native"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_last_pooling_forward_takes_h_n_with_the_same_gradients(backend, bidirectional):
+    """forward pools "last" from h_n; the result and every gradient equal gathering the last valid
+    step from the sequence (`pool(encode(...))`)."""
+    torch.manual_seed(0)
+    model = TextClassifier(V, E, H, num_layers=2, bidirectional=bidirectional, backend=backend).eval()
+    ids, lengths = _batch()
+    labels = torch.tensor([1, 0, 1, 1, 0])
+    via_h_n = model(ids, lengths)
+    grads = torch.autograd.grad(model.loss(via_h_n, labels), list(model.parameters()))
+    via_seq = model.classifier(model.pool(model.encode(ids, lengths), lengths)).squeeze(-1)
+    expected = torch.autograd.grad(model.loss(via_seq, labels), list(model.parameters()))
+    torch.testing.assert_close(via_h_n, via_seq)
+    for (name, _), g, e in zip(model.named_parameters(), grads, expected, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["fused", "native"])
 @pytest.mark.parametrize("pooling", ["last", "mean", "attention"])
 @pytest.mark.parametrize("attention", [False, True], ids=["lstm", "attn"])
 def test_padding_does_not_change_the_result(backend, pooling, attention):
