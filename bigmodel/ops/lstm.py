@@ -56,13 +56,21 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _saved_dtype(input: torch.Tensor) -> torch.dtype:
+    """dtype of the gates and cells the forward saves for backward (csrc/lstm/lstm.h): bf16 for a
+    bf16 layer on the CPU, else the compute dtype."""
+    if input.dtype == torch.bfloat16 and input.device.type == "cpu":
+        return torch.bfloat16
+    return _compute_dtype(input.dtype)
+
+
 @torch.library.register_fake("bigmodel::lstm_layer")
 def _lstm_layer_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, train):
     torch._check(input.dim() == 3, lambda: f"bigmodel.lstm: input must be 3-D (T, B, I), got {input.shape}")
     T, B, _ = input.shape
     H = c0.shape[-1]
     P = h0.shape[-1]
-    ct = _compute_dtype(input.dtype)
+    ct = _saved_dtype(input)
     out = input.new_empty((T, B, P))
     h_n = input.new_empty((B, P))
     c_n = input.new_empty((B, H))

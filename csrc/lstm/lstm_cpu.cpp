@@ -451,8 +451,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fast(
   h.select(0, 0).narrow(1, 0, d.H).index_copy_(0, perm, h0s);
   h.select(0, 1).narrow(1, 0, d.H).index_copy_(0, perm, h0s);
   Tensor c = to_state_order(rows_sorted(c0, p, at::kFloat), perm, grid.R * state_rows, d.H, at::kFloat);
-  Tensor gates = train ? pooled_empty({d.T * d.B, G}, at::kFloat) : at::empty({0}, at::kFloat);
-  Tensor cells = train ? pooled_empty({d.T * d.B, d.H}, at::kFloat) : at::empty({0}, at::kFloat);
+  // Saved for backward in the layer's saved dtype: bf16 on the bf16 path (cell_update stores them so).
+  const at::ScalarType saved = cpu_saved_dtype(input.scalar_type());
+  Tensor gates = train ? pooled_empty({d.T * d.B, G}, saved) : at::empty({0}, saved);
+  Tensor cells = train ? pooled_empty({d.T * d.B, d.H}, saved) : at::empty({0}, saved);
   Tensor hout = pooled_empty({p.N, d.H}, st);
 
   fast::ForwardArgs a;
@@ -463,8 +465,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fast(
   a.Kx = Kx;
   a.bias = d.bias ? bias.const_data_ptr<float>() : nullptr;
   a.x = x.const_data_ptr();
-  a.gates = train ? gates.data_ptr<float>() : nullptr;
-  a.cells = train ? cells.data_ptr<float>() : nullptr;
+  a.gates = train ? gates.data_ptr() : nullptr;
+  a.cells = train ? cells.data_ptr() : nullptr;
   a.c = c.data_ptr<float>();
   a.h[0] = h.select(0, 0).data_ptr();
   a.h[1] = h.select(0, 1).data_ptr();
@@ -557,8 +559,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   a.steps = steps_of(p, d, reverse);
   a.I = d.I;
   a.panels = amx ? nullptr : panels.const_data_ptr<float>();
-  a.gates = gates.const_data_ptr<float>();
-  a.cells = cells.const_data_ptr<float>();
+  // Saved gates and cells: bf16 from a bf16 layer's forward, read as such by the AVX-512 pointwise
+  // pass; the AVX2 one reads float32.
+  const bool saved_bf16 = gates.scalar_type() == at::kBFloat16;
+  const Tensor gates_f = saved_bf16 && avx2 ? gates.to(f32) : gates;
+  const Tensor cells_f = saved_bf16 && avx2 ? cells.to(f32) : cells;
+  a.saved_bf16 = saved_bf16 && !avx2;
+  a.gates = gates_f.const_data_ptr();
+  a.cells = cells_f.const_data_ptr();
   a.c0 = c0s.const_data_ptr<float>();
   a.h0 = h0s.const_data_ptr<float>();
   a.hout = hout.const_data_ptr<float>();
@@ -734,14 +742,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_cpu(
   Tensor output = from_packed(hout, p, input.scalar_type());
   Tensor h_n = rows_original(h, p, input.scalar_type());
   Tensor c_n = rows_original(c, p, input.scalar_type());
+  const at::ScalarType saved = cpu_saved_dtype(input.scalar_type());
   if (!train) {
-    gates = at::empty({0}, ct);
+    gates = at::empty({0}, saved);
+    cells = at::empty({0}, saved);
   } else if (p.N < d.T * d.B) {
     // Rows past N are capacity, not data; define them so that the op is deterministic.
     gates.narrow(0, p.N, d.T * d.B - p.N).zero_();
     cells.narrow(0, p.N, d.T * d.B - p.N).zero_();
   }
-  return {output, h_n, c_n, gates, cells};
+  return {output, h_n, c_n, gates.to(saved), cells.to(saved)};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward_cpu(
@@ -758,7 +768,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
   const int64_t G = 4 * d.H, H = d.H, P = d.P;
   BM_CHECK(gates.numel() > 0 && cells.numel() > 0, op,
            "gates/cells are empty: the forward ran with train=False, so there is nothing to differentiate");
-  BM_CHECK(gates.scalar_type() == ct && cells.scalar_type() == ct, op, "gates/cells must have dtype ", ct);
+  const at::ScalarType saved = cpu_saved_dtype(input.scalar_type());
+  BM_CHECK(gates.scalar_type() == saved && cells.scalar_type() == saved, op, "gates/cells must have dtype ",
+           saved, ", got ", gates.scalar_type(), " and ", cells.scalar_type());
   check_shape(gates, {d.T * d.B, G}, op, "gates", "(T*B, 4*hidden_size)");
   check_shape(cells, {d.T * d.B, H}, op, "cells", "(T*B, hidden_size)");
   check_shape(output, {d.T, d.B, P}, op, "output", "(T, B, proj_size or hidden_size)");
@@ -790,10 +802,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
   Tensor dwih_t = at::empty({d.I, G}, ct), dwhh_t = at::empty({P, G}, ct);
   Tensor dwhr_t = d.proj ? at::empty({H, P}, ct) : Tensor();
 
+  const Tensor gates_c = gates.to(ct), cells_c = cells.to(ct);  // bf16 layers saved bf16
   AT_DISPATCH_FLOATING_TYPES(ct, "bigmodel.lstm_backward", [&] {
     using T = scalar_t;
-    BackwardBuffers buf{whh.const_data_ptr(), d.proj ? whr.const_data_ptr() : nullptr, gates.const_data_ptr(),
-                        cells.const_data_ptr(), c0s.const_data_ptr(),
+    BackwardBuffers buf{whh.const_data_ptr(), d.proj ? whr.const_data_ptr() : nullptr, gates_c.const_data_ptr(),
+                        cells_c.const_data_ptr(), c0s.const_data_ptr(),
                         gout.defined() ? gout.const_data_ptr() : nullptr, dh.data_ptr(), dc.data_ptr(),
                         dgates.data_ptr(), d.proj ? dh_all.data_ptr() : nullptr,
                         d.proj ? hpre_all.data_ptr() : nullptr, d.proj ? dhp.data_ptr() : nullptr};

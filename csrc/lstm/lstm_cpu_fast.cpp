@@ -68,13 +68,20 @@ BM_AVX512_BF16 BM_ALWAYS_INLINE void cell_update(const ForwardArgs& a, int64_t o
       mk::store_f32(static_cast<float*>(hn) + sr * Kh + u0, hv, m);
       mk::store_f32(static_cast<float*>(a.hout) + row * H + u0, hv, m);
     }
-    if constexpr (kTrain) {
-      float* gp = a.gates + row * G + u0;
+    if constexpr (kTrain && kBf16) {  // saved as bf16: half the bytes of the largest stream
+      uint16_t* gp = static_cast<uint16_t*>(a.gates) + row * G + u0;
+      mk::store_bf16(gp, ig, m);
+      mk::store_bf16(gp + H, fg, m);
+      mk::store_bf16(gp + 2 * H, gg, m);
+      mk::store_bf16(gp + 3 * H, og, m);
+      mk::store_bf16(static_cast<uint16_t*>(a.cells) + row * H + u0, cn, m);
+    } else if constexpr (kTrain) {
+      float* gp = static_cast<float*>(a.gates) + row * G + u0;
       mk::store_f32(gp, ig, m);
       mk::store_f32(gp + H, fg, m);
       mk::store_f32(gp + 2 * H, gg, m);
       mk::store_f32(gp + 3 * H, og, m);
-      mk::store_f32(a.cells + row * H + u0, cn, m);
+      mk::store_f32(static_cast<float*>(a.cells) + row * H + u0, cn, m);
     }
   }
 }
@@ -248,12 +255,12 @@ BM_AVX2 BM_ALWAYS_INLINE void cell_update_avx2(const ForwardArgs& a, int64_t off
     m2::store_f32(static_cast<float*>(hn) + sr * Kh + u0, hv, m);
     m2::store_f32(static_cast<float*>(a.hout) + row * H + u0, hv, m);
     if constexpr (kTrain) {
-      float* gp = a.gates + row * G + u0;
+      float* gp = static_cast<float*>(a.gates) + row * G + u0;
       m2::store_f32(gp, ig, m);
       m2::store_f32(gp + H, fg, m);
       m2::store_f32(gp + 2 * H, gg, m);
       m2::store_f32(gp + 3 * H, og, m);
-      m2::store_f32(a.cells + row * H + u0, cn, m);
+      m2::store_f32(static_cast<float*>(a.cells) + row * H + u0, cn, m);
     }
   }
 }
@@ -306,29 +313,36 @@ inline int64_t prev_row(const Steps& st, int64_t t, int64_t r) {
   return st.offsets[tp] + r;
 }
 
+// Saved gates and cells, float32 or bf16 bits, as float32.
+BM_AVX512 BM_ALWAYS_INLINE __m512 load_saved(const float* p, __mmask16 m) { return mk::load_f32(p, m); }
+BM_AVX512 BM_ALWAYS_INLINE __m512 load_saved(const uint16_t* p, __mmask16 m) { return mk::load_bf16(p, m); }
+
 // Pointwise derivative of sorted row r (packed row `row`) over hidden units [u_begin, u_end):
-// dgates into dg (the row's 4H values), dc carried back; dbias += dgates when given.
+// dgates into dg (the row's 4H values), dc carried back; dbias += dgates when given. S: the saved
+// gates' and cells' storage (float, or uint16_t bf16 bits).
+template <typename S>
 BM_AVX512 void pointwise_row(const BackwardArgs& a, int64_t t, int64_t r, int64_t row, float* dg, float* dbias,
                              int64_t u_begin, int64_t u_end) {
   const Steps& st = a.steps;
   const int64_t H = st.H, G = 4 * H;
   const int64_t pr = prev_row(st, t, r);
-  const float* cprev = pr >= 0 ? a.cells + pr * H : a.c0 + r * H;
-  const float* g = a.gates + row * G;
+  const S* cells = static_cast<const S*>(a.cells);
+  const S* g = static_cast<const S*>(a.gates) + row * G;
   const int64_t sr = state_row(a, r);
   const __m512 one = _mm512_set1_ps(1.f);
   for (int64_t u = u_begin; u < u_end; u += 16) {
     const __mmask16 m = mk::lanes(u_end - u);
-    const __m512 ig = mk::load_f32(g + u, m), fg = mk::load_f32(g + H + u, m);
-    const __m512 gg = mk::load_f32(g + 2 * H + u, m), og = mk::load_f32(g + 3 * H + u, m);
-    const __m512 tc = mk::tanh_ps(mk::load_f32(a.cells + row * H + u, m));
+    const __m512 ig = load_saved(g + u, m), fg = load_saved(g + H + u, m);
+    const __m512 gg = load_saved(g + 2 * H + u, m), og = load_saved(g + 3 * H + u, m);
+    const __m512 tc = mk::tanh_ps(load_saved(cells + row * H + u, m));
+    const __m512 cprev = pr >= 0 ? load_saved(cells + pr * H + u, m) : mk::load_f32(a.c0 + r * H + u, m);
     __m512 dh = mk::load_f32(a.dh + sr * H + u, m);
     if (a.grad_out != nullptr) dh = _mm512_add_ps(dh, mk::load_f32(a.grad_out + row * H + u, m));
     const __m512 dc =
         _mm512_fmadd_ps(_mm512_mul_ps(dh, og), _mm512_fnmadd_ps(tc, tc, one), mk::load_f32(a.dc + sr * H + u, m));
     __m512 d[4];
     d[0] = _mm512_mul_ps(_mm512_mul_ps(dc, gg), _mm512_mul_ps(ig, _mm512_sub_ps(one, ig)));
-    d[1] = _mm512_mul_ps(_mm512_mul_ps(dc, mk::load_f32(cprev + u, m)), _mm512_mul_ps(fg, _mm512_sub_ps(one, fg)));
+    d[1] = _mm512_mul_ps(_mm512_mul_ps(dc, cprev), _mm512_mul_ps(fg, _mm512_sub_ps(one, fg)));
     d[2] = _mm512_mul_ps(_mm512_mul_ps(dc, ig), _mm512_fnmadd_ps(gg, gg, one));
     d[3] = _mm512_mul_ps(_mm512_mul_ps(dh, tc), _mm512_mul_ps(og, _mm512_sub_ps(one, og)));
 #pragma GCC unroll 4
@@ -450,15 +464,16 @@ BM_AVX2 void pointwise_row_avx2(const BackwardArgs& a, int64_t t, int64_t r, int
   const Steps& st = a.steps;
   const int64_t H = st.H, G = 4 * H;
   const int64_t pr = prev_row(st, t, r);
-  const float* cprev = pr >= 0 ? a.cells + pr * H : a.c0 + r * H;
-  const float* g = a.gates + row * G;
+  const float* cells = static_cast<const float*>(a.cells);  // AVX2 runs float32 layers only
+  const float* cprev = pr >= 0 ? cells + pr * H : a.c0 + r * H;
+  const float* g = static_cast<const float*>(a.gates) + row * G;
   const int64_t sr = state_row(a, r);
   const __m256 one = _mm256_set1_ps(1.f);
   for (int64_t u = u_begin; u < u_end; u += 8) {
     const m2::Lanes m = m2::lanes(u_end - u);
     const __m256 ig = m2::load_f32(g + u, m), fg = m2::load_f32(g + H + u, m);
     const __m256 gg = m2::load_f32(g + 2 * H + u, m), og = m2::load_f32(g + 3 * H + u, m);
-    const __m256 tc = m2::tanh_ps(m2::load_f32(a.cells + row * H + u, m));
+    const __m256 tc = m2::tanh_ps(m2::load_f32(cells + row * H + u, m));
     __m256 dh = m2::load_f32(a.dh + sr * H + u, m);
     if (a.grad_out != nullptr) dh = _mm256_add_ps(dh, m2::load_f32(a.grad_out + row * H + u, m));
     const __m256 dc =
@@ -616,7 +631,10 @@ struct Avx512Backward {
   static constexpr int64_t kRows = mk::kMR;
   static void pointwise(const BackwardArgs& a, int64_t t, int64_t r, int64_t row, float* dg, float* dbias,
                         int64_t u_begin, int64_t u_end) {
-    pointwise_row(a, t, r, row, dg, dbias, u_begin, u_end);
+    if (a.saved_bf16)
+      pointwise_row<uint16_t>(a, t, r, row, dg, dbias, u_begin, u_end);
+    else
+      pointwise_row<float>(a, t, r, row, dg, dbias, u_begin, u_end);
   }
   static void state_tiles(const BackwardArgs& a, const float* dg, int64_t lda, int64_t off, int64_t r0, int64_t mr,
                           int64_t rstride, int64_t p0, int64_t p1) {

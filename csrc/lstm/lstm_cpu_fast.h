@@ -42,8 +42,10 @@ struct ForwardArgs {
   int64_t Kx = 0;                // x's row length (I; rounded up to even on the bf16 path)
   const float* bias = nullptr;   // [4H] b_ih + b_hh, or nullptr
   const void* x = nullptr;       // [N, Kx] packed input (float32, or bf16 bits on the bf16 path)
-  float* gates = nullptr;        // train: [N, 4H] activated gates
-  float* cells = nullptr;        // train: [N, H]
+  // train: the activated gates [N, 4H] and c_t [N, H] that backward reads, float32, or bf16 bits on
+  // the bf16 path (the layer's saved dtype, lstm.h)
+  void* gates = nullptr;
+  void* cells = nullptr;
   // Running state in row-group-major order (state_row below): each row group's rows are contiguous, so
   // a worker's h and c never share a line or a prefetch stream with another's (measured at the seed
   // shape on two threads: inference 4%, training forward 9%, bf16 12% faster; NOTES v12).
@@ -83,8 +85,9 @@ struct BackwardArgs {
   // of 32); the [dh, dx] tiles then multiply dgates rounded to bf16 (backward_amx).
   const uint16_t* panels_bf16 = nullptr;
   int64_t Gp = 0;
-  const float* gates = nullptr;   // [N, 4H] activated
-  const float* cells = nullptr;   // [N, H]
+  const void* gates = nullptr;    // [N, 4H] activated, float32 or (saved_bf16) bf16 bits
+  const void* cells = nullptr;    // [N, H], the same dtype
+  bool saved_bf16 = false;        // a bf16 layer's forward saved gates and cells as bf16
   const float* c0 = nullptr;      // [B, H] sorted rows
   const float* h0 = nullptr;      // [B, H] sorted rows
   const float* hout = nullptr;    // [N, H] forward output, packed

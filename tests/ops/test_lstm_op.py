@@ -226,6 +226,28 @@ def test_opcheck_backward(device):
     )
 
 
+@pytest.mark.parametrize("proj", [False, True], ids=["tiles", "proj"])
+def test_bfloat16_layer_saves_bf16_gates(cpu_kernel, proj):
+    """A bf16 layer on the CPU saves its gates and cells as bf16 (csrc/lstm/lstm.h) on every kernel
+    set and path: the bf16 tiles and AMX write them so, the portable path (projections, AVX2-only
+    CPUs) converts. opcheck holds the fake kernel to it, forward and backward; a backward handed
+    float32 ones says what it expects."""
+    args, lengths = make_args(
+        6, 5, 4, 9, 3, proj=proj, bias=True, has_lengths=True, dtype=torch.bfloat16, device="cpu", requires_grad=False
+    )
+    out, h_n, c_n, gates, cells = torch.ops.bigmodel.lstm_layer(*args, lengths, False, True)
+    assert gates.dtype == cells.dtype == torch.bfloat16
+    torch.library.opcheck(torch.ops.bigmodel.lstm_layer.default, (*args, lengths, False, True))
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = args
+    grads = (torch.randn_like(out), torch.randn_like(h_n), torch.randn_like(c_n))
+    backward_args = (*grads, x, h0, c0, w_ih, w_hh, w_hr, lengths, out)
+    torch.library.opcheck(
+        torch.ops.bigmodel.lstm_layer_backward.default, (*backward_args, gates, cells, False, True)
+    )
+    with pytest.raises(RuntimeError, match="gates/cells must have dtype BFloat16, got Float and Float"):
+        torch.ops.bigmodel.lstm_layer_backward(*backward_args, gates.float(), cells.float(), False, True)
+
+
 @pytest.mark.parametrize("bad,match", [(0, r"lengths\[1\] = 0"), (6, r"lengths\[1\] = 6")])
 def test_lengths_out_of_range(device, bad, match):
     args, _ = make_args(
