@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "common/gemm/microkernel.h"
@@ -37,6 +38,10 @@ inline int64_t split(int64_t n, int64_t parts, int64_t i) { return i * n / parts
 
 // ---- forward ----
 
+// A saved gate or cell vector, float32 or bf16 bits.
+BM_AVX512 BM_ALWAYS_INLINE void store_saved(float* p, __m512 v, __mmask16 m) { mk::store_f32(p, v, m); }
+BM_AVX512_BF16 BM_ALWAYS_INLINE void store_saved(uint16_t* p, __m512 v, __mmask16 m) { mk::store_bf16(p, v, m); }
+
 // The cell update of rows r0, r0 + rstride, ... (mr of them) and hidden units 16p .. 16p + 15, from
 // their pre-activations in tile[i] (gates i, f, g, o at columns 0, 16, 32, 48; kGS = 8: at 0, 8, 16,
 // 24, for a half-width panel of at most 8 units), bias not yet added.
@@ -68,20 +73,14 @@ BM_AVX512_BF16 BM_ALWAYS_INLINE void cell_update(const ForwardArgs& a, int64_t o
       mk::store_f32(static_cast<float*>(hn) + sr * Kh + u0, hv, m);
       mk::store_f32(static_cast<float*>(a.hout) + row * H + u0, hv, m);
     }
-    if constexpr (kTrain && kBf16) {  // saved as bf16: half the bytes of the largest stream
-      uint16_t* gp = static_cast<uint16_t*>(a.gates) + row * G + u0;
-      mk::store_bf16(gp, ig, m);
-      mk::store_bf16(gp + H, fg, m);
-      mk::store_bf16(gp + 2 * H, gg, m);
-      mk::store_bf16(gp + 3 * H, og, m);
-      mk::store_bf16(static_cast<uint16_t*>(a.cells) + row * H + u0, cn, m);
-    } else if constexpr (kTrain) {
-      float* gp = static_cast<float*>(a.gates) + row * G + u0;
-      mk::store_f32(gp, ig, m);
-      mk::store_f32(gp + H, fg, m);
-      mk::store_f32(gp + 2 * H, gg, m);
-      mk::store_f32(gp + 3 * H, og, m);
-      mk::store_f32(static_cast<float*>(a.cells) + row * H + u0, cn, m);
+    if constexpr (kTrain) {  // the saved dtype: bf16 on the bf16 path (half the bytes of the largest stream)
+      using S = std::conditional_t<kBf16, uint16_t, float>;
+      S* gp = static_cast<S*>(a.gates) + row * G + u0;
+      store_saved(gp, ig, m);
+      store_saved(gp + H, fg, m);
+      store_saved(gp + 2 * H, gg, m);
+      store_saved(gp + 3 * H, og, m);
+      store_saved(static_cast<S*>(a.cells) + row * H + u0, cn, m);
     }
   }
 }
