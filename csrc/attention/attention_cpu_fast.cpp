@@ -504,12 +504,7 @@ BM_AMX __m512 softmax_block_t(const float (*st)[16], int64_t j0, __m512 scale, _
         valid[j + 1],
         mk::exp_scaled_ps<1>(_mm512_max_ps(_mm512_sub_ps(_mm512_load_ps(sv[j + 1]), shift), _mm512_set1_ps(-87.f))));
     sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
-    __m256i b0, b1;
-    const __m256bh h0 = _mm512_cvtneps_pbh(e0), h1 = _mm512_cvtneps_pbh(e1);
-    std::memcpy(&b0, &h0, sizeof(b0));
-    std::memcpy(&b1, &h1, sizeof(b1));
-    const __m512i w = _mm512_or_si512(_mm512_cvtepu16_epi32(b0), _mm512_slli_epi32(_mm512_cvtepu16_epi32(b1), 16));
-    _mm512_store_si512(pt + (j / 2) * 16, w);
+    _mm512_store_si512(pt + (j / 2) * 16, mk::bf16_pairs(e0, e1));
   }
   s.l = _mm512_fmadd_ps(s.l, alpha, sum);
   s.m = m_new;

@@ -679,12 +679,7 @@ BM_AMX void grad_weights_update_amx(const WorkerScratch& ws, int64_t G, int64_t 
       const __mmask16 m = g < G ? mk::lanes(G - g) : __mmask16(0);
       const __m512 v0 = mk::load_f32(ws.dg + k0 * G + g, k0 < n ? m : __mmask16(0));
       const __m512 v1 = mk::load_f32(ws.dg + k1 * G + g, k1 < n ? m : __mmask16(0));
-      const __m256bh b0 = _mm512_cvtneps_pbh(v0), b1 = _mm512_cvtneps_pbh(v1);
-      __m256i i0, i1;
-      std::memcpy(&i0, &b0, sizeof(i0));
-      std::memcpy(&i1, &b1, sizeof(i1));
-      const __m512i w = _mm512_or_si512(_mm512_cvtepu16_epi32(i0), _mm512_slli_epi32(_mm512_cvtepu16_epi32(i1), 16));
-      _mm512_storeu_si512(Bv + (j * Gp + g) * 2, w);
+      _mm512_storeu_si512(Bv + (j * Gp + g) * 2, mk::bf16_pairs(v0, v1));
     }
   }
   const int64_t ldc = Gp * int64_t(sizeof(float));

@@ -343,6 +343,16 @@ BM_AVX512_BF16 BM_ALWAYS_INLINE void store_bf16(uint16_t* p, __m512 v, __mmask16
   _mm256_mask_storeu_epi16(p, m, bits);
 }
 
+// Two float32 vectors rounded to bf16 and interleaved lane by lane as 32-bit pairs (lo in the low
+// half): the k-pair layout of AMX / vdpbf16ps B operands, for rows k and k + 1.
+BM_AVX512_BF16 BM_ALWAYS_INLINE __m512i bf16_pairs(__m512 lo, __m512 hi) {
+  const __m256bh l = _mm512_cvtneps_pbh(lo), h = _mm512_cvtneps_pbh(hi);
+  __m256i lb, hb;
+  std::memcpy(&lb, &l, sizeof(lb));
+  std::memcpy(&hb, &h, sizeof(hb));
+  return _mm512_or_si512(_mm512_cvtepu16_epi32(lb), _mm512_slli_epi32(_mm512_cvtepu16_epi32(hb), 16));
+}
+
 }  // namespace bigmodel::gemm::avx512
 
 #endif  // x86-64 with GCC or Clang
