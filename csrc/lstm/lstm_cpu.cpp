@@ -433,15 +433,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fast(
       gemm::pack_f32_into(out.data_ptr<float>(), Kh + Kx, Kh, w_ih, true, cols);
     }
   };
-  Tensor panels = gemm::cached_pack(
-      {w_hh, w_ih}, half ? 4 : kq,
-      [&] {
-        Tensor out = bf16 ? at::zeros({np, (Kh + Kx) / 2, gemm::kPanel, 2}, at::kShort)
-                          : at::zeros({np, Kh + Kx, gemm::kPanel}, at::kFloat);
-        pack(out);
-        return out;
-      },
-      pack);
+  const std::vector<int64_t> sizes = bf16 ? std::vector<int64_t>{np, (Kh + Kx) / 2, gemm::kPanel, 2}
+                                          : std::vector<int64_t>{np, Kh + Kx, gemm::kPanel};
+  Tensor panels = gemm::cached_pack({w_hh, w_ih}, half ? 4 : kq, sizes, bf16 ? at::kShort : at::kFloat, pack);
   Tensor bias = d.bias ? (b_ih->to(at::kFloat) + b_hh->to(at::kFloat)).contiguous() : Tensor();
   // h and c in row-group-major order (fast::state_row); h has the AMX slack rows after them.
   const int64_t state_rows = (d.B + grid.R - 1) / grid.R;
@@ -528,15 +522,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
     gemm::pack_f32_into(out.data_ptr<float>(), G, 0, w_hh, false, from_hh);
     gemm::pack_f32_into(out.data_ptr<float>(), G, 0, w_ih, false, from_ih);
   };
-  Tensor panels = amx ? Tensor()
-                      : gemm::cached_pack(
-                            {w_hh, w_ih}, /*kind=*/0,
-                            [&] {
-                              Tensor out = at::zeros({int64_t(all.size()) / gemm::kPanel, G, gemm::kPanel}, f32);
-                              pack_panels(out);
-                              return out;
-                            },
-                            pack_panels);
+  const int64_t np = int64_t(all.size()) / gemm::kPanel;
+  Tensor panels =
+      amx ? Tensor() : gemm::cached_pack({w_hh, w_ih}, /*kind=*/0, {np, G, gemm::kPanel}, f32, pack_panels);
 
   fast::BackwardArgs a;
   Tensor panels_bf16;
@@ -546,14 +534,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
       gemm::pack_bf16_into(out.data_ptr<int16_t>(), a.Gp / 2, 0, w_hh, false, from_hh);
       gemm::pack_bf16_into(out.data_ptr<int16_t>(), a.Gp / 2, 0, w_ih, false, from_ih);
     };
-    panels_bf16 = gemm::cached_pack(
-        {w_hh, w_ih}, -32,
-        [&] {
-          Tensor out = at::zeros({int64_t(all.size()) / gemm::kPanel, a.Gp / 2, gemm::kPanel, 2}, at::kShort);
-          pack_bf16(out);
-          return out;
-        },
-        pack_bf16);
+    panels_bf16 = gemm::cached_pack({w_hh, w_ih}, -32, {np, a.Gp / 2, gemm::kPanel, 2}, at::kShort, pack_bf16);
     a.panels_bf16 = static_cast<const uint16_t*>(panels_bf16.const_data_ptr());
   }
   a.steps = steps_of(p, d, reverse);

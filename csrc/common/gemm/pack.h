@@ -44,16 +44,16 @@ void pack_f32_into(float* out, int64_t K_total, int64_t k0, const at::Tensor& sr
 void pack_bf16_into(int16_t* out, int64_t K2_total, int64_t k0, const at::Tensor& src, bool src_is_nk,
                     const ColumnMap& cols);
 
-// The packed form of weights, cached across calls: `make()` runs only when no entry has the same
-// `kind` (which packing) and sources of the same shapes, dtypes and contents. Contents are compared
-// through a 64-bit digest of their bytes, not through identity or version counters: an update
-// through `.data` or a fresh tensor at a reused address can never hit a stale entry, and reading
-// the weights costs ~1% of packing them. At most 16 entries, least recently used first out. When
-// the contents changed and `refill` is given, an entry of the same kind and shapes that only the
-// cache holds is packed over by `refill(buffer)` instead of making a new one (a training step's
-// weights change on every call).
-at::Tensor cached_pack(const std::vector<at::Tensor>& sources, int64_t kind, const std::function<at::Tensor()>& make,
-                       const std::function<void(at::Tensor&)>& refill = {});
+// The packed form of weights, cached across calls: `pack(buffer)` runs only when no entry has the
+// same `kind` (which packing) and sources of the same shapes, dtypes and contents; it writes the
+// sources into a zeroed `sizes`/`dtype` buffer, or over an entry of the same kind and shapes that
+// only the cache holds (a training step's weights change on every call), whose padding is zero
+// already. Contents are compared through a 64-bit digest of their bytes, not through identity or
+// version counters: an update through `.data` or a fresh tensor at a reused address can never hit a
+// stale entry, and reading the weights costs ~1% of packing them. At most 16 entries, least recently
+// used first out.
+at::Tensor cached_pack(const std::vector<at::Tensor>& sources, int64_t kind, at::IntArrayRef sizes,
+                       at::ScalarType dtype, const std::function<void(at::Tensor&)>& pack);
 
 namespace cpu {
 // The CPU has AVX-512 F/BW/DQ/VL (and AVX512-BF16) and this build has the kernels.
