@@ -38,6 +38,12 @@ std::string build_info() {
   s += std::string("cpu_avx512_bf16=") + (cpu::has_avx512_bf16() ? "1" : "0") + "\n";
   s += std::string("cpu_amx_bf16=") + (cpu::has_amx_bf16() ? "1" : "0") + "\n";
   s += std::string("cpu_avx2=") + (cpu::has_avx2() ? "1" : "0") + "\n";
+  if (cpu::has_avx512_bf16()) {  // which bf16 LSTM tiles 'auto' picks without AMX, and why
+    const auto [fma, dot] = cpu::fma_and_bf16_dot_rates();
+    s += "cpu_fma_gflops=" + std::to_string(fma) + "\n";
+    s += "cpu_bf16_dot_gflops=" + std::to_string(dot) + "\n";
+    s += std::string("cpu_bf16_dot_pays=") + (cpu::bf16_dot_pays() ? "1" : "0") + "\n";
+  }
   try {
     s += std::string("cpu_kernel=") + cpu::kernel_choice_name(cpu::kernel_choice()) + "\n";
   } catch (const c10::Error& e) {  // an invalid BIGMODEL_CPU_KERNEL: report it, the ops will refuse it

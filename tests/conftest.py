@@ -37,10 +37,29 @@ def device(request) -> str:
     return request.param
 
 
+def _runs_bf16(item) -> bool:
+    """The test runs a bf16 case: its name or its parameters say so."""
+    return "bfloat16" in item.name or "bf16" in item.name
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     """CUDA cases skip with the reason when CUDA or the op's CUDA kernel is missing: the `cuda`
     parameter of the `device` fixture for modules marked `op(...)`, and every test marked `cuda`
-    (CUDA-only tests; their op is the module's `op` marker, else the LSTM)."""
+    (CUDA-only tests; their op is the module's `op` marker, else the LSTM).
+
+    The `avx512-fp32` kernel set differs from `avx512` only for bf16 LSTM layers, so its other
+    cases are deselected rather than run twice."""
+    same = [
+        item
+        for item in items
+        if getattr(item, "callspec", None) is not None
+        and item.callspec.params.get("cpu_kernel") == "avx512-fp32"
+        and not _runs_bf16(item)
+    ]
+    if same:
+        config.hook.pytest_deselected(items=same)
+        drop = set(map(id, same))
+        items[:] = [item for item in items if id(item) not in drop]
     for item in items:
         callspec = getattr(item, "callspec", None)
         marker = item.get_closest_marker("op")
@@ -57,6 +76,7 @@ def pytest_collection_modifyitems(config, items) -> None:
 _BUILD_INFO = dict(line.split("=", 1) for line in torch.ops.bigmodel.build_info().splitlines() if "=" in line)
 _NO_AVX2 = _BUILD_INFO.get("cpu_avx2") != "1"
 _NO_AVX512 = _BUILD_INFO.get("cpu_avx512") != "1"
+_NO_AVX512_BF16 = _BUILD_INFO.get("cpu_avx512_bf16") != "1"
 
 
 @pytest.fixture(
@@ -64,6 +84,10 @@ _NO_AVX512 = _BUILD_INFO.get("cpu_avx512") != "1"
         "auto",
         pytest.param(
             "avx512", marks=pytest.mark.skipif(_NO_AVX512, reason="this CPU (or build) has no AVX-512 kernels")
+        ),
+        pytest.param(
+            "avx512-fp32",
+            marks=pytest.mark.skipif(_NO_AVX512_BF16, reason="this CPU (or build) has no AVX512-BF16 kernels"),
         ),
         pytest.param(
             "avx2", marks=pytest.mark.skipif(_NO_AVX2, reason="this CPU (or build) has no AVX2 + FMA kernels")
@@ -74,8 +98,9 @@ _NO_AVX512 = _BUILD_INFO.get("cpu_avx512") != "1"
 def cpu_kernel(request, monkeypatch) -> str:
     """Runs a CPU test on each CPU kernel set through BIGMODEL_CPU_KERNEL: the best micro-kernels
     the CPU has ("auto": AMX for bf16 and AVX-512, else AVX2), the AVX-512 ones without AMX
-    ("avx512": the bf16 paths a CPU with AVX512-BF16 and no AMX runs), the AVX2 micro-kernels even
-    on an AVX-512 CPU ("avx2"), and the ATen-BLAS path ("generic")."""
+    ("avx512": the bf16 paths a CPU with AVX512-BF16 and no AMX runs; "avx512-fp32": its bf16 LSTM
+    on float32 FMA tiles, as where vdpbf16ps does not pay), the AVX2 micro-kernels even on an
+    AVX-512 CPU ("avx2"), and the ATen-BLAS path ("generic")."""
     monkeypatch.setenv("BIGMODEL_CPU_KERNEL", request.param)
     return request.param
 

@@ -62,6 +62,13 @@ def run_info() -> int:
         f"CPU kernels: BIGMODEL_CPU_KERNEL={info.get('cpu_kernel', 'unknown')} "
         f"(this CPU has {', '.join(has) or 'neither AVX2 nor AVX-512'}; 'auto' picks the widest)"
     )
+    if "cpu_bf16_dot_pays" in info and info.get("cpu_amx_bf16") != "1":
+        fma, dot = float(info["cpu_fma_gflops"]), float(info["cpu_bf16_dot_gflops"])
+        tiles = "vdpbf16ps" if info["cpu_bf16_dot_pays"] == "1" else "float32 FMA"
+        print(
+            f"bf16 LSTM without AMX: {tiles} tiles (measured per thread: FMA {fma:.0f} GFLOP/s, "
+            f"vdpbf16ps {dot:.0f} GFLOP/s)"
+        )
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none visible"
     print(f"GPU: {gpu}")
     print("kernels:")

@@ -290,11 +290,12 @@ Tensor rows_original(const Tensor& t, const PackPlan& p, at::ScalarType dtype) {
 // ---- the fast path's set-up ----
 
 // Which fused micro-kernel loop runs this layer, if any: none with a projection; float32 layers on
-// AVX-512, else AVX2; bf16 layers on AMX tiles, else AVX512-BF16 (an AVX2 CPU runs them on the
-// portable path). BIGMODEL_CPU_KERNEL=avx512 keeps bf16 layers off AMX, as a CPU with AVX512-BF16
-// and no AMX (Zen 4, Cooper Lake) runs them; avx2 picks the AVX2 loop (or none for bf16) as an
-// AVX2-only CPU would.
-enum class FastKernels { None, Amx, Avx512, Avx2 };
+// AVX-512, else AVX2; bf16 layers on AMX tiles, else on AVX-512: vdpbf16ps tiles (Avx512) where that
+// instruction pays, float32 FMA tiles over bf16 storage (Avx512Fp32) where it does not
+// (gemm::cpu::bf16_dot_pays); an AVX2 CPU runs bf16 on the portable path. BIGMODEL_CPU_KERNEL=avx512
+// and avx512-fp32 pick one of the two bf16 loops (off AMX); avx2 picks the AVX2 loop (or none for
+// bf16) as an AVX2-only CPU would.
+enum class FastKernels { None, Amx, Avx512, Avx512Fp32, Avx2 };
 
 FastKernels fast_kernels(const Dims& d, at::ScalarType input_dtype, at::ScalarType ct) {
   if (d.proj || ct != at::kFloat) return FastKernels::None;
@@ -306,11 +307,14 @@ FastKernels fast_kernels(const Dims& d, at::ScalarType input_dtype, at::ScalarTy
       return bf16 ? FastKernels::None : FastKernels::Avx2;
     case gemm::cpu::KernelChoice::Avx512:
       return !bf16 || gemm::cpu::has_avx512_bf16() ? FastKernels::Avx512 : FastKernels::None;
+    case gemm::cpu::KernelChoice::Avx512Fp32:
+      return !bf16 ? FastKernels::Avx512 : gemm::cpu::has_avx512_bf16() ? FastKernels::Avx512Fp32 : FastKernels::None;
     case gemm::cpu::KernelChoice::Auto:
       break;
   }
   if (bf16 && gemm::cpu::amx_enabled()) return FastKernels::Amx;
-  if (bf16) return gemm::cpu::has_avx512_bf16() ? FastKernels::Avx512 : FastKernels::None;
+  if (bf16 && !gemm::cpu::has_avx512_bf16()) return FastKernels::None;
+  if (bf16) return gemm::cpu::bf16_dot_pays() ? FastKernels::Avx512 : FastKernels::Avx512Fp32;
   if (gemm::cpu::has_avx512()) return FastKernels::Avx512;
   return gemm::cpu::has_avx2() ? FastKernels::Avx2 : FastKernels::None;
 }
@@ -396,10 +400,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fast(
     const Tensor& input, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
     const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh, const Dims& d, const PackPlan& p,
     bool reverse, bool train, FastKernels kernels) {
-  const bool bf16 = input.scalar_type() == at::kBFloat16;
   const bool avx2 = kernels == FastKernels::Avx2;  // float32 only
   const bool amx = kernels == FastKernels::Amx;  // bf16 only
-  const at::ScalarType st = bf16 ? at::kBFloat16 : at::kFloat;  // storage of x, h and the output
+  // A bf16 layer on float32 FMA tiles: x, h and the weights widened to float32 (once per call), the
+  // output and the saved gates and cells stored as bf16 by the epilogue. Everything below that
+  // concerns the tiles' operands follows `bf16` (bf16 tiles: vdpbf16ps or AMX).
+  const bool wide = kernels == FastKernels::Avx512Fp32;
+  const bool bf16 = input.scalar_type() == at::kBFloat16 && !wide;
+  const at::ScalarType st = bf16 ? at::kBFloat16 : at::kFloat;  // storage of x and h
+  const at::ScalarType out_st = bf16 || wide ? at::kBFloat16 : at::kFloat;  // of the output
   const int64_t G = 4 * d.H;
   // bf16 reads k in pairs and AMX in blocks of 32: h and x rows are zero-padded to that length.
   const int64_t kq = amx ? 32 : bf16 ? 2 : 1;
@@ -449,7 +458,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fast(
   const at::ScalarType saved = cpu_saved_dtype(input.scalar_type());
   Tensor gates = train ? pooled_empty({d.T * d.B, G}, saved) : at::empty({0}, saved);
   Tensor cells = train ? pooled_empty({d.T * d.B, d.H}, saved) : at::empty({0}, saved);
-  Tensor hout = pooled_empty({p.N, d.H}, st);
+  Tensor hout = pooled_empty({p.N, d.H}, out_st);
 
   fast::ForwardArgs a;
   a.steps = steps_of(p, d, reverse);
@@ -475,6 +484,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fast(
       fast::forward_amx(a, train, w0, w1);
     else if (bf16)
       fast::forward_bf16(a, train, w0, w1);
+    else if (wide)
+      fast::forward_f32_bf16_out(a, train, w0, w1);
     else if (avx2)
       fast::forward_f32_avx2(a, train, w0, w1);
     else

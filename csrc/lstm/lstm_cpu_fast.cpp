@@ -44,8 +44,10 @@ BM_AVX512_BF16 BM_ALWAYS_INLINE void store_saved(uint16_t* p, __m512 v, __mmask1
 
 // The cell update of rows r0, r0 + rstride, ... (mr of them) and hidden units 16p .. 16p + 15, from
 // their pre-activations in tile[i] (gates i, f, g, o at columns 0, 16, 32, 48; kGS = 8: at 0, 8, 16,
-// 24, for a half-width panel of at most 8 units), bias not yet added.
-template <bool kBf16, bool kTrain, int kGS = 16>
+// 24, for a half-width panel of at most 8 units), bias not yet added. kBf16: bf16 tiles (h kept as
+// bf16, the faster nonlinearities); kOutBf16: the output and the saved gates and cells are bf16 (also
+// on float32 tiles: a bf16 layer where vdpbf16ps does not pay).
+template <bool kBf16, bool kTrain, int kGS = 16, bool kOutBf16 = kBf16>
 BM_AVX512_BF16 BM_ALWAYS_INLINE void cell_update(const ForwardArgs& a, int64_t off, int64_t r0, int64_t mr,
                                                  int64_t rstride, int64_t p, const float (*tile)[mk::kNR], void* hn) {
   const int64_t H = a.steps.H, G = 4 * H, Kh = a.Kh;
@@ -66,15 +68,16 @@ BM_AVX512_BF16 BM_ALWAYS_INLINE void cell_update(const ForwardArgs& a, int64_t o
     const __m512 cn = _mm512_fmadd_ps(fg, mk::load_f32(cp, m), _mm512_mul_ps(ig, gg));
     const __m512 hv = _mm512_mul_ps(og, mk::tanh_ps<kBf16>(cn));
     mk::store_f32(cp, cn, m);
-    if constexpr (kBf16) {
+    if constexpr (kBf16)
       mk::store_bf16(static_cast<uint16_t*>(hn) + sr * Kh + u0, hv, m);
-      mk::store_bf16(static_cast<uint16_t*>(a.hout) + row * H + u0, hv, m);
-    } else {
+    else
       mk::store_f32(static_cast<float*>(hn) + sr * Kh + u0, hv, m);
+    if constexpr (kOutBf16)
+      mk::store_bf16(static_cast<uint16_t*>(a.hout) + row * H + u0, hv, m);
+    else
       mk::store_f32(static_cast<float*>(a.hout) + row * H + u0, hv, m);
-    }
-    if constexpr (kTrain) {  // the saved dtype: bf16 on the bf16 path (half the bytes of the largest stream)
-      using S = std::conditional_t<kBf16, uint16_t, float>;
+    if constexpr (kTrain) {  // the saved dtype: bf16 for bf16 layers (half the bytes of the largest stream)
+      using S = std::conditional_t<kOutBf16, uint16_t, float>;
       S* gp = static_cast<S*>(a.gates) + row * G + u0;
       store_saved(gp, ig, m);
       store_saved(gp + H, fg, m);
@@ -88,7 +91,7 @@ BM_AVX512_BF16 BM_ALWAYS_INLINE void cell_update(const ForwardArgs& a, int64_t o
 // One register tile and its cell update. Compiled with the BF16 target for both paths, since one
 // body serves both; the float32 instantiations contain no BF16 instruction (those sit under
 // `if constexpr`), so they run on any AVX-512 CPU.
-template <bool kBf16, bool kTrain, int MR>
+template <bool kBf16, bool kTrain, int MR, bool kOutBf16 = kBf16>
 BM_AVX512_BF16 void forward_tile(const ForwardArgs& a, int64_t off, int64_t r0, int64_t rstride, int64_t p,
                                  const void* hp, void* hn) {
   const int64_t Kh = a.Kh, Kx = a.Kx;
@@ -107,12 +110,12 @@ BM_AVX512_BF16 void forward_tile(const ForwardArgs& a, int64_t off, int64_t r0, 
   }
   alignas(64) float tile[MR][mk::kNR];
   mk::store_tile<MR>(acc, tile);
-  cell_update<kBf16, kTrain>(a, off, r0, MR, rstride, p, tile, hn);
+  cell_update<kBf16, kTrain, 16, kOutBf16>(a, off, r0, MR, rstride, p, tile, hn);
 }
 
 // The half-width last panel (float32): two zmm columns hold the i, f, g, o pre-activations of its at
 // most 8 units (gemm::gate_grouped_columns with half_last), half the FMAs of a full tile.
-template <bool kTrain, int MR>
+template <bool kTrain, int MR, bool kOutBf16>
 BM_AVX512_BF16 void forward_tile_half(const ForwardArgs& a, int64_t off, int64_t r0, int64_t rstride, int64_t p,
                                       const void* hp, void* hn) {
   const int64_t Kh = a.Kh, Kx = a.Kx;
@@ -124,7 +127,7 @@ BM_AVX512_BF16 void forward_tile_half(const ForwardArgs& a, int64_t off, int64_t
                            panel + Kh * mk::kNR, mk::kNR, acc);
   alignas(64) float tile[MR][mk::kNR];
   mk::store_tile(acc, tile[0], mk::kNR);
-  cell_update<false, kTrain, 8>(a, off, r0, MR, rstride, p, tile, hn);
+  cell_update<false, kTrain, 8, kOutBf16>(a, off, r0, MR, rstride, p, tile, hn);
 }
 
 // The AMX tile: always 16 rows of A (rows past the block are padding the buffers provide), of which
@@ -197,15 +200,16 @@ void forward_steps(const ForwardArgs& a, int64_t w0, int64_t w1, int64_t max_row
   }
 }
 
-template <bool kBf16, bool kTrain>
+template <bool kBf16, bool kTrain, bool kOutBf16 = kBf16>
 void forward_loop(const ForwardArgs& a, int64_t w0, int64_t w1) {
   forward_steps(a, w0, w1, mk::kMR, a.panels_outer,
                 [&](int64_t off, int64_t r0, int64_t mr, int64_t p, const void* hp, void* hn) {
                   mk::with_rows(mr, [&](auto rows) {
+                    constexpr int MR = decltype(rows)::value;
                     if (!kBf16 && p == a.half_panel)
-                      forward_tile_half<kTrain, decltype(rows)::value>(a, off, r0, a.grid.R, p, hp, hn);
+                      forward_tile_half<kTrain, MR, kOutBf16>(a, off, r0, a.grid.R, p, hp, hn);
                     else
-                      forward_tile<kBf16, kTrain, decltype(rows)::value>(a, off, r0, a.grid.R, p, hp, hn);
+                      forward_tile<kBf16, kTrain, MR, kOutBf16>(a, off, r0, a.grid.R, p, hp, hn);
                   });
                 });
 }
@@ -826,6 +830,13 @@ void forward_bf16(const ForwardArgs& a, bool train, int64_t w0, int64_t w1) {
     forward_loop<true, false>(a, w0, w1);
 }
 
+void forward_f32_bf16_out(const ForwardArgs& a, bool train, int64_t w0, int64_t w1) {
+  if (train)
+    forward_loop<false, true, true>(a, w0, w1);
+  else
+    forward_loop<false, false, true>(a, w0, w1);
+}
+
 void forward_f32_avx2(const ForwardArgs& a, bool train, int64_t w0, int64_t w1) {
   if (train)
     forward_loop_avx2<true>(a, w0, w1);
@@ -859,6 +870,7 @@ void backward_f32_avx2(const BackwardArgs& a, int64_t w0, int64_t w1) { backward
 namespace bigmodel::lstm::fast {
 void forward_f32(const ForwardArgs&, bool, int64_t, int64_t) { TORCH_INTERNAL_ASSERT(false); }
 void forward_bf16(const ForwardArgs&, bool, int64_t, int64_t) { TORCH_INTERNAL_ASSERT(false); }
+void forward_f32_bf16_out(const ForwardArgs&, bool, int64_t, int64_t) { TORCH_INTERNAL_ASSERT(false); }
 void forward_amx(const ForwardArgs&, bool, int64_t, int64_t) { TORCH_INTERNAL_ASSERT(false); }
 void backward_f32(const BackwardArgs&, int64_t, int64_t) { TORCH_INTERNAL_ASSERT(false); }
 void backward_amx(const BackwardArgs&, int64_t, int64_t) { TORCH_INTERNAL_ASSERT(false); }

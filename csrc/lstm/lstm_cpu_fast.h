@@ -52,7 +52,7 @@ struct ForwardArgs {
   float* c = nullptr;            // [R * state_rows, H] running cell state
   void* h[2] = {nullptr, nullptr};  // [R * state_rows, Kh] running h, double-buffered, both start as h0
   int64_t state_rows = 0;        // rows per row group in h and c: ceil(B / R)
-  void* hout = nullptr;          // [N, H] packed output (float32, or bf16 bits on the bf16 path)
+  void* hout = nullptr;          // [N, H] packed output (float32, or bf16 bits for a bf16 layer)
   Grid grid;
   SpinBarrier* barrier = nullptr;  // needed when grid.C > 1
   bool panels_outer = false;       // loop order of a step's tiles (see forward_loop)
@@ -117,6 +117,9 @@ inline int64_t state_row(const BackwardArgs& a, int64_t r) { return state_row(r,
 // Worker bodies for at::parallel_for(0, R * C, 1, ...): run workers [w0, w1) over all steps.
 void forward_f32(const ForwardArgs& a, bool train, int64_t w0, int64_t w1);
 void forward_bf16(const ForwardArgs& a, bool train, int64_t w0, int64_t w1);
+// A bf16 layer on the float32 tiles (CPUs whose vdpbf16ps is slow): panels, x and h float32, the
+// output (hout) and the saved gates and cells bf16 bits.
+void forward_f32_bf16_out(const ForwardArgs& a, bool train, int64_t w0, int64_t w1);
 void backward_f32(const BackwardArgs& a, int64_t w0, int64_t w1);
 // bf16 layers on AMX: backward_f32 with the [dh, dx] tiles and the fused weight-gradient updates on
 // AMX (dgates rounded to bf16, and [h, x] for the weight gradients, as the layer's own bf16 GEMMs

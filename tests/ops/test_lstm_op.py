@@ -316,7 +316,8 @@ def test_unknown_cpu_kernel_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("BIGMODEL_CPU_KERNEL", "bogus")
     with pytest.raises(
         RuntimeError,
-        match="BIGMODEL_CPU_KERNEL must be 'auto', 'avx512', 'avx2' or 'generic' \\(or unset\\), got 'bogus'",
+        match="BIGMODEL_CPU_KERNEL must be 'auto', 'avx512', 'avx512-fp32', 'avx2' or 'generic' "
+        "\\(or unset\\), got 'bogus'",
     ):
         lstm_layer(*args)
 

@@ -6,6 +6,7 @@
 
 #include <cstdlib>
 #include <algorithm>
+#include <chrono>
 #include <climits>
 #include <cstring>
 #include <mutex>
@@ -287,13 +288,14 @@ KernelChoice kernel_choice() {
   const char* env = std::getenv("BIGMODEL_CPU_KERNEL");
   if (env == nullptr || env[0] == '\0' || std::strcmp(env, "auto") == 0) return KernelChoice::Auto;
   if (std::strcmp(env, "generic") == 0) return KernelChoice::Generic;
-  if (std::strcmp(env, "avx512") == 0) {
-    TORCH_CHECK(has_avx512(), "bigmodel: BIGMODEL_CPU_KERNEL=avx512, but this CPU lacks AVX-512 (or this build has ",
-                "no AVX-512 kernels); use 'auto', 'avx2' or 'generic'");
-    return KernelChoice::Avx512;
+  const bool fp32 = std::strcmp(env, "avx512-fp32") == 0;
+  if (fp32 || std::strcmp(env, "avx512") == 0) {
+    TORCH_CHECK(has_avx512(), "bigmodel: BIGMODEL_CPU_KERNEL=", env, ", but this CPU lacks AVX-512 (or this build ",
+                "has no AVX-512 kernels); use 'auto', 'avx2' or 'generic'");
+    return fp32 ? KernelChoice::Avx512Fp32 : KernelChoice::Avx512;
   }
-  TORCH_CHECK(std::strcmp(env, "avx2") == 0, "bigmodel: BIGMODEL_CPU_KERNEL must be 'auto', 'avx512', 'avx2' or ",
-              "'generic' (or unset), got '", env, "'");
+  TORCH_CHECK(std::strcmp(env, "avx2") == 0, "bigmodel: BIGMODEL_CPU_KERNEL must be 'auto', 'avx512', ",
+              "'avx512-fp32', 'avx2' or 'generic' (or unset), got '", env, "'");
   TORCH_CHECK(has_avx2(), "bigmodel: BIGMODEL_CPU_KERNEL=avx2, but this CPU lacks AVX2 + FMA (or this build has ",
               "no AVX2 kernels); use 'auto' or 'generic'");
   return KernelChoice::Avx2;
@@ -303,6 +305,7 @@ const char* kernel_choice_name(KernelChoice k) {
   switch (k) {
     case KernelChoice::Auto: return "auto";
     case KernelChoice::Avx512: return "avx512";
+    case KernelChoice::Avx512Fp32: return "avx512-fp32";
     case KernelChoice::Avx2: return "avx2";
     case KernelChoice::Generic: return "generic";
   }
@@ -311,10 +314,77 @@ const char* kernel_choice_name(KernelChoice k) {
 
 bool microkernels_enabled() {
   const KernelChoice k = kernel_choice();
-  return k == KernelChoice::Auto || k == KernelChoice::Avx512;
+  return k == KernelChoice::Auto || k == KernelChoice::Avx512 || k == KernelChoice::Avx512Fp32;
 }
 
 bool amx_enabled() { return has_amx_bf16() && kernel_choice() == KernelChoice::Auto; }
+
+#ifdef BIGMODEL_HAS_AVX512_KERNELS
+namespace {
+template <bool kDot>
+BM_AVX512_BF16 BM_ALWAYS_INLINE __m512 chain_step(__m512 acc) {
+  if constexpr (kDot) {
+    const __m512bh x = (__m512bh)_mm512_set1_epi16(0x3a83);  // ~1e-3
+    return _mm512_dpbf16_ps(acc, x, x);
+  } else {
+    const __m512 x = _mm512_set1_ps(1e-3f);
+    return _mm512_fmadd_ps(x, x, acc);
+  }
+}
+
+// Seconds for `iters` rounds of 12 independent vfmadd231ps (dot = false) or vdpbf16ps (true) chains:
+// enough chains to cover either instruction's latency at two per cycle, so only throughput counts.
+template <bool kDot>
+BM_AVX512_BF16 __attribute__((noinline)) double time_chains(int64_t iters) {
+  // Distinct starting values, so that the compiler cannot merge the chains.
+  const auto start = [](int i) { return _mm512_set1_ps(float(i)); };
+  __m512 a0 = start(0), a1 = start(1), a2 = start(2), a3 = start(3), a4 = start(4), a5 = start(5);
+  __m512 a6 = start(6), a7 = start(7), a8 = start(8), a9 = start(9), a10 = start(10), a11 = start(11);
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int64_t i = 0; i < iters; ++i) {
+    a0 = chain_step<kDot>(a0), a1 = chain_step<kDot>(a1), a2 = chain_step<kDot>(a2);
+    a3 = chain_step<kDot>(a3), a4 = chain_step<kDot>(a4), a5 = chain_step<kDot>(a5);
+    a6 = chain_step<kDot>(a6), a7 = chain_step<kDot>(a7), a8 = chain_step<kDot>(a8);
+    a9 = chain_step<kDot>(a9), a10 = chain_step<kDot>(a10), a11 = chain_step<kDot>(a11);
+  }
+  const auto t1 = std::chrono::steady_clock::now();
+  const __m512 s = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)),
+                                 _mm512_add_ps(_mm512_add_ps(a4, a5), _mm512_add_ps(a6, a7)));
+  const __m512 r = _mm512_add_ps(_mm512_add_ps(a8, a9), _mm512_add_ps(a10, a11));
+  volatile float sink = _mm512_reduce_add_ps(_mm512_add_ps(s, r));
+  (void)sink;
+  return std::chrono::duration<double>(t1 - t0).count();
+}
+}  // namespace
+#endif
+
+std::pair<double, double> fma_and_bf16_dot_rates() {
+#ifdef BIGMODEL_HAS_AVX512_KERNELS
+  static const std::pair<double, double> rates = []() -> std::pair<double, double> {
+    if (!has_avx512_bf16()) return {0.0, 0.0};
+    // Best of five alternating trials of ~10-40 us each: a trial the scheduler interrupts only
+    // reads slower, and the best of each is the instruction's rate.
+    constexpr int64_t kIters = 4096;
+    double fma = 1e30, dot = 1e30;
+    time_chains<false>(4 * kIters);  // wake the 512-bit units up first (~50 us)
+    for (int i = 0; i < 5; ++i) {
+      fma = std::min(fma, time_chains<false>(kIters));
+      dot = std::min(dot, time_chains<true>(kIters));
+    }
+    const double lanes = double(kIters) * 12 * 16;
+    return {lanes * 2 / fma * 1e-9, lanes * 4 / dot * 1e-9};
+  }();
+  return rates;
+#else
+  return {0.0, 0.0};
+#endif
+}
+
+bool bf16_dot_pays() {
+  const auto [fma, dot] = fma_and_bf16_dot_rates();
+  // At equal rates vdpbf16ps still reads half the weight bytes (not measured on such a CPU).
+  return dot > 0.8 * fma;
+}
 
 }  // namespace cpu
 }  // namespace bigmodel::gemm

@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <utility>
 #include <vector>
 
 namespace bigmodel::gemm {
@@ -67,19 +68,30 @@ bool has_avx2();
 // Which CPU kernels BIGMODEL_CPU_KERNEL asks for (read on every call, so tests and benchmarks can
 // switch in one process):
 //   auto     (or unset) the best kernels this CPU has: AVX-512 and AMX, else AVX2, else portable
-//   avx512   the AVX-512 kernels without AMX tiles (bf16 on vdpbf16ps, as a CPU with AVX512-BF16
-//            but no AMX runs them); an error on a CPU without AVX-512
+//   avx512   the AVX-512 kernels without AMX tiles, bf16 LSTM layers on vdpbf16ps (as a CPU with
+//            AVX512-BF16, no AMX and a fast vdpbf16ps runs them); an error on a CPU without AVX-512
+//   avx512-fp32  the same, but bf16 LSTM layers multiply on float32 FMAs (bf16 kept in memory), as a
+//            CPU whose vdpbf16ps is slow runs them (bf16_dot_pays() below)
 //   avx2     the AVX2 kernels even on an AVX-512 CPU, and the portable path wherever there is no
 //            AVX2 kernel (as an AVX2-only CPU would run); an error on a CPU without AVX2 + FMA
 //   generic  the portable ATen-BLAS path everywhere
 // Any other value is an error naming the variable and these values.
-enum class KernelChoice { Auto, Avx512, Avx2, Generic };
+enum class KernelChoice { Auto, Avx512, Avx512Fp32, Avx2, Generic };
 KernelChoice kernel_choice();
 const char* kernel_choice_name(KernelChoice k);
-// The AVX-512 micro-kernels may run: kernel_choice() is Auto or Avx512 (callers still check the CPU).
+// The AVX-512 micro-kernels may run: kernel_choice() is Auto, Avx512 or Avx512Fp32 (callers still
+// check the CPU).
 bool microkernels_enabled();
 // The AMX tiles may run: the CPU has them and kernel_choice() is Auto.
 bool amx_enabled();
+// vdpbf16ps multiplies bf16 faster than widening to float32 and using FMAs: it does two
+// multiply-adds per lane, so it pays where it issues at more than half the FMA's rate. Not every CPU
+// with AVX512-BF16 does (measured on an Emerald Rapids VM: one every two cycles against two FMAs per
+// cycle, so bf16 dot products ran at half the float32 FMA rate). Timed once per process (~0.1 ms)
+// on register-only loops of both; false without AVX512-BF16.
+bool bf16_dot_pays();
+// Measured throughput of those loops, GFLOP/s per thread (0 without AVX512-BF16): {fma, bf16 dot}.
+std::pair<double, double> fma_and_bf16_dot_rates();
 }  // namespace cpu
 
 }  // namespace bigmodel::gemm
