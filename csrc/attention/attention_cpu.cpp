@@ -110,13 +110,19 @@ T row_max(const T* s, int64_t n) {
     for (; c + V::size() <= n; c += V::size()) vm = at::vec::maximum(vm, V::loadu(s + c));
     mx = at::vec::vec_reduce_all<T>([](V& a, V& b) { return at::vec::maximum(a, b); }, vm);
   }
-  for (; c < n; ++c) mx = std::max(mx, s[c]);
+  for (; c < n; ++c) mx = std::isnan(s[c]) || s[c] > mx ? s[c] : mx;  // NaN wins, as in maximum above
   return mx;
 }
 
-// s <- exp(s - shift) in place; returns the sum. exp(-inf) = 0 covers masked scores.
+// s <- exp(s - shift) in place; returns the sum. exp(-inf) = 0 covers masked scores; a NaN shift (a
+// NaN score in the row) makes the whole row NaN, as PyTorch's softmax does (exp_u20 alone would
+// turn NaN into a finite value).
 template <typename T>
 T exp_shifted(T* s, int64_t n, T shift) {
+  if (std::isnan(shift)) {
+    std::fill(s, s + n, shift);
+    return shift;
+  }
   using V = Vectorized<T>;
   const V vs(shift);
   V acc(T(0));
@@ -162,7 +168,8 @@ void forward(const Problem<T>& p, T* out, T* lse) {
         p.mask_scores(b, h, i0, nq, j0, nk, S.data(), kBlockK);
         for (int64_t r = 0; r < nq; ++r) {
           T* s = S.data() + r * kBlockK;
-          const T mnew = std::max(m[r], row_max(s, nk));
+          const T mb = row_max(s, nk);
+          const T mnew = std::isnan(mb) ? mb : std::max(m[r], mb);  // a NaN score makes the row NaN
           if (mnew == ninf) {  // nothing valid yet: contributes zero
             std::fill(s, s + nk, T(0));
             continue;
@@ -184,7 +191,7 @@ void forward(const Problem<T>& p, T* out, T* lse) {
       const int64_t row0 = (b * d.Hq + h) * d.Lq + i0;
       for (int64_t r = 0; r < nq; ++r) {
         T* o = out + (row0 + r) * d.dv;
-        if (l[r] > T(0)) {
+        if (l[r] != T(0)) {  // a row with keys, or a NaN one (which stays NaN, as in PyTorch)
           at::vec::map([inv = T(1) / l[r]](Vectorized<T> x) { return x * Vectorized<T>(inv); }, o,
                        acc.data() + r * d.dv, d.dv);
           lse[row0 + r] = m[r] + std::log(l[r]);

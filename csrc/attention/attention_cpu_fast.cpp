@@ -120,18 +120,26 @@ BM_AVX512 void row_group(const Problem& p, const float* q, const float* kpanels,
       }
       const float mb = _mm512_reduce_max_ps(
           _mm512_max_ps(_mm512_max_ps(s[r][0], s[r][1]), _mm512_max_ps(s[r][2], s[r][3])));
-      const float mnew = std::max(m[r], mb);
-      if (mnew == ninf) {  // nothing visible yet: the row contributes zero
-        alpha[r] = 1.f;
+      float mnew = std::isnan(mb) ? mb : std::max(m[r], mb);  // a NaN score makes the row NaN
+      if (mnew == ninf) {
+        // Nothing visible yet, or only NaN scores (vmaxps drops a NaN first operand against -inf):
+        // a NaN makes the row NaN, as in PyTorch; otherwise the row contributes zero.
+        __mmask16 nan = 0;
 #pragma GCC unroll 4
-        for (int c = 0; c < 4; ++c) _mm512_store_ps(pt[r] + 16 * c, _mm512_setzero_ps());
-        continue;
+        for (int c = 0; c < 4; ++c) nan |= _mm512_cmp_ps_mask(s[r][c], s[r][c], _CMP_UNORD_Q);
+        if (nan == 0) {
+          alpha[r] = 1.f;
+#pragma GCC unroll 4
+          for (int c = 0; c < 4; ++c) _mm512_store_ps(pt[r] + 16 * c, _mm512_setzero_ps());
+          continue;
+        }
+        mnew = std::numeric_limits<float>::quiet_NaN();
       }
       const __m512 shift = _mm512_set1_ps(mnew);
       __m512 sum = _mm512_setzero_ps();
 #pragma GCC unroll 4
       for (int c = 0; c < 4; ++c) {
-        const __m512 x = _mm512_max_ps(_mm512_sub_ps(s[r][c], shift), _mm512_set1_ps(-87.f));
+        const __m512 x = _mm512_max_ps(_mm512_set1_ps(-87.f), _mm512_sub_ps(s[r][c], shift));
         const __m512 e = edge ? _mm512_maskz_mov_ps(mask[c], mk::exp_scaled_ps<1>(x)) : mk::exp_scaled_ps<1>(x);
         _mm512_store_ps(pt[r] + 16 * c, e);
         sum = _mm512_add_ps(sum, e);
@@ -155,7 +163,7 @@ BM_AVX512 void row_group(const Problem& p, const float* q, const float* kpanels,
   }
   for (int r = 0; r < MR; ++r) {
     float* dst = out + r * p.dv;
-    if (l[r] > 0.f) {
+    if (l[r] != 0.f) {  // a row with keys, or a NaN one (which stays NaN, as in PyTorch)
       const __m512 inv = _mm512_set1_ps(1.f / l[r]);
       for (int c = 0; c < NV; ++c) _mm512_storeu_ps(dst + 16 * c, _mm512_mul_ps(_mm512_load_ps(o[r] + 16 * c), inv));
       lse[r] = m[r] + std::log(l[r]);
@@ -223,7 +231,7 @@ BM_AVX512 void bwd_rows(const Problem& p, const float* q, const float* go, const
     const __m512 shift = _mm512_set1_ps(lse[r]);
 #pragma GCC unroll 4
     for (int c = 0; c < 4; ++c) {
-      const __m512 x = _mm512_max_ps(_mm512_sub_ps(s[r][c], shift), _mm512_set1_ps(-87.f));
+      const __m512 x = _mm512_max_ps(_mm512_set1_ps(-87.f), _mm512_sub_ps(s[r][c], shift));
       __m512 e = mk::exp_scaled_ps<1>(x);
       if (edge) e = _mm512_maskz_mov_ps(mk::lanes(std::max<int64_t>(0, std::min<int64_t>(16, limit[r] - j0 - 16 * c))), e);
       _mm512_store_ps(pt[r] + 16 * c, e);
@@ -495,14 +503,14 @@ BM_AMX __m512 softmax_block_t(const float (*st)[16], int64_t j0, __m512 scale, _
   // alpha = e^(m - m_new): 0 where m was -inf (nothing accumulated), 1 where the row has no key yet.
   const __m512 alpha = _mm512_mask_mov_ps(
       _mm512_set1_ps(1.f), live,
-      mk::exp_scaled_ps<1>(_mm512_max_ps(_mm512_sub_ps(s.m, shift), _mm512_set1_ps(-87.f))));
+      mk::exp_scaled_ps<1>(_mm512_max_ps(_mm512_set1_ps(-87.f), _mm512_sub_ps(s.m, shift))));
   __m512 sum = _mm512_setzero_ps();
   for (int j = 0; j < kKeys; j += 2) {
     const __m512 e0 = _mm512_maskz_mov_ps(
-        valid[j], mk::exp_scaled_ps<1>(_mm512_max_ps(_mm512_sub_ps(_mm512_load_ps(sv[j]), shift), _mm512_set1_ps(-87.f))));
+        valid[j], mk::exp_scaled_ps<1>(_mm512_max_ps(_mm512_set1_ps(-87.f), _mm512_sub_ps(_mm512_load_ps(sv[j]), shift))));
     const __m512 e1 = _mm512_maskz_mov_ps(
         valid[j + 1],
-        mk::exp_scaled_ps<1>(_mm512_max_ps(_mm512_sub_ps(_mm512_load_ps(sv[j + 1]), shift), _mm512_set1_ps(-87.f))));
+        mk::exp_scaled_ps<1>(_mm512_max_ps(_mm512_set1_ps(-87.f), _mm512_sub_ps(_mm512_load_ps(sv[j + 1]), shift))));
     sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
     _mm512_store_si512(pt + (j / 2) * 16, mk::bf16_pairs(e0, e1));
   }
@@ -553,8 +561,9 @@ BM_AMX void amx_row_block(const ProblemBf16& p, const uint32_t* qt, int64_t mr, 
   _mm512_store_ps(l, s.l);
   _mm512_store_ps(m, s.m);
   // out[r][c] = acc[c][r] / l[r]: the accumulator is O^T, transposed back 16 columns at a time.
-  const __m512 inv = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(s.l, _mm512_setzero_ps(), _CMP_GT_OQ),
-                                         _mm512_set1_ps(1.f), s.l);  // 0 for rows without keys
+  // 0 for rows without keys; NaN rows (unordered) stay NaN
+  const __m512 inv = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(s.l, _mm512_setzero_ps(), _CMP_NEQ_UQ),
+                                         _mm512_set1_ps(1.f), s.l);
   for (int64_t c0 = 0; c0 < p.dv; c0 += 16) {
     __m512i t[16];
 #pragma GCC unroll 16
@@ -562,7 +571,8 @@ BM_AMX void amx_row_block(const ProblemBf16& p, const uint32_t* qt, int64_t mr, 
     transpose16x16_epi32(t);
     for (int64_t r = 0; r < mr; ++r) mk::store_bf16(out + r * p.dv + c0, _mm512_castsi512_ps(t[r]), 0xFFFF);
   }
-  for (int64_t r = 0; r < mr; ++r) lse[r] = l[r] > 0.f ? m[r] + std::log(l[r]) : -std::numeric_limits<float>::infinity();
+  for (int64_t r = 0; r < mr; ++r)
+    lse[r] = l[r] != 0.f ? m[r] + std::log(l[r]) : -std::numeric_limits<float>::infinity();
 }
 
 BM_AMX void forward_amx_tasks(const ProblemBf16& p, int64_t t0, int64_t t1, uint16_t* out, float* lse) {

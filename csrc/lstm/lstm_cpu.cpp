@@ -38,18 +38,20 @@ using at::Tensor;
 using at::vec::Vectorized;
 
 // exp_u20 is ATen's fast exp (about 20 ulp for float; the exact exp for double): the gate math is
-// bound by these transcendentals, and 20 ulp is far inside float32's tolerance for an LSTM.
+// bound by these transcendentals, and 20 ulp is far inside float32's tolerance for an LSTM. It turns
+// a NaN into a finite value, so NaN lanes are passed through explicitly (a diverged model must show
+// NaN, as nn.LSTM does).
 template <typename T>
 inline Vectorized<T> vsigmoid(const Vectorized<T>& x) {
   const Vectorized<T> one(T(1));
-  return one / (one + x.neg().exp_u20());
+  return Vectorized<T>::blendv(one / (one + x.neg().exp_u20()), x, x.isnan());
 }
 
 // tanh(x) = 2 sigmoid(2x) - 1, on the same fast exp. Absolute error stays at float rounding level.
 template <typename T>
 inline Vectorized<T> vtanh(const Vectorized<T>& x) {
   const Vectorized<T> one(T(1)), two(T(2));
-  return two / (one + (x * Vectorized<T>(T(-2))).exp_u20()) - one;
+  return Vectorized<T>::blendv(two / (one + (x * Vectorized<T>(T(-2))).exp_u20()) - one, x, x.isnan());
 }
 
 // Applies `body(k, n)` over [0, H) in vector-width chunks; the tail chunk has n < width.
@@ -290,11 +292,12 @@ Tensor rows_original(const Tensor& t, const PackPlan& p, at::ScalarType dtype) {
 // ---- the fast path's set-up ----
 
 // Which fused micro-kernel loop runs this layer, if any: none with a projection; float32 layers on
-// AVX-512, else AVX2; bf16 layers on AMX tiles, else on AVX-512: vdpbf16ps tiles (Avx512) where that
-// instruction pays, float32 FMA tiles over bf16 storage (Avx512Fp32) where it does not
-// (gemm::cpu::bf16_dot_pays); an AVX2 CPU runs bf16 on the portable path. BIGMODEL_CPU_KERNEL=avx512
-// and avx512-fp32 pick one of the two bf16 loops (off AMX); avx2 picks the AVX2 loop (or none for
-// bf16) as an AVX2-only CPU would.
+// AVX-512, else AVX2; bf16 layers on AMX tiles, else on AVX-512: vdpbf16ps tiles (Avx512) where the
+// CPU has AVX512-BF16 and that instruction pays, else float32 FMA tiles over bf16 storage
+// (Avx512Fp32: CPUs whose vdpbf16ps is slow, gemm::cpu::bf16_dot_pays, and AVX-512 CPUs without
+// AVX512-BF16); an AVX2 CPU runs bf16 on the portable path. BIGMODEL_CPU_KERNEL=avx512 and
+// avx512-fp32 pick one of the two bf16 loops (off AMX); avx2 picks the AVX2 loop (or none for bf16)
+// as an AVX2-only CPU would.
 enum class FastKernels { None, Amx, Avx512, Avx512Fp32, Avx2 };
 
 FastKernels fast_kernels(const Dims& d, at::ScalarType input_dtype, at::ScalarType ct) {
@@ -306,16 +309,18 @@ FastKernels fast_kernels(const Dims& d, at::ScalarType input_dtype, at::ScalarTy
     case gemm::cpu::KernelChoice::Avx2:
       return bf16 ? FastKernels::None : FastKernels::Avx2;
     case gemm::cpu::KernelChoice::Avx512:
-      return !bf16 || gemm::cpu::has_avx512_bf16() ? FastKernels::Avx512 : FastKernels::None;
+      return !bf16 || gemm::cpu::has_avx512_bf16() ? FastKernels::Avx512 : FastKernels::Avx512Fp32;
     case gemm::cpu::KernelChoice::Avx512Fp32:
-      return !bf16 ? FastKernels::Avx512 : gemm::cpu::has_avx512_bf16() ? FastKernels::Avx512Fp32 : FastKernels::None;
+      return bf16 ? FastKernels::Avx512Fp32 : FastKernels::Avx512;
     case gemm::cpu::KernelChoice::Auto:
       break;
   }
   if (bf16 && gemm::cpu::amx_enabled()) return FastKernels::Amx;
-  if (bf16 && !gemm::cpu::has_avx512_bf16()) return FastKernels::None;
-  if (bf16) return gemm::cpu::bf16_dot_pays() ? FastKernels::Avx512 : FastKernels::Avx512Fp32;
-  if (gemm::cpu::has_avx512()) return FastKernels::Avx512;
+  if (gemm::cpu::has_avx512()) {
+    if (!bf16) return FastKernels::Avx512;
+    return gemm::cpu::bf16_dot_pays() ? FastKernels::Avx512 : FastKernels::Avx512Fp32;
+  }
+  if (bf16) return FastKernels::None;
   return gemm::cpu::has_avx2() ? FastKernels::Avx2 : FastKernels::None;
 }
 

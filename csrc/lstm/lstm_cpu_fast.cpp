@@ -38,9 +38,23 @@ inline int64_t split(int64_t n, int64_t parts, int64_t i) { return i * n / parts
 
 // ---- forward ----
 
+// A bf16 vector of the forward's output: vcvtneps2bf16 from the bf16 tiles; integer rounding (the
+// same bits) from the float32 tiles, which also run bf16 layers on AVX-512 CPUs without AVX512-BF16.
+template <bool kBf16Tiles>
+BM_AVX512_BF16 BM_ALWAYS_INLINE void store_bf16_out(uint16_t* p, __m512 v, __mmask16 m) {
+  if constexpr (kBf16Tiles)
+    mk::store_bf16(p, v, m);
+  else
+    mk::store_bf16_rne(p, v, m);
+}
+
 // A saved gate or cell vector, float32 or bf16 bits.
+template <bool kBf16Tiles>
 BM_AVX512 BM_ALWAYS_INLINE void store_saved(float* p, __m512 v, __mmask16 m) { mk::store_f32(p, v, m); }
-BM_AVX512_BF16 BM_ALWAYS_INLINE void store_saved(uint16_t* p, __m512 v, __mmask16 m) { mk::store_bf16(p, v, m); }
+template <bool kBf16Tiles>
+BM_AVX512_BF16 BM_ALWAYS_INLINE void store_saved(uint16_t* p, __m512 v, __mmask16 m) {
+  store_bf16_out<kBf16Tiles>(p, v, m);
+}
 
 // The cell update of rows r0, r0 + rstride, ... (mr of them) and hidden units 16p .. 16p + 15, from
 // their pre-activations in tile[i] (gates i, f, g, o at columns 0, 16, 32, 48; kGS = 8: at 0, 8, 16,
@@ -73,24 +87,24 @@ BM_AVX512_BF16 BM_ALWAYS_INLINE void cell_update(const ForwardArgs& a, int64_t o
     else
       mk::store_f32(static_cast<float*>(hn) + sr * Kh + u0, hv, m);
     if constexpr (kOutBf16)
-      mk::store_bf16(static_cast<uint16_t*>(a.hout) + row * H + u0, hv, m);
+      store_bf16_out<kBf16>(static_cast<uint16_t*>(a.hout) + row * H + u0, hv, m);
     else
       mk::store_f32(static_cast<float*>(a.hout) + row * H + u0, hv, m);
     if constexpr (kTrain) {  // the saved dtype: bf16 for bf16 layers (half the bytes of the largest stream)
       using S = std::conditional_t<kOutBf16, uint16_t, float>;
       S* gp = static_cast<S*>(a.gates) + row * G + u0;
-      store_saved(gp, ig, m);
-      store_saved(gp + H, fg, m);
-      store_saved(gp + 2 * H, gg, m);
-      store_saved(gp + 3 * H, og, m);
-      store_saved(static_cast<S*>(a.cells) + row * H + u0, cn, m);
+      store_saved<kBf16>(gp, ig, m);
+      store_saved<kBf16>(gp + H, fg, m);
+      store_saved<kBf16>(gp + 2 * H, gg, m);
+      store_saved<kBf16>(gp + 3 * H, og, m);
+      store_saved<kBf16>(static_cast<S*>(a.cells) + row * H + u0, cn, m);
     }
   }
 }
 
 // One register tile and its cell update. Compiled with the BF16 target for both paths, since one
-// body serves both; the float32 instantiations contain no BF16 instruction (those sit under
-// `if constexpr`), so they run on any AVX-512 CPU.
+// body serves both; the float32-tile instantiations (float32 layers, and bf16 layers kept as bf16 in
+// memory) contain no BF16 instruction (those sit under `if constexpr`), so they run on any AVX-512 CPU.
 template <bool kBf16, bool kTrain, int MR, bool kOutBf16 = kBf16>
 BM_AVX512_BF16 void forward_tile(const ForwardArgs& a, int64_t off, int64_t r0, int64_t rstride, int64_t p,
                                  const void* hp, void* hn) {

@@ -145,6 +145,20 @@ def test_bfloat16_rows_without_keys_are_zero(device, cpu_kernel, is_causal):
     torch.testing.assert_close(lse[1:].double(), ref_lse[1:], atol=2e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_nan_input_propagates_like_native(cpu_kernel, dtype, where, is_causal):
+    """A NaN in q, k or v gives NaN exactly where F.scaled_dot_product_attention gives it, on every
+    kernel set: the softmax must not clamp a NaN score into a finite value or skip its row as if it
+    saw no key (a diverged model has to show). Two key blocks, a NaN in the first query block."""
+    q, k, v = (torch.randn(2, 3, 70, 32, dtype=dtype) for _ in range(3))
+    {"q": q, "k": k, "v": v}[where][1, 2, 5, 7] = float("nan")
+    out, _ = attention(q, k, v, is_causal=is_causal)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+    assert out.isnan().any() and torch.equal(out.isnan(), ref.isnan())
+
+
 def test_scale(device):
     q, k, v = qkv(2, 2, 2, 5, 7, 8, 8, device=device)
     out, _ = attention(q, k, v, scale=0.3)

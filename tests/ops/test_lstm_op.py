@@ -248,6 +248,51 @@ def test_bfloat16_layer_saves_bf16_gates(cpu_kernel, proj):
         torch.ops.bigmodel.lstm_layer_backward(*backward_args, gates.float(), cells.float(), False, True)
 
 
+@pytest.mark.parametrize("B", [1, 5, 64])
+def test_bfloat16_on_float32_tiles_is_the_float32_layer_rounded(monkeypatch, B):
+    """A bf16 layer on the float32 FMA tiles (BIGMODEL_CPU_KERNEL=avx512-fp32; 'auto' where vdpbf16ps
+    does not pay, or without AVX512-BF16) computes exactly what the float32 layer computes on the same
+    bf16 values and rounds its output and saved gates and cells to nearest even, as
+    Tensor.to(torch.bfloat16) does: bit for bit, NaN rows included."""
+    if torch.ops.bigmodel.build_info().find("cpu_avx512=1") < 0:
+        pytest.skip("this CPU (or build) has no AVX-512 kernels")
+    monkeypatch.setenv("BIGMODEL_CPU_KERNEL", "avx512-fp32")
+    args, lengths = make_args(
+        9, B, 100, 40, 0, proj=False, bias=True, has_lengths=B > 1, dtype=torch.bfloat16, device="cpu",
+        requires_grad=False,
+    )
+    args[0][2, B - 1, 3] = float("nan")  # the last row (length T) goes NaN from step 2 on
+    wide = torch.ops.bigmodel.lstm_layer(*args, lengths, False, True)
+    f32_args = [a.float() if a is not None else None for a in args]
+    ref = torch.ops.bigmodel.lstm_layer(*f32_args, lengths, False, True)
+    for name, w, r in zip(("output", "h_n", "c_n", "gates", "cells"), wide, ref, strict=True):
+        assert w.dtype == torch.bfloat16, name
+        r = r.to(torch.bfloat16)
+        assert torch.equal(w.view(torch.int16), r.view(torch.int16)) or (
+            torch.equal(w.isnan(), r.isnan()) and torch.equal(w[~w.isnan()], r[~r.isnan()])
+        ), name
+    assert wide[0][2:, B - 1].isnan().all() and not wide[0][:, : B - 1].isnan().any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nan_input_propagates_like_native(cpu_kernel, dtype):
+    """A NaN in the input makes that sequence's later outputs NaN, as in nn.LSTM, on every kernel set:
+    the gate nonlinearities must not clamp a NaN into a finite value (a diverged model has to show)."""
+    torch.manual_seed(0)
+    native = torch.nn.LSTM(8, 37).to(dtype)
+    x = torch.randn(6, 4, 8, dtype=dtype)
+    x[2, 1, 3] = float("nan")
+    args = [x, torch.zeros(4, 37, dtype=dtype), torch.zeros(4, 37, dtype=dtype)]
+    args += [p.detach() for p in (native.weight_ih_l0, native.weight_hh_l0, native.bias_ih_l0, native.bias_hh_l0)]
+    out, h_n, c_n = lstm_layer(*args, None)
+    with torch.no_grad():
+        ref, (ref_h, _) = native(x)
+    assert torch.equal(out.isnan(), ref.isnan()) and out[2:, 1].isnan().all()
+    assert torch.equal(h_n.isnan(), ref_h[0].isnan())
+    ok = ~ref.isnan()
+    torch.testing.assert_close(out[ok], ref[ok], **({"atol": 1e-5, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}))
+
+
 @pytest.mark.parametrize("bad,match", [(0, r"lengths\[1\] = 0"), (6, r"lengths\[1\] = 6")])
 def test_lengths_out_of_range(device, bad, match):
     args, _ = make_args(

@@ -303,10 +303,12 @@ BM_AVX512 BM_ALWAYS_INLINE __m512 recip_ps(__m512 d) {
 }
 
 // 1 / (1 + e^-x). x >= -80 (clamped): e^80 is finite, and sigmoid(-80) is 1.8e-35 already; large
-// positive x underflows e^-x to 0 and gives exactly 1.
+// positive x underflows e^-x to 0 and gives exactly 1. The clamps put the constant first: vmaxps
+// returns its second operand when either is NaN, so a NaN stays NaN (as in PyTorch) rather than
+// turning into a finite clamp value.
 template <bool kFast = false>
 BM_AVX512 BM_ALWAYS_INLINE __m512 sigmoid_ps(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-80.f));
+  x = _mm512_max_ps(_mm512_set1_ps(-80.f), x);
   return recip_ps<kFast>(_mm512_add_ps(_mm512_set1_ps(1.f), exp_scaled_ps<-1, kFast>(x)));
 }
 
@@ -314,7 +316,7 @@ BM_AVX512 BM_ALWAYS_INLINE __m512 sigmoid_ps(__m512 x) {
 // (clamped).
 template <bool kFast = false>
 BM_AVX512 BM_ALWAYS_INLINE __m512 tanh_ps(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-40.f));
+  x = _mm512_max_ps(_mm512_set1_ps(-40.f), x);
   const __m512 sig2 = recip_ps<kFast>(_mm512_add_ps(_mm512_set1_ps(1.f), exp_scaled_ps<-2, kFast>(x)));
   return _mm512_fmsub_ps(_mm512_set1_ps(2.f), sig2, _mm512_set1_ps(1.f));
 }
@@ -341,6 +343,17 @@ BM_AVX512_BF16 BM_ALWAYS_INLINE void store_bf16(uint16_t* p, __m512 v, __mmask16
   __m256i bits;
   std::memcpy(&bits, &b, sizeof(bits));
   _mm256_mask_storeu_epi16(p, m, bits);
+}
+
+// float32 -> bfloat16 bits with integer operations (AVX-512 F/BW only, for CPUs without AVX512-BF16):
+// round to nearest even as c10::BFloat16 and Tensor.to(torch.bfloat16) do, NaNs kept NaN (quieted).
+BM_AVX512 BM_ALWAYS_INLINE void store_bf16_rne(uint16_t* p, __m512 v, __mmask16 m) {
+  const __m512i x = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(x, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(x, _mm512_set1_epi32(0x00400000)));
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
 }
 
 // Two float32 vectors rounded to bf16 and interleaved lane by lane as 32-bit pairs (lo in the low

@@ -123,7 +123,8 @@ BM_AVX2 BM_ALWAYS_INLINE __m256 exp_scaled_ps(__m256 x) {
   static_assert(S == 1 || S == -1 || S == -2);
   constexpr float s = S;
   constexpr float lim = 87.f / (S < 0 ? -s : s);
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-lim)), _mm256_set1_ps(lim));
+  // constants first: vmaxps/vminps return the second operand when either is NaN, so NaN stays NaN
+  x = _mm256_min_ps(_mm256_set1_ps(lim), _mm256_max_ps(_mm256_set1_ps(-lim), x));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(s * 1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 t = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693147180559945309f / s), x);
