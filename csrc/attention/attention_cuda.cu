@@ -228,7 +228,9 @@ __global__ void __launch_bounds__(kGenericWarps * 32)
     A sc = -inf;
     if (j < kend) sc = dot_row<T, A>(qs, p.k.at(b, hk, j), p.k.s3, s.d) + p.mask_at(b, h, i, j);
     const A m_new = max(m, warp_max(sc));
-    if (m_new == -inf) continue;  // every key so far is masked: nothing to add (uniform over the warp)
+    // Every key so far is masked: nothing to add (uniform over the warp). Unless a score is NaN (max
+    // drops NaN): then the row goes NaN below, as in PyTorch.
+    if (m_new == -inf && !__any_sync(0xffffffffu, sc != sc)) continue;
     const A pr = sc == -inf ? A(0) : exp_(sc - m_new);
     const A alpha = exp_(m - m_new);  // 0 while m is -inf
     l = l * alpha + warp_sum(pr);
@@ -238,10 +240,10 @@ __global__ void __launch_bounds__(kGenericWarps * 32)
     accumulate_rows<T, A>(os, s.dv, alpha, pk, n, [&](int r) { return p.v.at(b, hk, j0 + r); }, p.v.s3);
   }
   const A keep_scale = p.dropout.active() ? A(1) / A(1.0 - p.dropout.p) : A(1);
-  const A inv = l > A(0) ? keep_scale / l : A(0);
+  const A inv = l != A(0) ? keep_scale / l : A(0);  // NaN rows stay NaN
   T* orow = out + row * s.dv;
   for (int64_t c = lane; c < s.dv; c += 32) store_as<T, A>(orow + c, os[c] * inv);
-  if (lane == 0) lse[row] = l > A(0) ? m + log_(l) : -inf;
+  if (lane == 0) lse[row] = l != A(0) ? m + log_(l) : -inf;
 }
 
 // delta[row] = grad_out[row] . out[row] (rows of dv, contiguous).
@@ -652,12 +654,12 @@ __global__ void __launch_bounds__(kTcThreads)
     l += __shfl_xor_sync(kFullMask, l, 2);
     const int64_t i = r == 0 ? row0 : row1;
     if (i >= p.Lq) continue;
-    const float inv = l > 0.f ? keep_scale / l : 0.f;
+    const float inv = l != 0.f ? keep_scale / l : 0.f;  // NaN rows (a NaN score) stay NaN
     E* orow = out + ((b * p.Hq + h) * p.Lq + i) * D;
 #pragma unroll
     for (int dt = 0; dt < kDT; ++dt)
       *reinterpret_cast<uint32_t*>(orow + dt * 8 + 2 * t) = Mma<E>::pack(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
-    if (t == 0) lse[(b * p.Hq + h) * p.Lq + i] = l > 0.f ? m_run[r] * kLn2 + logf(l) : -INFINITY;
+    if (t == 0) lse[(b * p.Hq + h) * p.Lq + i] = l != 0.f ? m_run[r] * kLn2 + logf(l) : -INFINITY;
   }
 }
 
