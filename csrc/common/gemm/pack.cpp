@@ -336,10 +336,12 @@ BM_AVX512_BF16 BM_ALWAYS_INLINE __m512 chain_step(__m512 acc) {
 // enough chains to cover either instruction's latency at two per cycle, so only throughput counts.
 template <bool kDot>
 BM_AVX512_BF16 __attribute__((noinline)) double time_chains(int64_t iters) {
-  // Distinct starting values, so that the compiler cannot merge the chains.
-  const auto start = [](int i) { return _mm512_set1_ps(float(i)); };
-  __m512 a0 = start(0), a1 = start(1), a2 = start(2), a3 = start(3), a4 = start(4), a5 = start(5);
-  __m512 a6 = start(6), a7 = start(7), a8 = start(8), a9 = start(9), a10 = start(10), a11 = start(11);
+  // Distinct starting values, so that the compiler cannot merge the chains (no lambda: it would not
+  // inherit this function's target attribute in a build without -mavx512f).
+  __m512 a0 = _mm512_set1_ps(0.f), a1 = _mm512_set1_ps(1.f), a2 = _mm512_set1_ps(2.f);
+  __m512 a3 = _mm512_set1_ps(3.f), a4 = _mm512_set1_ps(4.f), a5 = _mm512_set1_ps(5.f);
+  __m512 a6 = _mm512_set1_ps(6.f), a7 = _mm512_set1_ps(7.f), a8 = _mm512_set1_ps(8.f);
+  __m512 a9 = _mm512_set1_ps(9.f), a10 = _mm512_set1_ps(10.f), a11 = _mm512_set1_ps(11.f);
   const auto t0 = std::chrono::steady_clock::now();
   for (int64_t i = 0; i < iters; ++i) {
     a0 = chain_step<kDot>(a0), a1 = chain_step<kDot>(a1), a2 = chain_step<kDot>(a2);
