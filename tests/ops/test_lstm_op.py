@@ -277,7 +277,8 @@ def test_bfloat16_on_float32_tiles_is_the_float32_layer_rounded(monkeypatch, B):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_nan_input_propagates_like_native(cpu_kernel, dtype):
     """A NaN in the input makes that sequence's later outputs NaN, as in nn.LSTM, on every kernel set:
-    the gate nonlinearities must not clamp a NaN into a finite value (a diverged model has to show)."""
+    the gate nonlinearities must not clamp a NaN into a finite value (a diverged model has to show);
+    and a huge finite input saturates them, as in nn.LSTM, instead of turning NaN."""
     torch.manual_seed(0)
     native = torch.nn.LSTM(8, 37).to(dtype)
     x = torch.randn(6, 4, 8, dtype=dtype)
@@ -290,7 +291,15 @@ def test_nan_input_propagates_like_native(cpu_kernel, dtype):
     assert torch.equal(out.isnan(), ref.isnan()) and out[2:, 1].isnan().all()
     assert torch.equal(h_n.isnan(), ref_h[0].isnan())
     ok = ~ref.isnan()
-    torch.testing.assert_close(out[ok], ref[ok], **({"atol": 1e-5, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}))
+    tol = {"atol": 1e-5, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(out[ok], ref[ok], **tol)
+    # A huge finite input (a diverging model) saturates the gates as in nn.LSTM rather than giving NaN.
+    x[2, 1, 3] = 1e30
+    out, _, _ = lstm_layer(*args, None)
+    with torch.no_grad():
+        ref, _ = native(x)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, ref, **tol)
 
 
 @pytest.mark.parametrize("bad,match", [(0, r"lengths\[1\] = 0"), (6, r"lengths\[1\] = 6")])

@@ -302,21 +302,23 @@ BM_AVX512 BM_ALWAYS_INLINE __m512 recip_ps(__m512 d) {
   return _mm512_mul_ps(y, _mm512_fnmadd_ps(d, y, _mm512_set1_ps(2.f)));
 }
 
-// 1 / (1 + e^-x). x >= -80 (clamped): e^80 is finite, and sigmoid(-80) is 1.8e-35 already; large
-// positive x underflows e^-x to 0 and gives exactly 1. The clamps put the constant first: vmaxps
-// returns its second operand when either is NaN, so a NaN stays NaN (as in PyTorch) rather than
-// turning into a finite clamp value.
+// 1 / (1 + e^-x), x clamped to [-80, 80]: e^80 is finite, sigmoid(-80) is 1.8e-35 already and
+// sigmoid(80) rounds to 1. Without the upper clamp a huge x (|x| > ~1e15, a diverging model) gave
+// NaN: n = round(x / ln2) loses the integer, so t in exp_scaled_ps grows and its polynomial
+// overflows to inf - inf. The clamps put the constant first: vmaxps/vminps return their second
+// operand when either is NaN, so a NaN stays NaN (as in PyTorch) rather than turning into a finite
+// clamp value.
 template <bool kFast = false>
 BM_AVX512 BM_ALWAYS_INLINE __m512 sigmoid_ps(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-80.f), x);
+  x = _mm512_min_ps(_mm512_set1_ps(80.f), _mm512_max_ps(_mm512_set1_ps(-80.f), x));
   return recip_ps<kFast>(_mm512_add_ps(_mm512_set1_ps(1.f), exp_scaled_ps<-1, kFast>(x)));
 }
 
-// tanh(x) = 2 / (1 + e^-2x) - 1: absolute error at float32 rounding level (kFast: ~1e-4). x >= -40
-// (clamped).
+// tanh(x) = 2 / (1 + e^-2x) - 1: absolute error at float32 rounding level (kFast: ~1e-4). x clamped
+// to [-40, 40] (tanh(40) rounds to 1), NaN kept, as in sigmoid_ps.
 template <bool kFast = false>
 BM_AVX512 BM_ALWAYS_INLINE __m512 tanh_ps(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-40.f), x);
+  x = _mm512_min_ps(_mm512_set1_ps(40.f), _mm512_max_ps(_mm512_set1_ps(-40.f), x));
   const __m512 sig2 = recip_ps<kFast>(_mm512_add_ps(_mm512_set1_ps(1.f), exp_scaled_ps<-2, kFast>(x)));
   return _mm512_fmsub_ps(_mm512_set1_ps(2.f), sig2, _mm512_set1_ps(1.f));
 }
