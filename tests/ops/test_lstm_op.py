@@ -274,7 +274,7 @@ def test_bfloat16_on_float32_tiles_is_the_float32_layer_rounded(monkeypatch, B):
     assert wide[0][2:, B - 1].isnan().all() and not wide[0][:, : B - 1].isnan().any()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_nan_input_propagates_like_native(cpu_kernel, dtype):
     """A NaN in the input makes that sequence's later outputs NaN, as in nn.LSTM, on every kernel set:
     the gate nonlinearities must not clamp a NaN into a finite value (a diverged model has to show);
