@@ -139,7 +139,7 @@ BM_AVX512 void row_group(const Problem& p, const float* q, const float* kpanels,
       __m512 sum = _mm512_setzero_ps();
 #pragma GCC unroll 4
       for (int c = 0; c < 4; ++c) {
-        const __m512 x = _mm512_max_ps(_mm512_set1_ps(-87.f), _mm512_sub_ps(s[r][c], shift));
+        const __m512 x = _mm512_sub_ps(s[r][c], shift);
         const __m512 e = edge ? _mm512_maskz_mov_ps(mask[c], mk::exp_scaled_ps<1>(x)) : mk::exp_scaled_ps<1>(x);
         _mm512_store_ps(pt[r] + 16 * c, e);
         sum = _mm512_add_ps(sum, e);
@@ -231,7 +231,7 @@ BM_AVX512 void bwd_rows(const Problem& p, const float* q, const float* go, const
     const __m512 shift = _mm512_set1_ps(lse[r]);
 #pragma GCC unroll 4
     for (int c = 0; c < 4; ++c) {
-      const __m512 x = _mm512_max_ps(_mm512_set1_ps(-87.f), _mm512_sub_ps(s[r][c], shift));
+      const __m512 x = _mm512_sub_ps(s[r][c], shift);
       __m512 e = mk::exp_scaled_ps<1>(x);
       if (edge) e = _mm512_maskz_mov_ps(mk::lanes(std::max<int64_t>(0, std::min<int64_t>(16, limit[r] - j0 - 16 * c))), e);
       _mm512_store_ps(pt[r] + 16 * c, e);
@@ -501,16 +501,14 @@ BM_AMX __m512 softmax_block_t(const float (*st)[16], int64_t j0, __m512 scale, _
   const __mmask16 live = _mm512_cmp_ps_mask(m_new, ninf, _CMP_NEQ_OQ);  // rows with a key so far
   const __m512 shift = _mm512_mask_mov_ps(_mm512_setzero_ps(), live, m_new);
   // alpha = e^(m - m_new): 0 where m was -inf (nothing accumulated), 1 where the row has no key yet.
-  const __m512 alpha = _mm512_mask_mov_ps(
-      _mm512_set1_ps(1.f), live,
-      mk::exp_scaled_ps<1>(_mm512_max_ps(_mm512_set1_ps(-87.f), _mm512_sub_ps(s.m, shift))));
+  const __m512 alpha =
+      _mm512_mask_mov_ps(_mm512_set1_ps(1.f), live, mk::exp_scaled_ps<1>(_mm512_sub_ps(s.m, shift)));
   __m512 sum = _mm512_setzero_ps();
   for (int j = 0; j < kKeys; j += 2) {
-    const __m512 e0 = _mm512_maskz_mov_ps(
-        valid[j], mk::exp_scaled_ps<1>(_mm512_max_ps(_mm512_set1_ps(-87.f), _mm512_sub_ps(_mm512_load_ps(sv[j]), shift))));
-    const __m512 e1 = _mm512_maskz_mov_ps(
-        valid[j + 1],
-        mk::exp_scaled_ps<1>(_mm512_max_ps(_mm512_set1_ps(-87.f), _mm512_sub_ps(_mm512_load_ps(sv[j + 1]), shift))));
+    const __m512 e0 =
+        _mm512_maskz_mov_ps(valid[j], mk::exp_scaled_ps<1>(_mm512_sub_ps(_mm512_load_ps(sv[j]), shift)));
+    const __m512 e1 =
+        _mm512_maskz_mov_ps(valid[j + 1], mk::exp_scaled_ps<1>(_mm512_sub_ps(_mm512_load_ps(sv[j + 1]), shift)));
     sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
     _mm512_store_si512(pt + (j / 2) * 16, mk::bf16_pairs(e0, e1));
   }

@@ -413,7 +413,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fast(
   const bool wide = kernels == FastKernels::Avx512Fp32;
   const bool bf16 = input.scalar_type() == at::kBFloat16 && !wide;
   const at::ScalarType st = bf16 ? at::kBFloat16 : at::kFloat;  // storage of x and h
-  const at::ScalarType out_st = bf16 || wide ? at::kBFloat16 : at::kFloat;  // of the output
+  const at::ScalarType out_st = input.scalar_type() == at::kBFloat16 ? at::kBFloat16 : at::kFloat;  // of the output
   const int64_t G = 4 * d.H;
   // bf16 reads k in pairs and AMX in blocks of 32: h and x rows are zero-padded to that length.
   const int64_t kq = amx ? 32 : bf16 ? 2 : 1;

@@ -38,22 +38,17 @@ inline int64_t split(int64_t n, int64_t parts, int64_t i) { return i * n / parts
 
 // ---- forward ----
 
-// A bf16 vector of the forward's output: vcvtneps2bf16 from the bf16 tiles; integer rounding (the
-// same bits) from the float32 tiles, which also run bf16 layers on AVX-512 CPUs without AVX512-BF16.
+// A vector of the forward's output or of its saved gates and cells, float32 or bf16 bits. bf16:
+// vcvtneps2bf16 from the bf16 tiles; integer rounding (the same bits) from the float32 tiles, which
+// also run bf16 layers on AVX-512 CPUs without AVX512-BF16.
 template <bool kBf16Tiles>
-BM_AVX512_BF16 BM_ALWAYS_INLINE void store_bf16_out(uint16_t* p, __m512 v, __mmask16 m) {
+BM_AVX512 BM_ALWAYS_INLINE void store_out(float* p, __m512 v, __mmask16 m) { mk::store_f32(p, v, m); }
+template <bool kBf16Tiles>
+BM_AVX512_BF16 BM_ALWAYS_INLINE void store_out(uint16_t* p, __m512 v, __mmask16 m) {
   if constexpr (kBf16Tiles)
     mk::store_bf16(p, v, m);
   else
     mk::store_bf16_rne(p, v, m);
-}
-
-// A saved gate or cell vector, float32 or bf16 bits.
-template <bool kBf16Tiles>
-BM_AVX512 BM_ALWAYS_INLINE void store_saved(float* p, __m512 v, __mmask16 m) { mk::store_f32(p, v, m); }
-template <bool kBf16Tiles>
-BM_AVX512_BF16 BM_ALWAYS_INLINE void store_saved(uint16_t* p, __m512 v, __mmask16 m) {
-  store_bf16_out<kBf16Tiles>(p, v, m);
 }
 
 // The cell update of rows r0, r0 + rstride, ... (mr of them) and hidden units 16p .. 16p + 15, from
@@ -86,18 +81,17 @@ BM_AVX512_BF16 BM_ALWAYS_INLINE void cell_update(const ForwardArgs& a, int64_t o
       mk::store_bf16(static_cast<uint16_t*>(hn) + sr * Kh + u0, hv, m);
     else
       mk::store_f32(static_cast<float*>(hn) + sr * Kh + u0, hv, m);
-    if constexpr (kOutBf16)
-      store_bf16_out<kBf16>(static_cast<uint16_t*>(a.hout) + row * H + u0, hv, m);
-    else
-      mk::store_f32(static_cast<float*>(a.hout) + row * H + u0, hv, m);
-    if constexpr (kTrain) {  // the saved dtype: bf16 for bf16 layers (half the bytes of the largest stream)
-      using S = std::conditional_t<kOutBf16, uint16_t, float>;
+    // The output, and the saved gates and cells (the saved dtype: bf16 for bf16 layers, half the
+    // bytes of the largest stream), in the layer's storage type.
+    using S = std::conditional_t<kOutBf16, uint16_t, float>;
+    store_out<kBf16>(static_cast<S*>(a.hout) + row * H + u0, hv, m);
+    if constexpr (kTrain) {
       S* gp = static_cast<S*>(a.gates) + row * G + u0;
-      store_saved<kBf16>(gp, ig, m);
-      store_saved<kBf16>(gp + H, fg, m);
-      store_saved<kBf16>(gp + 2 * H, gg, m);
-      store_saved<kBf16>(gp + 3 * H, og, m);
-      store_saved<kBf16>(static_cast<S*>(a.cells) + row * H + u0, cn, m);
+      store_out<kBf16>(gp, ig, m);
+      store_out<kBf16>(gp + H, fg, m);
+      store_out<kBf16>(gp + 2 * H, gg, m);
+      store_out<kBf16>(gp + 3 * H, og, m);
+      store_out<kBf16>(static_cast<S*>(a.cells) + row * H + u0, cn, m);
     }
   }
 }

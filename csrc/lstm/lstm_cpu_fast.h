@@ -117,8 +117,8 @@ inline int64_t state_row(const BackwardArgs& a, int64_t r) { return state_row(r,
 // Worker bodies for at::parallel_for(0, R * C, 1, ...): run workers [w0, w1) over all steps.
 void forward_f32(const ForwardArgs& a, bool train, int64_t w0, int64_t w1);
 void forward_bf16(const ForwardArgs& a, bool train, int64_t w0, int64_t w1);
-// A bf16 layer on the float32 tiles (CPUs whose vdpbf16ps is slow): panels, x and h float32, the
-// output (hout) and the saved gates and cells bf16 bits.
+// A bf16 layer on the float32 tiles (CPUs whose vdpbf16ps is slow, or without AVX512-BF16): panels,
+// x and h float32, the output (hout) and the saved gates and cells bf16 bits.
 void forward_f32_bf16_out(const ForwardArgs& a, bool train, int64_t w0, int64_t w1);
 void backward_f32(const BackwardArgs& a, int64_t w0, int64_t w1);
 // bf16 layers on AMX: backward_f32 with the [dh, dx] tiles and the fused weight-gradient updates on

@@ -263,8 +263,13 @@ BM_AMX BM_ALWAYS_INLINE void amx_store(float (*out)[kNR]) {
 
 // ---- vector math for epilogues ----
 
-// e^(s x) for s = 1, -1 or -2 (the LSTM's gates need e^-x and e^-2x, softmax e^x), |s x| <= 87
-// (callers clamp). s x = n ln2 + r with n = round(s x / ln2); then r = s (x - n ln2 / s) = s t, and
+// e^(s x) for s = 1, -1 or -2 (the LSTM's gates need e^-x and e^-2x, softmax e^x), with x clamped
+// here to |s x| <= 87, as the AVX2 version does: e^87 is finite and e^-87 (1.6e-38) is below what
+// sigmoid's 1 + e^-x, tanh's 1 + e^-2x or a softmax sum can see; a huge x (|x| > ~1e15, a diverging
+// model) would otherwise give NaN, because n = round(s x / ln2) loses the integer, t grows and the
+// polynomial overflows to inf - inf. The clamp puts the constants first: vmaxps/vminps return their
+// second operand when either is NaN, so a NaN stays NaN (as in PyTorch) rather than turning into a
+// finite clamp value. s x = n ln2 + r with n = round(s x / ln2); then r = s (x - n ln2 / s) = s t, and
 // e^r is a Taylor polynomial in r (|r| <= ln2/2) written as a polynomial in t with the powers of s
 // folded into its coefficients, so neither s x nor r is ever formed. A single float ln2 in the FMA
 // leaves |r| error below n * 2e-9; vscalefps puts the exponent back and underflows to 0 for very
@@ -275,6 +280,8 @@ template <int S, bool kFast = false>
 BM_AVX512 BM_ALWAYS_INLINE __m512 exp_scaled_ps(__m512 x) {
   static_assert(S == 1 || S == -1 || S == -2);
   constexpr float s = S;
+  constexpr float lim = 87.f / (S < 0 ? -s : s);
+  x = _mm512_min_ps(_mm512_set1_ps(lim), _mm512_max_ps(_mm512_set1_ps(-lim), x));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(s * 1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 t = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147180559945309f / s), x);
@@ -302,23 +309,16 @@ BM_AVX512 BM_ALWAYS_INLINE __m512 recip_ps(__m512 d) {
   return _mm512_mul_ps(y, _mm512_fnmadd_ps(d, y, _mm512_set1_ps(2.f)));
 }
 
-// 1 / (1 + e^-x), x clamped to [-80, 80]: e^80 is finite, sigmoid(-80) is 1.8e-35 already and
-// sigmoid(80) rounds to 1. Without the upper clamp a huge x (|x| > ~1e15, a diverging model) gave
-// NaN: n = round(x / ln2) loses the integer, so t in exp_scaled_ps grows and its polynomial
-// overflows to inf - inf. The clamps put the constant first: vmaxps/vminps return their second
-// operand when either is NaN, so a NaN stays NaN (as in PyTorch) rather than turning into a finite
-// clamp value.
+// 1 / (1 + e^-x): exactly 1 for large x (e^-x underflows), NaN for NaN (exp_scaled_ps clamps).
 template <bool kFast = false>
 BM_AVX512 BM_ALWAYS_INLINE __m512 sigmoid_ps(__m512 x) {
-  x = _mm512_min_ps(_mm512_set1_ps(80.f), _mm512_max_ps(_mm512_set1_ps(-80.f), x));
   return recip_ps<kFast>(_mm512_add_ps(_mm512_set1_ps(1.f), exp_scaled_ps<-1, kFast>(x)));
 }
 
-// tanh(x) = 2 / (1 + e^-2x) - 1: absolute error at float32 rounding level (kFast: ~1e-4). x clamped
-// to [-40, 40] (tanh(40) rounds to 1), NaN kept, as in sigmoid_ps.
+// tanh(x) = 2 / (1 + e^-2x) - 1: absolute error at float32 rounding level (kFast: ~1e-4); exactly
+// +-1 for large |x|, NaN for NaN (exp_scaled_ps clamps).
 template <bool kFast = false>
 BM_AVX512 BM_ALWAYS_INLINE __m512 tanh_ps(__m512 x) {
-  x = _mm512_min_ps(_mm512_set1_ps(40.f), _mm512_max_ps(_mm512_set1_ps(-40.f), x));
   const __m512 sig2 = recip_ps<kFast>(_mm512_add_ps(_mm512_set1_ps(1.f), exp_scaled_ps<-2, kFast>(x)));
   return _mm512_fmsub_ps(_mm512_set1_ps(2.f), sig2, _mm512_set1_ps(1.f));
 }

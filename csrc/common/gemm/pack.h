@@ -84,8 +84,9 @@ const char* kernel_choice_name(KernelChoice k);
 bool microkernels_enabled();
 // The AMX tiles may run: the CPU has them and kernel_choice() is Auto.
 bool amx_enabled();
-// vdpbf16ps multiplies bf16 faster than widening to float32 and using FMAs: it does two
-// multiply-adds per lane, so it pays where it issues at more than half the FMA's rate. Not every CPU
+// vdpbf16ps multiplies bf16 at least about as fast as widening to float32 and using FMAs: its FLOP
+// rate (two multiply-adds per lane) exceeds 0.8x the FMA's, i.e. it issues at more than 0.4x the
+// FMA's instruction rate (at equal FLOP rates it still reads half the weight bytes). Not every CPU
 // with AVX512-BF16 does (measured on an Emerald Rapids VM: one every two cycles against two FMAs per
 // cycle, so bf16 dot products ran at half the float32 FMA rate). Timed once per process (~0.1 ms)
 // on register-only loops of both; false without AVX512-BF16.
