@@ -324,8 +324,7 @@ FastKernels fast_kernels(const Dims& d, at::ScalarType input_dtype, at::ScalarTy
   return gemm::cpu::has_avx2() ? FastKernels::Avx2 : FastKernels::None;
 }
 
-// Bytes of weights a worker may stream every step and still find in its own L2 (three quarters of
-// it; the rest holds h, x and the outputs of its rows).
+// Three quarters of a worker's L2 (the rest holds h, x and the outputs of its rows).
 int64_t l2_budget() {
   static const int64_t budget = [] {
     long l2 = -1;
@@ -333,6 +332,23 @@ int64_t l2_budget() {
     l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
 #endif
     return int64_t(l2 > 0 ? l2 : 1 << 20) * 3 / 4;
+  }();
+  return budget;
+}
+
+// Bytes of weights a worker may stream every step and still find close by: its L2 budget and, on
+// AMD, three quarters of its 4 MiB share of the L3 too. Zen's L3 (4 MiB per core on Zen 2 to 4)
+// feeds a step's weights nearly as fast as the L2: on a Zen 4 VM (1 MiB L2) row groups streaming
+// 1-3 MiB of panels from it beat column groups (seed training 168-210 -> 135 ms, 2L-bidir 880 ->
+// 742 ms; NOTES v19). On the Intel hosts a tile streaming its panel from L3 ran at 64 GFLOP/s against
+// 167-174 from L2 (v13), so there the L2 alone is the limit.
+int64_t stream_budget() {
+  static const int64_t budget = [] {
+    int64_t bytes = l2_budget();
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    if (__builtin_cpu_is("amd")) bytes += (int64_t(4) << 20) * 3 / 4;
+#endif
+    return bytes;
   }();
   return budget;
 }
@@ -349,7 +365,7 @@ fast::Grid choose_grid(int64_t B, int64_t col_panels, int64_t stream_bytes, int6
   fast::Grid g;
   g.R = std::max<int64_t>(1, std::min(nt, row_blocks));
 #if AT_PARALLEL_OPENMP
-  while (g.R > 1 && stream_bytes > l2_budget()) {  // trade row groups for column groups
+  while (g.R > 1 && stream_bytes > stream_budget()) {  // trade row groups for column groups
     g.R = (g.R + 1) / 2;
     stream_bytes /= 2;
   }
