@@ -530,10 +530,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
     const std::optional<Tensor>& grad_output, const std::optional<Tensor>& grad_h_n,
     const std::optional<Tensor>& grad_c_n, const Tensor& input, const Tensor& h0, const Tensor& c0,
     const Tensor& w_ih, const Tensor& w_hh, const Tensor& output, const Tensor& gates, const Tensor& cells,
-    bool reverse, bool has_bias, const Dims& d, const PackPlan& p, FastKernels kernels) {
+    bool reverse, bool has_bias, const Dims& d, const PackPlan& p, FastKernels kernels, bool bf16_dot) {
   const at::ScalarType f32 = at::kFloat;
   const bool avx2 = kernels == FastKernels::Avx2;
   const bool amx = kernels == FastKernels::Amx;  // bf16 only
+  const bool bf16_tiles = amx || bf16_dot;        // the [dh, dx] tiles read bf16 panels
   const int64_t G = 4 * d.H, H = d.H, F = d.H + d.I;
   const int64_t Fp = (F + gemm::kPanel - 1) / gemm::kPanel * gemm::kPanel;
   Tensor x = to_packed(input, p, f32);
@@ -555,12 +556,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
     gemm::pack_f32_into(out.data_ptr<float>(), G, 0, w_ih, false, from_ih);
   };
   const int64_t np = int64_t(all.size()) / gemm::kPanel;
-  Tensor panels =
-      amx ? Tensor() : gemm::cached_pack({w_hh, w_ih}, /*kind=*/0, {np, G, gemm::kPanel}, f32, pack_panels);
+  Tensor panels = bf16_tiles ? Tensor()
+                            : gemm::cached_pack({w_hh, w_ih}, /*kind=*/0, {np, G, gemm::kPanel}, f32, pack_panels);
 
   fast::BackwardArgs a;
   Tensor panels_bf16;
-  if (amx) {  // the same B matrix, K = 4H padded to 32, as bf16 AMX panels (cache kind -32)
+  if (bf16_tiles) {  // the same B matrix, K = 4H padded to 32, as bf16 AMX panels (cache kind -32)
     a.Gp = (G + 31) / 32 * 32;
     const auto pack_bf16 = [&](Tensor& out) {  // rows G .. Gp stay zero
       gemm::pack_bf16_into(out.data_ptr<int16_t>(), a.Gp / 2, 0, w_hh, false, from_hh);
@@ -571,7 +572,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   }
   a.steps = steps_of(p, d, reverse);
   a.I = d.I;
-  a.panels = amx ? nullptr : panels.const_data_ptr<float>();
+  a.panels = bf16_tiles ? nullptr : panels.const_data_ptr<float>();
   // Saved gates and cells: bf16 from a bf16 layer's forward, read as such by the AVX-512 pointwise
   // pass; the AVX2 one reads float32.
   const bool saved_bf16 = gates.scalar_type() == at::kBFloat16;
@@ -589,7 +590,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   // Each step streams the [W_hh, W_ih] panels (and, fused, the worker's weight-gradient sums, the
   // same size again: at the seed shape, 2 x 1 MiB, fused on two row groups still measured faster than
   // column groups with the weight gradients left to BLAS, so only the panels count here).
-  const int64_t panel_bytes = G * Fp * int64_t(amx ? 2 : sizeof(float));
+  const int64_t panel_bytes = G * Fp * int64_t(bf16_tiles ? 2 : sizeof(float));
   // AMX: 16-row blocks in the grid choice, so B = 32 splits into two row groups with fused weight
   // gradients on AMX instead of column groups and float32 BLAS (long shape, bf16: 118 -> 53 ms).
   a.grid = choose_grid(d.B, (H + gemm::kPanel - 1) / gemm::kPanel, panel_bytes,
@@ -648,6 +649,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
       fast::backward_f32_avx2(a, w0, w1);
     else if (amx)
       fast::backward_amx(a, w0, w1);
+    else if (bf16_dot)
+      fast::backward_bf16(a, w0, w1);
     else
       fast::backward_f32(a, w0, w1);
   });
@@ -790,14 +793,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
   if (grad_output.has_value()) check_shape(*grad_output, {d.T, d.B, P}, op, "grad_output", "(T, B, P)");
   if (grad_h_n.has_value()) check_shape(*grad_h_n, {d.B, P}, op, "grad_h_n", "(B, P)");
   if (grad_c_n.has_value()) check_shape(*grad_c_n, {d.B, H}, op, "grad_c_n", "(B, hidden_size)");
-  // The backward computes in float32 (bf16 layers included: any AVX-512 or AVX2 CPU runs it); a bf16
-  // layer takes the AMX tiles where the forward does.
+  // The backward's pointwise part and state are float32, and any AVX-512 or AVX2 CPU runs it (bf16
+  // layers included, on float32 tiles); a bf16 layer multiplies in bf16 where its forward does: on AMX
+  // tiles, or on vdpbf16ps tiles (kernels Avx512 for bf16, as the forward).
   FastKernels k = fast_kernels(d, at::kFloat, ct);
-  if (k == FastKernels::Avx512 && input.scalar_type() == at::kBFloat16 && gemm::cpu::amx_enabled())
-    k = FastKernels::Amx;
+  bool bf16_dot = false;
+  if (k == FastKernels::Avx512 && input.scalar_type() == at::kBFloat16) {
+    const FastKernels kb = fast_kernels(d, at::kBFloat16, ct);
+    if (kb == FastKernels::Amx) k = FastKernels::Amx;
+    bf16_dot = kb == FastKernels::Avx512;
+  }
   if (k != FastKernels::None)
     return lstm_backward_fast(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, output, gates, cells,
-                              reverse, has_bias, d, p, k);
+                              reverse, has_bias, d, p, k, bf16_dot);
 
   Tensor x = to_packed(input, p, ct);
   Tensor hout = to_packed(output, p, ct);

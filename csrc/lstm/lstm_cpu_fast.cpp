@@ -637,6 +637,87 @@ BM_AMX void grad_state_tiles_amx(const BackwardArgs& a, const float* dg, int64_t
   }
 }
 
+// At least n elements of v from a 64-byte boundary (the bf16 tiles' aligned panel loads).
+inline uint16_t* aligned_scratch(std::vector<uint16_t>& v, int64_t n) {
+  if (int64_t(v.size()) < n + 32) v.resize(n + 32);
+  const auto addr = reinterpret_cast<std::uintptr_t>(v.data());
+  return v.data() + (64 - addr % 64) % 64 / sizeof(uint16_t);
+}
+
+// [dh, dx] on vdpbf16ps (bf16 layers where it pays, no AMX): the mr rows of dgates rounded to bf16
+// into an L1 buffer, then MR x 64 tiles against the bf16 panels over K = 4H (the panels' zero columns
+// past H + I give zeros that store_grad_state drops).
+BM_AVX512_BF16 void grad_state_tiles_bf16(const BackwardArgs& a, const float* dg, int64_t lda, int64_t off,
+                                          int64_t r0, int64_t mr, int64_t rstride, int64_t p0, int64_t p1) {
+  const int64_t H = a.steps.H, G = 4 * H, F = H + a.I, Gp = a.Gp;
+  thread_local std::vector<uint16_t> rows;
+  uint16_t* A = aligned_scratch(rows, mk::kMR * G);
+  for (int64_t i = 0; i < mr; ++i)
+    for (int64_t k = 0; k < G; k += 16) {
+      const __mmask16 m = mk::lanes(G - k);
+      mk::store_bf16(A + i * G + k, mk::load_f32(dg + i * lda + k, m), m);
+    }
+  mk::with_rows(mr, [&](auto rows_c) {
+    constexpr int MR = decltype(rows_c)::value;
+    for (int64_t p = p0; p < p1; ++p) {
+      __m512 acc[MR][4];
+      mk::zero_tile(acc);
+      mk::tile_bf16<MR>(A, G, G / 2, a.panels_bf16 + p * Gp * mk::kNR, acc);
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j)
+          if (p * mk::kNR + 16 * j < F) store_grad_state(a, off, r0 + i * rstride, p * mk::kNR + 16 * j, acc[i][j]);
+    }
+  });
+}
+
+// The fused weight-gradient update on vdpbf16ps: dw [4H, Fp] += dg^T hx over the n collected rows,
+// both rounded to bf16 with row pairs interleaved (an odd n padded with a zero row), as the layer's
+// own bf16 GEMMs would; then MR x 64 tiles of dw over the n / 2 pairs. The columns of dw past F get
+// zeros added (hx is zero there).
+BM_AVX512_BF16 void grad_weights_update_bf16(const WorkerScratch& ws, int64_t G, int64_t F, int64_t ldw,
+                                             int64_t rows_cap, int64_t n) {
+  const int64_t n2 = (n + 1) / 2, np = (F + mk::kNR - 1) / mk::kNR;
+  thread_local std::vector<uint16_t> dg_buf, hx_buf;
+  // dgp [n2][G][2] = (dg[2j][g], dg[2j + 1][g]); hxp [np][n2][64][2] the same of each of hx's panels
+  uint16_t* dgp = aligned_scratch(dg_buf, n2 * G * 2);
+  uint16_t* hxp = aligned_scratch(hx_buf, np * n2 * mk::kNR * 2);
+  for (int64_t j = 0; j < n2; ++j) {
+    const bool odd = 2 * j + 1 >= n;
+    for (int64_t g = 0; g < G; g += 16) {
+      const __mmask16 m = mk::lanes(G - g);
+      const __m512 lo = mk::load_f32(ws.dg + 2 * j * G + g, m);
+      const __m512 hi = odd ? _mm512_setzero_ps() : mk::load_f32(ws.dg + (2 * j + 1) * G + g, m);
+      _mm512_mask_storeu_epi32(dgp + (j * G + g) * 2, m, mk::bf16_pairs(lo, hi));
+    }
+  }
+  for (int64_t p = 0; p < np; ++p)
+    for (int64_t j = 0; j < n2; ++j) {
+      const float* lo = ws.hx + (p * rows_cap + 2 * j) * mk::kNR;
+      uint16_t* out = hxp + (p * n2 + j) * mk::kNR * 2;
+#pragma GCC unroll 4
+      for (int v = 0; v < 4; ++v) {
+        const __m512 hi = 2 * j + 1 >= n ? _mm512_setzero_ps() : _mm512_load_ps(lo + mk::kNR + 16 * v);
+        _mm512_store_si512(out + 32 * v, mk::bf16_pairs(_mm512_load_ps(lo + 16 * v), hi));
+      }
+    }
+  for (int64_t m0 = 0; m0 < G; m0 += mk::kMR)
+    mk::with_rows(std::min<int64_t>(mk::kMR, G - m0), [&](auto rows_c) {
+      constexpr int MR = decltype(rows_c)::value;
+      for (int64_t p = 0; p < np; ++p) {
+        __m512 acc[MR][4];
+        float* c = ws.dw + m0 * ldw + p * mk::kNR;
+        if (ws.fresh)
+          mk::zero_tile(acc);
+        else
+          mk::load_tile(c, ldw, acc);
+        mk::tile_bf16<MR>(dgp + m0 * 2, 2, n2, hxp + p * n2 * mk::kNR * 2, acc, 2 * G);
+        mk::store_tile(acc, c, ldw);
+      }
+    });
+}
+
 // The backward's kernel sets: what backward_steps calls per step.
 struct Avx512Backward {
   static constexpr int64_t kRows = mk::kMR;
@@ -717,6 +798,19 @@ struct AmxBackward : Avx512Backward {
   }
   static void weights_update(const WorkerScratch& ws, int64_t G, int64_t, int64_t Fp, int64_t rows_cap, int64_t n) {
     grad_weights_update_amx(ws, G, Fp, rows_cap, n);
+  }
+};
+
+// Avx512Backward with the [dh, dx] tiles and the fused weight-gradient updates on vdpbf16ps (bf16
+// layers on CPUs without AMX whose vdpbf16ps pays).
+struct Bf16DotBackward : Avx512Backward {
+  static void state_tiles(const BackwardArgs& a, const float* dg, int64_t lda, int64_t off, int64_t r0, int64_t mr,
+                          int64_t rstride, int64_t p0, int64_t p1) {
+    grad_state_tiles_bf16(a, dg, lda, off, r0, mr, rstride, p0, p1);
+  }
+  static void weights_update(const WorkerScratch& ws, int64_t G, int64_t F, int64_t ldw, int64_t rows_cap,
+                             int64_t n) {
+    grad_weights_update_bf16(ws, G, F, ldw, rows_cap, n);
   }
 };
 
@@ -861,6 +955,8 @@ void forward_amx(const ForwardArgs& a, bool train, int64_t w0, int64_t w1) {
 
 void backward_f32(const BackwardArgs& a, int64_t w0, int64_t w1) { backward_steps<Avx512Backward>(a, w0, w1); }
 
+void backward_bf16(const BackwardArgs& a, int64_t w0, int64_t w1) { backward_steps<Bf16DotBackward>(a, w0, w1); }
+
 BM_AMX void backward_amx(const BackwardArgs& a, int64_t w0, int64_t w1) {
   mk::amx_configure();
   backward_steps<AmxBackward>(a, w0, w1);
@@ -881,6 +977,7 @@ void forward_bf16(const ForwardArgs&, bool, int64_t, int64_t) { TORCH_INTERNAL_A
 void forward_f32_bf16_out(const ForwardArgs&, bool, int64_t, int64_t) { TORCH_INTERNAL_ASSERT(false); }
 void forward_amx(const ForwardArgs&, bool, int64_t, int64_t) { TORCH_INTERNAL_ASSERT(false); }
 void backward_f32(const BackwardArgs&, int64_t, int64_t) { TORCH_INTERNAL_ASSERT(false); }
+void backward_bf16(const BackwardArgs&, int64_t, int64_t) { TORCH_INTERNAL_ASSERT(false); }
 void backward_amx(const BackwardArgs&, int64_t, int64_t) { TORCH_INTERNAL_ASSERT(false); }
 void forward_f32_avx2(const ForwardArgs&, bool, int64_t, int64_t) { TORCH_INTERNAL_ASSERT(false); }
 void backward_f32_avx2(const BackwardArgs&, int64_t, int64_t) { TORCH_INTERNAL_ASSERT(false); }

@@ -81,8 +81,8 @@ struct BackwardArgs {
   Steps steps;
   int64_t I = 0;
   const float* panels = nullptr;  // [W_hh, W_ih] as a [4H, H + I] B matrix, contiguous columns
-  // bf16 layers on AMX: the same B matrix as bf16 AMX panels with K = 4H zero-padded to Gp (a multiple
-  // of 32); the [dh, dx] tiles then multiply dgates rounded to bf16 (backward_amx).
+  // bf16 layers on AMX or vdpbf16ps: the same B matrix as bf16 panels with K = 4H zero-padded to Gp (a
+  // multiple of 32); the [dh, dx] tiles then multiply dgates rounded to bf16 (backward_amx, _bf16).
   const uint16_t* panels_bf16 = nullptr;
   int64_t Gp = 0;
   const void* gates = nullptr;    // [N, 4H] activated, float32 or (saved_bf16) bf16 bits
@@ -125,6 +125,10 @@ void backward_f32(const BackwardArgs& a, int64_t w0, int64_t w1);
 // AMX (dgates rounded to bf16, and [h, x] for the weight gradients, as the layer's own bf16 GEMMs
 // would; float32 accumulation, float32 dh and dc across steps). Row blocks of up to kAmxRows.
 void backward_amx(const BackwardArgs& a, int64_t w0, int64_t w1);
+// bf16 layers on vdpbf16ps (AVX512-BF16 without AMX): backward_f32 with the [dh, dx] tiles and the
+// fused weight-gradient updates multiplying bf16 (dgates and [h, x] rounded to bf16, the panels the
+// AMX ones), float32 accumulation and state.
+void backward_bf16(const BackwardArgs& a, int64_t w0, int64_t w1);
 
 // The float32 loops on AVX2 + FMA. Forward tiles are kAvx2GateRows rows x two gates of 8 hidden
 // units (a panel is four of them); backward tiles kAvx2BackwardRows rows x a quarter panel.

@@ -468,13 +468,16 @@ def test_bfloat16_row_blocks(cpu_kernel, threads, B):
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("T,B", [(6, 5), (6, 40), (24, 20), (24, 70)])
-def test_bfloat16_backward_row_blocks(cpu_kernel, threads, reverse, T, B):
-    """The bf16 backward (on AMX: [dh, dx] tiles of dgates rounded to bf16, in 16- and 32-row blocks,
-    with the weight gradients fused or left to BLAS) stays within bf16 rounding of the float64
-    reference's gradients, with lengths."""
+@pytest.mark.parametrize(
+    "T,B,I,H", [(6, 5, 10, 37), (6, 40, 10, 37), (24, 20, 10, 37), (24, 70, 10, 37), (23, 67, 41, 70)]
+)
+def test_bfloat16_backward_row_blocks(cpu_kernel, threads, reverse, T, B, I, H):
+    """The bf16 backward (on AMX or vdpbf16ps: [dh, dx] tiles of dgates rounded to bf16, in 16- and
+    32-row blocks on AMX, with the weight gradients fused in bf16 or left to BLAS) stays within bf16
+    rounding of the float64 reference's gradients, with lengths. The last case has [h, x] over two
+    panels, an odd batch and fused weight-gradient updates over odd row counts."""
     args, lengths = make_args(
-        T, B, 10, 37, 0, proj=False, bias=True, has_lengths=True, dtype=torch.bfloat16, device="cpu"
+        T, B, I, H, 0, proj=False, bias=True, has_lengths=True, dtype=torch.bfloat16, device="cpu"
     )
     out, seed_grads, got = outputs_and_grads(args, lengths, reverse, threads)
     args64 = [a.detach().double().requires_grad_() if a is not None else None for a in args]

@@ -90,10 +90,13 @@ BM_AVX512 BM_ALWAYS_INLINE void tile_f32(const float* a, int64_t lda, int64_t K,
 }
 
 // The same product with bfloat16 A and panel, float32 accumulation (vdpbf16ps: two k per FMA).
-// K2 = number of k pairs; A rows must hold 2 * K2 readable values (zero past the true K).
+// K2 = number of k pairs; the pair (A[r, 2 kp], A[r, 2 kp + 1]) is the 32-bit word at
+// a + r * lda + kp * kstride (bf16 units): kstride = 2 for rows of A in place (which must then hold
+// 2 * K2 readable values, zero past the true K), 2 * M for A transposed with its row pairs
+// interleaved ([K / 2][M][2], the LSTM backward's weight gradients).
 template <int MR>
 BM_AVX512_BF16 BM_ALWAYS_INLINE void tile_bf16(const uint16_t* a, int64_t lda, int64_t K2, const uint16_t* panel,
-                                               __m512 (&acc)[MR][4]) {
+                                               __m512 (&acc)[MR][4], int64_t kstride = 2) {
   for (int64_t kp = 0; kp < K2; ++kp) {
     const uint16_t* w = panel + kp * (2 * kNR);
     const __m512bh w0 = (__m512bh)_mm512_load_si512(w), w1 = (__m512bh)_mm512_load_si512(w + 32);
@@ -101,7 +104,7 @@ BM_AVX512_BF16 BM_ALWAYS_INLINE void tile_bf16(const uint16_t* a, int64_t lda, i
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       int32_t pair;
-      std::memcpy(&pair, a + r * lda + 2 * kp, sizeof(pair));
+      std::memcpy(&pair, a + r * lda + kp * kstride, sizeof(pair));
       const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
       acc[r][0] = _mm512_dpbf16_ps(acc[r][0], av, w0);
       acc[r][1] = _mm512_dpbf16_ps(acc[r][1], av, w1);
