@@ -320,6 +320,23 @@ fast::ProblemOf<T> fast_problem(const Dims& d, const Tensor& q, const Tensor& k,
   return p;
 }
 
+// Which kernels multiply a bf16 forward: AMX tiles; vdpbf16ps on a CPU without AMX where it pays (as
+// the LSTM chooses: gemm::cpu::bf16_dot_pays, or BIGMODEL_CPU_KERNEL=avx512); or none (float32 copies
+// on the float32 kernels: avx512-fp32, AVX2, generic).
+enum class Bf16Forward { None, Amx, Dot };
+Bf16Forward bf16_forward_kernel() {
+  if (gemm::cpu::amx_enabled()) return Bf16Forward::Amx;
+  if (!gemm::cpu::has_avx512_bf16()) return Bf16Forward::None;
+  switch (gemm::cpu::kernel_choice()) {
+    case gemm::cpu::KernelChoice::Avx512:
+      return Bf16Forward::Dot;
+    case gemm::cpu::KernelChoice::Auto:
+      return gemm::cpu::bf16_dot_pays() ? Bf16Forward::Dot : Bf16Forward::None;
+    default:
+      return Bf16Forward::None;
+  }
+}
+
 std::tuple<Tensor, Tensor> attention_cpu(const Tensor& query, const Tensor& key, const Tensor& value,
                                          const std::optional<Tensor>& attn_mask,
                                          const std::optional<Tensor>& key_lengths, bool is_causal,
@@ -330,8 +347,9 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& query, const Tensor& key,
   FlushDenormalsGuard ftz;
   const at::ScalarType ct = compute_dtype(query.scalar_type());
   const Tensor lengths = lengths_int64(key_lengths), mask = additive_mask(attn_mask, d, ct);
+  const Bf16Forward bf16_kernel = bf16_forward_kernel();
   if (query.scalar_type() == at::kBFloat16 && !mask.defined() && !dropout.active() &&
-      fast::supports_amx(d.d, d.dv) && gemm::cpu::amx_enabled()) {
+      fast::supports_amx(d.d, d.dv) && bf16_kernel != Bf16Forward::None) {
     const Tensor q = rows_ready(query, at::kBFloat16), k = rows_ready(key, at::kBFloat16);
     const Tensor v = rows_ready(value, at::kBFloat16);
     Tensor out = at::empty({d.B, d.Hq, d.Lq, d.dv}, q.options());
@@ -340,7 +358,12 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& query, const Tensor& key,
     const int64_t tasks = d.B * d.Hq * ((d.Lq + fast::kBlockQAmx - 1) / fast::kBlockQAmx);
     uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr());
     float* ls = lse.data_ptr<float>();
-    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) { fast::forward_amx(fp, t0, t1, o, ls); });
+    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+      if (bf16_kernel == Bf16Forward::Amx)
+        fast::forward_amx(fp, t0, t1, o, ls);
+      else
+        fast::forward_bf16_dot(fp, t0, t1, o, ls);
+    });
     return {out, lse};
   }
   const Tensor q = rows_ready(query, ct), k = rows_ready(key, ct), v = rows_ready(value, ct);

@@ -351,7 +351,7 @@ void backward(const Problem& p, const Grads& g, int64_t t0, int64_t t1) {
 }
 
 
-// ---- bfloat16 forward on AMX ----
+// ---- bfloat16 forward on AMX (or, without AMX, on vdpbf16ps in the same layouts) ----
 
 namespace {
 
@@ -478,6 +478,48 @@ BM_AMX void amx_values_t(const uint16_t* vt, int64_t ldv, int nvt, const uint32_
   if (nvt > 3) _tile_stored(3, ot[48], 64);
 }
 
+// The same two products on vdpbf16ps (AVX512-BF16 without AMX, where it pays), into the same
+// buffers: a zmm accumulates one key's scores (S^T) or one dv row (O^T) for the block's 16 query rows,
+// the other operand broadcast one 32-bit bf16 pair at a time.
+BM_AVX512_BF16 BM_ALWAYS_INLINE __m512bh pair_at(const uint16_t* p) {
+  int32_t w;
+  std::memcpy(&w, p, sizeof(w));
+  return (__m512bh)_mm512_set1_epi32(w);
+}
+
+BM_AVX512_BF16 void dot_scores_t(const uint16_t* kbuf, int64_t d, const uint32_t* qt, int64_t j0, float (*st)[16]) {
+  for (int64_t j = 0; j < kKeys; j += 8) {
+    const uint16_t* k = kbuf + (j0 + j) * d;
+    __m512 acc[8];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t w = 0; w < d / 2; ++w) {
+      const __m512bh q = (__m512bh)_mm512_load_si512(qt + w * 16);
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], pair_at(k + i * d + 2 * w), q);
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) _mm512_store_ps(st[j + i], acc[i]);
+  }
+}
+
+BM_AVX512_BF16 void dot_values_t(const uint16_t* vt, int64_t ldv, int nvt, const uint32_t* pt, int64_t j0,
+                                 float (*ot)[16]) {
+  for (int64_t c = 0; c < 16 * nvt; c += 8) {
+    const uint16_t* a = vt + c * ldv + j0;
+    __m512 acc[8];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t kp = 0; kp < kKeys / 2; ++kp) {
+      const __m512bh pv = (__m512bh)_mm512_load_si512(pt + kp * 16);
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], pair_at(a + i * ldv + 2 * kp), pv);
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) _mm512_store_ps(ot[c + i], acc[i]);
+  }
+}
+
 struct SoftmaxState {
   __m512 m, l;  // running max (scaled scores) and sum, one lane per query row
 };
@@ -527,8 +569,16 @@ BM_AVX512 void fold_t(float (*acc)[16], const float (*ot)[16], __m512 alpha, int
 // block is computed between the softmax that writes P^T and the tile load that reads it (a tile load
 // of just-stored data waits for the stores to drain), and each block's (P V)^T is folded one step
 // later, after the next softmax, for the same reason.
+// kAmx: the products on AMX tiles, else on vdpbf16ps (the pipelining then only orders the work).
+template <bool kAmx>
 BM_AMX void amx_row_block(const ProblemBf16& p, const uint32_t* qt, int64_t mr, const int64_t* limit, int64_t kend,
                           const uint16_t* kbuf, const uint16_t* vt, int64_t ldv, uint16_t* out, float* lse) {
+  const auto scores = [&](int64_t j0, float (*st)[16]) {
+    if constexpr (kAmx)
+      amx_scores_t(kbuf, p.d, qt, j0, st);
+    else
+      dot_scores_t(kbuf, p.d, qt, j0, st);
+  };
   alignas(64) float st[2][kKeys][16];
   alignas(64) float ot[64][16];
   alignas(64) float acc[64][16];
@@ -545,13 +595,16 @@ BM_AMX void amx_row_block(const ProblemBf16& p, const uint32_t* qt, int64_t mr, 
   SoftmaxState s{_mm512_set1_ps(-std::numeric_limits<float>::infinity()), _mm512_setzero_ps()};
   const __m512 scale = _mm512_set1_ps(p.scale);
   __m512 alpha_pending = _mm512_setzero_ps();
-  if (kend > 0) amx_scores_t(kbuf, p.d, qt, 0, st[0]);
+  if (kend > 0) scores(0, st[0]);
   for (int64_t j0 = 0, it = 0; j0 < kend; j0 += kKeys, ++it) {
     const bool full = j0 + kKeys <= lim_min;
     const __m512 alpha = softmax_block_t(st[it & 1], j0, scale, limv, full, s, pt[0]);
-    if (j0 + kKeys < kend) amx_scores_t(kbuf, p.d, qt, j0 + kKeys, st[(it + 1) & 1]);
+    if (j0 + kKeys < kend) scores(j0 + kKeys, st[(it + 1) & 1]);
     if (it > 0) fold_t(acc, ot, alpha_pending, p.dv);
-    amx_values_t(vt, ldv, nvt, pt[0], j0, ot);
+    if constexpr (kAmx)
+      amx_values_t(vt, ldv, nvt, pt[0], j0, ot);
+    else
+      dot_values_t(vt, ldv, nvt, pt[0], j0, ot);
     alpha_pending = alpha;
   }
   if (kend > 0) fold_t(acc, ot, alpha_pending, p.dv);
@@ -573,13 +626,14 @@ BM_AMX void amx_row_block(const ProblemBf16& p, const uint32_t* qt, int64_t mr, 
     lse[r] = l[r] != 0.f ? m[r] + std::log(l[r]) : -std::numeric_limits<float>::infinity();
 }
 
-BM_AMX void forward_amx_tasks(const ProblemBf16& p, int64_t t0, int64_t t1, uint16_t* out, float* lse) {
+template <bool kAmx>
+BM_AMX void forward_bf16_tasks(const ProblemBf16& p, int64_t t0, int64_t t1, uint16_t* out, float* lse) {
   const int64_t ldv = (p.Lk + kKeys - 1) / kKeys * kKeys;
   std::vector<uint16_t> ks, vs;
   uint16_t* kbuf = aligned(ks, ldv * p.d);
   uint16_t* vt = aligned(vs, p.dv * ldv);
   alignas(64) uint32_t qt[64 * 16];  // d <= 128
-  mk::amx_configure();
+  if constexpr (kAmx) mk::amx_configure();
   for_each_forward_task<16>(
       p, t0, t1, kBlockQAmx,
       [&](int64_t b, int64_t hk, int64_t valid) {
@@ -589,15 +643,19 @@ BM_AMX void forward_amx_tasks(const ProblemBf16& p, int64_t t0, int64_t t1, uint
       [&](int64_t b, int64_t h, int64_t r0, int64_t mr, const int64_t* limit, int64_t kend) {
         const int64_t row = (b * p.Hq + h) * p.Lq + r0;
         transpose_queries(p.q + b * p.qs[0] + h * p.qs[1] + r0 * p.qs[2], p.qs[2], mr, p.d, qt);
-        amx_row_block(p, qt, mr, limit, kend, kbuf, vt, ldv, out + row * p.dv, lse + row);
+        amx_row_block<kAmx>(p, qt, mr, limit, kend, kbuf, vt, ldv, out + row * p.dv, lse + row);
       });
-  _tile_release();
+  if constexpr (kAmx) _tile_release();
 }
 
 }  // namespace
 
 void forward_amx(const ProblemBf16& p, int64_t t0, int64_t t1, uint16_t* out, float* lse) {
-  forward_amx_tasks(p, t0, t1, out, lse);
+  forward_bf16_tasks<true>(p, t0, t1, out, lse);
+}
+
+void forward_bf16_dot(const ProblemBf16& p, int64_t t0, int64_t t1, uint16_t* out, float* lse) {
+  forward_bf16_tasks<false>(p, t0, t1, out, lse);
 }
 
 }  // namespace bigmodel::attention::fast
@@ -611,6 +669,7 @@ namespace bigmodel::attention::fast {
 void forward(const Problem&, int64_t, int64_t, float*, float*) { TORCH_INTERNAL_ASSERT(false); }
 void backward(const Problem&, const Grads&, int64_t, int64_t) { TORCH_INTERNAL_ASSERT(false); }
 void forward_amx(const ProblemBf16&, int64_t, int64_t, uint16_t*, float*) { TORCH_INTERNAL_ASSERT(false); }
+void forward_bf16_dot(const ProblemBf16&, int64_t, int64_t, uint16_t*, float*) { TORCH_INTERNAL_ASSERT(false); }
 }  // namespace bigmodel::attention::fast
 
 #endif
