@@ -487,36 +487,23 @@ BM_AVX512_BF16 BM_ALWAYS_INLINE __m512bh pair_at(const uint16_t* p) {
   return (__m512bh)_mm512_set1_epi32(w);
 }
 
-BM_AVX512_BF16 void dot_scores_t(const uint16_t* kbuf, int64_t d, const uint32_t* qt, int64_t j0, float (*st)[16]) {
-  for (int64_t j = 0; j < kKeys; j += 8) {
-    const uint16_t* k = kbuf + (j0 + j) * d;
+// out[i][r] = sum over kp < K2 of the pair A[i, 2 kp .. 2 kp + 1] (rows of A at stride lda) times the
+// pair b[kp][r], for i < rows (a multiple of 8): Sᵀ = K Qᵀ with A = the block's keys and b = Qᵀ, and
+// Oᵀ = Vᵀ Pᵀ with A = Vᵀ from the block's first key and b = Pᵀ.
+BM_AVX512_BF16 void dot_t(const uint16_t* a, int64_t lda, int64_t rows, const uint32_t* b, int64_t K2,
+                          float (*out)[16]) {
+  for (int64_t i0 = 0; i0 < rows; i0 += 8) {
+    const uint16_t* ai = a + i0 * lda;
     __m512 acc[8];
 #pragma GCC unroll 8
     for (int i = 0; i < 8; ++i) acc[i] = _mm512_setzero_ps();
-    for (int64_t w = 0; w < d / 2; ++w) {
-      const __m512bh q = (__m512bh)_mm512_load_si512(qt + w * 16);
+    for (int64_t kp = 0; kp < K2; ++kp) {
+      const __m512bh bv = (__m512bh)_mm512_load_si512(b + kp * 16);
 #pragma GCC unroll 8
-      for (int i = 0; i < 8; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], pair_at(k + i * d + 2 * w), q);
+      for (int i = 0; i < 8; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], pair_at(ai + i * lda + 2 * kp), bv);
     }
 #pragma GCC unroll 8
-    for (int i = 0; i < 8; ++i) _mm512_store_ps(st[j + i], acc[i]);
-  }
-}
-
-BM_AVX512_BF16 void dot_values_t(const uint16_t* vt, int64_t ldv, int nvt, const uint32_t* pt, int64_t j0,
-                                 float (*ot)[16]) {
-  for (int64_t c = 0; c < 16 * nvt; c += 8) {
-    const uint16_t* a = vt + c * ldv + j0;
-    __m512 acc[8];
-#pragma GCC unroll 8
-    for (int i = 0; i < 8; ++i) acc[i] = _mm512_setzero_ps();
-    for (int64_t kp = 0; kp < kKeys / 2; ++kp) {
-      const __m512bh pv = (__m512bh)_mm512_load_si512(pt + kp * 16);
-#pragma GCC unroll 8
-      for (int i = 0; i < 8; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], pair_at(a + i * ldv + 2 * kp), pv);
-    }
-#pragma GCC unroll 8
-    for (int i = 0; i < 8; ++i) _mm512_store_ps(ot[c + i], acc[i]);
+    for (int i = 0; i < 8; ++i) _mm512_store_ps(out[i0 + i], acc[i]);
   }
 }
 
@@ -577,7 +564,7 @@ BM_AMX void amx_row_block(const ProblemBf16& p, const uint32_t* qt, int64_t mr, 
     if constexpr (kAmx)
       amx_scores_t(kbuf, p.d, qt, j0, st);
     else
-      dot_scores_t(kbuf, p.d, qt, j0, st);
+      dot_t(kbuf + j0 * p.d, p.d, kKeys, qt, p.d / 2, st);
   };
   alignas(64) float st[2][kKeys][16];
   alignas(64) float ot[64][16];
@@ -604,7 +591,7 @@ BM_AMX void amx_row_block(const ProblemBf16& p, const uint32_t* qt, int64_t mr, 
     if constexpr (kAmx)
       amx_values_t(vt, ldv, nvt, pt[0], j0, ot);
     else
-      dot_values_t(vt, ldv, nvt, pt[0], j0, ot);
+      dot_t(vt + j0, ldv, p.dv, pt[0], kKeys / 2, ot);
     alpha_pending = alpha;
   }
   if (kend > 0) fold_t(acc, ot, alpha_pending, p.dv);

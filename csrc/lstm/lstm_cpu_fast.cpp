@@ -644,12 +644,28 @@ inline uint16_t* aligned_scratch(std::vector<uint16_t>& v, int64_t n) {
   return v.data() + (64 - addr % 64) % 64 / sizeof(uint16_t);
 }
 
-// [dh, dx] on vdpbf16ps (bf16 layers where it pays, no AMX): the mr rows of dgates rounded to bf16
-// into an L1 buffer, then MR x 64 tiles against the bf16 panels over K = 4H (the panels' zero columns
-// past H + I give zeros that store_grad_state drops).
+// [dh, dx] for MR rows on vdpbf16ps: A = their dgates rounded to bf16 (rows of 4H), against panel p of
+// the bf16 panels over K = 4H (the panels' zero columns past H + I give zeros that store_grad_state
+// drops).
+template <int MR>
+BM_AVX512_BF16 void grad_state_tile_bf16(const BackwardArgs& a, const uint16_t* A, int64_t off, int64_t r0,
+                                         int64_t rstride, int64_t p) {
+  const int64_t H = a.steps.H, G = 4 * H, F = H + a.I;
+  __m512 acc[MR][4];
+  mk::zero_tile(acc);
+  mk::tile_bf16<MR>(A, G, G / 2, a.panels_bf16 + p * a.Gp * mk::kNR, acc);
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j)
+      if (p * mk::kNR + 16 * j < F) store_grad_state(a, off, r0 + i * rstride, p * mk::kNR + 16 * j, acc[i][j]);
+}
+
+// [dh, dx] on vdpbf16ps (bf16 layers where it pays, no AMX): the mr rows of dgates rounded to bf16 into
+// an L1 buffer, then grad_state_tile_bf16 per panel.
 BM_AVX512_BF16 void grad_state_tiles_bf16(const BackwardArgs& a, const float* dg, int64_t lda, int64_t off,
                                           int64_t r0, int64_t mr, int64_t rstride, int64_t p0, int64_t p1) {
-  const int64_t H = a.steps.H, G = 4 * H, F = H + a.I, Gp = a.Gp;
+  const int64_t G = 4 * a.steps.H;
   thread_local std::vector<uint16_t> rows;
   uint16_t* A = aligned_scratch(rows, mk::kMR * G);
   for (int64_t i = 0; i < mr; ++i)
@@ -657,19 +673,24 @@ BM_AVX512_BF16 void grad_state_tiles_bf16(const BackwardArgs& a, const float* dg
       const __mmask16 m = mk::lanes(G - k);
       mk::store_bf16(A + i * G + k, mk::load_f32(dg + i * lda + k, m), m);
     }
-  mk::with_rows(mr, [&](auto rows_c) {
-    constexpr int MR = decltype(rows_c)::value;
-    for (int64_t p = p0; p < p1; ++p) {
-      __m512 acc[MR][4];
-      mk::zero_tile(acc);
-      mk::tile_bf16<MR>(A, G, G / 2, a.panels_bf16 + p * Gp * mk::kNR, acc);
-#pragma GCC unroll 8
-      for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 4
-        for (int j = 0; j < 4; ++j)
-          if (p * mk::kNR + 16 * j < F) store_grad_state(a, off, r0 + i * rstride, p * mk::kNR + 16 * j, acc[i][j]);
-    }
+  mk::with_rows(mr, [&](auto n) {
+    for (int64_t p = p0; p < p1; ++p) grad_state_tile_bf16<decltype(n)::value>(a, A, off, r0, rstride, p);
   });
+}
+
+// dw[m0 .. m0 + MR, panel p] += over the n2 k pairs: dgp [n2][4H][2] (dgates, row pairs interleaved)
+// transposed, times hxp's panel p ([n2][64][2]).
+template <int MR>
+BM_AVX512_BF16 void grad_weight_tile_bf16(const WorkerScratch& ws, const uint16_t* dgp, const uint16_t* hxp,
+                                          int64_t G, int64_t ldw, int64_t n2, int64_t m0, int64_t p) {
+  __m512 acc[MR][4];
+  float* c = ws.dw + m0 * ldw + p * mk::kNR;
+  if (ws.fresh)
+    mk::zero_tile(acc);
+  else
+    mk::load_tile(c, ldw, acc);
+  mk::tile_bf16<MR>(dgp + m0 * 2, 2, n2, hxp + p * n2 * mk::kNR * 2, acc, 2 * G);
+  mk::store_tile(acc, c, ldw);
 }
 
 // The fused weight-gradient update on vdpbf16ps: dw [4H, Fp] += dg^T hx over the n collected rows,
@@ -703,18 +724,9 @@ BM_AVX512_BF16 void grad_weights_update_bf16(const WorkerScratch& ws, int64_t G,
       }
     }
   for (int64_t m0 = 0; m0 < G; m0 += mk::kMR)
-    mk::with_rows(std::min<int64_t>(mk::kMR, G - m0), [&](auto rows_c) {
-      constexpr int MR = decltype(rows_c)::value;
-      for (int64_t p = 0; p < np; ++p) {
-        __m512 acc[MR][4];
-        float* c = ws.dw + m0 * ldw + p * mk::kNR;
-        if (ws.fresh)
-          mk::zero_tile(acc);
-        else
-          mk::load_tile(c, ldw, acc);
-        mk::tile_bf16<MR>(dgp + m0 * 2, 2, n2, hxp + p * n2 * mk::kNR * 2, acc, 2 * G);
-        mk::store_tile(acc, c, ldw);
-      }
+    mk::with_rows(std::min<int64_t>(mk::kMR, G - m0), [&](auto rows) {
+      for (int64_t p = 0; p < np; ++p)
+        grad_weight_tile_bf16<decltype(rows)::value>(ws, dgp, hxp, G, ldw, n2, m0, p);
     });
 }
 
