@@ -524,8 +524,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fast(
   return {output, h_n, c_n, gates, cells};
 }
 
-// The fast backward (float32; bf16/fp16 layers compute in float32 here too, except that on AMX a bf16
-// layer's [dh, dx] tiles and fused weight-gradient updates multiply dgates rounded to bf16).
+// The fast backward (float32; bf16/fp16 layers compute in float32 here too, except that on AMX or
+// vdpbf16ps (bf16_dot) a bf16 layer's [dh, dx] tiles and fused weight-gradient updates multiply dgates
+// rounded to bf16).
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_fast(
     const std::optional<Tensor>& grad_output, const std::optional<Tensor>& grad_h_n,
     const std::optional<Tensor>& grad_c_n, const Tensor& input, const Tensor& h0, const Tensor& c0,
@@ -543,7 +544,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   Tensor h0s = rows_sorted(h0, p, f32), c0s = rows_sorted(c0, p, f32);
   Tensor dx = pooled_empty({p.N, d.I}, f32);
   // dgates [W_hh, W_ih] gives [dh_{t-1}, dx_t] in one tile pass.
-  // (On AMX only the bf16 panels below are read.)
+  // (On AMX and vdpbf16ps only the bf16 panels below are read.)
   // Columns 0..H-1 from W_hh, H..H+I-1 from W_ih, packed into zeroed panels.
   const gemm::ColumnMap all = gemm::contiguous_columns(F);
   gemm::ColumnMap from_hh(all.size(), -1), from_ih(all.size(), -1);
