@@ -82,7 +82,8 @@ _NO_AVX512 = _BUILD_INFO.get("cpu_avx512") != "1"
     params=[
         "auto",
         pytest.param(
-            "avx512", marks=pytest.mark.skipif(_NO_AVX512, reason="this CPU (or build) has no AVX-512 kernels")
+            "avx512",
+            marks=pytest.mark.skipif(_NO_AVX512, reason="this CPU (or build) has no AVX-512 kernels"),
         ),
         pytest.param(
             "avx512-fp32",

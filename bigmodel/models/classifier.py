@@ -112,7 +112,9 @@ class TextClassifier(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(features, 1 if num_classes == 2 else num_classes)
 
-    def _run_lstm(self, ids: Tensor, lengths: Tensor, need_sequence: bool = True) -> tuple[Tensor | None, Tensor]:
+    def _run_lstm(
+        self, ids: Tensor, lengths: Tensor, need_sequence: bool = True
+    ) -> tuple[Tensor | None, Tensor]:
         """The LSTM's padded output ``(B, T, D * hidden_dim)`` (None unless ``need_sequence``) and
         its final hidden state ``h_n`` (the last valid step of each sequence)."""
         x = self.embedding(ids)

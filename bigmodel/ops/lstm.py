@@ -85,8 +85,21 @@ def _lstm_layer_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, rever
 
 @torch.library.register_fake("bigmodel::lstm_layer_backward")
 def _lstm_layer_backward_fake(
-    grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, w_hr, lengths, output, gates, cells,
-    reverse, has_bias,
+    grad_output,
+    grad_h_n,
+    grad_c_n,
+    input,
+    h0,
+    c0,
+    w_ih,
+    w_hh,
+    w_hr,
+    lengths,
+    output,
+    gates,
+    cells,
+    reverse,
+    has_bias,
 ):
     grad_bias = w_ih.new_empty((w_ih.shape[0],)) if has_bias else w_ih.new_empty((0,))
     grad_w_hr = torch.empty_like(w_hr) if w_hr is not None else w_ih.new_empty((0,))

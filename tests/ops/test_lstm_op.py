@@ -233,7 +233,17 @@ def test_bfloat16_layer_saves_bf16_gates(cpu_kernel, proj):
     CPUs) converts. opcheck holds the fake kernel to it, forward and backward; a backward handed
     float32 ones says what it expects."""
     args, lengths = make_args(
-        6, 5, 4, 9, 3, proj=proj, bias=True, has_lengths=True, dtype=torch.bfloat16, device="cpu", requires_grad=False
+        6,
+        5,
+        4,
+        9,
+        3,
+        proj=proj,
+        bias=True,
+        has_lengths=True,
+        dtype=torch.bfloat16,
+        device="cpu",
+        requires_grad=False,
     )
     out, h_n, c_n, gates, cells = torch.ops.bigmodel.lstm_layer(*args, lengths, False, True)
     assert gates.dtype == cells.dtype == torch.bfloat16
@@ -258,7 +268,16 @@ def test_bfloat16_on_float32_tiles_is_the_float32_layer_rounded(monkeypatch, B):
         pytest.skip("this CPU (or build) has no AVX-512 kernels")
     monkeypatch.setenv("BIGMODEL_CPU_KERNEL", "avx512-fp32")
     args, lengths = make_args(
-        9, B, 100, 40, 0, proj=False, bias=True, has_lengths=B > 1, dtype=torch.bfloat16, device="cpu",
+        9,
+        B,
+        100,
+        40,
+        0,
+        proj=False,
+        bias=True,
+        has_lengths=B > 1,
+        dtype=torch.bfloat16,
+        device="cpu",
         requires_grad=False,
     )
     args[0][2, B - 1, 3] = float("nan")  # the last row (length T) goes NaN from step 2 on
@@ -284,7 +303,9 @@ def test_nan_input_propagates_like_native(cpu_kernel, dtype):
     x = torch.randn(6, 4, 8, dtype=dtype)
     x[2, 1, 3] = float("nan")
     args = [x, torch.zeros(4, 37, dtype=dtype), torch.zeros(4, 37, dtype=dtype)]
-    args += [p.detach() for p in (native.weight_ih_l0, native.weight_hh_l0, native.bias_ih_l0, native.bias_hh_l0)]
+    args += [
+        p.detach() for p in (native.weight_ih_l0, native.weight_hh_l0, native.bias_ih_l0, native.bias_hh_l0)
+    ]
     out, h_n, c_n = lstm_layer(*args, None)
     with torch.no_grad():
         ref, (ref_h, _) = native(x)
@@ -418,13 +439,17 @@ def test_packed_weight_cache_repacks_in_place(cpu_kernel, B, dtype):
     """Training steps whose weights an optimizer updates in place: each step's forward and backward
     re-pack into the previous step's panels (nothing else holds them), and every step's outputs and
     gradients match the float64 reference of that step's weights."""
-    args, lengths = make_args(7, B, 6, 9, 0, proj=False, bias=True, has_lengths=True, dtype=dtype, device="cpu")
+    args, lengths = make_args(
+        7, B, 6, 9, 0, proj=False, bias=True, has_lengths=True, dtype=dtype, device="cpu"
+    )
     tol = TOL[torch.float32] if dtype == torch.float32 else dict(atol=0.05, rtol=0.05)
     params = args[3:7]
-    for step in range(3):
+    for _ in range(3):
         out = lstm_layer(*args, lengths=lengths)
         seed_grads = [torch.randn_like(o) for o in out]
-        ref_args = [a.detach().double().requires_grad_(a.requires_grad) if a is not None else None for a in args]
+        ref_args = [
+            a.detach().double().requires_grad_(a.requires_grad) if a is not None else None for a in args
+        ]
         ref = lstm_layer_reference(*ref_args, lengths=lengths)
         for o, r in zip(out, ref, strict=True):
             torch.testing.assert_close(o.double(), r, **tol)
@@ -469,15 +494,15 @@ def test_bfloat16_row_blocks(cpu_kernel, threads, B):
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize(
-    "T,B,I,H", [(6, 5, 10, 37), (6, 40, 10, 37), (24, 20, 10, 37), (24, 70, 10, 37), (23, 67, 41, 70)]
+    "T,B,IN,H", [(6, 5, 10, 37), (6, 40, 10, 37), (24, 20, 10, 37), (24, 70, 10, 37), (23, 67, 41, 70)]
 )
-def test_bfloat16_backward_row_blocks(cpu_kernel, threads, reverse, T, B, I, H):
+def test_bfloat16_backward_row_blocks(cpu_kernel, threads, reverse, T, B, IN, H):
     """The bf16 backward (on AMX or vdpbf16ps: [dh, dx] tiles of dgates rounded to bf16, in 16- and
     32-row blocks on AMX, with the weight gradients fused in bf16 or left to BLAS) stays within bf16
     rounding of the float64 reference's gradients, with lengths. The last case has [h, x] over two
     panels, an odd batch and fused weight-gradient updates over odd row counts."""
     args, lengths = make_args(
-        T, B, I, H, 0, proj=False, bias=True, has_lengths=True, dtype=torch.bfloat16, device="cpu"
+        T, B, IN, H, 0, proj=False, bias=True, has_lengths=True, dtype=torch.bfloat16, device="cpu"
     )
     out, seed_grads, got = outputs_and_grads(args, lengths, reverse, threads)
     args64 = [a.detach().double().requires_grad_() if a is not None else None for a in args]
