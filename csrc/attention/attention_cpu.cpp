@@ -320,23 +320,6 @@ fast::ProblemOf<T> fast_problem(const Dims& d, const Tensor& q, const Tensor& k,
   return p;
 }
 
-// Which kernels multiply a bf16 forward: AMX tiles; vdpbf16ps on a CPU without AMX where it pays (as
-// the LSTM chooses: gemm::cpu::bf16_dot_pays, or BIGMODEL_CPU_KERNEL=avx512); or none (float32 copies
-// on the float32 kernels: avx512-fp32, AVX2, generic).
-enum class Bf16Forward { None, Amx, Dot };
-Bf16Forward bf16_forward_kernel() {
-  if (gemm::cpu::amx_enabled()) return Bf16Forward::Amx;
-  if (!gemm::cpu::has_avx512_bf16()) return Bf16Forward::None;
-  switch (gemm::cpu::kernel_choice()) {
-    case gemm::cpu::KernelChoice::Avx512:
-      return Bf16Forward::Dot;
-    case gemm::cpu::KernelChoice::Auto:
-      return gemm::cpu::bf16_dot_pays() ? Bf16Forward::Dot : Bf16Forward::None;
-    default:
-      return Bf16Forward::None;
-  }
-}
-
 std::tuple<Tensor, Tensor> attention_cpu(const Tensor& query, const Tensor& key, const Tensor& value,
                                          const std::optional<Tensor>& attn_mask,
                                          const std::optional<Tensor>& key_lengths, bool is_causal,
@@ -347,9 +330,12 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& query, const Tensor& key,
   FlushDenormalsGuard ftz;
   const at::ScalarType ct = compute_dtype(query.scalar_type());
   const Tensor lengths = lengths_int64(key_lengths), mask = additive_mask(attn_mask, d, ct);
-  const Bf16Forward bf16_kernel = bf16_forward_kernel();
+  // A bf16 forward multiplies in bf16 where the LSTM's would (AMX or vdpbf16ps); elsewhere it runs the
+  // float32 kernels on float32 copies.
+  using gemm::cpu::Bf16Kernel;
+  const Bf16Kernel bf16_kernel = gemm::cpu::bf16_kernel();
   if (query.scalar_type() == at::kBFloat16 && !mask.defined() && !dropout.active() &&
-      fast::supports_amx(d.d, d.dv) && bf16_kernel != Bf16Forward::None) {
+      fast::supports_amx(d.d, d.dv) && (bf16_kernel == Bf16Kernel::Amx || bf16_kernel == Bf16Kernel::Dot)) {
     const Tensor q = rows_ready(query, at::kBFloat16), k = rows_ready(key, at::kBFloat16);
     const Tensor v = rows_ready(value, at::kBFloat16);
     Tensor out = at::empty({d.B, d.Hq, d.Lq, d.dv}, q.options());
@@ -359,7 +345,7 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& query, const Tensor& key,
     uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr());
     float* ls = lse.data_ptr<float>();
     at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-      if (bf16_kernel == Bf16Forward::Amx)
+      if (bf16_kernel == Bf16Kernel::Amx)
         fast::forward_amx(fp, t0, t1, o, ls);
       else
         fast::forward_bf16_dot(fp, t0, t1, o, ls);

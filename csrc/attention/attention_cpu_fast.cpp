@@ -76,13 +76,6 @@ void for_each_forward_task(const P& p, int64_t t0, int64_t t1, int64_t block, co
   }
 }
 
-// n elements of storage starting on a 64-byte line (storage grows to fit).
-template <typename T>
-T* aligned(std::vector<T>& storage, int64_t n) {
-  storage.resize(n + 64 / sizeof(T));
-  return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(storage.data()) + 63) & ~uintptr_t(63));
-}
-
 // One group of MR query rows (rows i0 .. i0 + MR) against keys [0, kend): online softmax, P V.
 // limit[r] = number of keys row r may see (key_lengths and the causal diagonal).
 template <int MR, int NV>
@@ -179,8 +172,8 @@ BM_AVX512 void row_group(const Problem& p, const float* q, const float* kpanels,
 void forward(const Problem& p, int64_t t0, int64_t t1, float* out, float* lse) {
   const int64_t nkb = (p.Lk + kKeys - 1) / kKeys;
   std::vector<float> storage, vstorage;
-  float* kpanels = aligned(storage, nkb * p.d * kKeys);
-  float* vrows = aligned(vstorage, p.Lk * p.dv);
+  float* kpanels = mk::aligned(storage, nkb * p.d * kKeys);
+  float* vrows = mk::aligned(vstorage, p.Lk * p.dv);
   Problem pv = p;  // V read from vrows
   pv.vs[2] = p.dv;
   for_each_forward_task<kRows>(
@@ -294,15 +287,15 @@ void bwd_kv(int64_t nv, const float* a, int64_t nk, int64_t nq, const float* b, 
 void backward(const Problem& p, const Grads& g, int64_t t0, int64_t t1) {
   const int64_t group = p.Hq / p.Hkv, nkb = (p.Lk + kKeys - 1) / kKeys;
   std::vector<float> ks, vs, ps, ds, kr, qr;
-  float* kpanels = aligned(ks, nkb * p.d * kKeys);
-  float* krows = aligned(kr, p.Lk * p.d);  // K and each query head's Q, contiguous (see copy_rows)
-  float* qrows = aligned(qr, group * p.Lq * p.d);
+  float* kpanels = mk::aligned(ks, nkb * p.d * kKeys);
+  float* krows = mk::aligned(kr, p.Lk * p.d);  // K and each query head's Q, contiguous (see copy_rows)
+  float* qrows = mk::aligned(qr, group * p.Lq * p.d);
   Problem pc = p;
   pc.ks[2] = p.d;
   pc.qs[2] = p.d;
-  float* vpanels = aligned(vs, nkb * p.dv * kKeys);
-  float (*pt)[kKeys] = reinterpret_cast<float (*)[kKeys]>(aligned(ps, kBwdRows * kKeys));
-  float (*dst)[kKeys] = reinterpret_cast<float (*)[kKeys]>(aligned(ds, kBwdRows * kKeys));
+  float* vpanels = mk::aligned(vs, nkb * p.dv * kKeys);
+  float (*pt)[kKeys] = reinterpret_cast<float (*)[kKeys]>(mk::aligned(ps, kBwdRows * kKeys));
+  float (*dst)[kKeys] = reinterpret_cast<float (*)[kKeys]>(mk::aligned(ds, kBwdRows * kKeys));
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t b = t / p.Hkv, hk = t % p.Hkv;
     const int64_t valid = p.lengths ? p.lengths[b] : p.Lk;
@@ -617,8 +610,8 @@ template <bool kAmx>
 BM_AMX void forward_bf16_tasks(const ProblemBf16& p, int64_t t0, int64_t t1, uint16_t* out, float* lse) {
   const int64_t ldv = (p.Lk + kKeys - 1) / kKeys * kKeys;
   std::vector<uint16_t> ks, vs;
-  uint16_t* kbuf = aligned(ks, ldv * p.d);
-  uint16_t* vt = aligned(vs, p.dv * ldv);
+  uint16_t* kbuf = mk::aligned(ks, ldv * p.d);
+  uint16_t* vt = mk::aligned(vs, p.dv * ldv);
   alignas(64) uint32_t qt[64 * 16];  // d <= 128
   if constexpr (kAmx) mk::amx_configure();
   for_each_forward_task<16>(

@@ -295,32 +295,37 @@ Tensor rows_original(const Tensor& t, const PackPlan& p, at::ScalarType dtype) {
 // AVX-512, else AVX2; bf16 layers on AMX tiles, else on AVX-512: vdpbf16ps tiles (Avx512) where the
 // CPU has AVX512-BF16 and that instruction pays, else float32 FMA tiles over bf16 storage
 // (Avx512Fp32: CPUs whose vdpbf16ps is slow, gemm::cpu::bf16_dot_pays, and AVX-512 CPUs without
-// AVX512-BF16); an AVX2 CPU runs bf16 on the portable path. BIGMODEL_CPU_KERNEL=avx512 and
-// avx512-fp32 pick one of the two bf16 loops (off AMX); avx2 picks the AVX2 loop (or none for bf16)
-// as an AVX2-only CPU would.
+// AVX512-BF16); an AVX2 CPU runs bf16 on the portable path (the bf16 choice is gemm::cpu::bf16_kernel,
+// shared with the attention). BIGMODEL_CPU_KERNEL=avx512 and avx512-fp32 pick one of the two bf16
+// loops (off AMX); avx2 picks the AVX2 loop (or none for bf16) as an AVX2-only CPU would.
 enum class FastKernels { None, Amx, Avx512, Avx512Fp32, Avx2 };
 
 FastKernels fast_kernels(const Dims& d, at::ScalarType input_dtype, at::ScalarType ct) {
   if (d.proj || ct != at::kFloat) return FastKernels::None;
-  const bool bf16 = input_dtype == at::kBFloat16;
+  if (input_dtype == at::kBFloat16) {
+    switch (gemm::cpu::bf16_kernel()) {
+      case gemm::cpu::Bf16Kernel::Amx:
+        return FastKernels::Amx;
+      case gemm::cpu::Bf16Kernel::Dot:
+        return FastKernels::Avx512;
+      case gemm::cpu::Bf16Kernel::Fp32Tiles:
+        return FastKernels::Avx512Fp32;
+      case gemm::cpu::Bf16Kernel::None:
+        return FastKernels::None;
+    }
+  }
   switch (gemm::cpu::kernel_choice()) {
     case gemm::cpu::KernelChoice::Generic:
       return FastKernels::None;
     case gemm::cpu::KernelChoice::Avx2:
-      return bf16 ? FastKernels::None : FastKernels::Avx2;
+      return FastKernels::Avx2;
     case gemm::cpu::KernelChoice::Avx512:
-      return !bf16 || gemm::cpu::has_avx512_bf16() ? FastKernels::Avx512 : FastKernels::Avx512Fp32;
     case gemm::cpu::KernelChoice::Avx512Fp32:
-      return bf16 ? FastKernels::Avx512Fp32 : FastKernels::Avx512;
+      return FastKernels::Avx512;
     case gemm::cpu::KernelChoice::Auto:
       break;
   }
-  if (bf16 && gemm::cpu::amx_enabled()) return FastKernels::Amx;
-  if (gemm::cpu::has_avx512()) {
-    if (!bf16) return FastKernels::Avx512;
-    return gemm::cpu::bf16_dot_pays() ? FastKernels::Avx512 : FastKernels::Avx512Fp32;
-  }
-  if (bf16) return FastKernels::None;
+  if (gemm::cpu::has_avx512()) return FastKernels::Avx512;
   return gemm::cpu::has_avx2() ? FastKernels::Avx2 : FastKernels::None;
 }
 
@@ -800,9 +805,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
   FastKernels k = fast_kernels(d, at::kFloat, ct);
   bool bf16_dot = false;
   if (k == FastKernels::Avx512 && input.scalar_type() == at::kBFloat16) {
-    const FastKernels kb = fast_kernels(d, at::kBFloat16, ct);
-    if (kb == FastKernels::Amx) k = FastKernels::Amx;
-    bf16_dot = kb == FastKernels::Avx512;
+    const gemm::cpu::Bf16Kernel bk = gemm::cpu::bf16_kernel();
+    if (bk == gemm::cpu::Bf16Kernel::Amx) k = FastKernels::Amx;
+    bf16_dot = bk == gemm::cpu::Bf16Kernel::Dot;
   }
   if (k != FastKernels::None)
     return lstm_backward_fast(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, output, gates, cells,

@@ -637,11 +637,20 @@ BM_AMX void grad_state_tiles_amx(const BackwardArgs& a, const float* dg, int64_t
   }
 }
 
-// At least n elements of v from a 64-byte boundary (the bf16 tiles' aligned panel loads).
-inline uint16_t* aligned_scratch(std::vector<uint16_t>& v, int64_t n) {
-  if (int64_t(v.size()) < n + 32) v.resize(n + 32);
-  const auto addr = reinterpret_cast<std::uintptr_t>(v.data());
-  return v.data() + (64 - addr % 64) % 64 / sizeof(uint16_t);
+// Rows [0, n) of src (G floats each; rows past n read as zero) rounded to bf16 with row pairs
+// interleaved, the k-pair layout of AMX / vdpbf16ps operands: out word (j, g) = (src[2j][g],
+// src[2j + 1][g]) for j < pairs and g < ldo, zero past G.
+BM_AVX512_BF16 void interleave_row_pairs(const float* src, int64_t n, int64_t G, int64_t pairs, int64_t ldo,
+                                         uint16_t* out) {
+  for (int64_t j = 0; j < pairs; ++j) {
+    const int64_t k0 = 2 * j, k1 = 2 * j + 1;
+    for (int64_t g = 0; g < ldo; g += 16) {
+      const __mmask16 m = g < G ? mk::lanes(G - g) : __mmask16(0);
+      const __m512 v0 = mk::load_f32(src + k0 * G + g, k0 < n ? m : __mmask16(0));
+      const __m512 v1 = mk::load_f32(src + k1 * G + g, k1 < n ? m : __mmask16(0));
+      _mm512_mask_storeu_epi32(out + (j * ldo + g) * 2, mk::lanes(ldo - g), mk::bf16_pairs(v0, v1));
+    }
+  }
 }
 
 // [dh, dx] for MR rows on vdpbf16ps: A = their dgates rounded to bf16 (rows of 4H), against panel p of
@@ -667,7 +676,7 @@ BM_AVX512_BF16 void grad_state_tiles_bf16(const BackwardArgs& a, const float* dg
                                           int64_t r0, int64_t mr, int64_t rstride, int64_t p0, int64_t p1) {
   const int64_t G = 4 * a.steps.H;
   thread_local std::vector<uint16_t> rows;
-  uint16_t* A = aligned_scratch(rows, mk::kMR * G);
+  uint16_t* A = mk::aligned(rows, mk::kMR * G);
   for (int64_t i = 0; i < mr; ++i)
     for (int64_t k = 0; k < G; k += 16) {
       const __mmask16 m = mk::lanes(G - k);
@@ -702,17 +711,9 @@ BM_AVX512_BF16 void grad_weights_update_bf16(const WorkerScratch& ws, int64_t G,
   const int64_t n2 = (n + 1) / 2, np = (F + mk::kNR - 1) / mk::kNR;
   thread_local std::vector<uint16_t> dg_buf, hx_buf;
   // dgp [n2][G][2] = (dg[2j][g], dg[2j + 1][g]); hxp [np][n2][64][2] the same of each of hx's panels
-  uint16_t* dgp = aligned_scratch(dg_buf, n2 * G * 2);
-  uint16_t* hxp = aligned_scratch(hx_buf, np * n2 * mk::kNR * 2);
-  for (int64_t j = 0; j < n2; ++j) {
-    const bool odd = 2 * j + 1 >= n;
-    for (int64_t g = 0; g < G; g += 16) {
-      const __mmask16 m = mk::lanes(G - g);
-      const __m512 lo = mk::load_f32(ws.dg + 2 * j * G + g, m);
-      const __m512 hi = odd ? _mm512_setzero_ps() : mk::load_f32(ws.dg + (2 * j + 1) * G + g, m);
-      _mm512_mask_storeu_epi32(dgp + (j * G + g) * 2, m, mk::bf16_pairs(lo, hi));
-    }
-  }
+  uint16_t* dgp = mk::aligned(dg_buf, n2 * G * 2);
+  uint16_t* hxp = mk::aligned(hx_buf, np * n2 * mk::kNR * 2);
+  interleave_row_pairs(ws.dg, n, G, n2, G, dgp);
   for (int64_t p = 0; p < np; ++p)
     for (int64_t j = 0; j < n2; ++j) {
       const float* lo = ws.hx + (p * rows_cap + 2 * j) * mk::kNR;
@@ -778,15 +779,7 @@ BM_AMX void grad_weights_update_amx(const WorkerScratch& ws, int64_t G, int64_t 
     }
   }
   // dg with row pairs interleaved: Bv[j][g] = (dg[2j][g], dg[2j + 1][g]) as one 32-bit word.
-  for (int64_t j = 0; j < Kp / 2; ++j) {
-    const int64_t k0 = 2 * j, k1 = 2 * j + 1;
-    for (int64_t g = 0; g < Gp; g += 16) {
-      const __mmask16 m = g < G ? mk::lanes(G - g) : __mmask16(0);
-      const __m512 v0 = mk::load_f32(ws.dg + k0 * G + g, k0 < n ? m : __mmask16(0));
-      const __m512 v1 = mk::load_f32(ws.dg + k1 * G + g, k1 < n ? m : __mmask16(0));
-      _mm512_storeu_si512(Bv + (j * Gp + g) * 2, mk::bf16_pairs(v0, v1));
-    }
-  }
+  interleave_row_pairs(ws.dg, n, G, Kp / 2, Gp, Bv);
   const int64_t ldc = Gp * int64_t(sizeof(float));
   for (int64_t f0 = 0; f0 < Fp; f0 += 32)
     for (int64_t g0 = 0; g0 < Gp; g0 += 32) {

@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #define BM_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
 #define BM_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma")))
@@ -58,6 +59,14 @@ inline void with_vectors(int64_t nv, const F& f) {
     case 3: f(std::integral_constant<int, 3>{}); break;
     default: f(std::integral_constant<int, 4>{}); break;
   }
+}
+
+// n elements of storage starting on a 64-byte line (storage grows to fit): scratch for the aligned
+// loads of panels and tiles.
+template <typename T>
+inline T* aligned(std::vector<T>& storage, int64_t n) {
+  if (int64_t(storage.size()) < n + int64_t(64 / sizeof(T))) storage.resize(n + 64 / sizeof(T));
+  return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(storage.data()) + 63) & ~uintptr_t(63));
 }
 
 // A tile of MR rows x NV zmm columns (NV < 4: a panel's last, narrower columns).

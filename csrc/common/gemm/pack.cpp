@@ -319,6 +319,23 @@ bool microkernels_enabled() {
 
 bool amx_enabled() { return has_amx_bf16() && kernel_choice() == KernelChoice::Auto; }
 
+Bf16Kernel bf16_kernel() {
+  switch (kernel_choice()) {
+    case KernelChoice::Generic:
+    case KernelChoice::Avx2:
+      return Bf16Kernel::None;
+    case KernelChoice::Avx512Fp32:
+      return Bf16Kernel::Fp32Tiles;
+    case KernelChoice::Avx512:
+      return has_avx512_bf16() ? Bf16Kernel::Dot : Bf16Kernel::Fp32Tiles;
+    case KernelChoice::Auto:
+      break;
+  }
+  if (amx_enabled()) return Bf16Kernel::Amx;
+  if (!has_avx512()) return Bf16Kernel::None;
+  return bf16_dot_pays() ? Bf16Kernel::Dot : Bf16Kernel::Fp32Tiles;
+}
+
 #ifdef BIGMODEL_HAS_AVX512_KERNELS
 namespace {
 template <bool kDot>

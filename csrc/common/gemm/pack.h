@@ -93,6 +93,12 @@ bool amx_enabled();
 bool bf16_dot_pays();
 // Measured throughput of those loops, GFLOP/s per thread (0 without AVX512-BF16): {fma, bf16 dot}.
 std::pair<double, double> fma_and_bf16_dot_rates();
+// How the bf16 kernels (LSTM and attention) multiply under kernel_choice(): on AMX tiles (auto, where
+// amx_enabled()); on vdpbf16ps (avx512 on a CPU with AVX512-BF16, or auto where bf16_dot_pays());
+// on float32 FMAs over bf16 storage (avx512-fp32, avx512 without AVX512-BF16, or auto where vdpbf16ps
+// is slow); or on none of the AVX-512 kernels (avx2, generic, auto without AVX-512).
+enum class Bf16Kernel { None, Fp32Tiles, Dot, Amx };
+Bf16Kernel bf16_kernel();
 }  // namespace cpu
 
 }  // namespace bigmodel::gemm
