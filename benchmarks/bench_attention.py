@@ -2,8 +2,9 @@
 
     python -m pytest benchmarks/bench_attention.py --benchmark-json=out.json [--quick] [--device cuda]
 
-CPU: float32 at the CPU shapes. CUDA: bfloat16 at the GPU shapes (native without a mask or with
-is_causal is SDPA's flash backend; with a boolean mask PyTorch picks its memory-efficient backend).
+CPU: float32 at the CPU shapes, and bfloat16 in the modes forward-bf16 and train-bf16. CUDA:
+bfloat16 at the GPU shapes (native without a mask or with is_causal is SDPA's flash backend; with a
+boolean mask PyTorch picks its memory-efficient backend).
 Key padding: native gets the equivalent boolean attn_mask, bigmodel gets key_lengths (its padded
 key blocks are skipped). On CUDA every timed call ends with a synchronize.
 """
@@ -27,7 +28,7 @@ GPU_SHAPES = [
 ]
 GPU_DTYPE = torch.bfloat16
 MASKS = ["none", "causal", "key-padding"]
-MODES = ["forward", "train", "forward-bf16"]  # forward-bf16: CPU only (CUDA runs bf16 throughout)
+MODES = ["forward", "train", "forward-bf16", "train-bf16"]  # *-bf16: CPU only (CUDA is bf16 throughout)
 IMPLS = ["native", "bigmodel"]
 
 
@@ -66,13 +67,13 @@ def test_attention(benchmark, quick, device, timed, shape, mask, mode, impl):
         pytest.skip("--quick runs the first shape only")
     if impl == "bigmodel" and device == "cuda" and not _has_cuda_kernel():
         pytest.skip("bigmodel was built without its CUDA attention kernel")
-    if mode == "forward-bf16" and device == "cuda":
+    if mode.endswith("-bf16") and device == "cuda":
         pytest.skip("on CUDA every mode is bf16 already")
     name, B, L, H, d = shape
-    dtype = GPU_DTYPE if device == "cuda" or mode == "forward-bf16" else torch.float32
+    dtype = GPU_DTYPE if device == "cuda" or mode.endswith("-bf16") else torch.float32
     g = torch.Generator().manual_seed(1)
     q, k, v = (
-        torch.randn(B, H, L, d, generator=g).to(device, dtype).requires_grad_(mode == "train")
+        torch.randn(B, H, L, d, generator=g).to(device, dtype).requires_grad_(mode.startswith("train"))
         for _ in range(3)
     )
     # Lengths between L/4 and L, the longest present (so no row is fully masked for native).
@@ -96,7 +97,7 @@ def test_attention(benchmark, quick, device, timed, shape, mask, mode, impl):
         benchmark,
         timed(fn),
         quick,
-        slow=mode == "train" or L >= 1024,
+        slow=mode.startswith("train") or L >= 1024,
         op="attention",
         case=f"{name}/{mask}",
         shape=f"B={B} L={L} heads={H} d={d}" + (" bf16" if dtype == torch.bfloat16 else ""),

@@ -380,10 +380,32 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cpu(
   const at::ScalarType ct = compute_dtype(query.scalar_type());
   check_backward_inputs(op, d, grad_out, out, logsumexp, ct, query.device());
   FlushDenormalsGuard ftz;
+  const Tensor lengths = lengths_int64(key_lengths);
+  // A bf16 backward multiplies in bf16 where vdpbf16ps pays (no AMX kernel for it: AMX hosts, whose
+  // vdpbf16ps runs at half the float32 rate, take the float32 kernels on float32 copies).
+  if (query.scalar_type() == at::kBFloat16 && !attn_mask.has_value() &&
+      !dropout.active() && fast::supports(d.d, d.dv) && gemm::cpu::bf16_kernel() == gemm::cpu::Bf16Kernel::Dot) {
+    const Tensor q = rows_ready(query, at::kBFloat16), k = rows_ready(key, at::kBFloat16);
+    const Tensor v = rows_ready(value, at::kBFloat16);
+    const Tensor go = grad_out.to(at::kBFloat16).contiguous(), lse = logsumexp.to(at::kFloat).contiguous();
+    const Tensor delta = (go.to(at::kFloat) * out.to(at::kFloat)).sum(-1).contiguous();
+    const auto f32 = q.options().dtype(at::kFloat);
+    Tensor gq = at::zeros(q.sizes(), f32), gk = at::zeros(k.sizes(), f32), gv = at::zeros(v.sizes(), f32);
+    const fast::ProblemBf16 fp = fast_problem<uint16_t>(d, q, k, v, lengths, is_causal, scale);
+    fast::GradsBf16 g;
+    g.grad_out = reinterpret_cast<const uint16_t*>(go.const_data_ptr());
+    g.lse = lse.const_data_ptr<float>();
+    g.delta = delta.const_data_ptr<float>();
+    g.gq = gq.data_ptr<float>();
+    g.gk = gk.data_ptr<float>();
+    g.gv = gv.data_ptr<float>();
+    at::parallel_for(0, d.B * d.Hkv, 1, [&](int64_t t0, int64_t t1) { fast::backward_bf16_dot(fp, g, t0, t1); });
+    return {gq.to(at::kBFloat16), gk.to(at::kBFloat16), gv.to(at::kBFloat16)};
+  }
   const Tensor q = rows_ready(query, ct), k = rows_ready(key, ct), v = rows_ready(value, ct);
   const Tensor go = grad_out.to(ct).contiguous(), lse = logsumexp.contiguous();
   const Tensor delta = (go * out.to(ct)).sum(-1).contiguous();
-  const Tensor lengths = lengths_int64(key_lengths), mask = additive_mask(attn_mask, d, ct);
+  const Tensor mask = additive_mask(attn_mask, d, ct);
   Tensor gq = at::zeros(q.sizes(), q.options()), gk = at::zeros(k.sizes(), k.options());
   Tensor gv = at::zeros(v.sizes(), v.options());
   if (use_fast_path(d, ct, mask, dropout)) {

@@ -628,6 +628,149 @@ BM_AMX void forward_bf16_tasks(const ProblemBf16& p, int64_t t0, int64_t t1, uin
   if constexpr (kAmx) _tile_release();
 }
 
+
+// ---- bfloat16 backward on vdpbf16ps ----
+//
+// The float32 backward's loop (per kv head, 64-key block, 48 query rows, 6-row groups) with every
+// product on bf16 pairs. Operand layouts, all zero-padded past the valid rows:
+//   S = Q K^T     A: Q rows as they are (pairs along d)      B: K^T panel [d/2][64 keys] words
+//   dP = dO V^T   A: dO rows                                 B: V^T panel [dv/2][64 keys] words
+//   dQ += dS K    A: dS rows in bf16 (pairs of keys)          B: K rows in key pairs [32][d] words
+//   dV += P^T dO  A: P^T, query-row pairs per key [24][64]   B: dO rows in row pairs [Lq/2][dv] words
+//   dK += dS^T Q  A: dS^T likewise                           B: Q rows in row pairs [Lq/2][d] words
+// P and dS are computed in float32 from float32 S and dP. P (>= 0) is rounded to bf16 where it
+// multiplies. dS is not: its rows sum to zero, so dQ and dK are sums that cancel, and rounding each
+// term to bf16 gave up to 3.6x PyTorch's error on them; dS runs as two bf16 terms, hi = bf16(dS) and
+// lo = bf16(dS - hi) (16 significant bits), each product twice.
+
+// x rounded to bf16 and back (the part of x a bf16 holds).
+BM_AVX512_BF16 BM_ALWAYS_INLINE __m512 bf16_hi(__m512 x) {
+  const __m256bh b = _mm512_cvtneps_pbh(x);
+  __m256i bits;
+  std::memcpy(&bits, &b, sizeof(bits));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+// Word w of row j (2 bf16 at row j, columns 2w, 2w + 1) of rows [0, n) into panels [ceil(n/64)][dim/2][64]:
+// K^T and V^T as B operands over the head dim, keys as columns.
+void pair_panels(const uint16_t* x, int64_t ld, int64_t n, int64_t dim, uint32_t* panels) {
+  const int64_t words = dim / 2, nb = (n + kKeys - 1) / kKeys;
+  std::fill(panels, panels + nb * words * kKeys, 0u);
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t w = 0; w < words; ++w)
+      std::memcpy(panels + ((j / kKeys) * words + w) * kKeys + j % kKeys, x + j * ld + 2 * w, sizeof(uint32_t));
+}
+
+// Rows [0, n) of X (dim bf16 at stride ld) with consecutive rows paired: out word (j, c) = (X[2j][c],
+// X[2j + 1][c]) for j < pairs, zero past n. The B operand with rows as k.
+BM_AVX512 void pair_rows(const uint16_t* x, int64_t ld, int64_t n, int64_t pairs, int64_t dim, uint32_t* out) {
+  for (int64_t j = 0; j < pairs; ++j)
+    for (int64_t c = 0; c < dim; c += 16) {
+      const __mmask16 m = mk::lanes(dim - c);
+      const __m256i lo = _mm256_maskz_loadu_epi16(2 * j < n ? m : __mmask16(0), x + 2 * j * ld + c);
+      const __m256i hi = _mm256_maskz_loadu_epi16(2 * j + 1 < n ? m : __mmask16(0), x + (2 * j + 1) * ld + c);
+      const __m512i wv = _mm512_or_si512(_mm512_cvtepu16_epi32(lo), _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
+      _mm512_mask_storeu_epi32(out + j * dim + c, m, wv);
+    }
+}
+
+// MR query rows (r0 - i0 even) against one 64-key block: P and dS in float32 from bf16 products; P^T
+// and dS^T (hi and lo) as query-row pairs into ptp / dstp / dstp_lo (the 48-row block's, word (pair,
+// key)); dQ += dS K.
+template <int MR, int NVD>
+BM_AVX512_BF16 void bwd_rows_bf16(const ProblemBf16& p, const uint16_t* q, const uint16_t* go, const float* lse,
+                                  const float* delta, const uint16_t* kpan, const uint16_t* vpan,
+                                  const uint16_t* kpairs, int64_t j0, int64_t nk, const int64_t* limit,
+                                  uint32_t* ptp, uint32_t* dstp, uint32_t* dstp_lo, float* gq) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  alignas(64) float pf[MR + 1][kKeys];   // P, float32; row MR stays zero (an odd last row's partner)
+  alignas(64) float dsf[MR + 1][kKeys];  // dS, float32 (then its hi part)
+  alignas(64) float dsl[MR + 1][kKeys];  // dS - hi
+  alignas(64) uint16_t dsb[2][MR][kKeys];  // hi and lo in bf16, the A operands of dQ
+  __m512 s[MR][4];
+  mk::zero_tile<MR>(s);
+  mk::tile_bf16<MR>(q, p.d, p.d / 2, kpan, s);
+  int64_t min_limit = limit[0];
+  for (int r = 1; r < MR; ++r) min_limit = std::min(min_limit, limit[r]);
+  const bool edge = j0 + kKeys > min_limit;
+  const __m512 sc = _mm512_set1_ps(p.scale);
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    if (lse[r] == ninf) {  // a row with no visible key: no gradient
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) _mm512_store_ps(pf[r] + 16 * c, _mm512_setzero_ps());
+      continue;
+    }
+    const __m512 shift = _mm512_set1_ps(lse[r]);
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) {
+      __m512 e = mk::exp_scaled_ps<1>(_mm512_fmsub_ps(s[r][c], sc, shift));
+      if (edge) e = _mm512_maskz_mov_ps(mk::lanes(std::max<int64_t>(0, std::min<int64_t>(16, limit[r] - j0 - 16 * c))), e);
+      _mm512_store_ps(pf[r] + 16 * c, e);
+    }
+  }
+  __m512 dp[MR][4];
+  mk::zero_tile<MR>(dp);
+  mk::tile_bf16<MR>(go, p.dv, p.dv / 2, vpan, dp);
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    const __m512 dl = _mm512_set1_ps(delta[r]);
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) {
+      const __m512 ds = _mm512_mul_ps(_mm512_mul_ps(_mm512_load_ps(pf[r] + 16 * c), _mm512_sub_ps(dp[r][c], dl)), sc);
+      const __m512 hi = bf16_hi(ds), lo = _mm512_sub_ps(ds, hi);
+      _mm512_store_ps(dsf[r] + 16 * c, hi);
+      _mm512_store_ps(dsl[r] + 16 * c, lo);
+      mk::store_bf16(dsb[0][r] + 16 * c, hi, 0xFFFF);
+      mk::store_bf16(dsb[1][r] + 16 * c, lo, 0xFFFF);
+    }
+  }
+#pragma GCC unroll 4
+  for (int c = 0; c < 4; ++c) {
+    _mm512_store_ps(pf[MR] + 16 * c, _mm512_setzero_ps());
+    _mm512_store_ps(dsf[MR] + 16 * c, _mm512_setzero_ps());
+    _mm512_store_ps(dsl[MR] + 16 * c, _mm512_setzero_ps());
+  }
+  for (int r = 0; r < MR; r += 2)
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) {
+      _mm512_store_si512(ptp + (r / 2) * kKeys + 16 * c,
+                         mk::bf16_pairs(_mm512_load_ps(pf[r] + 16 * c), _mm512_load_ps(pf[r + 1] + 16 * c)));
+      _mm512_store_si512(dstp + (r / 2) * kKeys + 16 * c,
+                         mk::bf16_pairs(_mm512_load_ps(dsf[r] + 16 * c), _mm512_load_ps(dsf[r + 1] + 16 * c)));
+      _mm512_store_si512(dstp_lo + (r / 2) * kKeys + 16 * c,
+                         mk::bf16_pairs(_mm512_load_ps(dsl[r] + 16 * c), _mm512_load_ps(dsl[r + 1] + 16 * c)));
+    }
+  __m512 acc[MR][NVD];
+  mk::load_tile(gq, p.d, acc);
+  for (int part = 0; part < 2; ++part)
+    mk::tile_bf16_rows<MR, NVD>(dsb[part][0], kKeys, (nk + 1) / 2, kpairs, 2 * p.d, acc);
+  mk::store_tile(acc, gq, p.d);
+}
+
+// out[keys m0 .. m0 + MR][NV * 16] += A^T B over the block's query-row pairs: A = ptp or dstp (word
+// (pair, key)), B = dO or Q rows in row pairs (rows of ldb words).
+template <int MR, int NV>
+BM_AVX512_BF16 void bwd_kv_tile_bf16(const uint32_t* a, int64_t m0, int64_t pairs, const uint32_t* b, int64_t ldb,
+                                     float* out, int64_t ldo) {
+  __m512 acc[MR][NV];
+  float* o = out + m0 * ldo;
+  mk::load_tile(o, ldo, acc);
+  mk::tile_bf16_rows<MR, NV>(reinterpret_cast<const uint16_t*>(a + m0), 2, pairs,
+                             reinterpret_cast<const uint16_t*>(b), 2 * ldb, acc, 2 * kKeys);
+  mk::store_tile(acc, o, ldo);
+}
+
+void bwd_kv_bf16(int64_t nv, const uint32_t* a, int64_t nk, int64_t pairs, const uint32_t* b, int64_t ldb,
+                 float* out, int64_t ldo) {
+  mk::with_vectors(nv, [&](auto vecs) {
+    for (int64_t m0 = 0; m0 < nk; m0 += kRows)
+      mk::with_rows(std::min<int64_t>(kRows, nk - m0), [&](auto rows) {
+        bwd_kv_tile_bf16<decltype(rows)::value, decltype(vecs)::value>(a, m0, pairs, b, ldb, out, ldo);
+      });
+  });
+}
+
 }  // namespace
 
 void forward_amx(const ProblemBf16& p, int64_t t0, int64_t t1, uint16_t* out, float* lse) {
@@ -636,6 +779,71 @@ void forward_amx(const ProblemBf16& p, int64_t t0, int64_t t1, uint16_t* out, fl
 
 void forward_bf16_dot(const ProblemBf16& p, int64_t t0, int64_t t1, uint16_t* out, float* lse) {
   forward_bf16_tasks<false>(p, t0, t1, out, lse);
+}
+
+void backward_bf16_dot(const ProblemBf16& p, const GradsBf16& g, int64_t t0, int64_t t1) {
+  const int64_t group = p.Hq / p.Hkv, nkb = (p.Lk + kKeys - 1) / kKeys;
+  const int64_t qpairs = (p.Lq + 1) / 2, kpairs_n = nkb * kKeys / 2;
+  std::vector<uint32_t> kp_s, vp_s, kr_s, qp_s, dop_s, pt_s, ds_s, dl_s;
+  std::vector<uint16_t> qr_s;
+  uint32_t* kpanels = mk::aligned(kp_s, nkb * (p.d / 2) * kKeys);
+  uint32_t* vpanels = mk::aligned(vp_s, nkb * (p.dv / 2) * kKeys);
+  uint32_t* kpairs = mk::aligned(kr_s, kpairs_n * p.d);
+  uint16_t* qrows = mk::aligned(qr_s, group * p.Lq * p.d);  // each query head's Q, contiguous
+  uint32_t* qp = mk::aligned(qp_s, group * qpairs * p.d);
+  uint32_t* dop = mk::aligned(dop_s, group * qpairs * p.dv);
+  uint32_t* ptp = mk::aligned(pt_s, (kBwdRows / 2) * kKeys);
+  uint32_t* dstp = mk::aligned(ds_s, (kBwdRows / 2) * kKeys);
+  uint32_t* dstp_lo = mk::aligned(dl_s, (kBwdRows / 2) * kKeys);
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t b = t / p.Hkv, hk = t % p.Hkv;
+    const int64_t valid = p.lengths ? p.lengths[b] : p.Lk;
+    const uint16_t* kb = p.k + b * p.ks[0] + hk * p.ks[1];
+    pair_panels(kb, p.ks[2], valid, p.d, kpanels);
+    pair_panels(p.v + b * p.vs[0] + hk * p.vs[1], p.vs[2], valid, p.dv, vpanels);
+    pair_rows(kb, p.ks[2], valid, kpairs_n, p.d, kpairs);
+    for (int64_t i = 0; i < group; ++i) {
+      const int64_t h = hk * group + i;
+      const uint16_t* qh = p.q + b * p.qs[0] + h * p.qs[1];
+      uint16_t* qr = qrows + i * p.Lq * p.d;
+      for (int64_t r = 0; r < p.Lq; ++r) std::memcpy(qr + r * p.d, qh + r * p.qs[2], p.d * sizeof(uint16_t));
+      pair_rows(qr, p.d, p.Lq, qpairs, p.d, qp + i * qpairs * p.d);
+      pair_rows(g.grad_out + (b * p.Hq + h) * p.Lq * p.dv, p.dv, p.Lq, qpairs, p.dv, dop + i * qpairs * p.dv);
+    }
+    float* gk = g.gk + (b * p.Hkv + hk) * p.Lk * p.d;
+    float* gv = g.gv + (b * p.Hkv + hk) * p.Lk * p.dv;
+    for (int64_t j0 = 0; j0 < valid; j0 += kKeys) {
+      const int64_t nk = std::min(kKeys, valid - j0);
+      const uint16_t* kpan = reinterpret_cast<const uint16_t*>(kpanels + (j0 / kKeys) * (p.d / 2) * kKeys);
+      const uint16_t* vpan = reinterpret_cast<const uint16_t*>(vpanels + (j0 / kKeys) * (p.dv / 2) * kKeys);
+      const uint16_t* kblock = reinterpret_cast<const uint16_t*>(kpairs + (j0 / 2) * p.d);
+      for (int64_t i = 0; i < group; ++i) {
+        const int64_t h = hk * group + i, row0 = (b * p.Hq + h) * p.Lq;
+        const uint16_t* qh = qrows + i * p.Lq * p.d;
+        for (int64_t i0 = p.causal ? j0 : 0; i0 < p.Lq; i0 += kBwdRows) {  // causal: rows < j0 see none
+          const int64_t nq = std::min(kBwdRows, p.Lq - i0);
+          for (int64_t r0 = i0; r0 < i0 + nq; r0 += kRows) {
+            const int mr = int(std::min<int64_t>(kRows, i0 + nq - r0));
+            int64_t limit[kRows];
+            visible_keys(p, valid, r0, mr, limit);
+            mk::with_vectors(p.d / 16, [&](auto nvd) {
+              mk::with_rows(mr, [&](auto rows) {
+                bwd_rows_bf16<decltype(rows)::value, decltype(nvd)::value>(
+                    p, qh + r0 * p.d, g.grad_out + (row0 + r0) * p.dv, g.lse + row0 + r0, g.delta + row0 + r0,
+                    kpan, vpan, kblock, j0, nk, limit, ptp + ((r0 - i0) / 2) * kKeys,
+                    dstp + ((r0 - i0) / 2) * kKeys, dstp_lo + ((r0 - i0) / 2) * kKeys, g.gq + (row0 + r0) * p.d);
+              });
+            });
+          }
+          // dV[block] += P^T dO, dK[block] += dS^T Q over these rows' pairs.
+          const int64_t pairs = (nq + 1) / 2;
+          bwd_kv_bf16(p.dv / 16, ptp, nk, pairs, dop + (i * qpairs + i0 / 2) * p.dv, p.dv, gv + j0 * p.dv, p.dv);
+          for (const uint32_t* ds : {dstp, dstp_lo})
+            bwd_kv_bf16(p.d / 16, ds, nk, pairs, qp + (i * qpairs + i0 / 2) * p.d, p.d, gk + j0 * p.d, p.d);
+        }
+      }
+    }
+  }
 }
 
 }  // namespace bigmodel::attention::fast
@@ -650,6 +858,7 @@ void forward(const Problem&, int64_t, int64_t, float*, float*) { TORCH_INTERNAL_
 void backward(const Problem&, const Grads&, int64_t, int64_t) { TORCH_INTERNAL_ASSERT(false); }
 void forward_amx(const ProblemBf16&, int64_t, int64_t, uint16_t*, float*) { TORCH_INTERNAL_ASSERT(false); }
 void forward_bf16_dot(const ProblemBf16&, int64_t, int64_t, uint16_t*, float*) { TORCH_INTERNAL_ASSERT(false); }
+void backward_bf16_dot(const ProblemBf16&, const GradsBf16&, int64_t, int64_t) { TORCH_INTERNAL_ASSERT(false); }
 }  // namespace bigmodel::attention::fast
 
 #endif

@@ -48,18 +48,28 @@ void forward_amx(const ProblemBf16& p, int64_t t0, int64_t t1, uint16_t* out, fl
 // The same forward with the products on vdpbf16ps (AVX512-BF16 without AMX; same layouts and limits).
 void forward_bf16_dot(const ProblemBf16& p, int64_t t0, int64_t t1, uint16_t* out, float* lse);
 
-struct Grads {
-  const float* grad_out = nullptr;  // [B, Hq, Lq, dv] contiguous
+// T: the type of grad_out (float, or uint16_t bf16 bits); the gradients accumulate in float32.
+template <typename T>
+struct GradsOf {
+  const T* grad_out = nullptr;      // [B, Hq, Lq, dv] contiguous
   const float* lse = nullptr;       // [B, Hq, Lq]
   const float* delta = nullptr;     // [B, Hq, Lq]: rowsum(grad_out * out)
   float* gq = nullptr;              // [B, Hq, Lq, d] contiguous, zero on entry
   float* gk = nullptr;              // [B, Hkv, Lk, d] contiguous, zero on entry
   float* gv = nullptr;              // [B, Hkv, Lk, dv] contiguous, zero on entry
 };
+using Grads = GradsOf<float>;
+using GradsBf16 = GradsOf<uint16_t>;
 
 // Backward tasks [t0, t1) of B * Hkv: a task owns one kv head (the only writer of its dK / dV rows
 // and of the dQ rows of its query heads). Per 64-key block and 48 query rows: S and dP = dO V^T as
 // register tiles, P and dS to L1, dQ += dS K per 6 rows, then dV += P^T dO and dK += dS^T Q.
 void backward(const Problem& p, const Grads& g, int64_t t0, int64_t t1);
+
+// The same backward for bf16 q, k, v and grad_out with its five products on vdpbf16ps (AVX512-BF16,
+// where bf16_kernel() chose it): float32 accumulation and softmax; P and dS rounded to bf16 where they
+// are multiplicands (as flash kernels on tensor cores do); head dims as supports(). Gradients in
+// float32.
+void backward_bf16_dot(const ProblemBf16& p, const GradsBf16& g, int64_t t0, int64_t t1);
 
 }  // namespace bigmodel::attention::fast

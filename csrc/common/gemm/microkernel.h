@@ -98,29 +98,35 @@ BM_AVX512 BM_ALWAYS_INLINE void tile_f32(const float* a, int64_t lda, int64_t K,
   }
 }
 
-// The same product with bfloat16 A and panel, float32 accumulation (vdpbf16ps: two k per FMA).
-// K2 = number of k pairs; the pair (A[r, 2 kp], A[r, 2 kp + 1]) is the 32-bit word at
-// a + r * lda + kp * kstride (bf16 units): kstride = 2 for rows of A in place (which must then hold
-// 2 * K2 readable values, zero past the true K), 2 * M for A transposed with its row pairs
-// interleaved ([K / 2][M][2], the LSTM backward's weight gradients).
-template <int MR>
-BM_AVX512_BF16 BM_ALWAYS_INLINE void tile_bf16(const uint16_t* a, int64_t lda, int64_t K2, const uint16_t* panel,
-                                               __m512 (&acc)[MR][4], int64_t kstride = 2) {
+// acc[r][j] += sum over k pairs kp < K2 of A's pair (r, kp) times B's pair row kp, columns
+// 16 j .. 16 j + 15: bfloat16 A and B, float32 accumulation (vdpbf16ps: two k per FMA). A's pair
+// (A[r, 2 kp], A[r, 2 kp + 1]) is the 32-bit word at a + r * lda + kp * kstride (bf16 units); B's pair
+// row kp holds NV * 16 columns x 2 at b + kp * ldb (bf16 units). The caller zero-pads an odd K.
+template <int MR, int NV>
+BM_AVX512_BF16 BM_ALWAYS_INLINE void tile_bf16_rows(const uint16_t* a, int64_t lda, int64_t K2, const uint16_t* b,
+                                                    int64_t ldb, __m512 (&acc)[MR][NV], int64_t kstride = 2) {
   for (int64_t kp = 0; kp < K2; ++kp) {
-    const uint16_t* w = panel + kp * (2 * kNR);
-    const __m512bh w0 = (__m512bh)_mm512_load_si512(w), w1 = (__m512bh)_mm512_load_si512(w + 32);
-    const __m512bh w2 = (__m512bh)_mm512_load_si512(w + 64), w3 = (__m512bh)_mm512_load_si512(w + 96);
+    __m512bh w[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) w[j] = (__m512bh)_mm512_loadu_si512(b + kp * ldb + 32 * j);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       int32_t pair;
       std::memcpy(&pair, a + r * lda + kp * kstride, sizeof(pair));
       const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
-      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], av, w0);
-      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], av, w1);
-      acc[r][2] = _mm512_dpbf16_ps(acc[r][2], av, w2);
-      acc[r][3] = _mm512_dpbf16_ps(acc[r][3], av, w3);
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], av, w[j]);
     }
   }
+}
+
+// The same product against a bf16 panel ([K2][64][2]): K2 = number of k pairs; kstride = 2 for rows
+// of A in place (which must then hold 2 * K2 readable values, zero past the true K), 2 * M for A
+// transposed with its row pairs interleaved ([K / 2][M][2], the LSTM backward's weight gradients).
+template <int MR>
+BM_AVX512_BF16 BM_ALWAYS_INLINE void tile_bf16(const uint16_t* a, int64_t lda, int64_t K2, const uint16_t* panel,
+                                               __m512 (&acc)[MR][4], int64_t kstride = 2) {
+  tile_bf16_rows<MR, 4>(a, lda, K2, panel, 2 * kNR, acc, kstride);
 }
 
 // acc[r][j] += sum_k A[r, k] * B[k, 16 j .. 16 j + 15] for B rows at stride ldb, NV * 16 columns each,
