@@ -387,20 +387,21 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cpu(
       !dropout.active() && fast::supports(d.d, d.dv) && gemm::cpu::bf16_kernel() == gemm::cpu::Bf16Kernel::Dot) {
     const Tensor q = rows_ready(query, at::kBFloat16), k = rows_ready(key, at::kBFloat16);
     const Tensor v = rows_ready(value, at::kBFloat16);
-    const Tensor go = grad_out.to(at::kBFloat16).contiguous(), lse = logsumexp.to(at::kFloat).contiguous();
-    const Tensor delta = (go.to(at::kFloat) * out.to(at::kFloat)).sum(-1).contiguous();
-    const auto f32 = q.options().dtype(at::kFloat);
-    Tensor gq = at::zeros(q.sizes(), f32), gk = at::zeros(k.sizes(), f32), gv = at::zeros(v.sizes(), f32);
+    const Tensor go = grad_out.to(at::kBFloat16).contiguous(), o = out.to(at::kBFloat16).contiguous();
+    const Tensor lse = logsumexp.to(at::kFloat).contiguous();
+    Tensor gq = at::empty(q.sizes(), q.options()), gk = at::empty(k.sizes(), k.options());
+    Tensor gv = at::empty(v.sizes(), v.options());
     const fast::ProblemBf16 fp = fast_problem<uint16_t>(d, q, k, v, lengths, is_causal, scale);
+    const auto bits = [](const Tensor& t) { return reinterpret_cast<const uint16_t*>(t.const_data_ptr()); };
     fast::GradsBf16 g;
-    g.grad_out = reinterpret_cast<const uint16_t*>(go.const_data_ptr());
+    g.grad_out = bits(go);
+    g.out = bits(o);
     g.lse = lse.const_data_ptr<float>();
-    g.delta = delta.const_data_ptr<float>();
-    g.gq = gq.data_ptr<float>();
-    g.gk = gk.data_ptr<float>();
-    g.gv = gv.data_ptr<float>();
+    g.gq = reinterpret_cast<uint16_t*>(gq.data_ptr());
+    g.gk = reinterpret_cast<uint16_t*>(gk.data_ptr());
+    g.gv = reinterpret_cast<uint16_t*>(gv.data_ptr());
     at::parallel_for(0, d.B * d.Hkv, 1, [&](int64_t t0, int64_t t1) { fast::backward_bf16_dot(fp, g, t0, t1); });
-    return {gq.to(at::kBFloat16), gk.to(at::kBFloat16), gv.to(at::kBFloat16)};
+    return {gq, gk, gv};
   }
   const Tensor q = rows_ready(query, ct), k = rows_ready(key, ct), v = rows_ready(value, ct);
   const Tensor go = grad_out.to(ct).contiguous(), lse = logsumexp.contiguous();

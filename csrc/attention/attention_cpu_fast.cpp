@@ -748,6 +748,23 @@ BM_AVX512_BF16 void bwd_rows_bf16(const ProblemBf16& p, const uint16_t* q, const
   mk::store_tile(acc, gq, p.d);
 }
 
+// delta[r] = sum over c < dv of dO[r][c] O[r][c] for rows [0, n) (bf16 rows of dv, float32 sums).
+BM_AVX512 void row_dots(const uint16_t* go, const uint16_t* o, int64_t n, int64_t dv, float* delta) {
+  for (int64_t r = 0; r < n; ++r) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t c = 0; c < dv; c += 16) {
+      const __mmask16 m = mk::lanes(dv - c);
+      acc = _mm512_fmadd_ps(mk::load_bf16(go + r * dv + c, m), mk::load_bf16(o + r * dv + c, m), acc);
+    }
+    delta[r] = _mm512_reduce_add_ps(acc);
+  }
+}
+
+// n float32 values rounded to bf16 (n a multiple of 16).
+BM_AVX512_BF16 void round_to_bf16(const float* src, int64_t n, uint16_t* dst) {
+  for (int64_t i = 0; i < n; i += 16) mk::store_bf16(dst + i, _mm512_load_ps(src + i), 0xFFFF);
+}
+
 // out[keys m0 .. m0 + MR][NV * 16] += A^T B over the block's query-row pairs: A = ptp or dstp (word
 // (pair, key)), B = dO or Q rows in row pairs (rows of ldb words).
 template <int MR, int NV>
@@ -795,6 +812,12 @@ void backward_bf16_dot(const ProblemBf16& p, const GradsBf16& g, int64_t t0, int
   uint32_t* ptp = mk::aligned(pt_s, (kBwdRows / 2) * kKeys);
   uint32_t* dstp = mk::aligned(ds_s, (kBwdRows / 2) * kKeys);
   uint32_t* dstp_lo = mk::aligned(dl_s, (kBwdRows / 2) * kKeys);
+  // The task's gradients in float32 (its query heads' dQ, its dK and dV), rounded once at the end.
+  std::vector<float> gq_s, gk_s, gv_s, dl_f;
+  float* gqa = mk::aligned(gq_s, group * p.Lq * p.d);
+  float* gka = mk::aligned(gk_s, p.Lk * p.d);
+  float* gva = mk::aligned(gv_s, p.Lk * p.dv);
+  float* delta = mk::aligned(dl_f, group * p.Lq);
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t b = t / p.Hkv, hk = t % p.Hkv;
     const int64_t valid = p.lengths ? p.lengths[b] : p.Lk;
@@ -808,10 +831,13 @@ void backward_bf16_dot(const ProblemBf16& p, const GradsBf16& g, int64_t t0, int
       uint16_t* qr = qrows + i * p.Lq * p.d;
       for (int64_t r = 0; r < p.Lq; ++r) std::memcpy(qr + r * p.d, qh + r * p.qs[2], p.d * sizeof(uint16_t));
       pair_rows(qr, p.d, p.Lq, qpairs, p.d, qp + i * qpairs * p.d);
-      pair_rows(g.grad_out + (b * p.Hq + h) * p.Lq * p.dv, p.dv, p.Lq, qpairs, p.dv, dop + i * qpairs * p.dv);
+      const uint16_t* goh = g.grad_out + (b * p.Hq + h) * p.Lq * p.dv;
+      pair_rows(goh, p.dv, p.Lq, qpairs, p.dv, dop + i * qpairs * p.dv);
+      row_dots(goh, g.out + (b * p.Hq + h) * p.Lq * p.dv, p.Lq, p.dv, delta + i * p.Lq);
     }
-    float* gk = g.gk + (b * p.Hkv + hk) * p.Lk * p.d;
-    float* gv = g.gv + (b * p.Hkv + hk) * p.Lk * p.dv;
+    std::fill(gqa, gqa + group * p.Lq * p.d, 0.f);
+    std::fill(gka, gka + p.Lk * p.d, 0.f);
+    std::fill(gva, gva + p.Lk * p.dv, 0.f);
     for (int64_t j0 = 0; j0 < valid; j0 += kKeys) {
       const int64_t nk = std::min(kKeys, valid - j0);
       const uint16_t* kpan = reinterpret_cast<const uint16_t*>(kpanels + (j0 / kKeys) * (p.d / 2) * kKeys);
@@ -829,20 +855,23 @@ void backward_bf16_dot(const ProblemBf16& p, const GradsBf16& g, int64_t t0, int
             mk::with_vectors(p.d / 16, [&](auto nvd) {
               mk::with_rows(mr, [&](auto rows) {
                 bwd_rows_bf16<decltype(rows)::value, decltype(nvd)::value>(
-                    p, qh + r0 * p.d, g.grad_out + (row0 + r0) * p.dv, g.lse + row0 + r0, g.delta + row0 + r0,
+                    p, qh + r0 * p.d, g.grad_out + (row0 + r0) * p.dv, g.lse + row0 + r0, delta + i * p.Lq + r0,
                     kpan, vpan, kblock, j0, nk, limit, ptp + ((r0 - i0) / 2) * kKeys,
-                    dstp + ((r0 - i0) / 2) * kKeys, dstp_lo + ((r0 - i0) / 2) * kKeys, g.gq + (row0 + r0) * p.d);
+                    dstp + ((r0 - i0) / 2) * kKeys, dstp_lo + ((r0 - i0) / 2) * kKeys, gqa + (i * p.Lq + r0) * p.d);
               });
             });
           }
           // dV[block] += P^T dO, dK[block] += dS^T Q over these rows' pairs.
           const int64_t pairs = (nq + 1) / 2;
-          bwd_kv_bf16(p.dv / 16, ptp, nk, pairs, dop + (i * qpairs + i0 / 2) * p.dv, p.dv, gv + j0 * p.dv, p.dv);
+          bwd_kv_bf16(p.dv / 16, ptp, nk, pairs, dop + (i * qpairs + i0 / 2) * p.dv, p.dv, gva + j0 * p.dv, p.dv);
           for (const uint32_t* ds : {dstp, dstp_lo})
-            bwd_kv_bf16(p.d / 16, ds, nk, pairs, qp + (i * qpairs + i0 / 2) * p.d, p.d, gk + j0 * p.d, p.d);
+            bwd_kv_bf16(p.d / 16, ds, nk, pairs, qp + (i * qpairs + i0 / 2) * p.d, p.d, gka + j0 * p.d, p.d);
         }
       }
     }
+    round_to_bf16(gqa, group * p.Lq * p.d, g.gq + (b * p.Hq + hk * group) * p.Lq * p.d);
+    round_to_bf16(gka, p.Lk * p.d, g.gk + (b * p.Hkv + hk) * p.Lk * p.d);
+    round_to_bf16(gva, p.Lk * p.dv, g.gv + (b * p.Hkv + hk) * p.Lk * p.dv);
   }
 }
 

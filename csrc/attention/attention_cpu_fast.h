@@ -48,18 +48,25 @@ void forward_amx(const ProblemBf16& p, int64_t t0, int64_t t1, uint16_t* out, fl
 // The same forward with the products on vdpbf16ps (AVX512-BF16 without AMX; same layouts and limits).
 void forward_bf16_dot(const ProblemBf16& p, int64_t t0, int64_t t1, uint16_t* out, float* lse);
 
-// T: the type of grad_out (float, or uint16_t bf16 bits); the gradients accumulate in float32.
-template <typename T>
-struct GradsOf {
-  const T* grad_out = nullptr;      // [B, Hq, Lq, dv] contiguous
+struct Grads {
+  const float* grad_out = nullptr;  // [B, Hq, Lq, dv] contiguous
   const float* lse = nullptr;       // [B, Hq, Lq]
   const float* delta = nullptr;     // [B, Hq, Lq]: rowsum(grad_out * out)
   float* gq = nullptr;              // [B, Hq, Lq, d] contiguous, zero on entry
   float* gk = nullptr;              // [B, Hkv, Lk, d] contiguous, zero on entry
   float* gv = nullptr;              // [B, Hkv, Lk, dv] contiguous, zero on entry
 };
-using Grads = GradsOf<float>;
-using GradsBf16 = GradsOf<uint16_t>;
+
+// The bf16 backward's operands: everything bf16 bits but lse, contiguous; the gradients are
+// accumulated in float32 per task and written once, rounded (no zeroing needed on entry).
+struct GradsBf16 {
+  const uint16_t* grad_out = nullptr;  // [B, Hq, Lq, dv]
+  const uint16_t* out = nullptr;       // [B, Hq, Lq, dv]: the forward's output (for rowsum(dO * O))
+  const float* lse = nullptr;          // [B, Hq, Lq]
+  uint16_t* gq = nullptr;              // [B, Hq, Lq, d]
+  uint16_t* gk = nullptr;              // [B, Hkv, Lk, d]
+  uint16_t* gv = nullptr;              // [B, Hkv, Lk, dv]
+};
 
 // Backward tasks [t0, t1) of B * Hkv: a task owns one kv head (the only writer of its dK / dV rows
 // and of the dQ rows of its query heads). Per 64-key block and 48 query rows: S and dP = dO V^T as
@@ -67,9 +74,8 @@ using GradsBf16 = GradsOf<uint16_t>;
 void backward(const Problem& p, const Grads& g, int64_t t0, int64_t t1);
 
 // The same backward for bf16 q, k, v and grad_out with its five products on vdpbf16ps (AVX512-BF16,
-// where bf16_kernel() chose it): float32 accumulation and softmax; P and dS rounded to bf16 where they
-// are multiplicands (as flash kernels on tensor cores do); head dims as supports(). Gradients in
-// float32.
+// where bf16_kernel() chose it): float32 accumulation and softmax, P and dS rounded to bf16 where they
+// multiply (dS as two terms, see the .cpp); head dims as supports(); gradients rounded to bf16 once.
 void backward_bf16_dot(const ProblemBf16& p, const GradsBf16& g, int64_t t0, int64_t t1);
 
 }  // namespace bigmodel::attention::fast
