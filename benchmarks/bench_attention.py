@@ -112,18 +112,20 @@ def _has_cuda_kernel() -> bool:
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("mode", ["forward", "train"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
 def test_multihead_attention(benchmark, quick, device, timed, shape, mode, impl):
     """nn.MultiheadAttention vs bigmodel's, self-attention with a right-padded key_padding_mask,
     need_weights=False on both sides. Both modules stay in train mode (dropout 0): the issue takes
     native's train mode as the baseline, since its eval fast path is slower on this CPU. On CUDA the
-    modules run in bfloat16 (the tensor-core path)."""
+    modules run in bfloat16 (the tensor-core path); on the CPU the *-bf16 modes do."""
     if quick and shape[0] != "seed":
         pytest.skip("--quick runs the seed shape only")
     if impl == "bigmodel" and device == "cuda" and not _has_cuda_kernel():
         pytest.skip("bigmodel was built without its CUDA attention kernel")
-    dtype = GPU_DTYPE if device == "cuda" else torch.float32
+    if mode.endswith("-bf16") and device == "cuda":
+        pytest.skip("on CUDA every mode is bf16 already")
+    dtype = GPU_DTYPE if device == "cuda" or mode.endswith("-bf16") else torch.float32
     name, B, L, H, d = shape
     E = H * d
     torch.manual_seed(0)
@@ -135,13 +137,13 @@ def test_multihead_attention(benchmark, quick, device, timed, shape, mode, impl)
         module.load_state_dict(ref.state_dict())
     module = module.to(device, dtype).train()
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(B, L, E, generator=g).to(device, dtype).requires_grad_(mode == "train")
+    x = torch.randn(B, L, E, generator=g).to(device, dtype).requires_grad_(mode.startswith("train"))
     lengths = torch.randint(L // 4, L + 1, (B,), generator=g)
     lengths[0] = L
     pad = (torch.arange(L) >= lengths.view(-1, 1)).to(device)  # True = padding, as nn.MHA wants
     params = list(module.parameters())
 
-    if mode == "forward":
+    if mode.startswith("forward"):
 
         def fn():
             with torch.no_grad():
@@ -159,7 +161,7 @@ def test_multihead_attention(benchmark, quick, device, timed, shape, mode, impl)
         benchmark,
         timed(fn),
         quick,
-        slow=mode == "train" or L >= 1024,
+        slow=mode.startswith("train") or L >= 1024,
         op="mha",
         case=f"{name}/key-padding",
         shape=f"B={B} L={L} E={E} heads={H}" + (" bf16" if dtype == torch.bfloat16 else ""),
