@@ -201,35 +201,42 @@ namespace {
 constexpr int64_t kBwdRows = 48;  // query rows whose P and dS are kept for one dK / dV update
 
 
+// The backward's P = exp(scale S - lse) for MR rows of the 64-key block from j0 into pf: zero past each
+// row's limit, and for rows that see no key (lse = -inf; they get no gradient).
+template <int MR>
+BM_AVX512 BM_ALWAYS_INLINE void probabilities(const __m512 (&s)[MR][4], float scale, const float* lse,
+                                              const int64_t* limit, int64_t j0, float (*pf)[kKeys]) {
+  int64_t min_limit = limit[0];
+  for (int r = 1; r < MR; ++r) min_limit = std::min(min_limit, limit[r]);
+  const bool edge = j0 + kKeys > min_limit;
+  const __m512 sc = _mm512_set1_ps(scale);
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    if (lse[r] == -std::numeric_limits<float>::infinity()) {
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) _mm512_store_ps(pf[r] + 16 * c, _mm512_setzero_ps());
+      continue;
+    }
+    const __m512 shift = _mm512_set1_ps(lse[r]);
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) {
+      __m512 e = mk::exp_scaled_ps<1>(_mm512_fmsub_ps(s[r][c], sc, shift));
+      if (edge) e = _mm512_maskz_mov_ps(mk::lanes(std::max<int64_t>(0, std::min<int64_t>(16, limit[r] - j0 - 16 * c))), e);
+      _mm512_store_ps(pf[r] + 16 * c, e);
+    }
+  }
+}
+
 // MR query rows against one 64-key block: P and dS (scaled) into pt / dst (rows of 64), then
 // dQ[rows] += dS K_block.
 template <int MR, int NVD>
 BM_AVX512 void bwd_rows(const Problem& p, const float* q, const float* go, const float* lse, const float* delta,
                         const float* kpan, const float* vpan, const float* kblock, int64_t j0, int64_t nk,
                         const int64_t* limit, float (*pt)[kKeys], float (*dst)[kKeys], float* gq) {
-  const float ninf = -std::numeric_limits<float>::infinity();
   __m512 s[MR][4];
   mk::zero_tile<MR>(s);
   mk::tile_f32<MR>(q, p.qs[2], p.d, kpan, s);
-  int64_t min_limit = limit[0];
-  for (int r = 1; r < MR; ++r) min_limit = std::min(min_limit, limit[r]);
-  const bool edge = j0 + kKeys > min_limit;
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
-    if (lse[r] == ninf) {  // a row with no visible key: no gradient
-#pragma GCC unroll 4
-      for (int c = 0; c < 4; ++c) _mm512_store_ps(pt[r] + 16 * c, _mm512_setzero_ps());
-      continue;
-    }
-    const __m512 shift = _mm512_set1_ps(lse[r]);
-#pragma GCC unroll 4
-    for (int c = 0; c < 4; ++c) {
-      const __m512 x = _mm512_sub_ps(s[r][c], shift);
-      __m512 e = mk::exp_scaled_ps<1>(x);
-      if (edge) e = _mm512_maskz_mov_ps(mk::lanes(std::max<int64_t>(0, std::min<int64_t>(16, limit[r] - j0 - 16 * c))), e);
-      _mm512_store_ps(pt[r] + 16 * c, e);
-    }
-  }
+  probabilities<MR>(s, 1.f, lse, limit, j0, pt);  // the panels hold scale K^T
   __m512 dp[MR][4];
   mk::zero_tile<MR>(dp);
   mk::tile_f32<MR>(go, p.dv, p.dv, vpan, dp);
@@ -682,7 +689,6 @@ BM_AVX512_BF16 void bwd_rows_bf16(const ProblemBf16& p, const uint16_t* q, const
                                   const float* delta, const uint16_t* kpan, const uint16_t* vpan,
                                   const uint16_t* kpairs, int64_t j0, int64_t nk, const int64_t* limit,
                                   uint32_t* ptp, uint32_t* dstp, uint32_t* dstp_lo, float* gq) {
-  const float ninf = -std::numeric_limits<float>::infinity();
   alignas(64) float pf[MR + 1][kKeys];   // P, float32; row MR stays zero (an odd last row's partner)
   alignas(64) float dsf[MR + 1][kKeys];  // dS, float32 (then its hi part)
   alignas(64) float dsl[MR + 1][kKeys];  // dS - hi
@@ -690,25 +696,8 @@ BM_AVX512_BF16 void bwd_rows_bf16(const ProblemBf16& p, const uint16_t* q, const
   __m512 s[MR][4];
   mk::zero_tile<MR>(s);
   mk::tile_bf16<MR>(q, p.d, p.d / 2, kpan, s);
-  int64_t min_limit = limit[0];
-  for (int r = 1; r < MR; ++r) min_limit = std::min(min_limit, limit[r]);
-  const bool edge = j0 + kKeys > min_limit;
+  probabilities<MR>(s, p.scale, lse, limit, j0, pf);
   const __m512 sc = _mm512_set1_ps(p.scale);
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
-    if (lse[r] == ninf) {  // a row with no visible key: no gradient
-#pragma GCC unroll 4
-      for (int c = 0; c < 4; ++c) _mm512_store_ps(pf[r] + 16 * c, _mm512_setzero_ps());
-      continue;
-    }
-    const __m512 shift = _mm512_set1_ps(lse[r]);
-#pragma GCC unroll 4
-    for (int c = 0; c < 4; ++c) {
-      __m512 e = mk::exp_scaled_ps<1>(_mm512_fmsub_ps(s[r][c], sc, shift));
-      if (edge) e = _mm512_maskz_mov_ps(mk::lanes(std::max<int64_t>(0, std::min<int64_t>(16, limit[r] - j0 - 16 * c))), e);
-      _mm512_store_ps(pf[r] + 16 * c, e);
-    }
-  }
   __m512 dp[MR][4];
   mk::zero_tile<MR>(dp);
   mk::tile_bf16<MR>(go, p.dv, p.dv / 2, vpan, dp);

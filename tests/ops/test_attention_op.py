@@ -57,6 +57,16 @@ def native(q, k, v, **kw):
     return F.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1], **kw)
 
 
+def native_masking(lengths, Lq, Lk, is_causal):
+    """F.sdpa's keyword arguments for bigmodel's key_lengths (None: no padding) and is_causal."""
+    if lengths is None:
+        return {"is_causal": is_causal}
+    mask = torch.arange(Lk) < lengths.view(-1, 1, 1, 1)
+    if is_causal:
+        mask = mask & torch.ones(Lq, Lk, dtype=torch.bool).tril()
+    return {"attn_mask": mask}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}Hq{}Hkv{}Lq{}Lk{}d{}dv{}".format(*s))
 @pytest.mark.parametrize("is_causal", [False, True])
@@ -190,12 +200,7 @@ def test_bfloat16_forward_paths(cpu_kernel, shape, is_causal, use_lengths):
     lengths = torch.randint(1, Lk + 1, (B,)) if use_lengths else None
     out, lse = attention(q, k, v, is_causal=is_causal, key_lengths=lengths)
     assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
-    mask = None
-    if use_lengths:
-        mask = torch.arange(Lk) < lengths.view(B, 1, 1, 1)
-        if is_causal:
-            mask = mask & torch.ones(Lq, Lk, dtype=torch.bool).tril()
-    kw = {"attn_mask": mask} if mask is not None else {"is_causal": is_causal}
+    kw = native_masking(lengths, Lq, Lk, is_causal)
     q64, k64, v64 = (t.double() for t in (q, k, v))
     exact = native(q64, k64, v64, **kw)
     ok = ~exact.isnan()  # rows without a visible key: ours gives 0, PyTorch NaN; compare the rest
@@ -221,12 +226,7 @@ def test_bfloat16_backward_paths(cpu_kernel, shape, is_causal, use_lengths):
     B, Hq, Hkv, Lq, Lk, d, dv = shape
     q, k, v = qkv(*shape, dtype=torch.bfloat16)
     lengths = torch.randint(1, Lk + 1, (B,)) if use_lengths else None
-    mask = None
-    if use_lengths:
-        mask = torch.arange(Lk) < lengths.view(B, 1, 1, 1)
-        if is_causal:
-            mask = mask & torch.ones(Lq, Lk, dtype=torch.bool).tril()
-    kw = {"attn_mask": mask} if mask is not None else {"is_causal": is_causal}
+    kw = native_masking(lengths, Lq, Lk, is_causal)
     out, _ = attention(q, k, v, is_causal=is_causal, key_lengths=lengths)
     seed = torch.randn_like(out)
     ours = grads(out, (q, k, v), seed)
