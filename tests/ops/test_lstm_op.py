@@ -88,16 +88,25 @@ def test_matches_reference(device, cpu_kernel, dtype, size, has_lengths, reverse
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize(
     "T,B,IN,H",
-    [(9, 1, 10, 37), (9, 7, 10, 37), (9, 29, 10, 37), (9, 64, 10, 37), (3, 40, 300, 300), (40, 48, 10, 37)],
-    ids=["B1", "B7", "B29", "B64", "weights-past-L2", "fused-weight-grads"],
+    [
+        (9, 1, 10, 37),
+        (9, 7, 10, 37),
+        (9, 16, 10, 37),
+        (9, 29, 10, 37),
+        (9, 64, 10, 37),
+        (3, 40, 300, 300),
+        (40, 48, 10, 37),
+    ],
+    ids=["B1", "B7", "B16", "B29", "B64", "weights-past-L2", "fused-weight-grads"],
 )
 @pytest.mark.parametrize("reverse", [False, True])
 def test_work_splits_match_reference(cpu_kernel, threads, T, B, IN, H, reverse):
     """The CPU time loop splits batch rows (no synchronisation) or, for small batches and for
     weights larger than a core's L2, hidden units (one barrier per step) over threads: every split
-    gives the reference's outputs and gradients, with lengths. Row groups fuse the weight gradients
-    into the loop from 512 packed rows on (the last case: ~980 rows); column groups leave dx to one
-    GEMM after the loop."""
+    gives the reference's outputs and gradients, with lengths. B = 16 on two threads: the forward takes
+    column groups (two row groups would run 4-row blocks), the backward row groups. Row groups fuse
+    the weight gradients into the loop from 512 packed rows on (the last case: ~980 rows); column
+    groups leave dx to one GEMM after the loop."""
     args, lengths = make_args(
         T, B, IN, H, 0, proj=False, bias=True, has_lengths=True, dtype=torch.float32, device="cpu"
     )
