@@ -66,8 +66,8 @@ def run_info() -> int:
         fma, dot = float(info["cpu_fma_gflops"]), float(info["cpu_bf16_dot_gflops"])
         tiles = "vdpbf16ps" if info["cpu_bf16_dot_pays"] == "1" else "float32 FMA"
         print(
-            f"bf16 LSTM and attention forward without AMX: {tiles} tiles (measured per thread: "
-            f"FMA {fma:.0f} GFLOP/s, vdpbf16ps {dot:.0f} GFLOP/s)"
+            f"bf16 LSTM and attention, forward and backward, without AMX: {tiles} tiles "
+            f"(measured per thread: FMA {fma:.0f} GFLOP/s, vdpbf16ps {dot:.0f} GFLOP/s)"
         )
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none visible"
     print(f"GPU: {gpu}")
