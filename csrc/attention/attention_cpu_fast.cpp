@@ -30,11 +30,12 @@ void pack_transposed(const float* x, int64_t ld, int64_t n, int64_t dim, float s
   }
 }
 
-// Rows [0, n) of X (dim floats at stride ld) copied contiguously. q, k and v often come as views of a
+// Rows [0, n) of X (dim values at stride ld) copied contiguously. q, k and v often come as views of a
 // projection ([B, L, 3, H, d] seen as [B, H, L, d]), whose rows sit 3 E floats apart: walking 64
 // such rows per key block touched a new page per row, and the TLB misses made the strided case
 // 1.7x slower than the contiguous one.
-void copy_rows(const float* x, int64_t ld, int64_t n, int64_t dim, float* dst) {
+template <typename T>
+void copy_rows(const T* x, int64_t ld, int64_t n, int64_t dim, T* dst) {
   for (int64_t j = 0; j < n; ++j) std::copy(x + j * ld, x + j * ld + dim, dst + j * dim);
 }
 
@@ -200,6 +201,24 @@ namespace {
 
 constexpr int64_t kBwdRows = 48;  // query rows whose P and dS are kept for one dK / dV update
 
+// The backward's query-row loop against the 64-key block from j0 (keys below valid), shared by the
+// float32 and bf16 kernels: per block of at most kBwdRows rows i0 .. i0 + nq (causal: rows below j0 see
+// none of these keys and are skipped), rows(i0, r0, mr, limit) for each group of at most kRows rows,
+// limit[r] being the keys row r0 + r sees, then block(i0, nq) for the dK / dV update over them.
+template <typename P, typename Rows, typename Block>
+void for_each_backward_block(const P& p, int64_t valid, int64_t j0, const Rows& rows, const Block& block) {
+  for (int64_t i0 = p.causal ? j0 : 0; i0 < p.Lq; i0 += kBwdRows) {
+    const int64_t nq = std::min(kBwdRows, p.Lq - i0);
+    for (int64_t r0 = i0; r0 < i0 + nq; r0 += kRows) {
+      const int64_t mr = std::min<int64_t>(kRows, i0 + nq - r0);
+      int64_t limit[kRows];
+      visible_keys(p, valid, r0, mr, limit);
+      rows(i0, r0, mr, limit);
+    }
+    block(i0, nq);
+  }
+}
+
 
 // The backward's P = exp(scale S - lse) for MR rows of the 64-key block from j0 into pf: zero past each
 // row's limit, and for rows that see no key (lse = -inf; they get no gradient).
@@ -221,7 +240,7 @@ BM_AVX512 BM_ALWAYS_INLINE void probabilities(const __m512 (&s)[MR][4], float sc
 #pragma GCC unroll 4
     for (int c = 0; c < 4; ++c) {
       __m512 e = mk::exp_scaled_ps<1>(_mm512_fmsub_ps(s[r][c], sc, shift));
-      if (edge) e = _mm512_maskz_mov_ps(mk::lanes(std::max<int64_t>(0, std::min<int64_t>(16, limit[r] - j0 - 16 * c))), e);
+      if (edge) e = _mm512_maskz_mov_ps(mk::lanes(std::clamp<int64_t>(limit[r] - j0 - 16 * c, 0, 16)), e);
       _mm512_store_ps(pf[r] + 16 * c, e);
     }
   }
@@ -322,29 +341,26 @@ void backward(const Problem& p, const Grads& g, int64_t t0, int64_t t1) {
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
         const int64_t row0 = (b * p.Hq + h) * p.Lq;
         const float* qh = qrows + (h - hk * group) * p.Lq * p.d;
-        for (int64_t i0 = p.causal ? j0 : 0; i0 < p.Lq; i0 += kBwdRows) {  // causal: rows < j0 see none
-          const int64_t nq = std::min(kBwdRows, p.Lq - i0);
-          for (int64_t r0 = i0; r0 < i0 + nq; r0 += kRows) {
-            const int mr = int(std::min<int64_t>(kRows, i0 + nq - r0));
-            int64_t limit[kRows];
-            visible_keys(p, valid, r0, mr, limit);
-            const float* q = qh + r0 * p.d;
-            const float* go = g.grad_out + (row0 + r0) * p.dv;
-            float* gq = g.gq + (row0 + r0) * p.d;
-            float (*ptr)[kKeys] = pt + (r0 - i0);
-            float (*dsr)[kKeys] = dst + (r0 - i0);
-            mk::with_vectors(p.d / 16, [&](auto nvd) {
-              mk::with_rows(mr, [&](auto rows) {
-                bwd_rows<decltype(rows)::value, decltype(nvd)::value>(pc, q, go, g.lse + row0 + r0,
-                                                                       g.delta + row0 + r0, kpan, vpan,
-                                                                       krows + j0 * p.d, j0, nk, limit, ptr, dsr, gq);
+        for_each_backward_block(
+            p, valid, j0,
+            [&](int64_t i0, int64_t r0, int64_t mr, const int64_t* limit) {
+              const float* q = qh + r0 * p.d;
+              const float* go = g.grad_out + (row0 + r0) * p.dv;
+              float* gq = g.gq + (row0 + r0) * p.d;
+              float (*ptr)[kKeys] = pt + (r0 - i0);
+              float (*dsr)[kKeys] = dst + (r0 - i0);
+              mk::with_vectors(p.d / 16, [&](auto nvd) {
+                mk::with_rows(mr, [&](auto rows) {
+                  bwd_rows<decltype(rows)::value, decltype(nvd)::value>(pc, q, go, g.lse + row0 + r0,
+                                                                         g.delta + row0 + r0, kpan, vpan,
+                                                                         krows + j0 * p.d, j0, nk, limit, ptr, dsr, gq);
+                });
               });
+            },
+            [&](int64_t i0, int64_t nq) {  // dV[block] += P^T dO, dK[block] += dS^T Q over these rows
+              bwd_kv(p.dv / 16, pt[0], nk, nq, g.grad_out + (row0 + i0) * p.dv, p.dv, gv + j0 * p.dv, p.dv);
+              bwd_kv(p.d / 16, dst[0], nk, nq, qh + i0 * p.d, p.d, gk + j0 * p.d, p.d);
             });
-          }
-          // dV[block] += P^T dO, dK[block] += dS^T Q over these rows.
-          bwd_kv(p.dv / 16, pt[0], nk, nq, g.grad_out + (row0 + i0) * p.dv, p.dv, gv + j0 * p.dv, p.dv);
-          bwd_kv(p.d / 16, dst[0], nk, nq, qh + i0 * p.d, p.d, gk + j0 * p.d, p.d);
-        }
       }
     }
   }
@@ -689,7 +705,7 @@ BM_AVX512_BF16 void bwd_rows_bf16(const ProblemBf16& p, const uint16_t* q, const
                                   const float* delta, const uint16_t* kpan, const uint16_t* vpan,
                                   const uint16_t* kpairs, int64_t j0, int64_t nk, const int64_t* limit,
                                   uint32_t* ptp, uint32_t* dstp, uint32_t* dstp_lo, float* gq) {
-  alignas(64) float pf[MR + 1][kKeys];   // P, float32; row MR stays zero (an odd last row's partner)
+  alignas(64) float pf[MR + 1][kKeys];   // P, float32; row MR: zero, an odd last row's partner
   alignas(64) float dsf[MR + 1][kKeys];  // dS, float32 (then its hi part)
   alignas(64) float dsl[MR + 1][kKeys];  // dS - hi
   alignas(64) uint16_t dsb[2][MR][kKeys];  // hi and lo in bf16, the A operands of dQ
@@ -714,11 +730,13 @@ BM_AVX512_BF16 void bwd_rows_bf16(const ProblemBf16& p, const uint16_t* q, const
       mk::store_bf16(dsb[1][r] + 16 * c, lo, 0xFFFF);
     }
   }
+  if constexpr (MR % 2 == 1) {  // the last row's partner in the row pairs below
 #pragma GCC unroll 4
-  for (int c = 0; c < 4; ++c) {
-    _mm512_store_ps(pf[MR] + 16 * c, _mm512_setzero_ps());
-    _mm512_store_ps(dsf[MR] + 16 * c, _mm512_setzero_ps());
-    _mm512_store_ps(dsl[MR] + 16 * c, _mm512_setzero_ps());
+    for (int c = 0; c < 4; ++c) {
+      _mm512_store_ps(pf[MR] + 16 * c, _mm512_setzero_ps());
+      _mm512_store_ps(dsf[MR] + 16 * c, _mm512_setzero_ps());
+      _mm512_store_ps(dsl[MR] + 16 * c, _mm512_setzero_ps());
+    }
   }
   for (int r = 0; r < MR; r += 2)
 #pragma GCC unroll 4
@@ -818,7 +836,7 @@ void backward_bf16_dot(const ProblemBf16& p, const GradsBf16& g, int64_t t0, int
       const int64_t h = hk * group + i;
       const uint16_t* qh = p.q + b * p.qs[0] + h * p.qs[1];
       uint16_t* qr = qrows + i * p.Lq * p.d;
-      for (int64_t r = 0; r < p.Lq; ++r) std::memcpy(qr + r * p.d, qh + r * p.qs[2], p.d * sizeof(uint16_t));
+      copy_rows(qh, p.qs[2], p.Lq, p.d, qr);
       pair_rows(qr, p.d, p.Lq, qpairs, p.d, qp + i * qpairs * p.d);
       const uint16_t* goh = g.grad_out + (b * p.Hq + h) * p.Lq * p.dv;
       pair_rows(goh, p.dv, p.Lq, qpairs, p.dv, dop + i * qpairs * p.dv);
@@ -835,27 +853,26 @@ void backward_bf16_dot(const ProblemBf16& p, const GradsBf16& g, int64_t t0, int
       for (int64_t i = 0; i < group; ++i) {
         const int64_t h = hk * group + i, row0 = (b * p.Hq + h) * p.Lq;
         const uint16_t* qh = qrows + i * p.Lq * p.d;
-        for (int64_t i0 = p.causal ? j0 : 0; i0 < p.Lq; i0 += kBwdRows) {  // causal: rows < j0 see none
-          const int64_t nq = std::min(kBwdRows, p.Lq - i0);
-          for (int64_t r0 = i0; r0 < i0 + nq; r0 += kRows) {
-            const int mr = int(std::min<int64_t>(kRows, i0 + nq - r0));
-            int64_t limit[kRows];
-            visible_keys(p, valid, r0, mr, limit);
-            mk::with_vectors(p.d / 16, [&](auto nvd) {
-              mk::with_rows(mr, [&](auto rows) {
-                bwd_rows_bf16<decltype(rows)::value, decltype(nvd)::value>(
-                    p, qh + r0 * p.d, g.grad_out + (row0 + r0) * p.dv, g.lse + row0 + r0, delta + i * p.Lq + r0,
-                    kpan, vpan, kblock, j0, nk, limit, ptp + ((r0 - i0) / 2) * kKeys,
-                    dstp + ((r0 - i0) / 2) * kKeys, dstp_lo + ((r0 - i0) / 2) * kKeys, gqa + (i * p.Lq + r0) * p.d);
+        for_each_backward_block(
+            p, valid, j0,
+            [&](int64_t i0, int64_t r0, int64_t mr, const int64_t* limit) {
+              const int64_t pair0 = (r0 - i0) / 2;  // groups start at even rows of the block
+              mk::with_vectors(p.d / 16, [&](auto nvd) {
+                mk::with_rows(mr, [&](auto rows) {
+                  bwd_rows_bf16<decltype(rows)::value, decltype(nvd)::value>(
+                      p, qh + r0 * p.d, g.grad_out + (row0 + r0) * p.dv, g.lse + row0 + r0, delta + i * p.Lq + r0,
+                      kpan, vpan, kblock, j0, nk, limit, ptp + pair0 * kKeys, dstp + pair0 * kKeys,
+                      dstp_lo + pair0 * kKeys, gqa + (i * p.Lq + r0) * p.d);
+                });
               });
+            },
+            [&](int64_t i0, int64_t nq) {  // dV[block] += P^T dO, dK[block] += dS^T Q over the row pairs
+              const int64_t pairs = (nq + 1) / 2;
+              bwd_kv_bf16(p.dv / 16, ptp, nk, pairs, dop + (i * qpairs + i0 / 2) * p.dv, p.dv, gva + j0 * p.dv,
+                          p.dv);
+              for (const uint32_t* ds : {dstp, dstp_lo})
+                bwd_kv_bf16(p.d / 16, ds, nk, pairs, qp + (i * qpairs + i0 / 2) * p.d, p.d, gka + j0 * p.d, p.d);
             });
-          }
-          // dV[block] += P^T dO, dK[block] += dS^T Q over these rows' pairs.
-          const int64_t pairs = (nq + 1) / 2;
-          bwd_kv_bf16(p.dv / 16, ptp, nk, pairs, dop + (i * qpairs + i0 / 2) * p.dv, p.dv, gva + j0 * p.dv, p.dv);
-          for (const uint32_t* ds : {dstp, dstp_lo})
-            bwd_kv_bf16(p.d / 16, ds, nk, pairs, qp + (i * qpairs + i0 / 2) * p.d, p.d, gka + j0 * p.d, p.d);
-        }
       }
     }
     round_to_bf16(gqa, group * p.Lq * p.d, g.gq + (b * p.Hq + hk * group) * p.Lq * p.d);
