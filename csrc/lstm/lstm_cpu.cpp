@@ -368,26 +368,46 @@ int64_t stream_budget() {
 // rows in blocks of under block_rows - 1 that one group's full-batch blocks fill better (B = 16 on
 // two threads: 4 + 4 rows per worker against 6 + 5 + 5; inference 1.11-1.34x faster at B = 14-26, NOTES
 // v20). The backward keeps row groups there: its fused weight gradients need them.
+// tall (the float32 AVX-512 forward): where blocks would still average under block_rows - 1 rows,
+// blocks of up to kTallRows rows (forward_tile_tall, two passes per panel) when that makes them larger
+// than block_rows: B = 7, 8 as one block (column groups), B = 13, 14 as one block per row group. The
+// tall tile runs ~6% under the 6-row one at equal blocks (B = 24 forced: 8.2-8.5 vs 7.6-7.9 ms), so
+// only where it replaces small blocks (B = 8: 1.3-1.5x faster, B = 13, 14: 1.1-1.3x; NOTES v21).
 fast::Grid choose_grid(int64_t B, int64_t col_panels, int64_t stream_bytes, int64_t block_rows = 6,
-                       bool fill_blocks = false) {
+                       bool fill_blocks = false, bool tall = false) {
   const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t row_blocks = (B + block_rows - 1) / block_rows;
   fast::Grid g;
-  g.R = std::max<int64_t>(1, std::min(nt, row_blocks));
+  g.rows = block_rows;
 #if AT_PARALLEL_OPENMP
-  while (g.R > 1 && stream_bytes > stream_budget()) {  // trade row groups for column groups
-    g.R = (g.R + 1) / 2;
-    stream_bytes /= 2;
-  }
-  const auto mean_block = [&](int64_t R) {  // rows per block when each group splits its rows evenly
-    const int64_t rows = (B + R - 1) / R;
-    return double(rows) / double((rows + block_rows - 1) / block_rows);
+  // Row groups for blocks of up to `rows` rows, halved while each group would stream more than the budget.
+  const auto row_groups = [&](int64_t rows) {
+    int64_t R = std::max<int64_t>(1, std::min(nt, (B + rows - 1) / rows)), bytes = stream_bytes;
+    while (R > 1 && bytes > stream_budget()) {  // trade row groups for column groups
+      R = (R + 1) / 2;
+      bytes /= 2;
+    }
+    return R;
   };
-  if (fill_blocks && g.R > 1 && mean_block(g.R) < double(block_rows - 1) && mean_block(1) > mean_block(g.R))
+  // Rows per block when each of R groups splits its rows evenly into blocks of up to `rows`.
+  const auto mean_block = [&](int64_t R, int64_t rows) {
+    const int64_t n = (B + R - 1) / R;
+    return double(n) / double((n + rows - 1) / rows);
+  };
+  g.R = row_groups(block_rows);
+  if (fill_blocks && g.R > 1 && mean_block(g.R, block_rows) < double(block_rows - 1) &&
+      mean_block(1, block_rows) > mean_block(g.R, block_rows))
     g.R = 1;
+  if (tall && mean_block(g.R, block_rows) < double(block_rows - 1)) {
+    const int64_t R = row_groups(fast::kTallRows);
+    if (mean_block(R, fast::kTallRows) > double(block_rows)) {
+      g.R = R;
+      g.rows = fast::kTallRows;
+    }
+  }
   g.C = std::max<int64_t>(1, std::min(nt / g.R, col_panels));
 #else
-  (void)stream_bytes;
+  (void)stream_bytes, (void)fill_blocks, (void)tall;
+  g.R = std::max<int64_t>(1, std::min(nt, (B + block_rows - 1) / block_rows));
 #endif
   return g;
 }
@@ -454,8 +474,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fast(
   // AMX: row groups of 16 rows rather than column groups where B = 32 in training (long shape, bf16:
   // forward with gates 27 -> 20-23 ms); inference keeps 32-row blocks (13.7-15.0 against 15.3-15.7 ms).
   const int64_t amx_rows = train ? 16 : fast::kAmxRows;
-  const fast::Grid grid =
-      choose_grid(d.B, (d.H + 15) / 16, panel_bytes, amx ? amx_rows : avx2 ? fast::kAvx2GateRows : 6, !amx && !avx2);
+  const fast::Grid grid = choose_grid(d.B, (d.H + 15) / 16, panel_bytes, amx ? amx_rows : avx2 ? fast::kAvx2GateRows : 6,
+                                      !amx && !avx2, !amx && !avx2 && !bf16);
   // AMX tiles load whole 16-row blocks at a row stride of R: give x and h that many rows of slack.
   const int64_t slack = amx ? fast::kAmxRows * grid.R : 0;
 

@@ -138,6 +138,37 @@ BM_AVX512_BF16 void forward_tile_half(const ForwardArgs& a, int64_t off, int64_t
   cell_update<false, kTrain, 8, kOutBf16>(a, off, r0, MR, rstride, p, tile, hn);
 }
 
+// 7 .. kTallRows rows (float32): the panel in two half-width passes, gates i, f (columns 0 .. 31) and
+// then g, o, so that 2 x MR accumulators fit the registers. Each panel byte read from L2/L3 then feeds
+// up to 8 rows rather than 6; the cell update reads the tile both passes leave in L1.
+template <bool kTrain, int MR, bool kOutBf16>
+BM_AVX512_BF16 void forward_tile_tall(const ForwardArgs& a, int64_t off, int64_t r0, int64_t rstride, int64_t p,
+                                      const void* hp, void* hn) {
+  const int64_t Kh = a.Kh, Kx = a.Kx;
+  const float* panel = static_cast<const float*>(a.panels) + p * (Kh + Kx) * mk::kNR;
+  const float* h = static_cast<const float*>(hp) + state_row(a, r0) * Kh;
+  const float* x = static_cast<const float*>(a.x) + (off + r0) * Kx;
+  alignas(64) float tile[MR][mk::kNR];
+  for (int half = 0; half < 2; ++half) {
+    __m512 acc[MR][2];
+    mk::zero_tile(acc);
+    mk::tile_f32_rows<MR, 2>(h, Kh, Kh, panel + 32 * half, mk::kNR, acc);
+    mk::tile_f32_rows<MR, 2>(x, rstride * Kx, Kx, panel + Kh * mk::kNR + 32 * half, mk::kNR, acc);
+    mk::store_tile(acc, tile[0] + 32 * half, mk::kNR);
+  }
+  cell_update<false, kTrain, 16, kOutBf16>(a, off, r0, MR, rstride, p, tile, hn);
+}
+
+// with_rows for the tall tiles: n = mr in kMR + 1 .. kTallRows.
+template <typename F>
+inline void with_tall_rows(int64_t mr, const F& f) {
+  static_assert(kTallRows == 8);
+  if (mr == 7)
+    f(std::integral_constant<int, 7>{});
+  else
+    f(std::integral_constant<int, 8>{});
+}
+
 // The AMX tile: always 16 rows of A (rows past the block are padding the buffers provide), of which
 // the first mr are used.
 template <bool kTrain>
@@ -210,14 +241,28 @@ void forward_steps(const ForwardArgs& a, int64_t w0, int64_t w1, int64_t max_row
 
 template <bool kBf16, bool kTrain, bool kOutBf16 = kBf16>
 void forward_loop(const ForwardArgs& a, int64_t w0, int64_t w1) {
-  forward_steps(a, w0, w1, mk::kMR, a.panels_outer,
+  const auto short_tile = [&](int64_t off, int64_t r0, int64_t mr, int64_t p, const void* hp, void* hn) {
+    mk::with_rows(mr, [&](auto rows) {
+      constexpr int MR = decltype(rows)::value;
+      if (!kBf16 && p == a.half_panel)
+        forward_tile_half<kTrain, MR, kOutBf16>(a, off, r0, a.grid.R, p, hp, hn);
+      else
+        forward_tile<kBf16, kTrain, MR, kOutBf16>(a, off, r0, a.grid.R, p, hp, hn);
+    });
+  };
+  if (kBf16 || a.grid.rows <= mk::kMR) {
+    forward_steps(a, w0, w1, mk::kMR, a.panels_outer, short_tile);
+    return;
+  }
+  forward_steps(a, w0, w1, a.grid.rows, a.panels_outer,
                 [&](int64_t off, int64_t r0, int64_t mr, int64_t p, const void* hp, void* hn) {
-                  mk::with_rows(mr, [&](auto rows) {
+                  if (mr <= mk::kMR) return short_tile(off, r0, mr, p, hp, hn);
+                  with_tall_rows(mr, [&](auto rows) {
                     constexpr int MR = decltype(rows)::value;
-                    if (!kBf16 && p == a.half_panel)
+                    if (p == a.half_panel)
                       forward_tile_half<kTrain, MR, kOutBf16>(a, off, r0, a.grid.R, p, hp, hn);
                     else
-                      forward_tile<kBf16, kTrain, MR, kOutBf16>(a, off, r0, a.grid.R, p, hp, hn);
+                      forward_tile_tall<kTrain, MR, kOutBf16>(a, off, r0, a.grid.R, p, hp, hn);
                   });
                 });
 }

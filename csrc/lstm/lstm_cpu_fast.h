@@ -22,8 +22,14 @@
 
 namespace bigmodel::lstm::fast {
 
+// The float32 AVX-512 forward's two-pass tile (forward_tile_tall) takes blocks of up to kTallRows rows.
+constexpr int64_t kTallRows = 8;
+
+// Workers as R row groups x C column groups; rows: the forward's most rows per tile block (more than
+// the tile's kMR only for the float32 AVX-512 forward, which then runs tall tiles).
 struct Grid {
   int64_t R = 1, C = 1;
+  int64_t rows = 6;
 };
 
 struct Steps {

@@ -91,20 +91,25 @@ def test_matches_reference(device, cpu_kernel, dtype, size, has_lengths, reverse
     [
         (9, 1, 10, 37),
         (9, 7, 10, 37),
+        (9, 8, 10, 37),
+        (9, 14, 10, 37),
         (9, 16, 10, 37),
         (9, 29, 10, 37),
         (9, 64, 10, 37),
         (3, 40, 300, 300),
         (40, 48, 10, 37),
     ],
-    ids=["B1", "B7", "B16", "B29", "B64", "weights-past-L2", "fused-weight-grads"],
+    ids=["B1", "B7", "B8", "B14", "B16", "B29", "B64", "weights-past-L2", "fused-weight-grads"],
 )
 @pytest.mark.parametrize("reverse", [False, True])
 def test_work_splits_match_reference(cpu_kernel, threads, T, B, IN, H, reverse):
     """The CPU time loop splits batch rows (no synchronisation) or, for small batches and for
     weights larger than a core's L2, hidden units (one barrier per step) over threads: every split
     gives the reference's outputs and gradients, with lengths. B = 16 on two threads: the forward takes
-    column groups (two row groups would run 4-row blocks), the backward row groups. Row groups fuse
+    column groups (two row groups would run 4-row blocks), the backward row groups. The float32
+    AVX-512 forward runs blocks of 7 and 8 rows as two-pass tall tiles: B = 7, 8 in one block (column
+    groups on two threads; the lengths shrink it to short tiles), B = 14 in one block per row group
+    on two threads. Row groups fuse
     the weight gradients into the loop from 512 packed rows on (the last case: ~980 rows); column
     groups leave dx to one GEMM after the loop."""
     args, lengths = make_args(
@@ -267,7 +272,7 @@ def test_bfloat16_layer_saves_bf16_gates(cpu_kernel, proj):
         torch.ops.bigmodel.lstm_layer_backward(*backward_args, gates.float(), cells.float(), False, True)
 
 
-@pytest.mark.parametrize("B", [1, 5, 64])
+@pytest.mark.parametrize("B", [1, 5, 8, 64])
 def test_bfloat16_on_float32_tiles_is_the_float32_layer_rounded(monkeypatch, B):
     """A bf16 layer on the float32 FMA tiles (BIGMODEL_CPU_KERNEL=avx512-fp32; 'auto' where vdpbf16ps
     does not pay, or without AVX512-BF16) computes exactly what the float32 layer computes on the same
