@@ -10,7 +10,7 @@
 //  * fast (lstm_cpu_fast.cpp): the GEMM core's AVX-512 micro-kernels with the gate math fused into
 //    each tile's epilogue, one parallel region for the whole loop; float32 and bfloat16, no
 //    projection. Chosen when the CPU has AVX-512 (AVX512-BF16 for bfloat16 input) or AVX2, except
-//    for float32 forward calls of fewer than three steps (see lstm_layer_cpu).
+//    for a float32 forward call of one row and one step (see lstm_layer_cpu).
 //  * generic (below): per step gemm::rowmajor (ATen's BLAS) and a vectorized pointwise pass; every
 //    dtype and proj_size, any CPU. BIGMODEL_CPU_KERNEL=generic forces it.
 #include <ATen/ATen.h>
@@ -758,12 +758,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_cpu(
   const PackPlan p = make_plan(d.T, d.B, lengths, kOp);
   FlushDenormalsGuard ftz;
   const at::ScalarType ct = compute_dtype(input.scalar_type());
-  // A float32 call of one or two steps (nn.LSTMCell, step-by-step decoding) runs the BLAS path: the
-  // tile path pays a fixed cost per call (reading all the weights to validate its packed copy, and
-  // packing them when they changed) that its per-step gain repays only from about three steps on
-  // (measured at H = 200, B = 16/64/256: benchmarks/NOTES.md, v11).
-  constexpr int64_t kTileMinSteps = 3;
-  const bool few_steps = d.T < kTileMinSteps && input.scalar_type() == at::kFloat;
+  // A float32 call of a single row and step (nn.LSTMCell at batch 1) runs the BLAS path: its two GEMVs
+  // read each weight once, while the tiles read the weights to validate their packed copy and then the
+  // packed copy (B = 1, T = 1: 92-124 us BLAS against 102-134 us tiles). From two rows or two steps on
+  // the tiles win (T = 1: B = 2-8 1.10-1.13x, B = 64 1.18x; T = 2, B = 64 1.33x; NOTES v21).
+  const bool few_steps = d.T * d.B < 2 && input.scalar_type() == at::kFloat;
   if (const FastKernels k = fast_kernels(d, input.scalar_type(), ct); k != FastKernels::None && !few_steps)
     return lstm_forward_fast(input, h0, c0, w_ih, w_hh, b_ih, b_hh, d, p, reverse, train, k);
   const int64_t G = 4 * d.H;
