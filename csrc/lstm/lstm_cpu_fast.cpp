@@ -21,13 +21,23 @@ constexpr int64_t kUnits = mk::kNR / 4;  // hidden units per forward panel
 static_assert(m2::kNR == mk::kNR, "both kernel sets read the same panels");
 static_assert(kAvx2GateRows == m2::kGateMR && kAvx2BackwardRows == m2::kQuarterMR);
 
+// Near-equal blocks for n rows: of at most `rows` rows, or of up to `tall` (> rows) where that takes
+// fewer blocks than blocks of `rows` averaging under rows - 1 (n = 7, 8 as one block, 13, 14 as two,
+// 19 as three), the backward's rule for its two-pass tall tiles.
+inline int64_t block_count(int64_t n, int64_t rows, int64_t tall = 0) {
+  const int64_t nb = (n + rows - 1) / rows;
+  if (tall > rows && n < (rows - 1) * nb) return std::min(nb, (n + tall - 1) / tall);
+  return nb;
+}
+
 // The rows a worker of row group rg owns at a step with b active rows: rg, rg + R, ... < b, cut into
-// near-equal blocks of at most max_rows. Calls body(first_row, rows) per block.
+// near-equal blocks (block_count). Calls body(first_row, rows) per block.
 template <typename F>
-inline void for_each_row_block(int64_t b, int64_t rg, int64_t R, const F& body, int64_t max_rows = mk::kMR) {
+inline void for_each_row_block(int64_t b, int64_t rg, int64_t R, const F& body, int64_t max_rows = mk::kMR,
+                               int64_t tall_rows = 0) {
   if (b <= rg) return;
   const int64_t n = (b - rg + R - 1) / R;
-  const int64_t nblk = (n + max_rows - 1) / max_rows;
+  const int64_t nblk = block_count(n, max_rows, tall_rows);
   for (int64_t k = 0; k < nblk; ++k) {
     const int64_t i0 = k * n / nblk, i1 = (k + 1) * n / nblk;
     body(rg + R * i0, i1 - i0);
@@ -426,17 +436,19 @@ BM_AVX512 BM_ALWAYS_INLINE void store_grad_state(const BackwardArgs& a, int64_t 
 
 // [dh, dx] for MR rows: columns 64 p .. 64 p + 16 NV - 1 of dgates [W_hh, W_ih]. A = dgates rows at
 // stride lda; out row i is sorted row r0 + i * rstride (packed row off + r0 + i * rstride).
+// Tall blocks (7 or 8 rows) run a panel as two such tiles of two vectors each: v0 = 0, then 2.
 template <int MR, int NV>
 BM_AVX512 void grad_state_tile(const BackwardArgs& a, const float* dg, int64_t lda, int64_t off, int64_t r0,
-                               int64_t rstride, int64_t p) {
+                               int64_t rstride, int64_t p, int64_t v0 = 0) {
   const int64_t G = 4 * a.steps.H;
   __m512 acc[MR][NV];
   mk::zero_tile(acc);
-  mk::tile_f32_rows<MR, NV>(dg, lda, G, a.panels + p * G * mk::kNR, mk::kNR, acc);
+  mk::tile_f32_rows<MR, NV>(dg, lda, G, a.panels + p * G * mk::kNR + 16 * v0, mk::kNR, acc);
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) store_grad_state(a, off, r0 + i * rstride, p * mk::kNR + 16 * j, acc[i][j]);
+    for (int j = 0; j < NV; ++j)
+      store_grad_state(a, off, r0 + i * rstride, p * mk::kNR + 16 * (v0 + j), acc[i][j]);
 }
 
 // Zmm vectors of column panel p that hold any of the first F columns: the last panel of a width that is
@@ -448,6 +460,21 @@ inline int64_t panel_vectors(int64_t F, int64_t p) {
 void grad_state_tiles(const BackwardArgs& a, const float* dg, int64_t lda, int64_t off, int64_t r0, int64_t mr,
                       int64_t rstride, int64_t p0, int64_t p1) {
   const int64_t F = a.steps.H + a.I;
+  if (mr > mk::kMR) {
+    with_tall_rows(mr, [&](auto rows) {
+      constexpr int MR = decltype(rows)::value;
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t nv = panel_vectors(F, p);
+        for (int64_t v0 = 0; v0 < nv; v0 += 2) {
+          if (nv - v0 >= 2)
+            grad_state_tile<MR, 2>(a, dg, lda, off, r0, rstride, p, v0);
+          else
+            grad_state_tile<MR, 1>(a, dg, lda, off, r0, rstride, p, v0);
+        }
+      }
+    });
+    return;
+  }
   mk::with_rows(mr, [&](auto rows) {
     for (int64_t p = p0; p < p1; ++p)
       mk::with_vectors(panel_vectors(F, p), [&](auto nv) {
@@ -779,6 +806,7 @@ BM_AVX512_BF16 void grad_weights_update_bf16(const WorkerScratch& ws, int64_t G,
 // The backward's kernel sets: what backward_steps calls per step.
 struct Avx512Backward {
   static constexpr int64_t kRows = mk::kMR;
+  static constexpr int64_t kTall = kTallRows;  // grad_state_tiles runs 7- and 8-row blocks as two-pass tiles
   static void pointwise(const BackwardArgs& a, int64_t t, int64_t r, int64_t row, float* dg, float* dbias,
                         int64_t u_begin, int64_t u_end) {
     if (a.saved_bf16)
@@ -842,6 +870,7 @@ BM_AMX void grad_weights_update_amx(const WorkerScratch& ws, int64_t G, int64_t 
 // weight-gradient sums are kept transposed (WorkerScratch::dw is [Fp, Gp]).
 struct AmxBackward : Avx512Backward {
   static constexpr int64_t kRows = kAmxRows;
+  static constexpr int64_t kTall = 0;
   static void state_tiles(const BackwardArgs& a, const float* dg, int64_t lda, int64_t off, int64_t r0, int64_t mr,
                           int64_t rstride, int64_t p0, int64_t p1) {
     grad_state_tiles_amx(a, dg, lda, off, r0, mr, rstride, p0, p1);
@@ -854,6 +883,7 @@ struct AmxBackward : Avx512Backward {
 // Avx512Backward with the [dh, dx] tiles and the fused weight-gradient updates on vdpbf16ps (bf16
 // layers on CPUs without AMX whose vdpbf16ps pays).
 struct Bf16DotBackward : Avx512Backward {
+  static constexpr int64_t kTall = 0;  // the bf16 [dh, dx] tiles take blocks of up to kRows
   static void state_tiles(const BackwardArgs& a, const float* dg, int64_t lda, int64_t off, int64_t r0, int64_t mr,
                           int64_t rstride, int64_t p0, int64_t p1) {
     grad_state_tiles_bf16(a, dg, lda, off, r0, mr, rstride, p0, p1);
@@ -866,6 +896,7 @@ struct Bf16DotBackward : Avx512Backward {
 
 struct Avx2Backward {
   static constexpr int64_t kRows = m2::kQuarterMR;
+  static constexpr int64_t kTall = 0;
   static void pointwise(const BackwardArgs& a, int64_t t, int64_t r, int64_t row, float* dg, float* dbias,
                         int64_t u_begin, int64_t u_end) {
     pointwise_row_avx2(a, t, r, row, dg, dbias, u_begin, u_end);
@@ -910,7 +941,7 @@ void backward_steps(const BackwardArgs& a, int64_t w0, int64_t w1) {
         K::gather(a, ws, t, off, rg, R, n, Fp, kb);
         // Near-equal blocks (32 rows: 6, 6, 5, 5, 5, 5, not 6 x 5 + 2): every block streams all the
         // panels, so a 2-row block costs nearly what a full one does.
-        const int64_t nblk = (n + K::kRows - 1) / K::kRows;
+        const int64_t nblk = block_count(n, K::kRows, K::kTall);
         for (int64_t i = 0; i < nblk; ++i) {
           const int64_t k0 = i * n / nblk, mr = (i + 1) * n / nblk - k0;
           for (int64_t k = k0; k < k0 + mr; ++k) {
@@ -935,7 +966,7 @@ void backward_steps(const BackwardArgs& a, int64_t w0, int64_t w1) {
               K::pointwise(a, t, r, off + r, a.dgates + (off + r) * G, a.dbias + rg * G, u0, u1);
             }
           },
-          K::kRows);
+          K::kRows, K::kTall);
     }
     // Column groups read back dgates columns other workers wrote; row groups alone own whole rows.
     if (C > 1) a.barrier->arrive_and_wait(w1 - w0);
@@ -952,7 +983,7 @@ void backward_steps(const BackwardArgs& a, int64_t w0, int64_t w1) {
             K::state_tiles(a, dg, R * G, off, r0, mr, R, p0, p1);
             if (!a.dx_after) K::state_tiles(a, dg, R * G, off, r0, mr, R, x0, x1);
           },
-          K::kRows);
+          K::kRows, K::kTall);
     }
   }
   if (a.scratch != nullptr)

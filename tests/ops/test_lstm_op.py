@@ -109,7 +109,8 @@ def test_work_splits_match_reference(cpu_kernel, threads, T, B, IN, H, reverse):
     column groups (two row groups would run 4-row blocks), the backward row groups. The float32
     AVX-512 forward runs blocks of 7 and 8 rows as two-pass tall tiles: B = 7, 8 in one block (column
     groups on two threads; the lengths shrink it to short tiles), B = 14 in one block per row group
-    on two threads. Row groups fuse
+    on two threads; so do the backward's [dh, dx] tiles (B = 14 on two threads, B = 8 and 14 on one).
+    Row groups fuse
     the weight gradients into the loop from 512 packed rows on (the last case: ~980 rows); column
     groups leave dx to one GEMM after the loop."""
     args, lengths = make_args(
