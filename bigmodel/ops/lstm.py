@@ -46,7 +46,8 @@ def lstm_layer(
         train = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
         )
-    out, h_n, c_n, _, _ = torch.ops.bigmodel.lstm_layer(
+    # The overload itself: the packet would resolve it on every call (~3 us of a ~50 us LSTMCell step).
+    out, h_n, c_n, _, _ = torch.ops.bigmodel.lstm_layer.default(
         input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, train
     )
     return out, h_n, c_n
