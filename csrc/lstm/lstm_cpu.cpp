@@ -762,8 +762,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_cpu(
   // read each weight once, while the tiles read the weights to validate their packed copy and then the
   // packed copy (B = 1, T = 1: 92-124 us BLAS against 102-134 us tiles). From two rows or two steps on
   // the tiles win (T = 1: B = 2-8 1.10-1.13x, B = 64 1.18x; T = 2, B = 64 1.33x; NOTES v21).
-  const bool few_steps = d.T * d.B < 2 && input.scalar_type() == at::kFloat;
-  if (const FastKernels k = fast_kernels(d, input.scalar_type(), ct); k != FastKernels::None && !few_steps)
+  const bool one_row_step = d.T * d.B < 2 && input.scalar_type() == at::kFloat;
+  if (const FastKernels k = fast_kernels(d, input.scalar_type(), ct); k != FastKernels::None && !one_row_step)
     return lstm_forward_fast(input, h0, c0, w_ih, w_hh, b_ih, b_hh, d, p, reverse, train, k);
   const int64_t G = 4 * d.H;
 

@@ -23,7 +23,7 @@ static_assert(kAvx2GateRows == m2::kGateMR && kAvx2BackwardRows == m2::kQuarterM
 
 // Near-equal blocks for n rows: of at most `rows` rows, or of up to `tall` (> rows) where that takes
 // fewer blocks than blocks of `rows` averaging under rows - 1 (n = 7, 8 as one block, 13, 14 as two,
-// 19 as three), the backward's rule for its two-pass tall tiles.
+// 19 as three): the forward's and the backward's rule for their two-pass tall tiles.
 inline int64_t block_count(int64_t n, int64_t rows, int64_t tall = 0) {
   const int64_t nb = (n + rows - 1) / rows;
   if (tall > rows && n < (rows - 1) * nb) return std::min(nb, (n + tall - 1) / tall);
@@ -106,6 +106,21 @@ BM_AVX512_BF16 BM_ALWAYS_INLINE void cell_update(const ForwardArgs& a, int64_t o
   }
 }
 
+// What a forward tile multiplies: panel p of the packed [W_hh; W_ih] and the h and x rows of its first
+// row r0 (T: float, or uint16_t bf16 bits; the others follow at stride Kh and rstride * Kx).
+template <typename T>
+struct TileOperands {
+  const T* panel;
+  const T* h;
+  const T* x;
+};
+
+template <typename T>
+inline TileOperands<T> tile_operands(const ForwardArgs& a, int64_t off, int64_t r0, int64_t p, const void* hp) {
+  return {static_cast<const T*>(a.panels) + p * (a.Kh + a.Kx) * mk::kNR,
+          static_cast<const T*>(hp) + state_row(a, r0) * a.Kh, static_cast<const T*>(a.x) + (off + r0) * a.Kx};
+}
+
 // One register tile and its cell update. Compiled with the BF16 target for both paths, since one
 // body serves both; the float32-tile instantiations (float32 layers, and bf16 layers kept as bf16 in
 // memory) contain no BF16 instruction (those sit under `if constexpr`), so they run on any AVX-512 CPU.
@@ -116,15 +131,13 @@ BM_AVX512_BF16 void forward_tile(const ForwardArgs& a, int64_t off, int64_t r0, 
   __m512 acc[MR][4];
   mk::zero_tile<MR>(acc);
   if constexpr (kBf16) {
-    const uint16_t* panel = static_cast<const uint16_t*>(a.panels) + p * (Kh + Kx) * mk::kNR;
-    mk::tile_bf16<MR>(static_cast<const uint16_t*>(hp) + state_row(a, r0) * Kh, Kh, Kh / 2, panel, acc);
-    mk::tile_bf16<MR>(static_cast<const uint16_t*>(a.x) + (off + r0) * Kx, rstride * Kx, Kx / 2,
-                      panel + Kh * mk::kNR, acc);
+    const auto o = tile_operands<uint16_t>(a, off, r0, p, hp);
+    mk::tile_bf16<MR>(o.h, Kh, Kh / 2, o.panel, acc);
+    mk::tile_bf16<MR>(o.x, rstride * Kx, Kx / 2, o.panel + Kh * mk::kNR, acc);
   } else {
-    const float* panel = static_cast<const float*>(a.panels) + p * (Kh + Kx) * mk::kNR;
-    mk::tile_f32<MR>(static_cast<const float*>(hp) + state_row(a, r0) * Kh, Kh, Kh, panel, acc);
-    mk::tile_f32<MR>(static_cast<const float*>(a.x) + (off + r0) * Kx, rstride * Kx, Kx, panel + Kh * mk::kNR,
-                     acc);
+    const auto o = tile_operands<float>(a, off, r0, p, hp);
+    mk::tile_f32<MR>(o.h, Kh, Kh, o.panel, acc);
+    mk::tile_f32<MR>(o.x, rstride * Kx, Kx, o.panel + Kh * mk::kNR, acc);
   }
   alignas(64) float tile[MR][mk::kNR];
   mk::store_tile<MR>(acc, tile);
@@ -139,10 +152,9 @@ BM_AVX512_BF16 void forward_tile_half(const ForwardArgs& a, int64_t off, int64_t
   const int64_t Kh = a.Kh, Kx = a.Kx;
   __m512 acc[MR][2];
   mk::zero_tile(acc);
-  const float* panel = static_cast<const float*>(a.panels) + p * (Kh + Kx) * mk::kNR;
-  mk::tile_f32_rows<MR, 2>(static_cast<const float*>(hp) + state_row(a, r0) * Kh, Kh, Kh, panel, mk::kNR, acc);
-  mk::tile_f32_rows<MR, 2>(static_cast<const float*>(a.x) + (off + r0) * Kx, rstride * Kx, Kx,
-                           panel + Kh * mk::kNR, mk::kNR, acc);
+  const auto o = tile_operands<float>(a, off, r0, p, hp);
+  mk::tile_f32_rows<MR, 2>(o.h, Kh, Kh, o.panel, mk::kNR, acc);
+  mk::tile_f32_rows<MR, 2>(o.x, rstride * Kx, Kx, o.panel + Kh * mk::kNR, mk::kNR, acc);
   alignas(64) float tile[MR][mk::kNR];
   mk::store_tile(acc, tile[0], mk::kNR);
   cell_update<false, kTrain, 8, kOutBf16>(a, off, r0, MR, rstride, p, tile, hn);
@@ -155,15 +167,13 @@ template <bool kTrain, int MR, bool kOutBf16>
 BM_AVX512_BF16 void forward_tile_tall(const ForwardArgs& a, int64_t off, int64_t r0, int64_t rstride, int64_t p,
                                       const void* hp, void* hn) {
   const int64_t Kh = a.Kh, Kx = a.Kx;
-  const float* panel = static_cast<const float*>(a.panels) + p * (Kh + Kx) * mk::kNR;
-  const float* h = static_cast<const float*>(hp) + state_row(a, r0) * Kh;
-  const float* x = static_cast<const float*>(a.x) + (off + r0) * Kx;
+  const auto o = tile_operands<float>(a, off, r0, p, hp);
   alignas(64) float tile[MR][mk::kNR];
   for (int half = 0; half < 2; ++half) {
     __m512 acc[MR][2];
     mk::zero_tile(acc);
-    mk::tile_f32_rows<MR, 2>(h, Kh, Kh, panel + 32 * half, mk::kNR, acc);
-    mk::tile_f32_rows<MR, 2>(x, rstride * Kx, Kx, panel + Kh * mk::kNR + 32 * half, mk::kNR, acc);
+    mk::tile_f32_rows<MR, 2>(o.h, Kh, Kh, o.panel + 32 * half, mk::kNR, acc);
+    mk::tile_f32_rows<MR, 2>(o.x, rstride * Kx, Kx, o.panel + Kh * mk::kNR + 32 * half, mk::kNR, acc);
     mk::store_tile(acc, tile[0] + 32 * half, mk::kNR);
   }
   cell_update<false, kTrain, 16, kOutBf16>(a, off, r0, MR, rstride, p, tile, hn);
@@ -185,11 +195,10 @@ template <bool kTrain>
 BM_AMX void forward_tile_amx(const ForwardArgs& a, int64_t off, int64_t r0, int64_t mr, int64_t rstride,
                              int64_t p, const void* hp, void* hn) {
   const int64_t Kh = a.Kh, Kx = a.Kx;
-  const uint16_t* panel = static_cast<const uint16_t*>(a.panels) + p * (Kh + Kx) * mk::kNR;
+  const auto o = tile_operands<uint16_t>(a, off, r0, p, hp);
   mk::amx_zero();
-  mk::amx_panel(static_cast<const uint16_t*>(hp) + state_row(a, r0) * Kh, Kh * 2, Kh / 32, panel);
-  mk::amx_panel(static_cast<const uint16_t*>(a.x) + (off + r0) * Kx, rstride * Kx * 2, Kx / 32,
-                panel + Kh * mk::kNR);
+  mk::amx_panel(o.h, Kh * 2, Kh / 32, o.panel);
+  mk::amx_panel(o.x, rstride * Kx * 2, Kx / 32, o.panel + Kh * mk::kNR);
   alignas(64) float tile[16][mk::kNR];
   mk::amx_store(tile);
   cell_update<true, kTrain>(a, off, r0, mr, rstride, p, tile, hn);
@@ -200,9 +209,7 @@ template <bool kTrain>
 BM_AMX void forward_tile_amx2(const ForwardArgs& a, int64_t off, int64_t r0, int64_t mr, int64_t rstride,
                               int64_t p, const void* hp, void* hn) {
   const int64_t Kh = a.Kh, Kx = a.Kx;
-  const uint16_t* panel = static_cast<const uint16_t*>(a.panels) + p * (Kh + Kx) * mk::kNR;
-  const uint16_t* h0 = static_cast<const uint16_t*>(hp) + state_row(a, r0) * Kh;
-  const uint16_t* x0 = static_cast<const uint16_t*>(a.x) + (off + r0) * Kx;
+  const auto [panel, h0, x0] = tile_operands<uint16_t>(a, off, r0, p, hp);
   const int64_t h_next = 16 * Kh, x_next = 16 * rstride * Kx;  // the second block's first row
   alignas(64) float tile[2 * 16][mk::kNR];
   for (int q = 0; q < 4; q += 2) {
@@ -215,13 +222,14 @@ BM_AMX void forward_tile_amx2(const ForwardArgs& a, int64_t off, int64_t r0, int
 }
 
 // The forward time loop, shared by the register-tile and AMX paths: per step, every worker's tiles
-// tile(off, r0, mr, p, hp, hn) over its row blocks (of at most max_rows rows) and panels, then the
+// tile(off, r0, mr, p, hp, hn) over its row blocks (for_each_row_block: at most max_rows rows, or up to
+// tall_rows where blocks would be small) and panels, then the
 // column groups' barrier. Row blocks outer keeps a block's h rows in L1 across the panels; panels
 // outer reads each panel from L2/L3 once per step for all row blocks, which wins once a worker's
 // panels are too big to stay near (measured: small shape 2.5 vs 3.0 ms, long 67.5 vs 61.5 ms).
 template <typename Tile>
 void forward_steps(const ForwardArgs& a, int64_t w0, int64_t w1, int64_t max_rows, bool panels_outer,
-                   const Tile& tile) {
+                   const Tile& tile, int64_t tall_rows = 0) {
   const Steps& st = a.steps;
   const int64_t R = a.grid.R, C = a.grid.C;
   const int64_t np = (st.H + kUnits - 1) / kUnits;
@@ -235,46 +243,48 @@ void forward_steps(const ForwardArgs& a, int64_t w0, int64_t w1, int64_t max_row
       const int64_t p0 = split(np, C, cg), p1 = split(np, C, cg + 1);
       if (panels_outer) {
         for (int64_t p = p0; p < p1; ++p)
-          for_each_row_block(b, rg, R, [&](int64_t r0, int64_t mr) { tile(off, r0, mr, p, hp, hn); }, max_rows);
+          for_each_row_block(
+              b, rg, R, [&](int64_t r0, int64_t mr) { tile(off, r0, mr, p, hp, hn); }, max_rows, tall_rows);
       } else {
         for_each_row_block(
             b, rg, R,
             [&](int64_t r0, int64_t mr) {
               for (int64_t p = p0; p < p1; ++p) tile(off, r0, mr, p, hp, hn);
             },
-            max_rows);
+            max_rows, tall_rows);
       }
     }
     if (C > 1) a.barrier->arrive_and_wait(w1 - w0);
   }
 }
 
+// Float32 tiles take blocks of 7 and 8 rows as tall tiles where the grid allows them (grid.rows).
 template <bool kBf16, bool kTrain, bool kOutBf16 = kBf16>
 void forward_loop(const ForwardArgs& a, int64_t w0, int64_t w1) {
-  const auto short_tile = [&](int64_t off, int64_t r0, int64_t mr, int64_t p, const void* hp, void* hn) {
-    mk::with_rows(mr, [&](auto rows) {
-      constexpr int MR = decltype(rows)::value;
-      if (!kBf16 && p == a.half_panel)
-        forward_tile_half<kTrain, MR, kOutBf16>(a, off, r0, a.grid.R, p, hp, hn);
-      else
-        forward_tile<kBf16, kTrain, MR, kOutBf16>(a, off, r0, a.grid.R, p, hp, hn);
-    });
-  };
-  if (kBf16 || a.grid.rows <= mk::kMR) {
-    forward_steps(a, w0, w1, mk::kMR, a.panels_outer, short_tile);
-    return;
-  }
-  forward_steps(a, w0, w1, a.grid.rows, a.panels_outer,
-                [&](int64_t off, int64_t r0, int64_t mr, int64_t p, const void* hp, void* hn) {
-                  if (mr <= mk::kMR) return short_tile(off, r0, mr, p, hp, hn);
-                  with_tall_rows(mr, [&](auto rows) {
-                    constexpr int MR = decltype(rows)::value;
-                    if (p == a.half_panel)
-                      forward_tile_half<kTrain, MR, kOutBf16>(a, off, r0, a.grid.R, p, hp, hn);
-                    else
-                      forward_tile_tall<kTrain, MR, kOutBf16>(a, off, r0, a.grid.R, p, hp, hn);
-                  });
-                });
+  forward_steps(
+      a, w0, w1, mk::kMR, a.panels_outer,
+      [&](int64_t off, int64_t r0, int64_t mr, int64_t p, const void* hp, void* hn) {
+        if constexpr (!kBf16) {
+          if (mr > mk::kMR) {
+            with_tall_rows(mr, [&](auto rows) {
+              constexpr int MR = decltype(rows)::value;
+              if (p == a.half_panel)
+                forward_tile_half<kTrain, MR, kOutBf16>(a, off, r0, a.grid.R, p, hp, hn);
+              else
+                forward_tile_tall<kTrain, MR, kOutBf16>(a, off, r0, a.grid.R, p, hp, hn);
+            });
+            return;
+          }
+        }
+        mk::with_rows(mr, [&](auto rows) {
+          constexpr int MR = decltype(rows)::value;
+          if (!kBf16 && p == a.half_panel)
+            forward_tile_half<kTrain, MR, kOutBf16>(a, off, r0, a.grid.R, p, hp, hn);
+          else
+            forward_tile<kBf16, kTrain, MR, kOutBf16>(a, off, r0, a.grid.R, p, hp, hn);
+        });
+      },
+      kBf16 ? 0 : a.grid.rows);
 }
 
 // AMX keeps row blocks outer: the loop-order rule above was measured on the register-tile path.
@@ -337,9 +347,7 @@ template <bool kTrain, int MR>
 BM_AVX2 void forward_tile_avx2(const ForwardArgs& a, int64_t off, int64_t r0, int64_t rstride, int64_t p,
                                const void* hp, void* hn) {
   const int64_t Kh = a.Kh, Kx = a.Kx;
-  const float* panel = static_cast<const float*>(a.panels) + p * (Kh + Kx) * m2::kNR;
-  const float* h_rows = static_cast<const float*>(hp) + state_row(a, r0) * Kh;
-  const float* x_rows = static_cast<const float*>(a.x) + (off + r0) * Kx;
+  const auto [panel, h_rows, x_rows] = tile_operands<float>(a, off, r0, p, hp);  // m2::kNR == mk::kNR
   for (int h = 0; h < 2; ++h) {
     const int64_t u0 = p * kUnits + 8 * h;
     if (u0 >= a.steps.H) break;
