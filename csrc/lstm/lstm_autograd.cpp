@@ -127,6 +127,16 @@ LayerOutputs lstm_layer_autograd(const Tensor& input, const Tensor& h0, const Te
                                  const Tensor& w_hh, const std::optional<Tensor>& b_ih,
                                  const std::optional<Tensor>& b_hh, const std::optional<Tensor>& w_hr,
                                  const std::optional<Tensor>& lengths, bool reverse, bool train) {
+  // Nothing to record (inference, or no input requires grad): straight to the kernel. The autograd
+  // node's bookkeeping costs a few us, which counts in a decoding loop of LSTMCell steps.
+  const auto needs_grad = [](const Tensor& t) { return t.requires_grad(); };
+  const auto opt_needs_grad = [](const std::optional<Tensor>& t) { return t.has_value() && t->requires_grad(); };
+  if (!at::GradMode::is_enabled() || !(needs_grad(input) || needs_grad(h0) || needs_grad(c0) || needs_grad(w_ih) ||
+                                       needs_grad(w_hh) || opt_needs_grad(b_ih) || opt_needs_grad(b_hh) ||
+                                       opt_needs_grad(w_hr))) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return layer_op().call(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, train);
+  }
   variable_list r =
       LstmLayerFunction::apply(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, train);
   return {r[0], r[1], r[2], r[3], r[4]};

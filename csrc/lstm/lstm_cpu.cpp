@@ -9,13 +9,15 @@
 // Two implementations of the time loop share the ops' set-up and the time-batched GEMMs:
 //  * fast (lstm_cpu_fast.cpp): the GEMM core's AVX-512 micro-kernels with the gate math fused into
 //    each tile's epilogue, one parallel region for the whole loop; float32 and bfloat16, no
-//    projection. Chosen when the CPU has AVX-512 (AVX512-BF16 for bfloat16 input) or AVX2, except
-//    for a float32 forward call of one row and one step (see lstm_layer_cpu).
+//    projection. Chosen when the CPU has AVX-512 (AVX512-BF16 for bfloat16 input) or AVX2.
 //  * generic (below): per step gemm::rowmajor (ATen's BLAS) and a vectorized pointwise pass; every
 //    dtype and proj_size, any CPU. BIGMODEL_CPU_KERNEL=generic forces it.
+// A float32 single step of at most eight rows (nn.LSTMCell in a decoding loop) takes neither: the
+// step kernels below (at::vec, any CPU) read the weights as stored, once, forward and backward.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
@@ -746,6 +748,299 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
           at::empty({0}, w_ih.options())};
 }
 
+// ---- one step of a few rows (nn.LSTMCell at small batch) ----
+//
+// A float32 step of at most kStepMaxRows rows, straight from the weights as stored: the dot products
+// of each gate row with x and h, the four gate rows of a unit (two units at batch 1) at a time, then
+// the gate math on a vector of units. The weights are read once: BLAS runs two GEMVs and a separate
+// pointwise pass, and the tiles would digest the weights to validate their packed copy and then read
+// that copy (NOTES v22). Hidden units are split across threads.
+constexpr int64_t kStepMaxRows = 8;
+
+// acc[u * 4 + g][b] += W[g * H + unit + u, :K] . v[b, :K] for the UN units from `unit` and the NB rows
+// of v ([NB, ldv], zero-padded past K to a multiple of the vector width).
+template <int NB, int UN>
+inline void gate_dots(const float* w, int64_t K, int64_t gate_stride, const float* v, int64_t ldv,
+                      Vectorized<float> (&acc)[UN * 4][NB]) {
+  using V = Vectorized<float>;
+  constexpr int64_t W = V::size();
+  int64_t k = 0;
+  for (; k + W <= K; k += W) {
+    V vb[NB];
+    for (int b = 0; b < NB; ++b) vb[b] = V::loadu(v + b * ldv + k);
+    for (int r = 0; r < UN * 4; ++r) {
+      const V wr = V::loadu(w + (r / 4) * K + (r % 4) * gate_stride + k);
+      for (int b = 0; b < NB; ++b) acc[r][b] = at::vec::fmadd(wr, vb[b], acc[r][b]);
+    }
+  }
+  if (k < K) {  // the rows' tails: v is zero past K, and so are the loaded weights' missing lanes
+    V vb[NB];
+    for (int b = 0; b < NB; ++b) vb[b] = V::loadu(v + b * ldv + k);
+    for (int r = 0; r < UN * 4; ++r) {
+      const V wr = V::loadu(w + (r / 4) * K + (r % 4) * gate_stride + k, K - k);
+      for (int b = 0; b < NB; ++b) acc[r][b] = at::vec::fmadd(wr, vb[b], acc[r][b]);
+    }
+  }
+}
+
+struct StepArgs {
+  const float *w_ih, *w_hh, *bias;  // [4H, I], [4H, H] contiguous; bias [4H] (b_ih + b_hh) or nullptr
+  const float *x, *h;               // B rows each, `ld` apart, zero-padded to whole vectors
+  int64_t B, I, H, ld;
+  float *hout, *c;                  // [B, H]; c holds c_{t-1} on entry, c_t on exit
+  float *gates, *cells;             // [B, 4H], [B, H] with train, else nullptr
+};
+
+// Units [u0, u0 + n) of the NB rows from b0, n <= the vector width.
+template <int NB, bool kTrain>
+void step_units(const StepArgs& a, int64_t u0, int64_t n, int64_t b0) {
+  using V = Vectorized<float>;
+  constexpr int64_t W = V::size();
+  constexpr int UN = NB == 1 ? 2 : 1;  // eight dot products in flight at batch 1
+  const int64_t H = a.H;
+  alignas(64) float z[NB][4 * W];      // per row: the n pre-activations of gates i, f, g, o
+  for (int64_t j = 0; j < n; j += UN) {
+    const int un = j + 1 < n ? UN : 1;
+    V acc[UN * 4][NB];
+    for (auto& r : acc)
+      for (auto& v : r) v = V(0.f);
+    if (un == UN) {
+      gate_dots<NB, UN>(a.w_ih + (u0 + j) * a.I, a.I, H * a.I, a.x + b0 * a.ld, a.ld, acc);
+      gate_dots<NB, UN>(a.w_hh + (u0 + j) * H, H, H * H, a.h + b0 * a.ld, a.ld, acc);
+    } else {
+      V one[4][NB];
+      for (auto& r : one)
+        for (auto& v : r) v = V(0.f);
+      gate_dots<NB, 1>(a.w_ih + (u0 + j) * a.I, a.I, H * a.I, a.x + b0 * a.ld, a.ld, one);
+      gate_dots<NB, 1>(a.w_hh + (u0 + j) * H, H, H * H, a.h + b0 * a.ld, a.ld, one);
+      for (int r = 0; r < 4; ++r)
+        for (int b = 0; b < NB; ++b) acc[r][b] = one[r][b];
+    }
+    for (int u = 0; u < un; ++u)
+      for (int g = 0; g < 4; ++g)
+        for (int b = 0; b < NB; ++b) {
+          const float sum = at::vec::vec_reduce_all<float>([](V& x, V& y) { return x + y; }, acc[u * 4 + g][b]);
+          z[b][g * n + j + u] = sum + (a.bias != nullptr ? a.bias[g * H + u0 + j + u] : 0.f);
+        }
+  }
+  for (int i = 0; i < NB; ++i) {
+    const int64_t b = b0 + i;
+    gates_forward_row<float, kTrain>(z[i], nullptr, a.c + b * H + u0, a.hout + b * H + u0,
+                                     kTrain ? a.cells + b * H + u0 : nullptr, n);
+    if constexpr (kTrain)
+      for (int g = 0; g < 4; ++g) std::memcpy(a.gates + b * 4 * H + g * H + u0, z[i] + g * n, n * sizeof(float));
+  }
+}
+
+// Units [u0, u0 + n) of every row, in groups of at most four rows (the chunk's weight rows, ~77 KiB
+// at H = 200, come from L2 again for each further group).
+template <bool kTrain>
+void step_units_all(const StepArgs& a, int64_t u0, int64_t n) {
+  int64_t b0 = 0;
+  for (; a.B - b0 >= 4; b0 += 4) step_units<4, kTrain>(a, u0, n, b0);
+  switch (a.B - b0) {
+    case 1: step_units<1, kTrain>(a, u0, n, b0); break;
+    case 2: step_units<2, kTrain>(a, u0, n, b0); break;
+    case 3: step_units<3, kTrain>(a, u0, n, b0); break;
+    default: break;
+  }
+}
+
+// Threads for a step: a team only where the weights are worth splitting (128 KiB, ~2 us of reading
+// on one core).
+int64_t step_workers(int64_t I, int64_t H) {
+  const int64_t bytes = 16 * H * (I + H);
+  return bytes < (int64_t(1) << 17) ? 1 : std::max<int64_t>(1, at::get_num_threads());
+}
+
+// The B rows of x ([1, B, I]) and h ([B, H]) side by side, each zero-padded to whole vectors: row b's
+// x at b * ld, its h at b * ld + x_width.
+struct PaddedRows {
+  std::vector<float> data;
+  int64_t x_width, ld;
+};
+
+PaddedRows padded_rows(const Tensor& input, const Tensor& h0, const Dims& d) {
+  constexpr int64_t W = Vectorized<float>::size();
+  const Tensor x = input.contiguous(), h = h0.contiguous();
+  PaddedRows r{{}, (d.I + W - 1) / W * W, 0};
+  r.ld = r.x_width + (d.H + W - 1) / W * W;
+  r.data.assign(d.B * r.ld, 0.f);
+  for (int64_t b = 0; b < d.B; ++b) {
+    std::memcpy(r.data.data() + b * r.ld, x.const_data_ptr<float>() + b * d.I, d.I * sizeof(float));
+    std::memcpy(r.data.data() + b * r.ld + r.x_width, h.const_data_ptr<float>() + b * d.H, d.H * sizeof(float));
+  }
+  return r;
+}
+
+template <bool kTrain>
+void step_rows(const StepArgs& a) {
+  constexpr int64_t W = Vectorized<float>::size();
+  const int64_t chunks = (a.H + W - 1) / W;
+  const int64_t workers = step_workers(a.I, a.H);
+  at::parallel_for(0, chunks, (chunks + workers - 1) / workers, [&](int64_t c0, int64_t c1) {
+    for (int64_t ch = c0; ch < c1; ++ch) step_units_all<kTrain>(a, ch * W, std::min(W, a.H - ch * W));
+  });
+}
+
+// The step kernels take float32 single steps of up to kStepMaxRows rows without projection (every
+// kernel choice but generic, which keeps the BLAS path).
+bool uses_step_rows(const Tensor& input, const Dims& d, const PackPlan& p) {
+  return input.scalar_type() == at::kFloat && d.T == 1 && d.B <= kStepMaxRows && !d.proj && p.identity &&
+         gemm::cpu::kernel_choice() != gemm::cpu::KernelChoice::Generic;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_step_rows(
+    const Tensor& input, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
+    const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh, const Dims& d, bool train) {
+  const int64_t B = d.B, H = d.H, I = d.I;
+  // Few ATen calls: at batch 1 each costs about as much as reading a tenth of the weights.
+  const PaddedRows xh = padded_rows(input, h0, d);
+  const Tensor c = c0.contiguous();
+  const Tensor wih = w_ih.contiguous(), whh = w_hh.contiguous();
+  std::vector<float> bias;
+  if (d.bias) {
+    const Tensor bi = b_ih->contiguous(), bh = b_hh->contiguous();
+    bias.resize(4 * H);
+    for (int64_t k = 0; k < 4 * H; ++k) bias[k] = bi.const_data_ptr<float>()[k] + bh.const_data_ptr<float>()[k];
+  }
+  Tensor output = at::empty({1, B, H}, at::kFloat), h_n = at::empty({B, H}, at::kFloat);
+  Tensor c_n = at::empty({B, H}, at::kFloat);
+  std::memcpy(c_n.data_ptr<float>(), c.const_data_ptr<float>(), B * H * sizeof(float));
+  Tensor gates = train ? at::empty({B, 4 * H}, at::kFloat) : at::empty({0}, at::kFloat);
+  Tensor cells = train ? at::empty({B, H}, at::kFloat) : at::empty({0}, at::kFloat);
+  StepArgs a{wih.const_data_ptr<float>(), whh.const_data_ptr<float>(), d.bias ? bias.data() : nullptr,
+             xh.data.data(), xh.data.data() + xh.x_width, B, I, H, xh.ld, output.data_ptr<float>(),
+             c_n.data_ptr<float>(), train ? gates.data_ptr<float>() : nullptr,
+             train ? cells.data_ptr<float>() : nullptr};
+  if (train)
+    step_rows<true>(a);
+  else
+    step_rows<false>(a);
+  std::memcpy(h_n.data_ptr<float>(), output.const_data_ptr<float>(), B * H * sizeof(float));
+  return {output, h_n, c_n, gates, cells};
+}
+
+// The backward of such a step. With dg = dL/d(pre-activations) [B, 4H] from the pointwise pass, one
+// pass over the weight rows forms dx = dg W_ih and dh0 = dg W_hh (per-worker partial sums, added
+// after) and the rank-B weight gradients dW = dg^T [x, h0], each weight row read and each gradient row
+// written once (BLAS would run four GEMMs of K = B, the outer products at a small fraction of peak).
+struct StepBackArgs {
+  const float *w_ih, *w_hh;  // [4H, I], [4H, H]
+  const float* dg;           // [B, 4H]
+  const float *x, *h;        // B rows each, `ld` apart, zero-padded to whole vectors
+  int64_t B, I, H, ld;
+  float *dw_ih, *dw_hh;      // [4H, I], [4H, H]
+};
+
+// Rows [r0, r1) of one weight [G, K] for the NB rows: partial[b, :K] += dg[b, r] W[r, :K] and
+// dW[r, :K] = sum_b dg[b, r] v[b, :K].
+template <int NB>
+void step_back_rows(const float* w, float* dw, int64_t K, const float* dg, int64_t G, const float* v, int64_t ld,
+                    float* partial, int64_t r0, int64_t r1) {
+  using V = Vectorized<float>;
+  constexpr int64_t W = V::size();
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* wr = w + r * K;
+    float* dwr = dw + r * K;
+    V coef[NB];
+    for (int b = 0; b < NB; ++b) coef[b] = V(dg[b * G + r]);
+    for (int64_t k = 0; k < K; k += W) {
+      const int64_t n = std::min(W, K - k);
+      const V wv = n == W ? V::loadu(wr + k) : V::loadu(wr + k, n);
+      V acc(0.f);
+      for (int b = 0; b < NB; ++b) {
+        acc = at::vec::fmadd(coef[b], V::loadu(v + b * ld + k), acc);
+        at::vec::fmadd(coef[b], wv, V::loadu(partial + b * ld + k)).store(partial + b * ld + k);
+      }
+      if (n == W)
+        acc.store(dwr + k);
+      else
+        acc.store(dwr + k, n);
+    }
+  }
+}
+
+template <int NB>
+void step_backward_rows(const StepBackArgs& a, std::vector<float>& partials, int64_t workers) {
+  const int64_t G = 4 * a.H;
+  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t r0 = G * w / workers, r1 = G * (w + 1) / workers;
+      float* part = partials.data() + w * a.B * a.ld;
+      step_back_rows<NB>(a.w_ih, a.dw_ih, a.I, a.dg, G, a.x, a.ld, part, r0, r1);
+      step_back_rows<NB>(a.w_hh, a.dw_hh, a.H, a.dg, G, a.h, a.ld, part + (a.h - a.x), r0, r1);
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_step_rows_backward(
+    const std::optional<Tensor>& grad_output, const std::optional<Tensor>& grad_h_n,
+    const std::optional<Tensor>& grad_c_n, const Tensor& input, const Tensor& h0, const Tensor& c0,
+    const Tensor& w_ih, const Tensor& w_hh, const Tensor& gates, const Tensor& cells, bool has_bias,
+    const Dims& d) {
+  const int64_t B = d.B, H = d.H, I = d.I, G = 4 * H;
+  const PaddedRows xh = padded_rows(input, h0, d);
+  const int64_t Ip = xh.x_width, ld = xh.ld;
+  const Tensor c = c0.contiguous(), g = gates.contiguous(), cl = cells.contiguous();
+  // dh = grad_output + grad_h_n; dc starts as grad_c_n and leaves as dc0
+  std::vector<float> dh(B * H, 0.f);
+  Tensor dc0 = grad_c_n.has_value() ? grad_c_n->to(at::kFloat).contiguous().clone() : at::zeros({B, H}, at::kFloat);
+  for (const auto* src : {&grad_output, &grad_h_n})
+    if (src->has_value()) {
+      const Tensor t = (*src)->contiguous();
+      const float* tp = t.const_data_ptr<float>();
+      for (int64_t k = 0; k < B * H; ++k) dh[k] += tp[k];
+    }
+  std::vector<float> dg(B * G);
+  for (int64_t b = 0; b < B; ++b)
+    gates_backward_row<float>(g.const_data_ptr<float>() + b * G, cl.const_data_ptr<float>() + b * H,
+                              c.const_data_ptr<float>() + b * H, dh.data() + b * H, dc0.data_ptr<float>() + b * H,
+                              dg.data() + b * G, nullptr, H);
+  const Tensor wih = w_ih.contiguous(), whh = w_hh.contiguous();
+  Tensor dw_ih = at::empty({G, I}, at::kFloat), dw_hh = at::empty({G, H}, at::kFloat);
+  const int64_t workers = step_workers(I, H);
+  std::vector<float> partials(workers * B * ld, 0.f);
+  StepBackArgs a{wih.const_data_ptr<float>(), whh.const_data_ptr<float>(), dg.data(), xh.data.data(),
+                 xh.data.data() + Ip, B, I, H, ld, dw_ih.data_ptr<float>(), dw_hh.data_ptr<float>()};
+  static_assert(kStepMaxRows == 8, "one instance per row count");
+  switch (B) {
+    case 1: step_backward_rows<1>(a, partials, workers); break;
+    case 2: step_backward_rows<2>(a, partials, workers); break;
+    case 3: step_backward_rows<3>(a, partials, workers); break;
+    case 4: step_backward_rows<4>(a, partials, workers); break;
+    case 5: step_backward_rows<5>(a, partials, workers); break;
+    case 6: step_backward_rows<6>(a, partials, workers); break;
+    case 7: step_backward_rows<7>(a, partials, workers); break;
+    default: step_backward_rows<8>(a, partials, workers); break;
+  }
+  Tensor dx = at::empty({1, B, I}, at::kFloat), dh0 = at::empty({B, H}, at::kFloat);
+  float* dxp = dx.data_ptr<float>();
+  float* dhp = dh0.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t k = 0; k < I; ++k) {
+      float s = 0.f;
+      for (int64_t w = 0; w < workers; ++w) s += partials[(w * B + b) * ld + k];
+      dxp[b * I + k] = s;
+    }
+    for (int64_t k = 0; k < H; ++k) {
+      float s = 0.f;
+      for (int64_t w = 0; w < workers; ++w) s += partials[(w * B + b) * ld + Ip + k];
+      dhp[b * H + k] = s;
+    }
+  }
+  Tensor dbias = has_bias ? at::empty({G}, at::kFloat) : at::empty({0}, at::kFloat);
+  if (has_bias) {
+    float* db = dbias.data_ptr<float>();
+    for (int64_t r = 0; r < G; ++r) {
+      float s = 0.f;
+      for (int64_t b = 0; b < B; ++b) s += dg[b * G + r];
+      db[r] = s;
+    }
+  }
+  return {dx, dh0, dc0, dw_ih, dw_hh, dbias, at::empty({0}, at::kFloat)};
+}
+
 // ---- ops ----
 
 constexpr const char* kOp = "lstm";
@@ -758,12 +1053,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_cpu(
   const PackPlan p = make_plan(d.T, d.B, lengths, kOp);
   FlushDenormalsGuard ftz;
   const at::ScalarType ct = compute_dtype(input.scalar_type());
-  // A float32 call of a single row and step (nn.LSTMCell at batch 1) runs the BLAS path: its two GEMVs
-  // read each weight once, while the tiles read the weights to validate their packed copy and then the
-  // packed copy (B = 1, T = 1: 92-124 us BLAS against 102-134 us tiles). From two rows or two steps on
-  // the tiles win (T = 1: B = 2-8 1.10-1.13x, B = 64 1.18x; T = 2, B = 64 1.33x; NOTES v21).
-  const bool one_row_step = d.T * d.B < 2 && input.scalar_type() == at::kFloat;
-  if (const FastKernels k = fast_kernels(d, input.scalar_type(), ct); k != FastKernels::None && !one_row_step)
+  // A float32 step of up to eight rows (nn.LSTMCell at small batch, decoding) runs the step kernels;
+  // from two steps, or nine rows, on the tiles win (T = 1, B = 12-16: 1.3x native against the step
+  // kernels' 1.1x; NOTES v22).
+  if (uses_step_rows(input, d, p))
+    return lstm_step_rows(input, h0, c0, w_ih, w_hh, b_ih, b_hh, d, train);
+  if (const FastKernels k = fast_kernels(d, input.scalar_type(), ct); k != FastKernels::None)
     return lstm_forward_fast(input, h0, c0, w_ih, w_hh, b_ih, b_hh, d, p, reverse, train, k);
   const int64_t G = 4 * d.H;
 
@@ -829,6 +1124,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
   if (grad_output.has_value()) check_shape(*grad_output, {d.T, d.B, P}, op, "grad_output", "(T, B, P)");
   if (grad_h_n.has_value()) check_shape(*grad_h_n, {d.B, P}, op, "grad_h_n", "(B, P)");
   if (grad_c_n.has_value()) check_shape(*grad_c_n, {d.B, H}, op, "grad_c_n", "(B, hidden_size)");
+  if (uses_step_rows(input, d, p) && gates.scalar_type() == at::kFloat && cells.scalar_type() == at::kFloat)
+    return lstm_step_rows_backward(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, gates, cells,
+                                   has_bias, d);
   // The backward's pointwise part and state are float32, and any AVX-512 or AVX2 CPU runs it (bf16
   // layers included, on float32 tiles); a bf16 layer multiplies in bf16 where its forward does: on AMX
   // tiles, or on vdpbf16ps tiles (kernels Avx512 for bf16, as the forward).

@@ -178,6 +178,8 @@ def test_gradcheck(device, has_lengths, reverse, proj, bias):
 
 OPCHECK_CASES = {
     "plain": dict(has_lengths=False, reverse=False, proj=False, bias=True, train=True),
+    "single-step": dict(has_lengths=False, reverse=False, proj=False, bias=True, train=True, T=1),
+    "single-step-inference": dict(has_lengths=False, reverse=False, proj=False, bias=False, train=False, T=1),
     "lengths-reverse": dict(has_lengths=True, reverse=True, proj=False, bias=True, train=True),
     "proj-lengths-nobias": dict(has_lengths=True, reverse=False, proj=True, bias=False, train=True),
     "inference": dict(has_lengths=True, reverse=True, proj=True, bias=True, train=False),
@@ -188,7 +190,7 @@ OPCHECK_CASES = {
 def test_opcheck(device, case):
     c = OPCHECK_CASES[case]
     args, lengths = make_args(
-        5,
+        c.get("T", 5),
         3,
         4,
         5,
@@ -203,16 +205,17 @@ def test_opcheck(device, case):
     torch.library.opcheck(torch.ops.bigmodel.lstm_layer.default, (*args, lengths, c["reverse"], c["train"]))
 
 
-def test_opcheck_backward(device):
+@pytest.mark.parametrize("single_step", [False, True], ids=["layer", "single-step"])
+def test_opcheck_backward(device, single_step):
     args, lengths = make_args(
-        5,
+        1 if single_step else 5,
         3,
         4,
         5,
         3,
-        proj=True,
+        proj=not single_step,
         bias=True,
-        has_lengths=True,
+        has_lengths=not single_step,
         dtype=torch.float32,
         device=device,
         requires_grad=False,
@@ -396,6 +399,39 @@ def test_vector_tails_match_reference(cpu_kernel, H, B):
         torch.testing.assert_close(o, r, **TOL[torch.float32])
     seed_grads = [torch.randn_like(o) for o in out]
     for g, gr in zip(grads(out, args, seed_grads), grads(ref, args, seed_grads), strict=True):
+        torch.testing.assert_close(g, gr, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("B", [1, 2, 3, 4, 5, 8, 9])
+@pytest.mark.parametrize(
+    "IN,H", [(1, 1), (9, 7), (33, 17), (60, 70)], ids=["I1H1", "I9H7", "I33H17", "I60H70"]
+)
+@pytest.mark.parametrize("bias,used", [(True, "all"), (False, "all"), (True, "h_n"), (True, "c_n")])
+def test_single_steps_match_reference(cpu_kernel, threads, B, IN, H, bias, used):
+    """One float32 step of up to eight rows (nn.LSTMCell at small batch) runs its own kernels, forward
+    and backward, straight from the weights as stored; B = 9 is past them (tiles). Rows in groups of
+    four (forward) and eight (backward), vector tails of x, h and the weight rows, one or two workers
+    (I60H70 is large enough to split), and gradients of only some outputs."""
+    args, _ = make_args(
+        1, B, IN, H, 0, proj=False, bias=bias, has_lengths=False, dtype=torch.float32, device="cpu"
+    )
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = lstm_layer(*args)
+        keep = {"all": (0, 1, 2), "h_n": (1,), "c_n": (2,)}[used]
+        seed_grads = [torch.randn_like(out[i]) for i in keep]
+        got = grads([out[i] for i in keep], args, seed_grads)
+        with torch.no_grad():
+            inference = lstm_layer(*args)
+    finally:
+        torch.set_num_threads(saved)
+    ref = lstm_layer_reference(*args)
+    for o, i, r in zip(out, inference, ref, strict=True):
+        torch.testing.assert_close(o, r, **TOL[torch.float32])
+        torch.testing.assert_close(i, r, **TOL[torch.float32])
+    for g, gr in zip(got, grads([ref[i] for i in keep], args, seed_grads), strict=True):
         torch.testing.assert_close(g, gr, **TOL[torch.float32])
 
 
