@@ -19,6 +19,9 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from ..ops.lstm import lstm_layer
 
+# The op's overload, resolved once: LSTMCell's lean path calls it directly.
+_lstm_layer_op = torch.ops.bigmodel.lstm_layer.default
+
 __all__ = ["LSTM", "LSTMCell", "swap"]
 
 
@@ -418,6 +421,39 @@ class LSTMCell(nn.Module):
         return s
 
     def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        w_ih, w_hh, b_ih, b_hh = self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
+        # The common call (batched input, a (h, c) pair, no CPU autocast) goes straight to the op, whose
+        # C++ checks cover every argument; only when it rejects them do the module's checks run, to
+        # name the problem in nn.LSTMCell's terms. A decoding loop calls this once per token, and at
+        # batch 1 each Python check costs about 1% of the step (NOTES v22).
+        if (
+            type(hx) is tuple
+            and len(hx) == 2
+            and input.dim() == 2
+            and not (input.is_cpu and torch.is_autocast_enabled("cpu"))
+        ):
+            h, c = hx
+            try:
+                train = torch.is_grad_enabled() and (
+                    w_ih.requires_grad
+                    or input.requires_grad
+                    or h.requires_grad
+                    or c.requires_grad
+                    or w_hh.requires_grad
+                    or (b_ih is not None and (b_ih.requires_grad or b_hh.requires_grad))
+                )
+                out = _lstm_layer_op(
+                    input.unsqueeze(0), h, c, w_ih, w_hh, b_ih, b_hh, None, None, False, train
+                )
+            except (RuntimeError, ValueError, TypeError, AttributeError) as e:
+                error = e
+            else:
+                return out[1], out[2]
+            self._check_args(input, hx)  # raises the module's own message where one applies
+            raise error
+        return self._forward_checked(input, hx)
+
+    def _check_args(self, input: Tensor, hx: tuple[Tensor, Tensor] | None) -> None:
         _check_input_dtype("LSTMCell", input, self.weight_ih)
         if input.dim() not in (1, 2):
             raise ValueError(
@@ -428,17 +464,16 @@ class LSTMCell(nn.Module):
             if not isinstance(hx, (tuple, list)) or len(hx) != 2:
                 raise ValueError(f"bigmodel.nn.LSTMCell: hx must be a tuple (h, c), got {type(hx).__name__}")
             for idx, value in enumerate(hx):
+                if not isinstance(value, Tensor):
+                    raise TypeError(
+                        f"bigmodel.nn.LSTMCell: hx[{idx}] must be a Tensor, got {type(value).__name__}"
+                    )
                 if value.dim() != input.dim():
                     raise ValueError(
                         f"bigmodel.nn.LSTMCell: hx[{idx}] must be {input.dim()}-D like input, got "
                         f"{value.dim()}-D shape {tuple(value.shape)}"
                     )
-        is_batched = input.dim() == 2
-        if not is_batched:
-            input = input.unsqueeze(0)
-            if hx is not None:
-                hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
-        B, features = input.shape
+        B, features = (1, input.shape[0]) if input.dim() == 1 else input.shape
         if features != self.input_size:
             raise RuntimeError(
                 "bigmodel.nn.LSTMCell: input.size(-1) must be equal to input_size. Expected "
@@ -448,20 +483,30 @@ class LSTMCell(nn.Module):
             raise ValueError(
                 f"bigmodel.nn.LSTMCell: input has an empty batch (B = 0), shape {tuple(input.shape)}"
             )
+        if hx is not None:
+            shape, what = ((B, self.hidden_size), "(batch, hidden_size)")
+            if input.dim() == 1:
+                shape, what = ((self.hidden_size,), "(hidden_size,) unbatched")
+            for name, t in (("hx[0] (h)", hx[0]), ("hx[1] (c)", hx[1])):
+                _check_hidden_shape("LSTMCell", name, t, shape, what)
+                _check_same_dtype_device("LSTMCell", name, t, input, "input")
+
+    def _forward_checked(self, input: Tensor, hx: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+        """Every other call: unbatched input, no hx, a list for hx, CPU autocast, or bad arguments."""
+        self._check_args(input, hx)
+        is_batched = input.dim() == 2
+        if not is_batched:
+            input = input.unsqueeze(0)
+            if hx is not None:
+                hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
         if hx is None:
-            h = c = input.new_zeros((B, self.hidden_size))
+            h = c = input.new_zeros((input.shape[0], self.hidden_size))
         else:
             h, c = hx
-            for name, t in (("hx[0] (h)", h), ("hx[1] (c)", c)):
-                _check_hidden_shape("LSTMCell", name, t, (B, self.hidden_size), "(batch, hidden_size)")
-                _check_same_dtype_device("LSTMCell", name, t, input, "input")
         # nn.LSTMCell's op is not on ATen's CPU autocast list (nn.LSTM's is): it stays in the input's
         # dtype there, so this one does too.
         args = (input.unsqueeze(0), h, c, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
-        if input.is_cpu and torch.is_autocast_enabled("cpu"):
-            with torch.autocast("cpu", enabled=False):
-                _, h_new, c_new = lstm_layer(*args)
-        else:  # no context manager on the common path: a step is ~50 us at batch 1
+        with torch.autocast("cpu", enabled=False):
             _, h_new, c_new = lstm_layer(*args)
         if not is_batched:
             return h_new.squeeze(0), c_new.squeeze(0)

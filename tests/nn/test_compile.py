@@ -42,13 +42,18 @@ def test_compiled_matches_eager(device):
             torch.testing.assert_close(g, ge, **TOL)
 
 
-@pytest.mark.parametrize("cls", ["LSTM", "LSTMCell"])
+@pytest.mark.parametrize("cls", ["LSTM", "LSTMCell", "LSTMCell-hx"])
 def test_no_graph_break(device, cls):
+    """LSTMCell-hx: the cell's lean path (a (h, c) pair given), whose argument checks run only when
+    the op rejects the call."""
     torch._dynamo.reset()
+    args = ()
     if cls == "LSTM":
         module, x = bigmodel.nn.LSTM(4, 5, bidirectional=True).to(device), torch.randn(3, 2, 4, device=device)
     else:
         module, x = bigmodel.nn.LSTMCell(4, 5).to(device), torch.randn(2, 4, device=device)
-    explanation = torch._dynamo.explain(module)(x)
+        if cls == "LSTMCell-hx":
+            args = ((torch.randn(2, 5, device=device), torch.randn(2, 5, device=device)),)
+    explanation = torch._dynamo.explain(module)(x, *args)
     assert explanation.graph_break_count == 0
     assert explanation.graph_count == 1
