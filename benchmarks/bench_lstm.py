@@ -106,7 +106,8 @@ def test_lstm(benchmark, quick, device, timed, shape, mode, impl):
 
 # nn.LSTMCell driven one step at a time (step-by-step decoding, custom recurrences): every call is one
 # step, so per-call costs that a whole-sequence call amortizes are paid T times.
-CELL_SHAPE = ("cell-steps", 20, 64, 100, 200)
+# cell-decode: the same at batch 1, as a decoder serving one request runs (per-call costs dominate).
+CELL_SHAPES = [("cell-steps", 20, 64, 100, 200), ("cell-decode", 20, 1, 100, 200)]
 CELL_MODES = ["forward", "train"]
 
 
@@ -141,8 +142,9 @@ def _cell_step(mode, cell, x):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mode", CELL_MODES)
-def test_lstm_cell_steps(benchmark, quick, device, timed, mode, impl):
-    name, T, B, IN, H = CELL_SHAPE
+@pytest.mark.parametrize("shape", CELL_SHAPES, ids=[s[0] for s in CELL_SHAPES])
+def test_lstm_cell_steps(benchmark, quick, device, timed, shape, mode, impl):
+    name, T, B, IN, H = shape
     torch.manual_seed(0)
     cell = nn.LSTMCell(IN, H)
     if impl == "bigmodel":
