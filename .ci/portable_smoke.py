@@ -1,8 +1,8 @@
 """A portable build (-march=x86-64-v3) on a CPU without AVX-512: .ci/run runs this under
 `qemu-x86_64 -cpu Haswell` against the CMake build's ops library. It checks that the library loads
 and reports AVX2 only, and that the LSTM (AVX2 tiles, forward and backward through its C++
-autograd) and the attention op (portable path) give PyTorch's results on small shapes. Any
-AVX-512 or AMX instruction reached on this path is a SIGILL here."""
+autograd; a single step on the step kernels) and the attention op (portable path) give PyTorch's
+results on small shapes. Any AVX-512 or AMX instruction reached on this path is a SIGILL here."""
 
 from __future__ import annotations
 
@@ -40,6 +40,24 @@ def lstm_matches_native(kernel: str) -> None:
         check(f"lstm[{kernel}] grad {name}", g, w, atol=1e-5, rtol=1e-4)
 
 
+def step_matches_native() -> None:
+    """One step of three rows: the single-step kernels (at::vec at the build's AVX2 width)."""
+    os.environ["BIGMODEL_CPU_KERNEL"] = "auto"
+    torch.manual_seed(0)
+    B, I, H = 3, 10, 70
+    ref = torch.nn.LSTMCell(I, H)
+    x, h0, c0 = torch.randn(B, I, requires_grad=True), torch.randn(B, H), torch.randn(B, H)
+    params = [ref.weight_ih, ref.weight_hh, ref.bias_ih, ref.bias_hh]
+    _, h, c, _, _ = torch.ops.bigmodel.lstm_layer(x.unsqueeze(0), h0, c0, *params, None, None, False, True)
+    ref_h, ref_c = ref(x, (h0, c0))
+    check("lstm step h", h, ref_h, atol=1e-5, rtol=1e-4)
+    check("lstm step c", c, ref_c, atol=1e-5, rtol=1e-4)
+    got = torch.autograd.grad(h.sum() + 2 * c.sum(), [x, *params])
+    want = torch.autograd.grad(ref_h.sum() + 2 * ref_c.sum(), [x, *params])
+    for name, g, w in zip(["x", "w_ih", "w_hh", "b_ih", "b_hh"], got, want, strict=True):
+        check(f"lstm step grad {name}", g, w, atol=1e-5, rtol=1e-4)
+
+
 def attention_matches_native() -> None:
     os.environ["BIGMODEL_CPU_KERNEL"] = "auto"
     torch.manual_seed(0)
@@ -58,6 +76,7 @@ def main() -> None:
     assert info["cpu_arch"] != "native", "this check needs a portable build (BIGMODEL_CPU_ARCH), not -march=native"
     for kernel in ("auto", "generic"):
         lstm_matches_native(kernel)
+    step_matches_native()
     attention_matches_native()
     print("portable build: all checks passed")
 
