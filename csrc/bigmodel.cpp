@@ -1,6 +1,6 @@
 // Every op schema of the bigmodel library. Kernels register themselves per device at the end of
-// their own files (TORCH_LIBRARY_IMPL), as does lstm_layer's autograd (lstm/lstm_autograd.cpp); the
-// attention's autograd and every fake kernel are registered from Python.
+// their own files (TORCH_LIBRARY_IMPL), as do the autograd kernels (lstm/lstm_autograd.cpp,
+// attention/attention_autograd.cpp); every fake kernel is registered from Python.
 #include <torch/library.h>
 
 #include <string>

@@ -1,7 +1,9 @@
-"""Typed wrapper, fake kernels and autograd formula of ``torch.ops.bigmodel.attention``.
+"""Typed wrapper and fake kernels of ``torch.ops.bigmodel.attention`` and its backward.
 
 Blocked (flash-style) scaled dot-product attention with an online softmax; backward recomputes the
-probabilities from the saved logsumexp (contract: csrc/attention/attention.h).
+probabilities from the saved logsumexp (contract: csrc/attention/attention.h). The autograd formula
+is C++ (csrc/attention/attention_autograd.cpp): a Python one ran on every call, and at decoding
+shapes it cost more than the attention itself.
 """
 
 from __future__ import annotations
@@ -78,67 +80,3 @@ def _attention_backward_fake(
         torch.empty_like(key, memory_format=torch.contiguous_format),
         torch.empty_like(value, memory_format=torch.contiguous_format),
     )
-
-
-def _setup_context(ctx, inputs, output):
-    query, key, value, attn_mask, key_lengths, is_causal, scale, dropout_p, seed = inputs
-    out, lse = output
-    ctx.is_causal = is_causal
-    ctx.scale = scale
-    ctx.dropout_p = dropout_p
-    ctx.seed = seed
-    ctx.mark_non_differentiable(lse)
-    ctx.set_materialize_grads(False)
-    if any(ctx.needs_input_grad[:3]):
-        ctx.save_for_backward(query, key, value, out, lse, attn_mask, key_lengths)
-
-
-def _backward(ctx, grad_out, _grad_lse):
-    if grad_out is None:
-        return (None,) * 9
-    query, key, value, out, lse, attn_mask, key_lengths = ctx.saved_tensors
-    dq, dk, dv = torch.ops.bigmodel.attention_backward(
-        grad_out,
-        query,
-        key,
-        value,
-        out,
-        lse,
-        attn_mask,
-        key_lengths,
-        ctx.is_causal,
-        ctx.scale,
-        ctx.dropout_p,
-        ctx.seed,
-    )
-    need = ctx.needs_input_grad
-    return (
-        dq if need[0] else None,
-        dk if need[1] else None,
-        dv if need[2] else None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
-
-
-torch.library.register_autograd("bigmodel::attention", _backward, setup_context=_setup_context)
-
-
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "bigmodel.attention: the attention's gradient is not differentiable: double backward "
-        "(create_graph=True and a second backward through it, e.g. a gradient penalty) is not supported; "
-        "use torch.nn.functional.scaled_dot_product_attention for that"
-    )
-
-
-# The gradient op is differentiable once: this formula is reached only through a double backward, and
-# raises instead of PyTorch's fallback (a warning, then the op treated as constant: a silently wrong
-# second derivative).
-torch.library.register_autograd(
-    "bigmodel::attention_backward", _no_double_backward, setup_context=lambda ctx, inputs, output: None
-)
