@@ -320,6 +320,74 @@ fast::ProblemOf<T> fast_problem(const Dims& d, const Tensor& q, const Tensor& k,
   return p;
 }
 
+// A few query rows per head (decoding with a KV cache: one new token against every key): the blocked
+// kernels would pack K for a block of queries that is one row, reading and rewriting the keys to use
+// them once (0.4-0.6x F.scaled_dot_product_attention at Lq = 1). Here each query row reads K and V
+// in place, once: the scores of every visible key (dot products, reduced per key), their softmax, and
+// P V as a sum of value rows. float32, no general mask, no dropout; one task per (batch, query head).
+constexpr int64_t kFewQueryRows = 4;
+
+bool use_few_queries(const Dims& d, at::ScalarType ct, const Tensor& mask, const Dropout& dropout) {
+  return ct == at::kFloat && d.Lq <= kFewQueryRows && !mask.defined() && !dropout.active() &&
+         gemm::cpu::kernel_choice() != gemm::cpu::KernelChoice::Generic;
+}
+
+void few_queries_forward(const Problem<float>& p, float* out, float* lse) {
+  using V = Vectorized<float>;
+  constexpr int64_t W = V::size();
+  const Dims& d = p.d;
+  const int64_t group = d.Hq / d.Hkv;
+  const float ninf = -std::numeric_limits<float>::infinity();
+  // A thread team only for at least 256 KiB of keys and values: waking one costs more than reading less.
+  const int64_t bytes = d.B * d.Hkv * d.Lk * (d.d + d.dv) * int64_t(sizeof(float));
+  const int64_t grain = bytes < (int64_t(1) << 18) ? d.B * d.Hq : 1;
+  at::parallel_for(0, d.B * d.Hq, grain, [&](int64_t t0, int64_t t1) {
+    std::vector<float> scores(d.Lk);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / d.Hq, h = t % d.Hq, hk = h / group;
+      const int64_t valid = p.lengths ? p.lengths[b] : d.Lk;
+      const float* kb = p.k + b * p.ks[0] + hk * p.ks[1];
+      const float* vb = p.v + b * p.vs[0] + hk * p.vs[1];
+      for (int64_t i = 0; i < d.Lq; ++i) {
+        const float* q = p.q + b * p.qs[0] + h * p.qs[1] + i * p.qs[2];
+        float* o = out + (t * d.Lq + i) * d.dv;
+        const int64_t n = p.causal ? std::min(valid, i + 1) : valid;
+        if (n <= 0) {  // no key to attend to: zeros, as the blocked kernels give
+          std::fill(o, o + d.dv, 0.f);
+          lse[t * d.Lq + i] = ninf;
+          continue;
+        }
+        float m = ninf;
+        for (int64_t j = 0; j < n; ++j) {
+          const float* kr = kb + j * p.ks[2];
+          V acc(0.f);
+          int64_t c = 0;
+          for (; c + W <= d.d; c += W) acc = at::vec::fmadd(V::loadu(q + c), V::loadu(kr + c), acc);
+          if (c < d.d) acc = at::vec::fmadd(V::loadu(q + c, d.d - c), V::loadu(kr + c, d.d - c), acc);
+          const float sj = p.scale * at::vec::vec_reduce_all<float>([](V& x, V& y) { return x + y; }, acc);
+          scores[j] = sj;
+          m = std::max(m, sj);  // a NaN score is skipped here, and its exp below makes the row NaN
+        }
+        // exp(s - m) in place and its sum; then o = sum_j p_j v_j / l
+        at::vec::map([m](V x) { return (x - V(m)).exp(); }, scores.data(), scores.data(), n);
+        const float l = at::vec::reduce_all<float>([](V x, V y) { return x + y; }, scores.data(), n);
+        std::fill(o, o + d.dv, 0.f);
+        for (int64_t j = 0; j < n; ++j) {
+          const float* vr = vb + j * p.vs[2];
+          const V pj(scores[j]);
+          int64_t c = 0;
+          for (; c + W <= d.dv; c += W) at::vec::fmadd(pj, V::loadu(vr + c), V::loadu(o + c)).store(o + c);
+          if (c < d.dv)
+            at::vec::fmadd(pj, V::loadu(vr + c, d.dv - c), V::loadu(o + c, d.dv - c)).store(o + c, d.dv - c);
+        }
+        const float inv = 1.f / l;
+        at::vec::map([inv](V x) { return x * V(inv); }, o, o, d.dv);
+        lse[t * d.Lq + i] = m + std::log(l);
+      }
+    }
+  });
+}
+
 std::tuple<Tensor, Tensor> attention_cpu(const Tensor& query, const Tensor& key, const Tensor& value,
                                          const std::optional<Tensor>& attn_mask,
                                          const std::optional<Tensor>& key_lengths, bool is_causal,
@@ -355,6 +423,11 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& query, const Tensor& key,
   const Tensor q = rows_ready(query, ct), k = rows_ready(key, ct), v = rows_ready(value, ct);
   Tensor out = at::empty({d.B, d.Hq, d.Lq, d.dv}, q.options());
   Tensor lse = at::empty({d.B, d.Hq, d.Lq}, q.options());
+  if (use_few_queries(d, ct, mask, dropout)) {
+    few_queries_forward(make_problem<float>(d, q, k, v, lengths, mask, is_causal, scale, dropout),
+                        out.data_ptr<float>(), lse.data_ptr<float>());
+    return {out.to(query.scalar_type()), lse};
+  }
   if (use_fast_path(d, ct, mask, dropout)) {
     const fast::Problem fp = fast_problem<float>(d, q, k, v, lengths, is_causal, scale);
     const int64_t tasks = d.B * d.Hq * ((d.Lq + fast::kBlockQ - 1) / fast::kBlockQ);

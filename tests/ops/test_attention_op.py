@@ -169,6 +169,46 @@ def test_nan_input_propagates_like_native(cpu_kernel, dtype, where, is_causal):
     assert out.isnan().any() and torch.equal(out.isnan(), ref.isnan())
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("Lq", [1, 2, 4, 5])
+@pytest.mark.parametrize("Lk,d,dv", [(1, 8, 8), (19, 24, 40), (300, 64, 64), (700, 72, 20)])
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("use_lengths", [False, True])
+def test_few_query_rows(cpu_kernel, threads, Lq, Lk, d, dv, is_causal, use_lengths):
+    """Up to four query rows per head (decoding against a KV cache) read K and V in place, once: every
+    mask, GQA, head dims off the vector width, keys lengths down to 0 (zeros, lse -inf), one thread
+    or a team (300 and 700 keys are enough for one); Lq = 5 is past the kernel. Forward, logsumexp
+    and gradients (the backward reads that logsumexp)."""
+    B, Hq, Hkv = 3, 4, 2
+    q, k, v = qkv(B, Hq, Hkv, Lq, Lk, d, dv)
+    lengths = torch.tensor([Lk, 0, max(1, Lk // 3)]) if use_lengths else None
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out, lse = attention(q, k, v, key_lengths=lengths, is_causal=is_causal)
+        seed = torch.randn_like(out)
+        got = grads(out, (q, k, v), seed)
+    finally:
+        torch.set_num_threads(saved)
+    ref, ref_lse = attention_reference(q, k, v, key_lengths=lengths, is_causal=is_causal)
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+    torch.testing.assert_close(lse, ref_lse, **TOL[torch.float32])
+    if lengths is None and not is_causal:
+        torch.testing.assert_close(out, native(q, k, v), **TOL[torch.float32])
+    for g, gr in zip(got, grads(ref, (q, k, v), seed), strict=True):
+        torch.testing.assert_close(g, gr, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+def test_few_query_rows_nan_like_native(where):
+    """A NaN in the one query row, in a key or in a value makes the row NaN, as in PyTorch."""
+    q, k, v = torch.randn(2, 3, 1, 32), torch.randn(2, 3, 50, 32), torch.randn(2, 3, 50, 32)
+    {"q": q, "k": k, "v": v}[where][1, 2, 0, 7] = float("nan")
+    out, _ = attention(q, k, v)
+    ref = F.scaled_dot_product_attention(q, k, v)
+    assert out.isnan().any() and torch.equal(out.isnan(), ref.isnan())
+
+
 def test_scale(device):
     q, k, v = qkv(2, 2, 2, 5, 7, 8, 8, device=device)
     out, _ = attention(q, k, v, scale=0.3)
