@@ -107,6 +107,47 @@ def test_attention(benchmark, quick, device, timed, shape, mask, mode, impl):
     )
 
 
+# Decoding with a KV cache: one new query row per sequence against every cached key, 32 calls (tokens)
+# per timed round; key-padding gives each sequence its own cache length.
+DECODE_SHAPE = ("decode", 8, 1024, 8, 64)  # (name, B, cached keys, heads, d)
+DECODE_STEPS = 32
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", ["forward", "forward-bf16"])
+@pytest.mark.parametrize("mask", ["none", "key-padding"])
+def test_attention_decode(benchmark, quick, device, timed, mask, mode, impl):
+    if device == "cuda":
+        pytest.skip("a CPU serving case")
+    name, B, S, H, d = DECODE_SHAPE
+    dtype = torch.bfloat16 if mode.endswith("-bf16") else torch.float32
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(B, H, 1, d, generator=g).to(dtype)
+    k, v = (torch.randn(B, H, S, d, generator=g).to(dtype) for _ in range(2))
+    lengths = torch.randint(S // 4, S + 1, (B,), generator=g)
+    lengths[0] = S
+    attend = _call(impl, q, k, v, mask, lengths)
+
+    def fn():
+        with torch.no_grad():
+            for _ in range(DECODE_STEPS):
+                attend()
+
+    _measure(
+        benchmark,
+        timed(fn),
+        quick,
+        slow=False,
+        op="attention",
+        case=f"{name}/{mask}",
+        shape=f"B={B} 1 query x {S} keys heads={H} d={d}, {DECODE_STEPS} calls"
+        + (" bf16" if mode.endswith("-bf16") else ""),
+        mode=mode,
+        impl=impl,
+        device=device,
+    )
+
+
 def _has_cuda_kernel() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("bigmodel::attention", "CUDA")
 
