@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common/gemm/microkernel.h"
@@ -193,6 +194,206 @@ void forward(const Problem& p, int64_t t0, int64_t t1, float* out, float* lse) {
           });
         });
       });
+}
+
+// ---- float32 forward for few query rows per kv head: the rows are the lanes ----
+
+namespace {
+
+// The rows of one task: lane r is query row i_r of query head h_r; the kernel sees only their Q^T
+// (scaled), the keys each may see, and where its output goes.
+struct Lanes {
+  int64_t n = 0;                       // active lanes (rows), <= kLanes
+  alignas(64) int32_t limit[kLanes];   // keys lane r sees; 0 past n
+  int64_t row[kLanes];                 // lane r's row in out / lse
+};
+
+// st[j][r] = sum_c K[j, c] Q^T[c][r] for NK keys from k (rows at stride ldk): one FMA per key and head
+// dim element serves all 16 lanes, and K is read in place (a broadcast per element).
+template <int NK>
+BM_AVX512 BM_ALWAYS_INLINE void scores_lanes(const float* k, int64_t ldk, int64_t d, const float (*qt)[kLanes],
+                                             float (*st)[kLanes]) {
+  __m512 acc[NK];
+#pragma GCC unroll 16
+  for (int j = 0; j < NK; ++j) acc[j] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < d; ++c) {
+    const __m512 qv = _mm512_load_ps(qt[c]);
+#pragma GCC unroll 16
+    for (int j = 0; j < NK; ++j) acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(k[j * ldk + c]), qv, acc[j]);
+  }
+#pragma GCC unroll 16
+  for (int j = 0; j < NK; ++j) _mm512_store_ps(st[j], acc[j]);
+}
+
+// The online softmax of nk <= 64 keys from j0 held as S^T (st: one key per row, one lane per query
+// row): masks keys lane r may not see (limit), updates the running max and sum, turns st into P^T and
+// returns alpha, the factor for what was accumulated before. A NaN score never wins the max (vmaxps
+// keeps its second operand), so its exp makes P, the sum and the row NaN, as in PyTorch.
+BM_AVX512 __m512 softmax_lanes(float (*st)[kLanes], int64_t nk, int64_t j0, __m512i limit, bool full, __m512& m,
+                               __m512& l) {
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 mx = ninf;
+  if (full) {
+    for (int64_t j = 0; j < nk; ++j) mx = _mm512_max_ps(_mm512_load_ps(st[j]), mx);
+  } else {
+    for (int64_t j = 0; j < nk; ++j) {
+      const __mmask16 seen = _mm512_cmpgt_epi32_mask(limit, _mm512_set1_epi32(int32_t(j0 + j)));
+      const __m512 x = _mm512_mask_mov_ps(ninf, seen, _mm512_load_ps(st[j]));
+      _mm512_store_ps(st[j], x);
+      mx = _mm512_max_ps(x, mx);
+    }
+  }
+  const __m512 m_new = _mm512_max_ps(mx, m);
+  const __mmask16 live = _mm512_cmp_ps_mask(m_new, ninf, _CMP_NEQ_OQ);  // lanes with a key so far
+  const __m512 shift = _mm512_maskz_mov_ps(live, m_new);
+  // alpha = e^(m - m_new): 0 where m was -inf (nothing accumulated yet).
+  const __m512 alpha = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(m, ninf, _CMP_NEQ_OQ),
+                                           mk::exp_scaled_ps<1>(_mm512_sub_ps(m, shift)));
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < nk; ++j) {
+    const __m512 x = _mm512_load_ps(st[j]);
+    // masked scores are -inf: exp_scaled_ps clamps them to e^-87, so they are zeroed by compare
+    __m512 e = mk::exp_scaled_ps<1>(_mm512_sub_ps(x, shift));
+    if (!full) e = _mm512_mask_mov_ps(e, _mm512_cmp_ps_mask(x, ninf, _CMP_EQ_OQ), _mm512_setzero_ps());
+    _mm512_store_ps(st[j], e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  l = _mm512_fmadd_ps(l, alpha, sum);
+  m = m_new;
+  return alpha;
+}
+
+// o[r][..] = alpha[r] o[r][..] + sum over nk keys of P^T[j][r] V[j][..] for rows r0 .. r0 + MR.
+template <int MR, int NV>
+BM_AVX512 void fold_lanes(float (*o)[kKeys], const float* alpha, int r0, const float (*pt)[kLanes], int64_t nk,
+                          const float* v, int64_t ldv) {
+  __m512 acc[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    const __m512 a = _mm512_set1_ps(alpha[r0 + r]);
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_mul_ps(_mm512_load_ps(o[r0 + r] + 16 * c), a);
+  }
+  mk::tile_f32_rows<MR, NV>(pt[0] + r0, 1, nk, v, ldv, acc, kLanes);
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) _mm512_store_ps(o[r0 + r] + 16 * c, acc[r][c]);
+}
+
+// Rows [0, n) of bf16 X (dim values, a multiple of 16, at stride ld) widened to float32 rows of dim.
+BM_AVX512 void widen_rows(const uint16_t* x, int64_t ld, int64_t n, int64_t dim, float* dst) {
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t c = 0; c < dim; c += 16) _mm512_storeu_ps(dst + j * dim + c, mk::load_bf16(x + j * ld + c, 0xFFFF));
+}
+
+inline float bf16_value(uint16_t bits) {
+  const uint32_t u = uint32_t(bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// The lanes' rows against their kv head's keys and values (k, v at the problem's row strides). float32
+// rows are read in place; bf16 ones are widened a 64-key block at a time into L1 (the products and
+// the softmax run in float32, P is not rounded, the output is rounded to bf16 once).
+template <typename T>
+BM_AVX512 void lanes_forward(const ProblemOf<T>& p, const Lanes& ln, const float (*qt)[kLanes], const T* k,
+                             const T* v, T* out, float* lse) {
+  constexpr bool kBf16 = std::is_same_v<T, uint16_t>;
+  alignas(64) float st[kKeys][kLanes];
+  alignas(64) float o[kLanes][kKeys];
+  alignas(64) float alpha[kLanes];
+  alignas(64) float kw[kBf16 ? kKeys * 64 : 1], vw[kBf16 ? kKeys * 64 : 1];  // d, dv <= 64
+  int64_t kend = 0, lim_min = std::numeric_limits<int64_t>::max();
+  for (int64_t r = 0; r < ln.n; ++r) {
+    kend = std::max<int64_t>(kend, ln.limit[r]);
+    lim_min = std::min<int64_t>(lim_min, ln.limit[r]);
+    std::fill(o[r], o[r] + p.dv, 0.f);
+  }
+  const __m512i limv = _mm512_load_si512(ln.limit);
+  __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), l = _mm512_setzero_ps();
+  for (int64_t j0 = 0; j0 < kend; j0 += kKeys) {
+    const int64_t nk = std::min(kKeys, kend - j0);
+    const float *kb, *vb;
+    int64_t ldk, ldv;
+    if constexpr (kBf16) {
+      widen_rows(k + j0 * p.ks[2], p.ks[2], nk, p.d, kw);
+      widen_rows(v + j0 * p.vs[2], p.vs[2], nk, p.dv, vw);
+      kb = kw, ldk = p.d, vb = vw, ldv = p.dv;
+    } else {
+      kb = k + j0 * p.ks[2], ldk = p.ks[2], vb = v + j0 * p.vs[2], ldv = p.vs[2];
+    }
+    int64_t j = 0;
+    for (; j + 16 <= nk; j += 16) scores_lanes<16>(kb + j * ldk, ldk, p.d, qt, st + j);
+    if (j + 8 <= nk) scores_lanes<8>(kb + j * ldk, ldk, p.d, qt, st + j), j += 8;
+    if (j + 4 <= nk) scores_lanes<4>(kb + j * ldk, ldk, p.d, qt, st + j), j += 4;
+    for (; j < nk; ++j) scores_lanes<1>(kb + j * ldk, ldk, p.d, qt, st + j);
+    const __m512 a = softmax_lanes(st, nk, j0, limv, j0 + nk <= lim_min, m, l);
+    _mm512_store_ps(alpha, a);
+    mk::with_vectors(p.dv / 16, [&](auto nv) {
+      for (int r0 = 0; r0 < ln.n; r0 += kRows)
+        mk::with_rows(ln.n - r0, [&](auto rows) {
+          fold_lanes<decltype(rows)::value, decltype(nv)::value>(o, alpha, r0, st, nk, vb, ldv);
+        });
+    });
+  }
+  alignas(64) float ls[kLanes], ms[kLanes];
+  _mm512_store_ps(ls, l);
+  _mm512_store_ps(ms, m);
+  for (int64_t r = 0; r < ln.n; ++r) {
+    // 0 for a row without keys; a NaN row (unordered l) stays NaN
+    const float inv = ls[r] != 0.f ? 1.f / ls[r] : 0.f;
+    lse[ln.row[r]] = ls[r] != 0.f ? ms[r] + std::log(ls[r]) : -std::numeric_limits<float>::infinity();
+    T* dst = out + ln.row[r] * p.dv;
+    for (int64_t c = 0; c < p.dv; c += 16) {
+      const __m512 x = _mm512_mul_ps(_mm512_load_ps(o[r] + c), _mm512_set1_ps(inv));
+      if constexpr (kBf16)
+        mk::store_bf16_rne(dst + c, x, 0xFFFF);
+      else
+        _mm512_storeu_ps(dst + c, x);
+    }
+  }
+}
+
+template <typename T>
+void lanes_tasks(const ProblemOf<T>& p, int64_t t0, int64_t t1, T* out, float* lse) {
+  const int64_t group = p.Hq / p.Hkv, rows = group * p.Lq, chunks = (rows + kLanes - 1) / kLanes;
+  alignas(64) float qt[64][kLanes];  // d <= 64
+  Lanes ln;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t b = t / (p.Hkv * chunks), hk = (t / chunks) % p.Hkv, first = (t % chunks) * kLanes;
+    const int64_t valid = p.lengths ? p.lengths[b] : p.Lk;
+    ln.n = std::min<int64_t>(kLanes, rows - first);
+    for (int64_t r = 0; r < kLanes; ++r) {
+      if (r >= ln.n) {
+        ln.limit[r] = 0;
+        for (int64_t c = 0; c < p.d; ++c) qt[c][r] = 0.f;
+        continue;
+      }
+      const int64_t h = hk * group + (first + r) / p.Lq, i = (first + r) % p.Lq;
+      ln.limit[r] = int32_t(p.causal ? std::min(valid, i + 1) : valid);
+      ln.row[r] = (b * p.Hq + h) * p.Lq + i;
+      const T* q = p.q + b * p.qs[0] + h * p.qs[1] + i * p.qs[2];
+      for (int64_t c = 0; c < p.d; ++c) {
+        if constexpr (std::is_same_v<T, float>)
+          qt[c][r] = p.scale * q[c];
+        else
+          qt[c][r] = p.scale * bf16_value(q[c]);
+      }
+    }
+    lanes_forward<T>(p, ln, qt, p.k + b * p.ks[0] + hk * p.ks[1], p.v + b * p.vs[0] + hk * p.vs[1], out, lse);
+  }
+}
+
+}  // namespace
+
+void forward_lanes(const Problem& p, int64_t t0, int64_t t1, float* out, float* lse) {
+  lanes_tasks<float>(p, t0, t1, out, lse);
+}
+
+void forward_lanes(const ProblemBf16& p, int64_t t0, int64_t t1, uint16_t* out, float* lse) {
+  lanes_tasks<uint16_t>(p, t0, t1, out, lse);
 }
 
 // ---- backward ----
@@ -890,6 +1091,8 @@ void backward_bf16_dot(const ProblemBf16& p, const GradsBf16& g, int64_t t0, int
 
 namespace bigmodel::attention::fast {
 void forward(const Problem&, int64_t, int64_t, float*, float*) { TORCH_INTERNAL_ASSERT(false); }
+void forward_lanes(const Problem&, int64_t, int64_t, float*, float*) { TORCH_INTERNAL_ASSERT(false); }
+void forward_lanes(const ProblemBf16&, int64_t, int64_t, uint16_t*, float*) { TORCH_INTERNAL_ASSERT(false); }
 void backward(const Problem&, const Grads&, int64_t, int64_t) { TORCH_INTERNAL_ASSERT(false); }
 void forward_amx(const ProblemBf16&, int64_t, int64_t, uint16_t*, float*) { TORCH_INTERNAL_ASSERT(false); }
 void forward_bf16_dot(const ProblemBf16&, int64_t, int64_t, uint16_t*, float*) { TORCH_INTERNAL_ASSERT(false); }

@@ -7,6 +7,7 @@
 // of 6 query rows walks the 64-key blocks it can see: S = Q K^T is one register tile, the online
 // softmax (row max, exp, row sum, rescale) runs on it in registers, and P V multiplies the tile,
 // spilled to L1, by V read in place. Nothing of size L x L, or even 6 x L, is written.
+// forward_lanes (below) serves calls with few query rows per kv head without packing anything.
 // Backward: see backward() below.
 #pragma once
 
@@ -36,6 +37,17 @@ constexpr int64_t kBlockQ = 96;  // query rows per forward task
 
 // Forward tasks [t0, t1) of B * Hq * ceil(Lq / kBlockQ): out [B, Hq, Lq, dv], lse [B, Hq, Lq].
 void forward(const Problem& p, int64_t t0, int64_t t1, float* out, float* lse);
+
+// The same forward for a few query rows per kv head (up to kLanes rows of its query heads per task,
+// tasks [t0, t1) of B * Hkv * ceil(group * Lq / kLanes)): the rows are the 16 lanes of a vector, so the
+// scores are S^T = K Q^T with K read in place (one broadcast FMA per key and head-dim element for all
+// rows), the online softmax runs down the keys without horizontal reductions, and P V reads V in
+// place. Nothing is packed: the blocked forward packs K^T for every task, which a few rows cannot repay.
+// Also for bf16 q, k, v (and out): each 64-key block is widened to float32 in L1, the softmax and both
+// products run in float32 (P is not rounded), the output is rounded to bf16 once.
+constexpr int64_t kLanes = 16;
+void forward_lanes(const Problem& p, int64_t t0, int64_t t1, float* out, float* lse);
+void forward_lanes(const ProblemBf16& p, int64_t t0, int64_t t1, uint16_t* out, float* lse);
 
 // bfloat16 forward on AMX tiles: q, k, v are bf16 (uint16 bits, rows at the Problem's strides); d a
 // multiple of 32 up to 128, dv a multiple of 16 up to 64; same masks as forward(). S, P and the

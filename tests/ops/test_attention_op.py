@@ -199,6 +199,67 @@ def test_few_query_rows(cpu_kernel, threads, Lq, Lk, d, dv, is_causal, use_lengt
         torch.testing.assert_close(g, gr, **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    "Hq,Hkv,Lq",
+    [(4, 4, 3), (4, 4, 7), (4, 4, 16), (2, 2, 17), (2, 2, 33), (2, 2, 64), (2, 2, 65)]
+    + [(8, 2, 1), (8, 2, 16), (6, 2, 9)],  # GQA: 4, 64 and 27 rows per kv head
+    ids=lambda x: str(x),
+)
+@pytest.mark.parametrize("d,dv", [(16, 16), (64, 64), (48, 32)])
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("use_lengths", [False, True])
+def test_lanes_rows(cpu_kernel, threads, Hq, Hkv, Lq, d, dv, is_causal, use_lengths):
+    """3 to 64 query rows per kv head (a GQA group's heads together) run as the lanes of one vector
+    against K and V read in place: partial lane sets, several 16-row chunks, 65 rows (past it), key
+    blocks with tails (150 keys), causal with more keys than queries, key lengths down to 0, one
+    thread or two. Output, logsumexp (against the reference), native's output, and the gradients."""
+    B, Lk = 3, 150
+    q, k, v = qkv(B, Hq, Hkv, Lq, Lk, d, dv)
+    lengths = torch.tensor([Lk, 0, 37]) if use_lengths else None
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out, lse = attention(q, k, v, key_lengths=lengths, is_causal=is_causal)
+        seed = torch.randn_like(out)
+        got = grads(out, (q, k, v), seed)
+    finally:
+        torch.set_num_threads(saved)
+    ref, ref_lse = attention_reference(q, k, v, key_lengths=lengths, is_causal=is_causal)
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+    torch.testing.assert_close(lse, ref_lse, **TOL[torch.float32])
+    if lengths is None:
+        torch.testing.assert_close(out, native(q, k, v, is_causal=is_causal), **TOL[torch.float32])
+    for g, gr in zip(got, grads(ref, (q, k, v), seed), strict=True):
+        torch.testing.assert_close(g, gr, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("Lq", [1, 6, 40])
+def test_lanes_rows_nan_like_native(dtype, where, Lq):
+    """A NaN in a query row, a key or a value makes NaN exactly where PyTorch has it, with the rows as
+    lanes: the NaN score must not win the running max and hide the row's other scores."""
+    q, k, v = (torch.randn(2, 3, L, 32, dtype=dtype) for L in (Lq, 130, 130))
+    {"q": q, "k": k, "v": v}[where][1, 2, min(3, Lq - 1), 7] = float("nan")
+    out, _ = attention(q, k, v)
+    ref = F.scaled_dot_product_attention(q, k, v)
+    assert out.isnan().any() and torch.equal(out.isnan(), ref.isnan())
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_lanes_rows_strided_projection(is_causal):
+    """q, k, v as views of one [B, L, 3, H, d] projection (rows 3 E apart), as MultiheadAttention
+    passes them: the lanes kernel reads K and V rows in place at that stride."""
+    B, L, H, d = 2, 12, 4, 32
+    qkv_proj = torch.randn(B, L, 3, H, d)
+    q, k, v = (qkv_proj[:, :, i].transpose(1, 2) for i in range(3))
+    assert k.stride(2) == 3 * H * d
+    out, _ = attention(q, k, v, is_causal=is_causal)
+    ref = F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous(), is_causal=is_causal)
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+
+
 @pytest.mark.parametrize("where", ["q", "k", "v"])
 def test_few_query_rows_nan_like_native(where):
     """A NaN in the one query row, in a key or in a value makes the row NaN, as in PyTorch."""
@@ -228,13 +289,22 @@ def test_bfloat16_close_to_float64(device):
 
 
 @pytest.mark.parametrize(
-    "shape", [(2, 4, 2, 33, 40, 32, 32), (2, 2, 1, 70, 150, 64, 16), (1, 2, 2, 17, 200, 128, 64)]
+    "shape",
+    [(2, 4, 2, 33, 40, 32, 32), (2, 2, 1, 70, 150, 64, 16), (1, 2, 2, 17, 200, 128, 64)]
+    # the lanes kernel (1 to 64 query rows per kv head): 1, 4, 32 and 64 rows
+    + [
+        (2, 2, 2, 1, 70, 16, 48),
+        (2, 8, 2, 1, 300, 32, 16),
+        (3, 4, 2, 16, 150, 64, 64),
+        (1, 4, 4, 64, 64, 48, 32),
+    ],
 )
 @pytest.mark.parametrize("is_causal", [False, True])
 @pytest.mark.parametrize("use_lengths", [False, True])
 def test_bfloat16_forward_paths(cpu_kernel, shape, is_causal, use_lengths):
-    """bf16 forward (AMX tiles where the CPU has them: d a multiple of 32, dv of 16) within twice
-    PyTorch's own bf16 error of the float64 result, with GQA, several key blocks and key lengths."""
+    """bf16 forward (AMX tiles where the CPU has them: d a multiple of 32, dv of 16; the lanes kernel
+    for up to 64 query rows per kv head) within twice PyTorch's own bf16 error of the float64 result,
+    with GQA, several key blocks and key lengths."""
     B, Hq, Hkv, Lq, Lk, d, dv = shape
     q, k, v = qkv(*shape, dtype=torch.bfloat16, requires_grad=False)
     lengths = torch.randint(1, Lk + 1, (B,)) if use_lengths else None
