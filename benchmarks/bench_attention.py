@@ -19,6 +19,7 @@ import bigmodel.nn.functional as BF
 # (name, B, L, heads, d)
 SHAPES = [
     ("seed", 32, 256, 8, 32),
+    ("short", 64, 32, 8, 32),  # short sentences (the classifier's attention over MR-length inputs)
     ("long", 8, 1024, 8, 32),
     ("longer", 4, 2048, 8, 64),
 ]

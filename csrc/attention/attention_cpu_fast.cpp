@@ -209,20 +209,46 @@ struct Lanes {
 };
 
 // st[j][r] = sum_c K[j, c] Q^T[c][r] for NK keys from k (rows at stride ldk): one FMA per key and head
-// dim element serves all 16 lanes, and K is read in place (a broadcast per element).
-template <int NK>
+// dim element serves all the lanes, and K is read in place (a broadcast per element). Narrow: only
+// lanes 0-7 (at most 8 rows), in ymm registers, which Zen 4 runs at twice the zmm rate; the other
+// lanes of st are left as they were.
+template <int NK, bool kNarrow>
 BM_AVX512 BM_ALWAYS_INLINE void scores_lanes(const float* k, int64_t ldk, int64_t d, const float (*qt)[kLanes],
                                              float (*st)[kLanes]) {
-  __m512 acc[NK];
+  if constexpr (kNarrow) {
+    __m256 acc[NK];
 #pragma GCC unroll 16
-  for (int j = 0; j < NK; ++j) acc[j] = _mm512_setzero_ps();
-  for (int64_t c = 0; c < d; ++c) {
-    const __m512 qv = _mm512_load_ps(qt[c]);
+    for (int j = 0; j < NK; ++j) acc[j] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < d; ++c) {
+      const __m256 qv = _mm256_load_ps(qt[c]);
 #pragma GCC unroll 16
-    for (int j = 0; j < NK; ++j) acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(k[j * ldk + c]), qv, acc[j]);
+      for (int j = 0; j < NK; ++j) acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(k[j * ldk + c]), qv, acc[j]);
+    }
+#pragma GCC unroll 16
+    for (int j = 0; j < NK; ++j) _mm256_store_ps(st[j], acc[j]);
+  } else {
+    __m512 acc[NK];
+#pragma GCC unroll 16
+    for (int j = 0; j < NK; ++j) acc[j] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < d; ++c) {
+      const __m512 qv = _mm512_load_ps(qt[c]);
+#pragma GCC unroll 16
+      for (int j = 0; j < NK; ++j) acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(k[j * ldk + c]), qv, acc[j]);
+    }
+#pragma GCC unroll 16
+    for (int j = 0; j < NK; ++j) _mm512_store_ps(st[j], acc[j]);
   }
-#pragma GCC unroll 16
-  for (int j = 0; j < NK; ++j) _mm512_store_ps(st[j], acc[j]);
+}
+
+// S^T of keys [0, nk) of a block into st.
+template <bool kNarrow>
+BM_AVX512 void block_scores(const float* kb, int64_t ldk, int64_t nk, int64_t d, const float (*qt)[kLanes],
+                            float (*st)[kLanes]) {
+  int64_t j = 0;
+  for (; j + 16 <= nk; j += 16) scores_lanes<16, kNarrow>(kb + j * ldk, ldk, d, qt, st + j);
+  if (j + 8 <= nk) scores_lanes<8, kNarrow>(kb + j * ldk, ldk, d, qt, st + j), j += 8;
+  if (j + 4 <= nk) scores_lanes<4, kNarrow>(kb + j * ldk, ldk, d, qt, st + j), j += 4;
+  for (; j < nk; ++j) scores_lanes<1, kNarrow>(kb + j * ldk, ldk, d, qt, st + j);
 }
 
 // The online softmax of nk <= 64 keys from j0 held as S^T (st: one key per row, one lane per query
@@ -301,7 +327,7 @@ template <typename T>
 BM_AVX512 void lanes_forward(const ProblemOf<T>& p, const Lanes& ln, const float (*qt)[kLanes], const T* k,
                              const T* v, T* out, float* lse) {
   constexpr bool kBf16 = std::is_same_v<T, uint16_t>;
-  alignas(64) float st[kKeys][kLanes];
+  alignas(64) float st[kKeys][kLanes] = {};  // zero: lanes 8-15 stay finite when only 0-7 are computed
   alignas(64) float o[kLanes][kKeys];
   alignas(64) float alpha[kLanes];
   alignas(64) float kw[kBf16 ? kKeys * 64 : 1], vw[kBf16 ? kKeys * 64 : 1];  // d, dv <= 64
@@ -324,11 +350,10 @@ BM_AVX512 void lanes_forward(const ProblemOf<T>& p, const Lanes& ln, const float
     } else {
       kb = k + j0 * p.ks[2], ldk = p.ks[2], vb = v + j0 * p.vs[2], ldv = p.vs[2];
     }
-    int64_t j = 0;
-    for (; j + 16 <= nk; j += 16) scores_lanes<16>(kb + j * ldk, ldk, p.d, qt, st + j);
-    if (j + 8 <= nk) scores_lanes<8>(kb + j * ldk, ldk, p.d, qt, st + j), j += 8;
-    if (j + 4 <= nk) scores_lanes<4>(kb + j * ldk, ldk, p.d, qt, st + j), j += 4;
-    for (; j < nk; ++j) scores_lanes<1>(kb + j * ldk, ldk, p.d, qt, st + j);
+    if (ln.n <= 8)
+      block_scores<true>(kb, ldk, nk, p.d, qt, st);
+    else
+      block_scores<false>(kb, ldk, nk, p.d, qt, st);
     const __m512 a = softmax_lanes(st, nk, j0, limv, j0 + nk <= lim_min, m, l);
     _mm512_store_ps(alpha, a);
     mk::with_vectors(p.dv / 16, [&](auto nv) {
