@@ -334,13 +334,20 @@ fast::ProblemOf<T> fast_problem(const Dims& d, const Tensor& q, const Tensor& k,
   return p;
 }
 
-// Runs fast::forward_lanes over its tasks, a thread team only for at least 256 KiB of keys and values
-// read (waking one costs more than reading that).
+// The lanes and few-rows kernels take a thread team only for at least kTeamBytes of keys and values
+// read: waking one costs more than reading that.
+constexpr int64_t kTeamBytes = int64_t(1) << 18;
+
+int64_t lanes_tasks(const Dims& d) {
+  return d.B * d.Hkv * ((d.Hq / d.Hkv * d.Lq + fast::kLanes - 1) / fast::kLanes);
+}
+int64_t lanes_bytes(const Dims& d, int64_t elem) { return lanes_tasks(d) * d.Lk * (d.d + d.dv) * elem; }
+int64_t few_bytes(const Dims& d) { return d.B * d.Hkv * d.Lk * (d.d + d.dv) * int64_t(sizeof(float)); }
+
 template <typename T>
 void lanes_forward(const Dims& d, const fast::ProblemOf<T>& fp, T* out, float* lse) {
-  const int64_t chunks = (d.Hq / d.Hkv * d.Lq + fast::kLanes - 1) / fast::kLanes, tasks = d.B * d.Hkv * chunks;
-  const int64_t bytes = tasks * d.Lk * (d.d + d.dv) * int64_t(sizeof(T));
-  at::parallel_for(0, tasks, bytes < (int64_t(1) << 18) ? tasks : 1,
+  const int64_t tasks = lanes_tasks(d);
+  at::parallel_for(0, tasks, lanes_bytes(d, sizeof(T)) < kTeamBytes ? tasks : 1,
                    [&](int64_t t0, int64_t t1) { fast::forward_lanes(fp, t0, t1, out, lse); });
 }
 
@@ -363,9 +370,7 @@ void few_queries_forward(const Problem<float>& p, float* out, float* lse) {
   const Dims& d = p.d;
   const int64_t group = d.Hq / d.Hkv;
   const float ninf = -std::numeric_limits<float>::infinity();
-  // A thread team only for at least 256 KiB of keys and values: waking one costs more than reading less.
-  const int64_t bytes = d.B * d.Hkv * d.Lk * (d.d + d.dv) * int64_t(sizeof(float));
-  const int64_t grain = bytes < (int64_t(1) << 18) ? d.B * d.Hq : 1;
+  const int64_t grain = few_bytes(d) < kTeamBytes ? d.B * d.Hq : 1;
   at::parallel_for(0, d.B * d.Hq, grain, [&](int64_t t0, int64_t t1) {
     std::vector<float> scores(d.Lk);
     for (int64_t t = t0; t < t1; ++t) {
@@ -420,12 +425,19 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& query, const Tensor& key,
   const char* op = "attention";
   const Dims d = check_inputs(op, query, key, value, attn_mask, key_lengths);
   const Dropout dropout = make_dropout(op, dropout_p, seed);
-  FlushDenormalsGuard ftz;
   const at::ScalarType ct = compute_dtype(query.scalar_type());
   const Tensor lengths = lengths_int64(key_lengths), mask = additive_mask(attn_mask, d, ct);
+  const bool bf16_lanes =
+      query.scalar_type() == at::kBFloat16 && use_lanes(d, ct, mask, dropout, kLanesMinRowsBf16);
+  const bool f32_lanes = !bf16_lanes && use_lanes(d, ct, mask, dropout, kLanesMinRows);
+  const bool few = query.scalar_type() == at::kFloat && !f32_lanes && use_few_queries(d, ct, mask, dropout);
+  // Small calls of those kernels run on this thread alone: no team to set the float mode on.
+  const bool solo = ((bf16_lanes || f32_lanes) && lanes_bytes(d, query.element_size()) < kTeamBytes) ||
+                    (few && few_bytes(d) < kTeamBytes);
+  FlushDenormalsGuard ftz(!solo);
   // A bf16 forward multiplies in bf16 where the LSTM's would (AMX or vdpbf16ps); elsewhere it runs the
   // float32 kernels on float32 copies.
-  if (query.scalar_type() == at::kBFloat16 && use_lanes(d, ct, mask, dropout, kLanesMinRowsBf16)) {
+  if (bf16_lanes) {
     const Tensor q = rows_ready(query, at::kBFloat16), k = rows_ready(key, at::kBFloat16);
     const Tensor v = rows_ready(value, at::kBFloat16);
     Tensor out = at::empty({d.B, d.Hq, d.Lq, d.dv}, q.options());
@@ -457,12 +469,12 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& query, const Tensor& key,
   const Tensor q = rows_ready(query, ct), k = rows_ready(key, ct), v = rows_ready(value, ct);
   Tensor out = at::empty({d.B, d.Hq, d.Lq, d.dv}, q.options());
   Tensor lse = at::empty({d.B, d.Hq, d.Lq}, q.options());
-  if (use_lanes(d, ct, mask, dropout, kLanesMinRows)) {
+  if (f32_lanes) {
     lanes_forward(d, fast_problem<float>(d, q, k, v, lengths, is_causal, scale), out.data_ptr<float>(),
                   lse.data_ptr<float>());
     return {out.to(query.scalar_type()), lse};
   }
-  if (use_few_queries(d, ct, mask, dropout)) {
+  if (use_few_queries(d, ct, mask, dropout)) {  // also bf16 inputs that took no bf16 kernel above
     few_queries_forward(make_problem<float>(d, q, k, v, lengths, mask, is_causal, scale, dropout),
                         out.data_ptr<float>(), lse.data_ptr<float>());
     return {out.to(query.scalar_type()), lse};

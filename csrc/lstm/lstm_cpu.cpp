@@ -1051,12 +1051,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_cpu(
     const std::optional<Tensor>& lengths, bool reverse, bool train) {
   const Dims d = check_layer_args(kOp, input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
   const PackPlan p = make_plan(d.T, d.B, lengths, kOp);
-  FlushDenormalsGuard ftz;
+  const bool step = uses_step_rows(input, d, p);
+  FlushDenormalsGuard ftz(!step || step_workers(d.I, d.H) > 1);  // a one-thread step sets this thread only
   const at::ScalarType ct = compute_dtype(input.scalar_type());
   // A float32 step of up to eight rows (nn.LSTMCell at small batch, decoding) runs the step kernels;
   // from two steps, or nine rows, on the tiles win (T = 1, B = 12-16: 1.3x native against the step
   // kernels' 1.1x; NOTES v22).
-  if (uses_step_rows(input, d, p))
+  if (step)
     return lstm_step_rows(input, h0, c0, w_ih, w_hh, b_ih, b_hh, d, train);
   if (const FastKernels k = fast_kernels(d, input.scalar_type(), ct); k != FastKernels::None)
     return lstm_forward_fast(input, h0, c0, w_ih, w_hh, b_ih, b_hh, d, p, reverse, train, k);
@@ -1110,7 +1111,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
   const char* op = "lstm_backward";
   const Dims d = check_layer_args(op, input, h0, c0, w_ih, w_hh, std::nullopt, std::nullopt, w_hr);
   const PackPlan p = make_plan(d.T, d.B, lengths, op);
-  FlushDenormalsGuard ftz;
+  const bool step =
+      uses_step_rows(input, d, p) && gates.scalar_type() == at::kFloat && cells.scalar_type() == at::kFloat;
+  FlushDenormalsGuard ftz(!step || step_workers(d.I, d.H) > 1);
   const at::ScalarType ct = compute_dtype(input.scalar_type());
   const int64_t G = 4 * d.H, H = d.H, P = d.P;
   BM_CHECK(gates.numel() > 0 && cells.numel() > 0, op,
@@ -1124,7 +1127,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
   if (grad_output.has_value()) check_shape(*grad_output, {d.T, d.B, P}, op, "grad_output", "(T, B, P)");
   if (grad_h_n.has_value()) check_shape(*grad_h_n, {d.B, P}, op, "grad_h_n", "(B, P)");
   if (grad_c_n.has_value()) check_shape(*grad_c_n, {d.B, H}, op, "grad_c_n", "(B, hidden_size)");
-  if (uses_step_rows(input, d, p) && gates.scalar_type() == at::kFloat && cells.scalar_type() == at::kFloat)
+  if (step)
     return lstm_step_rows_backward(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, gates, cells,
                                    has_bias, d);
   // The backward's pointwise part and state are float32, and any AVX-512 or AVX2 CPU runs it (bf16
