@@ -301,11 +301,20 @@ bool use_fast_path(const Dims& d, at::ScalarType ct, const Tensor& mask, const D
 // bf16 inputs take it from one row: the alternatives pack (AMX / vdpbf16ps kernels) or convert the
 // whole K and V to float32 (decode rows at 1024 keys: 37.4 / 79.5 ms against the packing kernel's 41.8 /
 // 83.0 with and without key padding).
+// Head dims past the tiles' 64 (80, 96, 128: up to fast::kLanesMaxDim) have no tile kernel, and ran
+// on ATen's BLAS per block at 0.73-0.75x native: they take the lanes kernel at every row count.
 constexpr int64_t kLanesMinRows = 3, kLanesMaxRows = 64, kLanesMinRowsBf16 = 1;
 
-bool use_lanes(const Dims& d, at::ScalarType ct, const Tensor& mask, const Dropout& dropout, int64_t min_rows) {
+bool use_lanes(const Dims& d, at::ScalarType ct, const Tensor& mask, const Dropout& dropout, bool bf16) {
+  if (ct != at::kFloat || mask.defined() || dropout.active() || !fast::supports_lanes(d.d, d.dv) ||
+      !gemm::cpu::has_avx512() || !gemm::cpu::microkernels_enabled())
+    return false;
   const int64_t rows = d.Hq / d.Hkv * d.Lq;
-  return rows >= min_rows && rows <= kLanesMaxRows && use_fast_path(d, ct, mask, dropout);
+  if (rows < (bf16 ? kLanesMinRowsBf16 : kLanesMinRows)) return false;
+  if (rows <= kLanesMaxRows) return true;
+  if (!bf16) return !fast::supports(d.d, d.dv);
+  const gemm::cpu::Bf16Kernel k = gemm::cpu::bf16_kernel();  // the bf16 tile kernels, where they run
+  return !(fast::supports_amx(d.d, d.dv) && (k == gemm::cpu::Bf16Kernel::Amx || k == gemm::cpu::Bf16Kernel::Dot));
 }
 
 // T: float, or uint16_t for bfloat16 tensors.
@@ -428,8 +437,8 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& query, const Tensor& key,
   const at::ScalarType ct = compute_dtype(query.scalar_type());
   const Tensor lengths = lengths_int64(key_lengths), mask = additive_mask(attn_mask, d, ct);
   const bool bf16_lanes =
-      query.scalar_type() == at::kBFloat16 && use_lanes(d, ct, mask, dropout, kLanesMinRowsBf16);
-  const bool f32_lanes = !bf16_lanes && use_lanes(d, ct, mask, dropout, kLanesMinRows);
+      query.scalar_type() == at::kBFloat16 && use_lanes(d, ct, mask, dropout, /*bf16=*/true);
+  const bool f32_lanes = !bf16_lanes && use_lanes(d, ct, mask, dropout, /*bf16=*/false);
   const bool few = query.scalar_type() == at::kFloat && !f32_lanes && use_few_queries(d, ct, mask, dropout);
   // Small calls of those kernels run on this thread alone: no team to set the float mode on.
   const bool solo = ((bf16_lanes || f32_lanes) && lanes_bytes(d, query.element_size()) < kTeamBytes) ||

@@ -289,22 +289,23 @@ BM_AVX512 __m512 softmax_lanes(float (*st)[kLanes], int64_t nk, int64_t j0, __m5
   return alpha;
 }
 
-// o[r][..] = alpha[r] o[r][..] + sum over nk keys of P^T[j][r] V[j][..] for rows r0 .. r0 + MR.
+// o[r][..] = alpha[r] o[r][..] + sum over nk keys of P^T[j][r] V[j][..] for rows r0 .. r0 + MR and
+// NV * 16 columns (o: rows at stride ldo, 64-byte aligned).
 template <int MR, int NV>
-BM_AVX512 void fold_lanes(float (*o)[kKeys], const float* alpha, int r0, const float (*pt)[kLanes], int64_t nk,
+BM_AVX512 void fold_lanes(float* o, int64_t ldo, const float* alpha, int r0, const float (*pt)[kLanes], int64_t nk,
                           const float* v, int64_t ldv) {
   __m512 acc[MR][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
     const __m512 a = _mm512_set1_ps(alpha[r0 + r]);
 #pragma GCC unroll 4
-    for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_mul_ps(_mm512_load_ps(o[r0 + r] + 16 * c), a);
+    for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_mul_ps(_mm512_load_ps(o + (r0 + r) * ldo + 16 * c), a);
   }
   mk::tile_f32_rows<MR, NV>(pt[0] + r0, 1, nk, v, ldv, acc, kLanes);
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-    for (int c = 0; c < NV; ++c) _mm512_store_ps(o[r0 + r] + 16 * c, acc[r][c]);
+    for (int c = 0; c < NV; ++c) _mm512_store_ps(o + (r0 + r) * ldo + 16 * c, acc[r][c]);
 }
 
 // Rows [0, n) of bf16 X (dim values, a multiple of 16, at stride ld) widened to float32 rows of dim.
@@ -320,22 +321,30 @@ inline float bf16_value(uint16_t bits) {
   return f;
 }
 
+// Scratch of one worker: the output accumulator (kLanes rows of dv), and for bf16 inputs the widened
+// K and V rows of a 64-key block.
+struct LanesScratch {
+  float* o;   // [kLanes][dv]
+  float* kw;  // [kKeys][d]
+  float* vw;  // [kKeys][dv]
+};
+
 // The lanes' rows against their kv head's keys and values (k, v at the problem's row strides). float32
 // rows are read in place; bf16 ones are widened a 64-key block at a time into L1 (the products and
 // the softmax run in float32, P is not rounded, the output is rounded to bf16 once).
 template <typename T>
 BM_AVX512 void lanes_forward(const ProblemOf<T>& p, const Lanes& ln, const float (*qt)[kLanes], const T* k,
-                             const T* v, T* out, float* lse) {
+                             const T* v, const LanesScratch& w, T* out, float* lse) {
   constexpr bool kBf16 = std::is_same_v<T, uint16_t>;
   alignas(64) float st[kKeys][kLanes] = {};  // zero: lanes 8-15 stay finite when only 0-7 are computed
-  alignas(64) float o[kLanes][kKeys];
   alignas(64) float alpha[kLanes];
-  alignas(64) float kw[kBf16 ? kKeys * 64 : 1], vw[kBf16 ? kKeys * 64 : 1];  // d, dv <= 64
+  float* o = w.o;
+  const int64_t ldo = p.dv;
   int64_t kend = 0, lim_min = std::numeric_limits<int64_t>::max();
   for (int64_t r = 0; r < ln.n; ++r) {
     kend = std::max<int64_t>(kend, ln.limit[r]);
     lim_min = std::min<int64_t>(lim_min, ln.limit[r]);
-    std::fill(o[r], o[r] + p.dv, 0.f);
+    std::fill(o + r * ldo, o + (r + 1) * ldo, 0.f);
   }
   const __m512i limv = _mm512_load_si512(ln.limit);
   __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), l = _mm512_setzero_ps();
@@ -344,9 +353,9 @@ BM_AVX512 void lanes_forward(const ProblemOf<T>& p, const Lanes& ln, const float
     const float *kb, *vb;
     int64_t ldk, ldv;
     if constexpr (kBf16) {
-      widen_rows(k + j0 * p.ks[2], p.ks[2], nk, p.d, kw);
-      widen_rows(v + j0 * p.vs[2], p.vs[2], nk, p.dv, vw);
-      kb = kw, ldk = p.d, vb = vw, ldv = p.dv;
+      widen_rows(k + j0 * p.ks[2], p.ks[2], nk, p.d, w.kw);
+      widen_rows(v + j0 * p.vs[2], p.vs[2], nk, p.dv, w.vw);
+      kb = w.kw, ldk = p.d, vb = w.vw, ldv = p.dv;
     } else {
       kb = k + j0 * p.ks[2], ldk = p.ks[2], vb = v + j0 * p.vs[2], ldv = p.vs[2];
     }
@@ -356,12 +365,13 @@ BM_AVX512 void lanes_forward(const ProblemOf<T>& p, const Lanes& ln, const float
       block_scores<false>(kb, ldk, nk, p.d, qt, st);
     const __m512 a = softmax_lanes(st, nk, j0, limv, j0 + nk <= lim_min, m, l);
     _mm512_store_ps(alpha, a);
-    mk::with_vectors(p.dv / 16, [&](auto nv) {
-      for (int r0 = 0; r0 < ln.n; r0 += kRows)
-        mk::with_rows(ln.n - r0, [&](auto rows) {
-          fold_lanes<decltype(rows)::value, decltype(nv)::value>(o, alpha, r0, st, nk, vb, ldv);
-        });
-    });
+    for (int64_t c0 = 0; c0 < p.dv; c0 += 64)  // 64 columns at a time: 6 rows x 4 zmm accumulators
+      mk::with_vectors(std::min<int64_t>(64, p.dv - c0) / 16, [&](auto nv) {
+        for (int r0 = 0; r0 < ln.n; r0 += kRows)
+          mk::with_rows(ln.n - r0, [&](auto rows) {
+            fold_lanes<decltype(rows)::value, decltype(nv)::value>(o + c0, ldo, alpha, r0, st, nk, vb + c0, ldv);
+          });
+      });
   }
   alignas(64) float ls[kLanes], ms[kLanes];
   _mm512_store_ps(ls, l);
@@ -372,7 +382,7 @@ BM_AVX512 void lanes_forward(const ProblemOf<T>& p, const Lanes& ln, const float
     lse[ln.row[r]] = ls[r] != 0.f ? ms[r] + std::log(ls[r]) : -std::numeric_limits<float>::infinity();
     T* dst = out + ln.row[r] * p.dv;
     for (int64_t c = 0; c < p.dv; c += 16) {
-      const __m512 x = _mm512_mul_ps(_mm512_load_ps(o[r] + c), _mm512_set1_ps(inv));
+      const __m512 x = _mm512_mul_ps(_mm512_load_ps(o + r * ldo + c), _mm512_set1_ps(inv));
       if constexpr (kBf16)
         mk::store_bf16_rne(dst + c, x, 0xFFFF);
       else
@@ -384,7 +394,10 @@ BM_AVX512 void lanes_forward(const ProblemOf<T>& p, const Lanes& ln, const float
 template <typename T>
 void lanes_tasks(const ProblemOf<T>& p, int64_t t0, int64_t t1, T* out, float* lse) {
   const int64_t group = p.Hq / p.Hkv, rows = group * p.Lq, chunks = (rows + kLanes - 1) / kLanes;
-  alignas(64) float qt[64][kLanes];  // d <= 64
+  alignas(64) float qt[kLanesMaxDim][kLanes];
+  std::vector<float> storage;
+  float* base = mk::aligned(storage, kLanes * p.dv + (std::is_same_v<T, float> ? 0 : kKeys * (p.d + p.dv)));
+  const LanesScratch w{base, base + kLanes * p.dv, base + kLanes * p.dv + kKeys * p.d};
   Lanes ln;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t b = t / (p.Hkv * chunks), hk = (t / chunks) % p.Hkv, first = (t % chunks) * kLanes;
@@ -407,7 +420,7 @@ void lanes_tasks(const ProblemOf<T>& p, int64_t t0, int64_t t1, T* out, float* l
           qt[c][r] = p.scale * bf16_value(q[c]);
       }
     }
-    lanes_forward<T>(p, ln, qt, p.k + b * p.ks[0] + hk * p.ks[1], p.v + b * p.vs[0] + hk * p.vs[1], out, lse);
+    lanes_forward<T>(p, ln, qt, p.k + b * p.ks[0] + hk * p.ks[1], p.v + b * p.vs[0] + hk * p.vs[1], w, out, lse);
   }
 }
 

@@ -45,7 +45,11 @@ void forward(const Problem& p, int64_t t0, int64_t t1, float* out, float* lse);
 // place. Nothing is packed: the blocked forward packs K^T for every task, which a few rows cannot repay.
 // Also for bf16 q, k, v (and out): each 64-key block is widened to float32 in L1, the softmax and both
 // products run in float32 (P is not rounded), the output is rounded to bf16 once.
-constexpr int64_t kLanes = 16;
+// Head dims d and dv: multiples of 16 up to kLanesMaxDim (the tile kernels stop at 64).
+constexpr int64_t kLanes = 16, kLanesMaxDim = 128;
+inline bool supports_lanes(int64_t d, int64_t dv) {
+  return d % 16 == 0 && dv % 16 == 0 && d >= 16 && dv >= 16 && d <= kLanesMaxDim && dv <= kLanesMaxDim;
+}
 void forward_lanes(const Problem& p, int64_t t0, int64_t t1, float* out, float* lse);
 void forward_lanes(const ProblemBf16& p, int64_t t0, int64_t t1, uint16_t* out, float* lse);
 
