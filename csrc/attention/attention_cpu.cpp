@@ -26,6 +26,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "attention/attention.h"
@@ -427,12 +428,102 @@ void few_queries_forward(const Problem<float>& p, float* out, float* lse) {
   });
 }
 
+// ---- attn_mask that says no more than (is_causal, key_lengths) ----
+
+// Whether every row of the mask attends to a prefix of the keys, of length len_b (key padding) or
+// min(i + 1, len_b) (top-left causal, with or without key padding), the same for every head: then it
+// is that (is_causal, key_lengths) pair, and the call runs the kernels that skip masked key blocks
+// instead of ATen's BLAS path with an added mask (at parity with native). Such masks are common: a
+// causal float mask as nn.Transformer builds it, a tokenizer's key-padding mask, their 4-D
+// combination. Reads the mask's own elements once (not its broadcast), stopping at the first that
+// breaks the pattern; a float mask must hold only 0 and -inf.
+struct MaskPattern {
+  bool causal = false;
+  Tensor lengths;  // int64 [B], or undefined: no padding
+};
+
+// Length of the allowed prefix of one mask row (n elements at stride st), or -1 if the row is not an
+// allowed prefix followed by excluded keys.
+template <typename T>
+int64_t allowed_prefix(const T* row, int64_t n, int64_t st) {
+  const auto allowed = [](T x) {
+    if constexpr (std::is_same_v<T, bool>)
+      return x ? 1 : 0;
+    else
+      return x == T(0) ? 1 : (x == -std::numeric_limits<T>::infinity() ? 0 : -1);
+  };
+  int64_t c = 0;
+  while (c < n && allowed(row[c * st]) == 1) ++c;
+  for (int64_t j = c; j < n; ++j)
+    if (allowed(row[j * st]) != 0) return -1;
+  return c;
+}
+
+std::optional<MaskPattern> mask_pattern(const Tensor& attn_mask, const Dims& d) {
+  Tensor m = attn_mask;
+  while (m.dim() < 4) m = m.unsqueeze(0);
+  m = m.expand({m.size(0), m.size(1), d.Lq, d.Lk});  // batch and head dims stay as given (1 or full)
+  if (m.scalar_type() != at::kBool && m.scalar_type() != at::kFloat) m = m.to(at::kFloat);
+  const int64_t nb = m.size(0), nh = m.size(1);
+  std::vector<int64_t> cnt(nb * nh * d.Lq);
+  for (int64_t b = 0; b < nb; ++b)
+    for (int64_t h = 0; h < nh; ++h)
+      for (int64_t i = 0; i < d.Lq; ++i) {
+        const int64_t at = b * m.stride(0) + h * m.stride(1) + i * m.stride(2);
+        const int64_t c = m.scalar_type() == at::kBool
+                              ? allowed_prefix(m.const_data_ptr<bool>() + at, d.Lk, m.stride(3))
+                              : allowed_prefix(m.const_data_ptr<float>() + at, d.Lk, m.stride(3));
+        if (c < 0) return std::nullopt;
+        cnt[(b * nh + h) * d.Lq + i] = c;
+      }
+  // Key padding: every row of batch b sees its last row's count. Causal: row i sees min(i + 1, len_b),
+  // len_b = the last row's count when that is below Lq (past it, every len_b >= Lq looks the same).
+  std::vector<int64_t> pad_len(nb), causal_len(nb);
+  bool pad = true, causal = true;
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t* cb = cnt.data() + b * nh * d.Lq;
+    pad_len[b] = cb[d.Lq - 1];
+    causal_len[b] = pad_len[b] < d.Lq ? pad_len[b] : d.Lk;
+    for (int64_t h = 0; h < nh; ++h)
+      for (int64_t i = 0; i < d.Lq; ++i) {
+        const int64_t c = cb[h * d.Lq + i];
+        pad = pad && c == pad_len[b];
+        causal = causal && c == std::min(i + 1, causal_len[b]);
+      }
+    if (!pad && !causal) return std::nullopt;
+  }
+  MaskPattern p;
+  p.causal = !pad;
+  const std::vector<int64_t>& len = pad ? pad_len : causal_len;
+  if (std::any_of(len.begin(), len.end(), [&](int64_t x) { return x != d.Lk; })) {
+    p.lengths = at::empty({d.B}, at::kLong);
+    for (int64_t b = 0; b < d.B; ++b) p.lengths.data_ptr<int64_t>()[b] = len[nb == 1 ? 0 : b];
+  }
+  return p;
+}
+
+// The call's masking with a pattern mask replaced by what it says (the forward and the backward decide
+// alike, from the same arguments).
+struct Masking {
+  std::optional<Tensor> attn_mask, key_lengths;
+  bool is_causal;
+};
+
+Masking simplify_masking(const Dims& d, const std::optional<Tensor>& attn_mask,
+                         const std::optional<Tensor>& key_lengths, bool is_causal) {
+  if (attn_mask.has_value() && !key_lengths.has_value() && !is_causal)
+    if (std::optional<MaskPattern> p = mask_pattern(*attn_mask, d))
+      return {std::nullopt, p->lengths.defined() ? std::optional<Tensor>(p->lengths) : std::nullopt, p->causal};
+  return {attn_mask, key_lengths, is_causal};
+}
+
 std::tuple<Tensor, Tensor> attention_cpu(const Tensor& query, const Tensor& key, const Tensor& value,
-                                         const std::optional<Tensor>& attn_mask,
-                                         const std::optional<Tensor>& key_lengths, bool is_causal,
+                                         const std::optional<Tensor>& attn_mask_arg,
+                                         const std::optional<Tensor>& key_lengths_arg, bool is_causal_arg,
                                          std::optional<double> scale, double dropout_p, int64_t seed) {
   const char* op = "attention";
-  const Dims d = check_inputs(op, query, key, value, attn_mask, key_lengths);
+  const Dims d = check_inputs(op, query, key, value, attn_mask_arg, key_lengths_arg);
+  const auto [attn_mask, key_lengths, is_causal] = simplify_masking(d, attn_mask_arg, key_lengths_arg, is_causal_arg);
   const Dropout dropout = make_dropout(op, dropout_p, seed);
   const at::ScalarType ct = compute_dtype(query.scalar_type());
   const Tensor lengths = lengths_int64(key_lengths), mask = additive_mask(attn_mask, d, ct);
@@ -505,10 +596,12 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& query, const Tensor& key,
 
 std::tuple<Tensor, Tensor, Tensor> attention_backward_cpu(
     const Tensor& grad_out, const Tensor& query, const Tensor& key, const Tensor& value, const Tensor& out,
-    const Tensor& logsumexp, const std::optional<Tensor>& attn_mask, const std::optional<Tensor>& key_lengths,
-    bool is_causal, std::optional<double> scale, double dropout_p, int64_t seed) {
+    const Tensor& logsumexp, const std::optional<Tensor>& attn_mask_arg,
+    const std::optional<Tensor>& key_lengths_arg, bool is_causal_arg, std::optional<double> scale,
+    double dropout_p, int64_t seed) {
   const char* op = "attention_backward";
-  const Dims d = check_inputs(op, query, key, value, attn_mask, key_lengths);
+  const Dims d = check_inputs(op, query, key, value, attn_mask_arg, key_lengths_arg);
+  const auto [attn_mask, key_lengths, is_causal] = simplify_masking(d, attn_mask_arg, key_lengths_arg, is_causal_arg);
   const Dropout dropout = make_dropout(op, dropout_p, seed);
   const at::ScalarType ct = compute_dtype(query.scalar_type());
   check_backward_inputs(op, d, grad_out, out, logsumexp, ct, query.device());

@@ -301,6 +301,67 @@ def test_few_query_rows_nan_like_native(where):
     assert out.isnan().any() and torch.equal(out.isnan(), ref.isnan())
 
 
+def _pattern_mask(kind, B, H, Lq, Lk):
+    """(attn_mask, the (is_causal, key_lengths) it says or None) for the mask-pattern tests."""
+    lengths = torch.tensor([Lk, 0, 23])
+    tril = torch.ones(Lq, Lk, dtype=torch.bool).tril()
+    pad = torch.arange(Lk) < lengths.view(-1, 1, 1, 1)
+    to_float = lambda m: torch.zeros(m.shape).masked_fill(~m, float("-inf"))  # noqa: E731
+    if kind == "causal-bool":
+        return tril, (True, None)
+    if kind == "causal-float":
+        return to_float(tril), (True, None)
+    if kind == "padding-bool":
+        return pad, (False, lengths)
+    if kind == "prefix-float-row":  # one (1, Lk) row for every batch, head and query
+        return to_float(torch.arange(Lk).view(1, Lk) < 50), (False, torch.full((B,), 50))
+    if kind == "causal-padding-float":
+        return to_float(pad & tril), (True, lengths)
+    if kind == "all-allowed":
+        return torch.ones(B, 1, Lq, Lk, dtype=torch.bool), (False, None)
+    if kind == "per-head-lengths":
+        return torch.arange(Lk) < torch.arange(1, H + 1).view(1, H, 1, 1) * 5, None
+    if kind == "hole":
+        m = tril.clone()
+        m[Lq - 1, 3] = False
+        return m, None
+    if kind == "bias":
+        return torch.randn(Lq, Lk), None
+    if kind == "bottom-right-causal":
+        return torch.ones(Lq, Lk, dtype=torch.bool).tril(diagonal=Lk - Lq), None
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["causal-bool", "causal-float", "padding-bool", "prefix-float-row", "causal-padding-float", "all-allowed"]
+    + ["per-head-lengths", "hole", "bias", "bottom-right-causal"],
+)
+@pytest.mark.parametrize("Lq,Lk", [(70, 70), (40, 70), (1, 70)])
+def test_pattern_masks(cpu_kernel, kind, Lq, Lk):
+    """A mask that says no more than top-left causal and/or per-batch key lengths (nn.Transformer's
+    causal float mask, a key-padding mask, their 4-D combination) runs as that is_causal /
+    key_lengths call (the same bits); any other mask (per-head lengths, a hole, a float bias,
+    bottom-right causal) runs with the mask added. Either way: native's output where native has one,
+    the reference's gradients."""
+    B, H, d = 3, 4, 32
+    q, k, v = qkv(B, H, H, Lq, Lk, d, d)
+    mask, says = _pattern_mask(kind, B, H, Lq, Lk)
+    out, lse = attention(q, k, v, attn_mask=mask)
+    if says is not None:
+        is_causal, lengths = says
+        same, same_lse = attention(q, k, v, is_causal=is_causal, key_lengths=lengths)
+        assert torch.equal(out, same) and torch.equal(lse, same_lse)
+    ref, _ = attention_reference(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+    expected = native(q, k, v, attn_mask=mask)
+    rows = ~expected.isnan().any(-1)  # rows without a key: native NaN, ours zero
+    torch.testing.assert_close(out[rows], expected[rows], **TOL[torch.float32])
+    seed = torch.randn_like(out)
+    for g, gr in zip(grads(out, (q, k, v), seed), grads(ref, (q, k, v), seed), strict=True):
+        torch.testing.assert_close(g, gr, **TOL[torch.float32])
+
+
 def test_scale(device):
     q, k, v = qkv(2, 2, 2, 5, 7, 8, 8, device=device)
     out, _ = attention(q, k, v, scale=0.3)
