@@ -169,6 +169,26 @@ def test_nan_input_propagates_like_native(cpu_kernel, dtype, where, is_causal):
     assert out.isnan().any() and torch.equal(out.isnan(), ref.isnan())
 
 
+def assert_matches_on_threads(q, k, v, lengths, is_causal, threads):
+    """The op on `threads` threads: output and logsumexp equal the reference's (and native's output
+    without key lengths), and so do the gradients (the backward reads that logsumexp)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out, lse = attention(q, k, v, key_lengths=lengths, is_causal=is_causal)
+        seed = torch.randn_like(out)
+        got = grads(out, (q, k, v), seed)
+    finally:
+        torch.set_num_threads(saved)
+    ref, ref_lse = attention_reference(q, k, v, key_lengths=lengths, is_causal=is_causal)
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+    torch.testing.assert_close(lse, ref_lse, **TOL[torch.float32])
+    if lengths is None:
+        torch.testing.assert_close(out, native(q, k, v, is_causal=is_causal), **TOL[torch.float32])
+    for g, gr in zip(got, grads(ref, (q, k, v), seed), strict=True):
+        torch.testing.assert_close(g, gr, **TOL[torch.float32])
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("Lq", [1, 2, 4, 5])
 @pytest.mark.parametrize("Lk,d,dv", [(1, 8, 8), (19, 24, 40), (300, 64, 64), (700, 72, 20)])
@@ -182,21 +202,7 @@ def test_few_query_rows(cpu_kernel, threads, Lq, Lk, d, dv, is_causal, use_lengt
     B, Hq, Hkv = 3, 4, 2
     q, k, v = qkv(B, Hq, Hkv, Lq, Lk, d, dv)
     lengths = torch.tensor([Lk, 0, max(1, Lk // 3)]) if use_lengths else None
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        out, lse = attention(q, k, v, key_lengths=lengths, is_causal=is_causal)
-        seed = torch.randn_like(out)
-        got = grads(out, (q, k, v), seed)
-    finally:
-        torch.set_num_threads(saved)
-    ref, ref_lse = attention_reference(q, k, v, key_lengths=lengths, is_causal=is_causal)
-    torch.testing.assert_close(out, ref, **TOL[torch.float32])
-    torch.testing.assert_close(lse, ref_lse, **TOL[torch.float32])
-    if lengths is None and not is_causal:
-        torch.testing.assert_close(out, native(q, k, v), **TOL[torch.float32])
-    for g, gr in zip(got, grads(ref, (q, k, v), seed), strict=True):
-        torch.testing.assert_close(g, gr, **TOL[torch.float32])
+    assert_matches_on_threads(q, k, v, lengths, is_causal, threads)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -217,21 +223,7 @@ def test_lanes_rows(cpu_kernel, threads, Hq, Hkv, Lq, d, dv, is_causal, use_leng
     B, Lk = 3, 150
     q, k, v = qkv(B, Hq, Hkv, Lq, Lk, d, dv)
     lengths = torch.tensor([Lk, 0, 37]) if use_lengths else None
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        out, lse = attention(q, k, v, key_lengths=lengths, is_causal=is_causal)
-        seed = torch.randn_like(out)
-        got = grads(out, (q, k, v), seed)
-    finally:
-        torch.set_num_threads(saved)
-    ref, ref_lse = attention_reference(q, k, v, key_lengths=lengths, is_causal=is_causal)
-    torch.testing.assert_close(out, ref, **TOL[torch.float32])
-    torch.testing.assert_close(lse, ref_lse, **TOL[torch.float32])
-    if lengths is None:
-        torch.testing.assert_close(out, native(q, k, v, is_causal=is_causal), **TOL[torch.float32])
-    for g, gr in zip(got, grads(ref, (q, k, v), seed), strict=True):
-        torch.testing.assert_close(g, gr, **TOL[torch.float32])
+    assert_matches_on_threads(q, k, v, lengths, is_causal, threads)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
