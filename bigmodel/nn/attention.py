@@ -11,10 +11,43 @@ from ..ops.attention import attention
 __all__ = ["MultiheadAttention"]
 
 
+def _probe_onednn_linear():
+    """oneDNN's linear, ``torch.ops.mkldnn._linear_pointwise`` (the op inductor's CPU backend emits),
+    if this torch build has it and it answers a probe call correctly; else None."""
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+        out = op(torch.ones(2, 3), torch.ones(4, 3), None, "none", [], "")
+    except (AttributeError, RuntimeError, TypeError):
+        return None
+    return op if torch.equal(out, torch.full((2, 4), 3.0)) else None
+
+
+_ONEDNN_LINEAR = _probe_onednn_linear()
+
+
+def _linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """``F.linear``; for float32 CPU calls with nothing to differentiate, on oneDNN's GEMM, which runs
+    at ~190 GFLOP/s on the 2-core Zen 4 VM against ~140 for ``F.linear`` (MKL): the projections are
+    most of a MultiheadAttention call (NOTES v23)."""
+    if (
+        _ONEDNN_LINEAR is not None
+        and x.device.type == "cpu"
+        and x.dtype == w.dtype == torch.float32
+        and not (
+            torch.is_grad_enabled()
+            and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad))
+        )
+        and not torch.compiler.is_compiling()
+    ):
+        return _ONEDNN_LINEAR(x, w, b, "none", [], "")
+    return F.linear(x, w, b)
+
+
 class MultiheadAttention(nn.MultiheadAttention):
     """Drop-in for ``nn.MultiheadAttention``: same constructor, parameters, state dict and forward.
 
-    ``forward`` with ``need_weights=False`` runs the projections with ``F.linear`` and the attention
+    ``forward`` with ``need_weights=False`` runs the projections with ``F.linear`` (oneDNN's GEMM when
+    nothing needs a gradient) and the attention
     with ``bigmodel.ops.attention``; a right-padded boolean ``key_padding_mask`` becomes
     ``key_lengths``, so padded key blocks are skipped; dropout (while training) is the kernel's, with
     its own random stream. Calls the kernel cannot serve - ``need_weights=True`` (the default, as in
@@ -75,7 +108,7 @@ class MultiheadAttention(nn.MultiheadAttention):
 
         if self._qkv_same_embed_dim and self_attention:
             q, k, v = (
-                heads(t, L) for t in F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, -1)
+                heads(t, L) for t in _linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, -1)
             )
         else:
             if self._qkv_same_embed_dim:
@@ -83,9 +116,9 @@ class MultiheadAttention(nn.MultiheadAttention):
             else:
                 w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
             b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None,) * 3
-            q = heads(F.linear(query, w_q, b_q), L)
-            k = heads(F.linear(key, w_k, b_k), S)
-            v = heads(F.linear(value, w_v, b_v), S)
+            q = heads(_linear(query, w_q, b_q), L)
+            k = heads(_linear(key, w_k, b_k), S)
+            v = heads(_linear(value, w_v, b_v), S)
 
         mask = _attend_mask(attn_mask, N, H, L, S, query.dtype)
         key_lengths = None
@@ -102,7 +135,7 @@ class MultiheadAttention(nn.MultiheadAttention):
         out = (
             out.transpose(1, 2).reshape(N, L, E) if batch_first else out.permute(2, 0, 1, 3).reshape(L, N, E)
         )
-        out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
+        out = _linear(out, self.out_proj.weight, self.out_proj.bias)
         if not batched:
             out = out.squeeze(1)
         return out, None
