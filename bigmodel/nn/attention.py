@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from ..ops.attention import attention
 
@@ -25,29 +26,54 @@ def _probe_onednn_linear():
 _ONEDNN_LINEAR = _probe_onednn_linear()
 
 
-def _linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    """``F.linear``; for float32 CPU calls with nothing to differentiate, on oneDNN's GEMM, which runs
-    at ~190 GFLOP/s on the 2-core Zen 4 VM against ~140 for ``F.linear`` (MKL): the projections are
-    most of a MultiheadAttention call (NOTES v23)."""
-    if (
-        _ONEDNN_LINEAR is not None
-        and x.device.type == "cpu"
-        and x.dtype == w.dtype == torch.float32
-        and not (
-            torch.is_grad_enabled()
-            and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad))
-        )
-        and not torch.compiler.is_compiling()
-    ):
+class _OneDnnLinear(torch.autograd.Function):
+    """x W^T + b on oneDNN's GEMM; backward: dx on it too, dW and db as F.linear's backward does."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, w)
+        ctx.has_bias = b is not None
         return _ONEDNN_LINEAR(x, w, b, "none", [], "")
-    return F.linear(x, w, b)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy: Tensor):
+        x, w = ctx.saved_tensors
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = _ONEDNN_LINEAR(gy, w.t().contiguous(), None, "none", [], "")
+        gy2 = gy.reshape(-1, gy.shape[-1])
+        if ctx.needs_input_grad[1]:
+            gw = gy2.t().mm(x.reshape(-1, x.shape[-1]))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = gy2.sum(0)
+        return gx, gw, gb
+
+
+def _linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """``F.linear``; for float32 CPU calls, on oneDNN's GEMM (forward and the input gradient), which
+    runs at ~190 GFLOP/s on the 2-core Zen 4 VM against ~140 for ``F.linear`` (MKL): the projections
+    are most of a MultiheadAttention call (NOTES v23). Not under torch.compile (which lowers F.linear
+    itself)."""
+    if (
+        _ONEDNN_LINEAR is None
+        or x.device.type != "cpu"
+        or not (x.dtype == w.dtype == torch.float32)
+        or torch.compiler.is_compiling()
+    ):
+        return F.linear(x, w, b)
+    if torch.is_grad_enabled() and (
+        x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)
+    ):
+        return _OneDnnLinear.apply(x, w, b)
+    return _ONEDNN_LINEAR(x, w, b, "none", [], "")
 
 
 class MultiheadAttention(nn.MultiheadAttention):
     """Drop-in for ``nn.MultiheadAttention``: same constructor, parameters, state dict and forward.
 
-    ``forward`` with ``need_weights=False`` runs the projections with ``F.linear`` (oneDNN's GEMM when
-    nothing needs a gradient) and the attention
+    ``forward`` with ``need_weights=False`` runs the projections with ``F.linear`` (on oneDNN's GEMM
+    for float32 CPU tensors) and the attention
     with ``bigmodel.ops.attention``; a right-padded boolean ``key_padding_mask`` becomes
     ``key_lengths``, so padded key blocks are skipped; dropout (while training) is the kernel's, with
     its own random stream. Calls the kernel cannot serve - ``need_weights=True`` (the default, as in

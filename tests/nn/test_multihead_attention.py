@@ -132,25 +132,22 @@ def test_state_dict_round_trip():
 
 @pytest.mark.parametrize("kdim", [None, 12])
 @pytest.mark.parametrize("batch_first", [False, True])
-def test_inference_projections_match_native(kdim, batch_first):
-    """Without a gradient to keep, the projections run on oneDNN's GEMM (where torch has it): the same
-    result as nn.MultiheadAttention's within float32 tolerance, with packed and separate projection
-    weights, either layout (non-contiguous projection inputs), and no bias; with grad, F.linear."""
+@pytest.mark.parametrize("bias", [True, False])
+def test_projections_match_native(kdim, batch_first, bias):
+    """The projections run on oneDNN's GEMM (where torch has it; its backward gives the input
+    gradient there too): nn.MultiheadAttention's output and gradients within float32 tolerance, with
+    packed and separate projection weights, either layout (non-contiguous projection inputs), with and
+    without bias, with and without autograd."""
     torch.manual_seed(0)
-    for bias in (True, False):
-        ref = nn.MultiheadAttention(16, 4, kdim=kdim, vdim=kdim, bias=bias, batch_first=batch_first).eval()
-        ours = bigmodel.nn.MultiheadAttention(16, 4, kdim=kdim, vdim=kdim, bias=bias, batch_first=batch_first)
-        ours.load_state_dict(ref.state_dict())
-        ours.eval()
-        q = torch.randn(3, 7, 16)
-        kv = torch.randn(3, 9, kdim or 16)
-        if not batch_first:
-            q, kv = q.transpose(0, 1), kv.transpose(0, 1)  # (L, N, E) views: strided rows
-        kv_in = (kv, kv) if kdim else (q, q)
-        with torch.no_grad():
-            got, _ = ours(q, *kv_in, need_weights=False)
-            want, _ = ref(q, *kv_in, need_weights=False)
-        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
-        out, _ = ours(q, *kv_in, need_weights=False)  # parameters require grad: the autograd path
-        out.sum().backward()
-        assert ours.out_proj.weight.grad is not None
+    ref = nn.MultiheadAttention(16, 4, kdim=kdim, vdim=kdim, bias=bias, batch_first=batch_first)
+    ours = bigmodel.nn.MultiheadAttention(16, 4, kdim=kdim, vdim=kdim, bias=bias, batch_first=batch_first)
+    ours.load_state_dict(ref.state_dict())
+    q = torch.randn(3, 7, 16)
+    kv = torch.randn(3, 9, kdim or 16)
+    if not batch_first:
+        q, kv = q.transpose(0, 1), kv.transpose(0, 1)  # (L, N, E) views: strided rows
+    with torch.no_grad():
+        got, _ = ours(q, *((kv, kv) if kdim else (q, q)), need_weights=False)
+        want, _ = ref(q, *((kv, kv) if kdim else (q, q)), need_weights=False)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    check(ref, ours, [q, kv, kv] if kdim else [q, q, q], need_weights=False)
