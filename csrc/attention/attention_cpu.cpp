@@ -460,6 +460,7 @@ int64_t allowed_prefix(const T* row, int64_t n, int64_t st) {
 }
 
 std::optional<MaskPattern> mask_pattern(const Tensor& attn_mask, const Dims& d) {
+  if (d.B == 0 || d.Hq == 0 || d.Lq == 0 || d.Lk == 0) return std::nullopt;
   Tensor m = attn_mask;
   while (m.dim() < 4) m = m.unsqueeze(0);
   m = m.expand({m.size(0), m.size(1), d.Lq, d.Lk});  // batch and head dims stay as given (1 or full)
