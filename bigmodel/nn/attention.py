@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -12,9 +14,11 @@ from ..ops.attention import attention
 __all__ = ["MultiheadAttention"]
 
 
-def _probe_onednn_linear():
+@functools.cache
+def _onednn_linear_op():
     """oneDNN's linear, ``torch.ops.mkldnn._linear_pointwise`` (the op inductor's CPU backend emits),
-    if this torch build has it and it answers a probe call correctly; else None."""
+    if this torch build has it and it answers a probe call correctly; else None. Probed on first use,
+    not at import: the probe's call initializes oneDNN (~11 ms here), which LSTM-only users would pay."""
     try:
         op = torch.ops.mkldnn._linear_pointwise
         out = op(torch.ones(2, 3), torch.ones(4, 3), None, "none", [], "")
@@ -23,7 +27,8 @@ def _probe_onednn_linear():
     return op if torch.equal(out, torch.full((2, 4), 3.0)) else None
 
 
-_ONEDNN_LINEAR = _probe_onednn_linear()
+def _onednn(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    return _onednn_linear_op()(x, w, b, "none", [], "")
 
 
 class _OneDnnLinear(torch.autograd.Function):
@@ -33,7 +38,7 @@ class _OneDnnLinear(torch.autograd.Function):
     def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         ctx.save_for_backward(x, w)
         ctx.has_bias = b is not None
-        return _ONEDNN_LINEAR(x, w, b, "none", [], "")
+        return _onednn(x, w, b)
 
     @staticmethod
     @once_differentiable
@@ -41,7 +46,7 @@ class _OneDnnLinear(torch.autograd.Function):
         x, w = ctx.saved_tensors
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = _ONEDNN_LINEAR(gy, w.t().contiguous(), None, "none", [], "")
+            gx = _onednn(gy, w.t().contiguous(), None)
         gy2 = gy.reshape(-1, gy.shape[-1])
         if ctx.needs_input_grad[1]:
             gw = gy2.t().mm(x.reshape(-1, x.shape[-1]))
@@ -56,17 +61,17 @@ def _linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     are most of a MultiheadAttention call (NOTES v23). Not under torch.compile (which lowers F.linear
     itself)."""
     if (
-        _ONEDNN_LINEAR is None
-        or x.device.type != "cpu"
+        x.device.type != "cpu"
         or not (x.dtype == w.dtype == torch.float32)
         or torch.compiler.is_compiling()
+        or _onednn_linear_op() is None
     ):
         return F.linear(x, w, b)
     if torch.is_grad_enabled() and (
         x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)
     ):
         return _OneDnnLinear.apply(x, w, b)
-    return _ONEDNN_LINEAR(x, w, b, "none", [], "")
+    return _onednn(x, w, b)
 
 
 class MultiheadAttention(nn.MultiheadAttention):
