@@ -13,6 +13,8 @@
 #include <optional>
 #include <tuple>
 
+#include "common/optional_tensor.h"
+
 namespace bigmodel::attention {
 namespace {
 
@@ -39,8 +41,6 @@ const c10::TypedOperatorHandle<BackwardSignature>& backward_op() {
       c10::Dispatcher::singleton().findSchemaOrThrow("bigmodel::attention_backward", "").typed<BackwardSignature>();
   return op;
 }
-
-OptTensor defined_or_none(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
 class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
  public:

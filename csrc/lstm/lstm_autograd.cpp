@@ -13,6 +13,7 @@
 #include <optional>
 #include <tuple>
 
+#include "common/optional_tensor.h"
 #include "lstm/lstm_ops.h"
 
 namespace bigmodel::lstm {
@@ -35,10 +36,6 @@ namespace {
 using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-std::optional<Tensor> defined_or_none(const Tensor& t) {
-  return t.defined() ? std::optional<Tensor>(t) : std::nullopt;
-}
 
 class LstmLayerFunction : public torch::autograd::Function<LstmLayerFunction> {
  public:
