@@ -302,18 +302,18 @@ bool use_fast_path(const Dims& d, at::ScalarType ct, const Tensor& mask, const D
 // bf16 inputs take it from one row: the alternatives pack (AMX / vdpbf16ps kernels) or convert the
 // whole K and V to float32 (decode rows at 1024 keys: 37.4 / 79.5 ms against the packing kernel's 41.8 /
 // 83.0 with and without key padding).
-// Head dims past the tiles' 64 (80, 96, 128: up to fast::kLanesMaxDim) have no tile kernel, and ran
-// on ATen's BLAS per block at 0.73-0.75x native: they take the lanes kernel at every row count.
+// Above 64 rows float32 takes the tile kernels (fast::forward); bf16 the bf16 tile kernels where they
+// take its head dims (dv <= 64), else the lanes kernel at every row count.
 constexpr int64_t kLanesMinRows = 3, kLanesMaxRows = 64, kLanesMinRowsBf16 = 1;
 
 bool use_lanes(const Dims& d, at::ScalarType ct, const Tensor& mask, const Dropout& dropout, bool bf16) {
-  if (ct != at::kFloat || mask.defined() || dropout.active() || !fast::supports_lanes(d.d, d.dv) ||
+  if (ct != at::kFloat || mask.defined() || dropout.active() || !fast::supports(d.d, d.dv) ||
       !gemm::cpu::has_avx512() || !gemm::cpu::microkernels_enabled())
     return false;
   const int64_t rows = d.Hq / d.Hkv * d.Lq;
   if (rows < (bf16 ? kLanesMinRowsBf16 : kLanesMinRows)) return false;
   if (rows <= kLanesMaxRows) return true;
-  if (!bf16) return !fast::supports(d.d, d.dv);
+  if (!bf16) return false;
   const gemm::cpu::Bf16Kernel k = gemm::cpu::bf16_kernel();  // the bf16 tile kernels, where they run
   return !(fast::supports_amx(d.d, d.dv) && (k == gemm::cpu::Bf16Kernel::Amx || k == gemm::cpu::Bf16Kernel::Dot));
 }

@@ -52,6 +52,13 @@ int64_t visible_keys(const P& p, int64_t valid, int64_t r0, int64_t mr, int64_t*
   return kend;
 }
 
+// f(c0, nv) for the 64-column chunks of `cols` output columns (a multiple of 16, up to kMaxDim), nv the
+// chunk's zmm count as a compile-time constant: a register tile holds at most 4 vectors per row.
+template <typename F>
+BM_ALWAYS_INLINE void for_each_column_chunk(int64_t cols, const F& f) {
+  for (int64_t c0 = 0; c0 < cols; c0 += kKeys) mk::with_vectors(std::min<int64_t>(4, (cols - c0) / 16), [&](auto nv) { f(c0, nv); });
+}
+
 // The forward's task loop, shared by the float32 and the AMX kernels. Task t is (batch b, query head
 // h, query rows i0 .. i0 + block); pack(b, hk, valid) runs when a task's kv head differs from the one
 // packed last (consecutive tasks share it), then rows(b, h, r0, mr, valid, limit, kend) for each
@@ -80,17 +87,17 @@ void for_each_forward_task(const P& p, int64_t t0, int64_t t1, int64_t block, co
 
 // One group of MR query rows (rows i0 .. i0 + MR) against keys [0, kend): online softmax, P V.
 // limit[r] = number of keys row r may see (key_lengths and the causal diagonal).
-template <int MR, int NV>
+template <int MR>
 BM_AVX512 void row_group(const Problem& p, const float* q, const float* kpanels, const float* v, int64_t kend,
                          const int64_t* limit, float* out, float* lse) {
   const float ninf = -std::numeric_limits<float>::infinity();
   float m[MR], l[MR];
-  alignas(64) float o[MR][NV * 16];
+  alignas(64) float o[MR][kMaxDim];
   alignas(64) float pt[MR][kKeys];
   for (int r = 0; r < MR; ++r) {
     m[r] = ninf;
     l[r] = 0.f;
-    for (int c = 0; c < NV * 16; ++c) o[r][c] = 0.f;
+    for (int64_t c = 0; c < p.dv; ++c) o[r][c] = 0.f;
   }
   int64_t min_limit = limit[0];
   for (int r = 1; r < MR; ++r) min_limit = std::min(min_limit, limit[r]);
@@ -143,27 +150,27 @@ BM_AVX512 void row_group(const Problem& p, const float* q, const float* kpanels,
       l[r] = l[r] * alpha[r] + _mm512_reduce_add_ps(sum);
       m[r] = mnew;
     }
-    __m512 acc[MR][NV];
+    for_each_column_chunk(p.dv, [&](int64_t c0, auto nv) {
+      constexpr int NV = decltype(nv)::value;
+      __m512 acc[MR][NV];
 #pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      const __m512 a = _mm512_set1_ps(alpha[r]);
+      for (int r = 0; r < MR; ++r) {
+        const __m512 a = _mm512_set1_ps(alpha[r]);
 #pragma GCC unroll 4
-      for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_mul_ps(_mm512_load_ps(o[r] + 16 * c), a);
-    }
-    mk::tile_f32_rows<MR, NV>(pt[0], kKeys, nk, v + j0 * p.vs[2], p.vs[2], acc);
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-      for (int c = 0; c < NV; ++c) _mm512_store_ps(o[r] + 16 * c, acc[r][c]);
+        for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_mul_ps(_mm512_load_ps(o[r] + c0 + 16 * c), a);
+      }
+      mk::tile_f32_rows<MR, NV>(pt[0], kKeys, nk, v + j0 * p.vs[2] + c0, p.vs[2], acc);
+      mk::store_tile(acc, o[0] + c0, kMaxDim);
+    });
   }
   for (int r = 0; r < MR; ++r) {
     float* dst = out + r * p.dv;
     if (l[r] != 0.f) {  // a row with keys, or a NaN one (which stays NaN, as in PyTorch)
       const __m512 inv = _mm512_set1_ps(1.f / l[r]);
-      for (int c = 0; c < NV; ++c) _mm512_storeu_ps(dst + 16 * c, _mm512_mul_ps(_mm512_load_ps(o[r] + 16 * c), inv));
+      for (int64_t c = 0; c < p.dv; c += 16) _mm512_storeu_ps(dst + c, _mm512_mul_ps(_mm512_load_ps(o[r] + c), inv));
       lse[r] = m[r] + std::log(l[r]);
     } else {
-      for (int c = 0; c < NV * 16; ++c) dst[c] = 0.f;
+      for (int64_t c = 0; c < p.dv; ++c) dst[c] = 0.f;
       lse[r] = ninf;
     }
   }
@@ -187,11 +194,8 @@ void forward(const Problem& p, int64_t t0, int64_t t1, float* out, float* lse) {
       [&](int64_t b, int64_t h, int64_t r0, int64_t mr, const int64_t* limit, int64_t kend) {
         const int64_t row = (b * p.Hq + h) * p.Lq + r0;
         const float* q = p.q + b * p.qs[0] + h * p.qs[1] + r0 * p.qs[2];
-        mk::with_vectors(p.dv / 16, [&](auto nv) {
-          mk::with_rows(mr, [&](auto rows) {
-            row_group<decltype(rows)::value, decltype(nv)::value>(pv, q, kpanels, vrows, kend, limit,
-                                                                  out + row * p.dv, lse + row);
-          });
+        mk::with_rows(mr, [&](auto rows) {
+          row_group<decltype(rows)::value>(pv, q, kpanels, vrows, kend, limit, out + row * p.dv, lse + row);
         });
       });
 }
@@ -394,7 +398,7 @@ BM_AVX512 void lanes_forward(const ProblemOf<T>& p, const Lanes& ln, const float
 template <typename T>
 void lanes_tasks(const ProblemOf<T>& p, int64_t t0, int64_t t1, T* out, float* lse) {
   const int64_t group = p.Hq / p.Hkv, rows = group * p.Lq, chunks = (rows + kLanes - 1) / kLanes;
-  alignas(64) float qt[kLanesMaxDim][kLanes];
+  alignas(64) float qt[kMaxDim][kLanes];
   std::vector<float> storage;
   float* base = mk::aligned(storage, kLanes * p.dv + (std::is_same_v<T, float> ? 0 : kKeys * (p.d + p.dv)));
   const LanesScratch w{base, base + kLanes * p.dv, base + kLanes * p.dv + kKeys * p.d};
@@ -487,7 +491,7 @@ BM_AVX512 BM_ALWAYS_INLINE void probabilities(const __m512 (&s)[MR][4], float sc
 
 // MR query rows against one 64-key block: P and dS (scaled) into pt / dst (rows of 64), then
 // dQ[rows] += dS K_block.
-template <int MR, int NVD>
+template <int MR>
 BM_AVX512 void bwd_rows(const Problem& p, const float* q, const float* go, const float* lse, const float* delta,
                         const float* kpan, const float* vpan, const float* kblock, int64_t j0, int64_t nk,
                         const int64_t* limit, float (*pt)[kKeys], float (*dst)[kKeys], float* gq) {
@@ -507,16 +511,12 @@ BM_AVX512 void bwd_rows(const Problem& p, const float* q, const float* go, const
       _mm512_store_ps(dst[r] + 16 * c,
                       _mm512_mul_ps(_mm512_mul_ps(_mm512_load_ps(pt[r] + 16 * c), _mm512_sub_ps(dp[r][c], dl)), sc));
   }
-  __m512 acc[MR][NVD];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int c = 0; c < NVD; ++c) acc[r][c] = _mm512_loadu_ps(gq + r * p.d + 16 * c);
-  mk::tile_f32_rows<MR, NVD>(dst[0], kKeys, nk, kblock, p.ks[2], acc);
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int c = 0; c < NVD; ++c) _mm512_storeu_ps(gq + r * p.d + 16 * c, acc[r][c]);
+  for_each_column_chunk(p.d, [&](int64_t c0, auto nv) {
+    __m512 acc[MR][decltype(nv)::value];
+    mk::load_tile(gq + c0, p.d, acc);
+    mk::tile_f32_rows(dst[0], kKeys, nk, kblock + c0, p.ks[2], acc);
+    mk::store_tile(acc, gq + c0, p.d);
+  });
 }
 
 // out[keys m0 .. m0 + MR][NV * 16] += A^T B over nq query rows: A = pt or dst (rows of 64, read
@@ -536,13 +536,13 @@ BM_AVX512 void bwd_kv_tile(const float* a, int64_t m0, int64_t nq, const float* 
     for (int c = 0; c < NV; ++c) _mm512_storeu_ps(out + (m0 + r) * ldo + 16 * c, acc[r][c]);
 }
 
-// out[keys 0 .. nk][nv * 16] += A^T B over nq query rows, in tiles of up to kRows keys.
-void bwd_kv(int64_t nv, const float* a, int64_t nk, int64_t nq, const float* b, int64_t ldb, float* out,
+// out[keys 0 .. nk][cols] += A^T B over nq query rows, in tiles of up to kRows keys and 64 columns.
+void bwd_kv(int64_t cols, const float* a, int64_t nk, int64_t nq, const float* b, int64_t ldb, float* out,
             int64_t ldo) {
-  mk::with_vectors(nv, [&](auto vecs) {
+  for_each_column_chunk(cols, [&](int64_t c0, auto vecs) {
     for (int64_t m0 = 0; m0 < nk; m0 += kRows)
       mk::with_rows(std::min<int64_t>(kRows, nk - m0), [&](auto rows) {
-        bwd_kv_tile<decltype(rows)::value, decltype(vecs)::value>(a, m0, nq, b, ldb, out, ldo);
+        bwd_kv_tile<decltype(rows)::value, decltype(vecs)::value>(a, m0, nq, b + c0, ldb, out + c0, ldo);
       });
   });
 }
@@ -588,17 +588,14 @@ void backward(const Problem& p, const Grads& g, int64_t t0, int64_t t1) {
               float* gq = g.gq + (row0 + r0) * p.d;
               float (*ptr)[kKeys] = pt + (r0 - i0);
               float (*dsr)[kKeys] = dst + (r0 - i0);
-              mk::with_vectors(p.d / 16, [&](auto nvd) {
-                mk::with_rows(mr, [&](auto rows) {
-                  bwd_rows<decltype(rows)::value, decltype(nvd)::value>(pc, q, go, g.lse + row0 + r0,
-                                                                         g.delta + row0 + r0, kpan, vpan,
-                                                                         krows + j0 * p.d, j0, nk, limit, ptr, dsr, gq);
-                });
+              mk::with_rows(mr, [&](auto rows) {
+                bwd_rows<decltype(rows)::value>(pc, q, go, g.lse + row0 + r0, g.delta + row0 + r0, kpan, vpan,
+                                                krows + j0 * p.d, j0, nk, limit, ptr, dsr, gq);
               });
             },
             [&](int64_t i0, int64_t nq) {  // dV[block] += P^T dO, dK[block] += dS^T Q over these rows
-              bwd_kv(p.dv / 16, pt[0], nk, nq, g.grad_out + (row0 + i0) * p.dv, p.dv, gv + j0 * p.dv, p.dv);
-              bwd_kv(p.d / 16, dst[0], nk, nq, qh + i0 * p.d, p.d, gk + j0 * p.d, p.d);
+              bwd_kv(p.dv, pt[0], nk, nq, g.grad_out + (row0 + i0) * p.dv, p.dv, gv + j0 * p.dv, p.dv);
+              bwd_kv(p.d, dst[0], nk, nq, qh + i0 * p.d, p.d, gk + j0 * p.d, p.d);
             });
       }
     }
@@ -939,7 +936,7 @@ BM_AVX512 void pair_rows(const uint16_t* x, int64_t ld, int64_t n, int64_t pairs
 // MR query rows (r0 - i0 even) against one 64-key block: P and dS in float32 from bf16 products; P^T
 // and dS^T (hi and lo) as query-row pairs into ptp / dstp / dstp_lo (the 48-row block's, word (pair,
 // key)); dQ += dS K.
-template <int MR, int NVD>
+template <int MR>
 BM_AVX512_BF16 void bwd_rows_bf16(const ProblemBf16& p, const uint16_t* q, const uint16_t* go, const float* lse,
                                   const float* delta, const uint16_t* kpan, const uint16_t* vpan,
                                   const uint16_t* kpairs, int64_t j0, int64_t nk, const int64_t* limit,
@@ -987,11 +984,12 @@ BM_AVX512_BF16 void bwd_rows_bf16(const ProblemBf16& p, const uint16_t* q, const
       _mm512_store_si512(dstp_lo + (r / 2) * kKeys + 16 * c,
                          mk::bf16_pairs(_mm512_load_ps(dsl[r] + 16 * c), _mm512_load_ps(dsl[r + 1] + 16 * c)));
     }
-  __m512 acc[MR][NVD];
-  mk::load_tile(gq, p.d, acc);
-  for (int part = 0; part < 2; ++part)
-    mk::tile_bf16_rows<MR, NVD>(dsb[part][0], kKeys, (nk + 1) / 2, kpairs, 2 * p.d, acc);
-  mk::store_tile(acc, gq, p.d);
+  for_each_column_chunk(p.d, [&](int64_t c0, auto nv) {
+    __m512 acc[MR][decltype(nv)::value];
+    mk::load_tile(gq + c0, p.d, acc);
+    for (int part = 0; part < 2; ++part) mk::tile_bf16_rows(dsb[part][0], kKeys, (nk + 1) / 2, kpairs + 2 * c0, 2 * p.d, acc);
+    mk::store_tile(acc, gq + c0, p.d);
+  });
 }
 
 // delta[r] = sum over c < dv of dO[r][c] O[r][c] for rows [0, n) (bf16 rows of dv, float32 sums).
@@ -1024,12 +1022,12 @@ BM_AVX512_BF16 void bwd_kv_tile_bf16(const uint32_t* a, int64_t m0, int64_t pair
   mk::store_tile(acc, o, ldo);
 }
 
-void bwd_kv_bf16(int64_t nv, const uint32_t* a, int64_t nk, int64_t pairs, const uint32_t* b, int64_t ldb,
+void bwd_kv_bf16(int64_t cols, const uint32_t* a, int64_t nk, int64_t pairs, const uint32_t* b, int64_t ldb,
                  float* out, int64_t ldo) {
-  mk::with_vectors(nv, [&](auto vecs) {
+  for_each_column_chunk(cols, [&](int64_t c0, auto vecs) {
     for (int64_t m0 = 0; m0 < nk; m0 += kRows)
       mk::with_rows(std::min<int64_t>(kRows, nk - m0), [&](auto rows) {
-        bwd_kv_tile_bf16<decltype(rows)::value, decltype(vecs)::value>(a, m0, pairs, b, ldb, out, ldo);
+        bwd_kv_tile_bf16<decltype(rows)::value, decltype(vecs)::value>(a, m0, pairs, b + c0, ldb, out + c0, ldo);
       });
   });
 }
@@ -1096,21 +1094,19 @@ void backward_bf16_dot(const ProblemBf16& p, const GradsBf16& g, int64_t t0, int
             p, valid, j0,
             [&](int64_t i0, int64_t r0, int64_t mr, const int64_t* limit) {
               const int64_t pair0 = (r0 - i0) / 2;  // groups start at even rows of the block
-              mk::with_vectors(p.d / 16, [&](auto nvd) {
-                mk::with_rows(mr, [&](auto rows) {
-                  bwd_rows_bf16<decltype(rows)::value, decltype(nvd)::value>(
-                      p, qh + r0 * p.d, g.grad_out + (row0 + r0) * p.dv, g.lse + row0 + r0, delta + i * p.Lq + r0,
-                      kpan, vpan, kblock, j0, nk, limit, ptp + pair0 * kKeys, dstp + pair0 * kKeys,
-                      dstp_lo + pair0 * kKeys, gqa + (i * p.Lq + r0) * p.d);
-                });
+              mk::with_rows(mr, [&](auto rows) {
+                bwd_rows_bf16<decltype(rows)::value>(
+                    p, qh + r0 * p.d, g.grad_out + (row0 + r0) * p.dv, g.lse + row0 + r0, delta + i * p.Lq + r0,
+                    kpan, vpan, kblock, j0, nk, limit, ptp + pair0 * kKeys, dstp + pair0 * kKeys,
+                    dstp_lo + pair0 * kKeys, gqa + (i * p.Lq + r0) * p.d);
               });
             },
             [&](int64_t i0, int64_t nq) {  // dV[block] += P^T dO, dK[block] += dS^T Q over the row pairs
               const int64_t pairs = (nq + 1) / 2;
-              bwd_kv_bf16(p.dv / 16, ptp, nk, pairs, dop + (i * qpairs + i0 / 2) * p.dv, p.dv, gva + j0 * p.dv,
+              bwd_kv_bf16(p.dv, ptp, nk, pairs, dop + (i * qpairs + i0 / 2) * p.dv, p.dv, gva + j0 * p.dv,
                           p.dv);
               for (const uint32_t* ds : {dstp, dstp_lo})
-                bwd_kv_bf16(p.d / 16, ds, nk, pairs, qp + (i * qpairs + i0 / 2) * p.d, p.d, gka + j0 * p.d, p.d);
+                bwd_kv_bf16(p.d, ds, nk, pairs, qp + (i * qpairs + i0 / 2) * p.d, p.d, gka + j0 * p.d, p.d);
             });
       }
     }

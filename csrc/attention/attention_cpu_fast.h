@@ -30,8 +30,12 @@ struct ProblemOf {
 using Problem = ProblemOf<float>;
 using ProblemBf16 = ProblemOf<uint16_t>;
 
-// Whether the fast path handles these head dims.
-inline bool supports(int64_t d, int64_t dv) { return d % 16 == 0 && dv % 16 == 0 && d >= 16 && dv >= 16 && d <= 64 && dv <= 64; }
+// Head dims of the float32 tile kernels (forward, backward) and the bf16 backward: multiples of 16 up to
+// kMaxDim. Outputs wider than a register tile's 64 columns run as 64-column chunks.
+constexpr int64_t kMaxDim = 128;
+inline bool supports(int64_t d, int64_t dv) {
+  return d % 16 == 0 && dv % 16 == 0 && d >= 16 && dv >= 16 && d <= kMaxDim && dv <= kMaxDim;
+}
 
 constexpr int64_t kBlockQ = 96;  // query rows per forward task
 
@@ -45,11 +49,8 @@ void forward(const Problem& p, int64_t t0, int64_t t1, float* out, float* lse);
 // place. Nothing is packed: the blocked forward packs K^T for every task, which a few rows cannot repay.
 // Also for bf16 q, k, v (and out): each 64-key block is widened to float32 in L1, the softmax and both
 // products run in float32 (P is not rounded), the output is rounded to bf16 once.
-// Head dims d and dv: multiples of 16 up to kLanesMaxDim (the tile kernels stop at 64).
-constexpr int64_t kLanes = 16, kLanesMaxDim = 128;
-inline bool supports_lanes(int64_t d, int64_t dv) {
-  return d % 16 == 0 && dv % 16 == 0 && d >= 16 && dv >= 16 && d <= kLanesMaxDim && dv <= kLanesMaxDim;
-}
+// Head dims as supports().
+constexpr int64_t kLanes = 16;
 void forward_lanes(const Problem& p, int64_t t0, int64_t t1, float* out, float* lse);
 void forward_lanes(const ProblemBf16& p, int64_t t0, int64_t t1, uint16_t* out, float* lse);
 

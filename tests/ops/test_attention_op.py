@@ -233,9 +233,9 @@ def test_lanes_rows(cpu_kernel, threads, Hq, Hkv, Lq, d, dv, is_causal, use_leng
 @pytest.mark.parametrize("d,dv", [(128, 128), (80, 96), (128, 64), (112, 16)])
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_wide_heads(cpu_kernel, dtype, Hq, Hkv, Lq, d, dv, is_causal):
-    """Head dims past the tile kernels' 64 (up to 128) run on the lanes kernel at every row count (70
-    and 80 rows per kv head included), float32 and bf16 (bf16 against float64 within twice PyTorch's
-    own bf16 error), key lengths down to 0, with gradients in float32."""
+    """Head dims past a register tile's 64 columns (up to 128): the lanes kernel up to 64 rows per kv
+    head, the tile kernels in 64-column chunks above (70 and 80 rows), float32 and bf16 (bf16 against
+    float64 within twice PyTorch's own bf16 error), key lengths down to 0, with gradients in float32."""
     B, Lk = 3, 150
     q, k, v = qkv(B, Hq, Hkv, Lq, Lk, d, dv, dtype=dtype, requires_grad=dtype == torch.float32)
     lengths = torch.tensor([Lk, 0, 37])
@@ -410,6 +410,9 @@ def test_bfloat16_forward_paths(cpu_kernel, shape, is_causal, use_lengths):
         (2, 2, 1, 67, 150, 64, 16),
         (3, 2, 2, 97, 131, 16, 64),
         (1, 2, 2, 7, 9, 48, 32),
+        # head dims past 64: dQ, dK and dV in 64-column chunks
+        (2, 2, 1, 67, 150, 128, 128),
+        (1, 2, 2, 13, 70, 80, 112),
     ],
 )
 @pytest.mark.parametrize("is_causal", [False, True])
