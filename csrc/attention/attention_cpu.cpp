@@ -306,6 +306,15 @@ bool use_fast_path(const Dims& d, at::ScalarType ct, const Tensor& mask, const D
 // take its head dims (dv <= 64), else the lanes kernel at every row count.
 constexpr int64_t kLanesMinRows = 3, kLanesMaxRows = 64, kLanesMinRowsBf16 = 1;
 
+// Whether a bf16 tile forward (AMX, or vdpbf16ps where bf16_kernel() chose it) runs these head dims here.
+bool bf16_tiles(const Dims& d) {
+  switch (gemm::cpu::bf16_kernel()) {
+    case gemm::cpu::Bf16Kernel::Amx: return fast::supports_amx(d.d, d.dv);
+    case gemm::cpu::Bf16Kernel::Dot: return fast::supports(d.d, d.dv);
+    default: return false;
+  }
+}
+
 bool use_lanes(const Dims& d, at::ScalarType ct, const Tensor& mask, const Dropout& dropout, bool bf16) {
   if (ct != at::kFloat || mask.defined() || dropout.active() || !fast::supports(d.d, d.dv) ||
       !gemm::cpu::has_avx512() || !gemm::cpu::microkernels_enabled())
@@ -314,8 +323,7 @@ bool use_lanes(const Dims& d, at::ScalarType ct, const Tensor& mask, const Dropo
   if (rows < (bf16 ? kLanesMinRowsBf16 : kLanesMinRows)) return false;
   if (rows <= kLanesMaxRows) return true;
   if (!bf16) return false;
-  const gemm::cpu::Bf16Kernel k = gemm::cpu::bf16_kernel();  // the bf16 tile kernels, where they run
-  return !(fast::supports_amx(d.d, d.dv) && (k == gemm::cpu::Bf16Kernel::Amx || k == gemm::cpu::Bf16Kernel::Dot));
+  return !bf16_tiles(d);
 }
 
 // T: float, or uint16_t for bfloat16 tensors.
@@ -549,8 +557,7 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& query, const Tensor& key,
   }
   using gemm::cpu::Bf16Kernel;
   const Bf16Kernel bf16_kernel = gemm::cpu::bf16_kernel();
-  if (query.scalar_type() == at::kBFloat16 && !mask.defined() && !dropout.active() &&
-      fast::supports_amx(d.d, d.dv) && (bf16_kernel == Bf16Kernel::Amx || bf16_kernel == Bf16Kernel::Dot)) {
+  if (query.scalar_type() == at::kBFloat16 && !mask.defined() && !dropout.active() && bf16_tiles(d)) {
     const Tensor q = rows_ready(query, at::kBFloat16), k = rows_ready(key, at::kBFloat16);
     const Tensor v = rows_ready(value, at::kBFloat16);
     Tensor out = at::empty({d.B, d.Hq, d.Lq, d.dv}, q.options());

@@ -819,8 +819,8 @@ BM_AMX void amx_row_block(const ProblemBf16& p, const uint32_t* qt, int64_t mr, 
       dot_t(kbuf + j0 * p.d, p.d, kKeys, qt, p.d / 2, st);
   };
   alignas(64) float st[2][kKeys][16];
-  alignas(64) float ot[64][16];
-  alignas(64) float acc[64][16];
+  alignas(64) float ot[kMaxDim][16];
+  alignas(64) float acc[kMaxDim][16];
   alignas(64) uint32_t pt[kKeys / 2][16];
   alignas(64) int32_t lim[16];
   int64_t lim_min = kend;
@@ -871,7 +871,7 @@ BM_AMX void forward_bf16_tasks(const ProblemBf16& p, int64_t t0, int64_t t1, uin
   std::vector<uint16_t> ks, vs;
   uint16_t* kbuf = mk::aligned(ks, ldv * p.d);
   uint16_t* vt = mk::aligned(vs, p.dv * ldv);
-  alignas(64) uint32_t qt[64 * 16];  // d <= 128
+  alignas(64) uint32_t qt[kMaxDim / 2 * 16];
   if constexpr (kAmx) mk::amx_configure();
   for_each_forward_task<16>(
       p, t0, t1, kBlockQAmx,

@@ -62,7 +62,8 @@ inline bool supports_amx(int64_t d, int64_t dv) {
 }
 constexpr int64_t kBlockQAmx = 64;  // query rows per bf16 forward task
 void forward_amx(const ProblemBf16& p, int64_t t0, int64_t t1, uint16_t* out, float* lse);
-// The same forward with the products on vdpbf16ps (AVX512-BF16 without AMX; same layouts and limits).
+// The same forward with the products on vdpbf16ps (AVX512-BF16 without AMX; same layouts), whose
+// (P V)^T is not bound to four AMX accumulator tiles: head dims as supports().
 void forward_bf16_dot(const ProblemBf16& p, int64_t t0, int64_t t1, uint16_t* out, float* lse);
 
 struct Grads {
