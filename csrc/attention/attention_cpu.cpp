@@ -302,9 +302,16 @@ bool use_fast_path(const Dims& d, at::ScalarType ct, const Tensor& mask, const D
 // bf16 inputs take it from one row: the alternatives pack (AMX / vdpbf16ps kernels) or convert the
 // whole K and V to float32 (decode rows at 1024 keys: 37.4 / 79.5 ms against the packing kernel's 41.8 /
 // 83.0 with and without key padding).
+// bf16 calls with 16 or more rows per query head and a full 64-key block fill the bf16 tile kernels'
+// blocks, and take them (d = 128, 512 keys, 16 / 32 / 64 rows: 1.46-1.56x / 1.57-1.64x / 1.69-1.89x
+// native against the lanes kernel's 1.19-1.42x / 1.04-1.08x / 1.08-1.13x; d = 64, 32 rows: 2.05-2.13x
+// against 1.21-1.30x; L = S = 64, d = 32-128: 1.4-2.0x faster than the lanes kernel without a mask,
+// about equal causal). Fewer rows of a query head (GQA groups fill the lanes: 8 rows x 4 heads at 2048
+// keys 1.77-1.83x against the tiles' 1.49-1.59x) or fewer keys (L = S = 24-48: the lanes kernel
+// 1.0-1.6x faster, the tiles computing a half-empty key block) stay on the lanes kernel.
 // Above 64 rows float32 takes the tile kernels (fast::forward); bf16 the bf16 tile kernels where they
-// take its head dims (dv <= 64), else the lanes kernel at every row count.
-constexpr int64_t kLanesMinRows = 3, kLanesMaxRows = 64, kLanesMinRowsBf16 = 1;
+// take its head dims (AMX: dv <= 64), else the lanes kernel at every row count.
+constexpr int64_t kLanesMinRows = 3, kLanesMaxRows = 64, kLanesMinRowsBf16 = 1, kBf16TilesMinKeys = 64;
 
 // Whether a bf16 tile forward (AMX, or vdpbf16ps where bf16_kernel() chose it) runs these head dims here.
 bool bf16_tiles(const Dims& d) {
@@ -321,8 +328,8 @@ bool use_lanes(const Dims& d, at::ScalarType ct, const Tensor& mask, const Dropo
     return false;
   const int64_t rows = d.Hq / d.Hkv * d.Lq;
   if (rows < (bf16 ? kLanesMinRowsBf16 : kLanesMinRows)) return false;
-  if (rows <= kLanesMaxRows) return true;
-  if (!bf16) return false;
+  if (!bf16) return rows <= kLanesMaxRows;
+  if (rows <= kLanesMaxRows && (d.Lq < fast::kLanes || d.Lk < kBf16TilesMinKeys)) return true;
   return !bf16_tiles(d);
 }
 
