@@ -22,6 +22,7 @@ SHAPES = [
     ("short", 64, 32, 8, 32),  # short sentences (the classifier's attention over MR-length inputs)
     ("long", 8, 1024, 8, 32),
     ("longer", 4, 2048, 8, 64),
+    ("wide", 4, 512, 8, 128),  # head dim 128, as in most large language models
 ]
 GPU_SHAPES = [
     ("gpu-d64", 8, 4096, 16, 64),
