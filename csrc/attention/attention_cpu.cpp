@@ -289,9 +289,9 @@ Tensor rows_ready(const Tensor& t, at::ScalarType ct) {
   return t.to(ct).contiguous();
 }
 
-// The micro-kernel path: float32 compute, head dims it has tiles for, no general mask, no dropout.
-bool use_fast_path(const Dims& d, at::ScalarType ct, const Tensor& mask, const Dropout& dropout) {
-  return ct == at::kFloat && !mask.defined() && !dropout.active() && fast::supports(d.d, d.dv) &&
+// The micro-kernel path: float32 compute, head dims it has tiles for, no general mask (dropout is fine).
+bool use_fast_path(const Dims& d, at::ScalarType ct, const Tensor& mask) {
+  return ct == at::kFloat && !mask.defined() && fast::supports(d.d, d.dv) &&
          gemm::cpu::has_avx512() && gemm::cpu::microkernels_enabled();
 }
 
@@ -594,8 +594,9 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& query, const Tensor& key,
                         out.data_ptr<float>(), lse.data_ptr<float>());
     return {out.to(query.scalar_type()), lse};
   }
-  if (use_fast_path(d, ct, mask, dropout)) {
-    const fast::Problem fp = fast_problem<float>(d, q, k, v, lengths, is_causal, scale);
+  if (use_fast_path(d, ct, mask)) {
+    fast::Problem fp = fast_problem<float>(d, q, k, v, lengths, is_causal, scale);
+    fp.dropout = dropout;
     const int64_t tasks = d.B * d.Hq * ((d.Lq + fast::kBlockQ - 1) / fast::kBlockQ);
     float* o = out.data_ptr<float>();
     float* ls = lse.data_ptr<float>();
@@ -650,8 +651,9 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cpu(
   const Tensor mask = additive_mask(attn_mask, d, ct);
   Tensor gq = at::zeros(q.sizes(), q.options()), gk = at::zeros(k.sizes(), k.options());
   Tensor gv = at::zeros(v.sizes(), v.options());
-  if (use_fast_path(d, ct, mask, dropout)) {
-    const fast::Problem fp = fast_problem<float>(d, q, k, v, lengths, is_causal, scale);
+  if (use_fast_path(d, ct, mask)) {
+    fast::Problem fp = fast_problem<float>(d, q, k, v, lengths, is_causal, scale);
+    fp.dropout = dropout;
     fast::Grads g;
     g.grad_out = go.const_data_ptr<float>();
     g.lse = lse.const_data_ptr<float>();

@@ -59,6 +59,26 @@ BM_ALWAYS_INLINE void for_each_column_chunk(int64_t cols, const F& f) {
   for (int64_t c0 = 0; c0 < cols; c0 += kKeys) mk::with_vectors(std::min<int64_t>(4, (cols - c0) / 16), [&](auto nv) { f(c0, nv); });
 }
 
+// Dropout (attention.h's hash, 16 keys at a time): the keys j0 .. j0 + 15 that row `row` (its
+// Dropout::row_key) keeps.
+BM_AVX512 BM_ALWAYS_INLINE __mmask16 dropout_keep(const Dropout& dropout, uint32_t row, int64_t j0) {
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512i x = _mm512_xor_si512(_mm512_set1_epi32(int32_t(row)),
+                               _mm512_add_epi32(_mm512_set1_epi32(int32_t(uint32_t(j0))), iota));
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(int32_t(0x7feb352dU)));
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(int32_t(0x846ca68bU)));
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+  return _mm512_cmpge_epu32_mask(x, _mm512_set1_epi32(int32_t(dropout.threshold)));
+}
+
+// The row keys of query rows r0 .. r0 + mr of (batch b, query head h), when dropout is on.
+inline void dropout_rows(const Dropout& dropout, int64_t b, int64_t h, int64_t r0, int64_t mr, uint32_t* keys) {
+  if (dropout.active())
+    for (int64_t r = 0; r < mr; ++r) keys[r] = dropout.row_key(b, h, r0 + r);
+}
+
 // The forward's task loop, shared by the float32 and the AMX kernels. Task t is (batch b, query head
 // h, query rows i0 .. i0 + block); pack(b, hk, valid) runs when a task's kv head differs from the one
 // packed last (consecutive tasks share it), then rows(b, h, r0, mr, valid, limit, kend) for each
@@ -87,10 +107,14 @@ void for_each_forward_task(const P& p, int64_t t0, int64_t t1, int64_t block, co
 
 // One group of MR query rows (rows i0 .. i0 + MR) against keys [0, kend): online softmax, P V.
 // limit[r] = number of keys row r may see (key_lengths and the causal diagonal).
+// With dropout, drop_rows[r] is row r's Dropout::row_key: P V sees the kept probabilities scaled by
+// 1 / (1 - p), the normalizer l all of them.
 template <int MR>
 BM_AVX512 void row_group(const Problem& p, const float* q, const float* kpanels, const float* v, int64_t kend,
-                         const int64_t* limit, float* out, float* lse) {
+                         const int64_t* limit, const uint32_t* drop_rows, float* out, float* lse) {
   const float ninf = -std::numeric_limits<float>::infinity();
+  const bool dropout = p.dropout.active();
+  const __m512 kept = _mm512_set1_ps(static_cast<float>(1.0 / (1.0 - p.dropout.p)));
   float m[MR], l[MR];
   alignas(64) float o[MR][kMaxDim];
   alignas(64) float pt[MR][kKeys];
@@ -143,7 +167,8 @@ BM_AVX512 void row_group(const Problem& p, const float* q, const float* kpanels,
       for (int c = 0; c < 4; ++c) {
         const __m512 x = _mm512_sub_ps(s[r][c], shift);
         const __m512 e = edge ? _mm512_maskz_mov_ps(mask[c], mk::exp_scaled_ps<1>(x)) : mk::exp_scaled_ps<1>(x);
-        _mm512_store_ps(pt[r] + 16 * c, e);
+        _mm512_store_ps(pt[r] + 16 * c,
+                        dropout ? _mm512_maskz_mul_ps(dropout_keep(p.dropout, drop_rows[r], j0 + 16 * c), e, kept) : e);
         sum = _mm512_add_ps(sum, e);
       }
       alpha[r] = m[r] == ninf ? 0.f : std::exp(m[r] - mnew);
@@ -194,8 +219,11 @@ void forward(const Problem& p, int64_t t0, int64_t t1, float* out, float* lse) {
       [&](int64_t b, int64_t h, int64_t r0, int64_t mr, const int64_t* limit, int64_t kend) {
         const int64_t row = (b * p.Hq + h) * p.Lq + r0;
         const float* q = p.q + b * p.qs[0] + h * p.qs[1] + r0 * p.qs[2];
+        uint32_t drop_rows[kRows];
+        dropout_rows(p.dropout, b, h, r0, mr, drop_rows);
         mk::with_rows(mr, [&](auto rows) {
-          row_group<decltype(rows)::value>(pv, q, kpanels, vrows, kend, limit, out + row * p.dv, lse + row);
+          row_group<decltype(rows)::value>(pv, q, kpanels, vrows, kend, limit, drop_rows, out + row * p.dv,
+                                           lse + row);
         });
       });
 }
@@ -490,11 +518,13 @@ BM_AVX512 BM_ALWAYS_INLINE void probabilities(const __m512 (&s)[MR][4], float sc
 }
 
 // MR query rows against one 64-key block: P and dS (scaled) into pt / dst (rows of 64), then
-// dQ[rows] += dS K_block.
+// dQ[rows] += dS K_block. With dropout (drop_rows: the rows' Dropout::row_key), dS = P (Z dP - delta)
+// and pt holds P Z, what the values saw (Z: 0 if dropped, 1 / (1 - p) if kept).
 template <int MR>
 BM_AVX512 void bwd_rows(const Problem& p, const float* q, const float* go, const float* lse, const float* delta,
                         const float* kpan, const float* vpan, const float* kblock, int64_t j0, int64_t nk,
-                        const int64_t* limit, float (*pt)[kKeys], float (*dst)[kKeys], float* gq) {
+                        const int64_t* limit, const uint32_t* drop_rows, float (*pt)[kKeys], float (*dst)[kKeys],
+                        float* gq) {
   __m512 s[MR][4];
   mk::zero_tile<MR>(s);
   mk::tile_f32<MR>(q, p.qs[2], p.d, kpan, s);
@@ -503,13 +533,29 @@ BM_AVX512 void bwd_rows(const Problem& p, const float* q, const float* go, const
   mk::zero_tile<MR>(dp);
   mk::tile_f32<MR>(go, p.dv, p.dv, vpan, dp);
   const __m512 sc = _mm512_set1_ps(p.scale);
+  if (p.dropout.active()) {
+    const __m512 kept = _mm512_set1_ps(static_cast<float>(1.0 / (1.0 - p.dropout.p)));
 #pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
-    const __m512 dl = _mm512_set1_ps(delta[r]);
+    for (int r = 0; r < MR; ++r) {
+      const __m512 dl = _mm512_set1_ps(delta[r]);
 #pragma GCC unroll 4
-    for (int c = 0; c < 4; ++c)
-      _mm512_store_ps(dst[r] + 16 * c,
-                      _mm512_mul_ps(_mm512_mul_ps(_mm512_load_ps(pt[r] + 16 * c), _mm512_sub_ps(dp[r][c], dl)), sc));
+      for (int c = 0; c < 4; ++c) {
+        const __mmask16 keep = dropout_keep(p.dropout, drop_rows[r], j0 + 16 * c);
+        const __m512 pv = _mm512_load_ps(pt[r] + 16 * c);
+        const __m512 dpz = _mm512_maskz_mul_ps(keep, dp[r][c], kept);
+        _mm512_store_ps(dst[r] + 16 * c, _mm512_mul_ps(_mm512_mul_ps(pv, _mm512_sub_ps(dpz, dl)), sc));
+        _mm512_store_ps(pt[r] + 16 * c, _mm512_maskz_mul_ps(keep, pv, kept));
+      }
+    }
+  } else {
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512 dl = _mm512_set1_ps(delta[r]);
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c)
+        _mm512_store_ps(dst[r] + 16 * c,
+                        _mm512_mul_ps(_mm512_mul_ps(_mm512_load_ps(pt[r] + 16 * c), _mm512_sub_ps(dp[r][c], dl)), sc));
+    }
   }
   for_each_column_chunk(p.d, [&](int64_t c0, auto nv) {
     __m512 acc[MR][decltype(nv)::value];
@@ -588,9 +634,11 @@ void backward(const Problem& p, const Grads& g, int64_t t0, int64_t t1) {
               float* gq = g.gq + (row0 + r0) * p.d;
               float (*ptr)[kKeys] = pt + (r0 - i0);
               float (*dsr)[kKeys] = dst + (r0 - i0);
+              uint32_t drop_rows[kRows];
+              dropout_rows(p.dropout, b, h, r0, mr, drop_rows);
               mk::with_rows(mr, [&](auto rows) {
                 bwd_rows<decltype(rows)::value>(pc, q, go, g.lse + row0 + r0, g.delta + row0 + r0, kpan, vpan,
-                                                krows + j0 * p.d, j0, nk, limit, ptr, dsr, gq);
+                                                krows + j0 * p.d, j0, nk, limit, drop_rows, ptr, dsr, gq);
               });
             },
             [&](int64_t i0, int64_t nq) {  // dV[block] += P^T dO, dK[block] += dS^T Q over these rows

@@ -511,6 +511,35 @@ def test_dropout_gradcheck(device):
     torch.autograd.gradcheck(lambda q, k, v: attention(q, k, v, dropout_p=0.4, seed=7)[0], (q, k, v))
 
 
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (2, 4, 2, 70, 150, 64, 64),  # partial row groups, several key blocks, GQA
+        (1, 2, 2, 13, 200, 128, 96),  # head dims past 64 (column chunks); 13 rows: the lanes kernel's range
+        (2, 2, 1, 97, 67, 16, 32),
+        (3, 2, 2, 1, 90, 32, 32),  # one row: the few-rows kernel's range
+    ],
+)
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("use_lengths", [False, True])
+@pytest.mark.parametrize("p", [0.3, 0.9])
+def test_dropout_float32_tiles(cpu_kernel, shape, is_causal, use_lengths, p):
+    """float32 dropout on the register-tile kernels (every row count goes there when dropout is on):
+    the reference's keep bits (the hash computed 16 keys at a time), P V on the kept probabilities,
+    the normalizer on all of them; gradients through the same mask."""
+    B, Hq, Hkv, Lq, Lk, d, dv = shape
+    q, k, v = qkv(*shape)
+    lengths = torch.randint(1, Lk + 1, (B,)) if use_lengths else None
+    kw = {"key_lengths": lengths, "is_causal": is_causal, "dropout_p": p, "seed": 4321}
+    out, lse = attention(q, k, v, **kw)
+    ref, ref_lse = attention_reference(q, k, v, **kw)
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+    torch.testing.assert_close(lse, ref_lse, **TOL[torch.float32])
+    seed = torch.randn_like(out)
+    for g, gr in zip(grads(out, (q, k, v), seed), grads(ref, (q, k, v), seed), strict=True):
+        torch.testing.assert_close(g, gr, **TOL[torch.float32])
+
+
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 def test_dropout_rate(p):
     keep = dropout_keep(3, 2, 4, 128, 128, p)
