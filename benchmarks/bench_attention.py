@@ -6,7 +6,8 @@ CPU: float32 at the CPU shapes, and bfloat16 in the modes forward-bf16 and train
 bfloat16 at the GPU shapes (native without a mask or with is_causal is SDPA's flash backend; with a
 boolean mask PyTorch picks its memory-efficient backend).
 Key padding: native gets the equivalent boolean attn_mask, bigmodel gets key_lengths (its padded
-key blocks are skipped). On CUDA every timed call ends with a synchronize.
+key blocks are skipped). Dropout (p = 0.1; each side draws its own mask): CPU seed shape only. On
+CUDA every timed call ends with a synchronize.
 """
 
 import pytest
@@ -29,7 +30,7 @@ GPU_SHAPES = [
     ("gpu-d128", 8, 4096, 16, 128),
 ]
 GPU_DTYPE = torch.bfloat16
-MASKS = ["none", "causal", "key-padding"]
+MASKS = ["none", "causal", "key-padding", "dropout"]  # dropout: p = 0.1, seed shape only
 MODES = ["forward", "train", "forward-bf16", "train-bf16"]  # *-bf16: CPU only (CUDA is bf16 throughout)
 IMPLS = ["native", "bigmodel"]
 
@@ -37,6 +38,8 @@ IMPLS = ["native", "bigmodel"]
 def _call(impl, q, k, v, mask, lengths):
     if mask == "causal":
         kwargs = {"is_causal": True}
+    elif mask == "dropout":
+        kwargs = {"dropout_p": 0.1}
     elif mask == "key-padding":
         L = k.shape[2]
         bool_mask = torch.arange(L, device=k.device) < lengths.view(-1, 1, 1, 1)
@@ -45,7 +48,12 @@ def _call(impl, q, k, v, mask, lengths):
         kwargs = {}
     if impl == "native":
         return lambda: F.scaled_dot_product_attention(
-            q, k, v, attn_mask=kwargs.get("attn_mask"), is_causal=kwargs.get("is_causal", False)
+            q,
+            k,
+            v,
+            attn_mask=kwargs.get("attn_mask"),
+            is_causal=kwargs.get("is_causal", False),
+            dropout_p=kwargs.get("dropout_p", 0.0),
         )
     return lambda: BF.scaled_dot_product_attention(q, k, v, **kwargs)
 
@@ -67,6 +75,8 @@ def test_attention(benchmark, quick, device, timed, shape, mask, mode, impl):
         pytest.skip("CPU shapes run on the CPU, GPU shapes on CUDA")
     if quick and shape[0] not in ("seed", "gpu-d64"):
         pytest.skip("--quick runs the first shape only")
+    if mask == "dropout" and (quick or shape[0] != "seed"):
+        pytest.skip("dropout: CPU seed shape only, not in --quick (native's dropout is its L x L math path)")
     if impl == "bigmodel" and device == "cuda" and not _has_cuda_kernel():
         pytest.skip("bigmodel was built without its CUDA attention kernel")
     if mode.endswith("-bf16") and device == "cuda":
