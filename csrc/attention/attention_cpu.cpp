@@ -289,9 +289,10 @@ Tensor rows_ready(const Tensor& t, at::ScalarType ct) {
   return t.to(ct).contiguous();
 }
 
-// The micro-kernel path: float32 compute, head dims it has tiles for, no general mask (dropout is fine).
+// The micro-kernel path: float32 compute, head dims it has tiles for; dropout, and an additive mask whose
+// keys are contiguous (any broadcast over batch, heads and rows) are fine.
 bool use_fast_path(const Dims& d, at::ScalarType ct, const Tensor& mask) {
-  return ct == at::kFloat && !mask.defined() && fast::supports(d.d, d.dv) &&
+  return ct == at::kFloat && (!mask.defined() || mask.stride(3) == 1 || d.Lk == 1) && fast::supports(d.d, d.dv) &&
          gemm::cpu::has_avx512() && gemm::cpu::microkernels_enabled();
 }
 
@@ -356,6 +357,19 @@ fast::ProblemOf<T> fast_problem(const Dims& d, const Tensor& q, const Tensor& k,
     p.vs[i] = v.stride(i);
   }
   p.lengths = lengths.defined() ? lengths.const_data_ptr<int64_t>() : nullptr;
+  return p;
+}
+
+// The float32 tile kernels' problem: fast_problem's, with dropout and the additive mask.
+fast::Problem fast_tiles_problem(const Dims& d, const Tensor& q, const Tensor& k, const Tensor& v,
+                                 const Tensor& lengths, const Tensor& mask, bool is_causal, std::optional<double> scale,
+                                 const Dropout& dropout) {
+  fast::Problem p = fast_problem<float>(d, q, k, v, lengths, is_causal, scale);
+  p.dropout = dropout;
+  if (mask.defined()) {
+    p.mask = mask.const_data_ptr<float>();
+    for (int i = 0; i < 3; ++i) p.ms[i] = mask.stride(i);
+  }
   return p;
 }
 
@@ -595,8 +609,7 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& query, const Tensor& key,
     return {out.to(query.scalar_type()), lse};
   }
   if (use_fast_path(d, ct, mask)) {
-    fast::Problem fp = fast_problem<float>(d, q, k, v, lengths, is_causal, scale);
-    fp.dropout = dropout;
+    const fast::Problem fp = fast_tiles_problem(d, q, k, v, lengths, mask, is_causal, scale, dropout);
     const int64_t tasks = d.B * d.Hq * ((d.Lq + fast::kBlockQ - 1) / fast::kBlockQ);
     float* o = out.data_ptr<float>();
     float* ls = lse.data_ptr<float>();
@@ -652,8 +665,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cpu(
   Tensor gq = at::zeros(q.sizes(), q.options()), gk = at::zeros(k.sizes(), k.options());
   Tensor gv = at::zeros(v.sizes(), v.options());
   if (use_fast_path(d, ct, mask)) {
-    fast::Problem fp = fast_problem<float>(d, q, k, v, lengths, is_causal, scale);
-    fp.dropout = dropout;
+    const fast::Problem fp = fast_tiles_problem(d, q, k, v, lengths, mask, is_causal, scale, dropout);
     fast::Grads g;
     g.grad_out = go.const_data_ptr<float>();
     g.lse = lse.const_data_ptr<float>();

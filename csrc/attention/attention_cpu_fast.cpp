@@ -56,7 +56,8 @@ int64_t visible_keys(const P& p, int64_t valid, int64_t r0, int64_t mr, int64_t*
 // chunk's zmm count as a compile-time constant: a register tile holds at most 4 vectors per row.
 template <typename F>
 BM_ALWAYS_INLINE void for_each_column_chunk(int64_t cols, const F& f) {
-  for (int64_t c0 = 0; c0 < cols; c0 += kKeys) mk::with_vectors(std::min<int64_t>(4, (cols - c0) / 16), [&](auto nv) { f(c0, nv); });
+  for (int64_t c0 = 0; c0 < cols; c0 += kKeys)
+    mk::with_vectors(std::min<int64_t>(4, (cols - c0) / 16), [&](auto nv) { f(c0, nv); });
 }
 
 // Dropout (attention.h's hash, 16 keys at a time): the keys j0 .. j0 + 15 that row `row` (its
@@ -71,6 +72,25 @@ BM_AVX512 BM_ALWAYS_INLINE __mmask16 dropout_keep(const Dropout& dropout, uint32
   x = _mm512_mullo_epi32(x, _mm512_set1_epi32(int32_t(0x846ca68bU)));
   x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
   return _mm512_cmpge_epu32_mask(x, _mm512_set1_epi32(int32_t(dropout.threshold)));
+}
+
+// s[r][c] += the additive mask of row r (mask rows at stride ld from mrow) for keys j0 + 16 c .. of
+// the block, of which the first n exist (the rest add nothing: they are masked by the caller).
+template <int MR>
+BM_AVX512 BM_ALWAYS_INLINE void add_mask(__m512 (&s)[MR][4], const float* mrow, int64_t ld, int64_t j0, int64_t n) {
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) {
+      const __mmask16 m = mk::lanes(std::clamp<int64_t>(n - 16 * c, 0, 16));
+      s[r][c] = _mm512_add_ps(s[r][c], _mm512_maskz_loadu_ps(m, mrow + r * ld + j0 + 16 * c));
+    }
+}
+
+// The first mask row of query rows r0.. of (batch b, query head h), or nullptr without a mask.
+template <typename P>
+const float* mask_rows(const P& p, int64_t b, int64_t h, int64_t r0) {
+  return p.mask ? p.mask + b * p.ms[0] + h * p.ms[1] + r0 * p.ms[2] : nullptr;
 }
 
 // The row keys of query rows r0 .. r0 + mr of (batch b, query head h), when dropout is on.
@@ -108,10 +128,11 @@ void for_each_forward_task(const P& p, int64_t t0, int64_t t1, int64_t block, co
 // One group of MR query rows (rows i0 .. i0 + MR) against keys [0, kend): online softmax, P V.
 // limit[r] = number of keys row r may see (key_lengths and the causal diagonal).
 // With dropout, drop_rows[r] is row r's Dropout::row_key: P V sees the kept probabilities scaled by
-// 1 / (1 - p), the normalizer l all of them.
+// 1 / (1 - p), the normalizer l all of them. mrow: the rows' additive mask (mask_rows) or nullptr.
 template <int MR>
 BM_AVX512 void row_group(const Problem& p, const float* q, const float* kpanels, const float* v, int64_t kend,
-                         const int64_t* limit, const uint32_t* drop_rows, float* out, float* lse) {
+                         const int64_t* limit, const uint32_t* drop_rows, const float* mrow, float* out,
+                         float* lse) {
   const float ninf = -std::numeric_limits<float>::infinity();
   const bool dropout = p.dropout.active();
   const __m512 kept = _mm512_set1_ps(static_cast<float>(1.0 / (1.0 - p.dropout.p)));
@@ -130,6 +151,7 @@ BM_AVX512 void row_group(const Problem& p, const float* q, const float* kpanels,
     __m512 s[MR][4];
     mk::zero_tile<MR>(s);
     mk::tile_f32<MR>(q, p.qs[2], p.d, kpanels + (j0 / kKeys) * p.d * kKeys, s);
+    if (mrow) add_mask<MR>(s, mrow, p.ms[2], j0, kend - j0);
     float alpha[MR];
     // Blocks wholly inside every row's visible keys (most of them) skip the masking.
     const bool edge = j0 + kKeys > min_limit;
@@ -222,8 +244,8 @@ void forward(const Problem& p, int64_t t0, int64_t t1, float* out, float* lse) {
         uint32_t drop_rows[kRows];
         dropout_rows(p.dropout, b, h, r0, mr, drop_rows);
         mk::with_rows(mr, [&](auto rows) {
-          row_group<decltype(rows)::value>(pv, q, kpanels, vrows, kend, limit, drop_rows, out + row * p.dv,
-                                           lse + row);
+          row_group<decltype(rows)::value>(pv, q, kpanels, vrows, kend, limit, drop_rows, mask_rows(p, b, h, r0),
+                                           out + row * p.dv, lse + row);
         });
       });
 }
@@ -519,15 +541,17 @@ BM_AVX512 BM_ALWAYS_INLINE void probabilities(const __m512 (&s)[MR][4], float sc
 
 // MR query rows against one 64-key block: P and dS (scaled) into pt / dst (rows of 64), then
 // dQ[rows] += dS K_block. With dropout (drop_rows: the rows' Dropout::row_key), dS = P (Z dP - delta)
-// and pt holds P Z, what the values saw (Z: 0 if dropped, 1 / (1 - p) if kept).
+// and pt holds P Z, what the values saw (Z: 0 if dropped, 1 / (1 - p) if kept). mrow: the rows'
+// additive mask (mask_rows) or nullptr.
 template <int MR>
 BM_AVX512 void bwd_rows(const Problem& p, const float* q, const float* go, const float* lse, const float* delta,
                         const float* kpan, const float* vpan, const float* kblock, int64_t j0, int64_t nk,
-                        const int64_t* limit, const uint32_t* drop_rows, float (*pt)[kKeys], float (*dst)[kKeys],
-                        float* gq) {
+                        const int64_t* limit, const uint32_t* drop_rows, const float* mrow, float (*pt)[kKeys],
+                        float (*dst)[kKeys], float* gq) {
   __m512 s[MR][4];
   mk::zero_tile<MR>(s);
   mk::tile_f32<MR>(q, p.qs[2], p.d, kpan, s);
+  if (mrow) add_mask<MR>(s, mrow, p.ms[2], j0, nk);
   probabilities<MR>(s, 1.f, lse, limit, j0, pt);  // the panels hold scale K^T
   __m512 dp[MR][4];
   mk::zero_tile<MR>(dp);
@@ -638,7 +662,8 @@ void backward(const Problem& p, const Grads& g, int64_t t0, int64_t t1) {
               dropout_rows(p.dropout, b, h, r0, mr, drop_rows);
               mk::with_rows(mr, [&](auto rows) {
                 bwd_rows<decltype(rows)::value>(pc, q, go, g.lse + row0 + r0, g.delta + row0 + r0, kpan, vpan,
-                                                krows + j0 * p.d, j0, nk, limit, drop_rows, ptr, dsr, gq);
+                                                krows + j0 * p.d, j0, nk, limit, drop_rows, mask_rows(p, b, h, r0),
+                                                ptr, dsr, gq);
               });
             },
             [&](int64_t i0, int64_t nq) {  // dV[block] += P^T dO, dK[block] += dS^T Q over these rows
@@ -1035,7 +1060,8 @@ BM_AVX512_BF16 void bwd_rows_bf16(const ProblemBf16& p, const uint16_t* q, const
   for_each_column_chunk(p.d, [&](int64_t c0, auto nv) {
     __m512 acc[MR][decltype(nv)::value];
     mk::load_tile(gq + c0, p.d, acc);
-    for (int part = 0; part < 2; ++part) mk::tile_bf16_rows(dsb[part][0], kKeys, (nk + 1) / 2, kpairs + 2 * c0, 2 * p.d, acc);
+    for (int part = 0; part < 2; ++part)
+      mk::tile_bf16_rows(dsb[part][0], kKeys, (nk + 1) / 2, kpairs + 2 * c0, 2 * p.d, acc);
     mk::store_tile(acc, gq + c0, p.d);
   });
 }

@@ -1,7 +1,7 @@
 // Attention on the GEMM core's AVX-512 micro-kernels (attention_cpu_fast.cpp), used by
 // attention_cpu.cpp for float32 compute when the CPU has AVX-512, head dims d and dv are multiples
-// of 16 up to 128, and there is no attn_mask (causal and key_lengths are fine; the float32 tile
-// kernels also take dropout).
+// of 16 up to 128 (causal and key_lengths are fine; the float32 tile kernels also take dropout and an
+// additive attn_mask).
 //
 // Forward. A task is one (batch, query head, block of query rows); it packs its kv head's K^T (times
 // scale) into 64-key panels once and reuses them while consecutive tasks share the head. Each group
@@ -29,7 +29,11 @@ struct ProblemOf {
   const T* v = nullptr;
   int64_t qs[3] = {}, ks[3] = {}, vs[3] = {};
   const int64_t* lengths = nullptr;  // [B] or nullptr
-  Dropout dropout;                   // float32 forward() and backward() only
+  // float32 forward() and backward() only: dropout, and an additive mask (attn_mask as a float32
+  // [B, Hq, Lq, Lk] view, keys contiguous, rows at strides ms over (batch, query head, row)) or nullptr.
+  Dropout dropout;
+  const float* mask = nullptr;
+  int64_t ms[3] = {};
 };
 using Problem = ProblemOf<float>;
 using ProblemBf16 = ProblemOf<uint16_t>;
