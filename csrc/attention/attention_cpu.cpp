@@ -394,12 +394,14 @@ void lanes_forward(const Dims& d, const fast::ProblemOf<T>& fp, T* out, float* l
 // kernels would pack K for a block of queries that is one row, reading and rewriting the keys to use
 // them once (0.4-0.6x F.scaled_dot_product_attention at Lq = 1). Here each query row reads K and V
 // in place, once: the scores of every visible key (dot products, reduced per key), their softmax, and
-// P V as a sum of value rows. float32, no general mask, no dropout; one task per (batch, query head).
+// P V as a sum of value rows. float32, no dropout; an additive mask is added per score (a decoding step's
+// padding mask: Hugging Face passes [B, 1, 1, S] with finfo.min, which is no -inf pattern); one task
+// per (batch, query head).
 // On AVX-512 with the lanes kernel's head dims it serves only 1-2 rows per kv head (use_lanes).
 constexpr int64_t kFewQueryRows = 4;
 
 bool use_few_queries(const Dims& d, at::ScalarType ct, const Tensor& mask, const Dropout& dropout) {
-  return ct == at::kFloat && d.Lq <= kFewQueryRows && !mask.defined() && !dropout.active() &&
+  return ct == at::kFloat && d.Lq <= kFewQueryRows && !dropout.active() &&
          gemm::cpu::kernel_choice() != gemm::cpu::KernelChoice::Generic;
 }
 
@@ -426,16 +428,26 @@ void few_queries_forward(const Problem<float>& p, float* out, float* lse) {
           lse[t * d.Lq + i] = ninf;
           continue;
         }
+        const float* mrow = p.mask ? p.mask + b * p.mask_stride[0] + h * p.mask_stride[1] + i * p.mask_stride[2]
+                                   : nullptr;
         float m = ninf;
+        bool nan = false;
         for (int64_t j = 0; j < n; ++j) {
           const float* kr = kb + j * p.ks[2];
           V acc(0.f);
           int64_t c = 0;
           for (; c + W <= d.d; c += W) acc = at::vec::fmadd(V::loadu(q + c), V::loadu(kr + c), acc);
           if (c < d.d) acc = at::vec::fmadd(V::loadu(q + c, d.d - c), V::loadu(kr + c, d.d - c), acc);
-          const float sj = p.scale * at::vec::vec_reduce_all<float>([](V& x, V& y) { return x + y; }, acc);
+          float sj = p.scale * at::vec::vec_reduce_all<float>([](V& x, V& y) { return x + y; }, acc);
+          if (mrow) sj += mrow[j * p.mask_stride[3]];
           scores[j] = sj;
           m = std::max(m, sj);  // a NaN score is skipped here, and its exp below makes the row NaN
+          nan |= std::isnan(sj);
+        }
+        if (m == ninf && !nan) {  // the mask excludes every key: zeros, as the blocked kernels give
+          std::fill(o, o + d.dv, 0.f);
+          lse[t * d.Lq + i] = ninf;
+          continue;
         }
         // exp(s - m) in place and its sum; then o = sum_j p_j v_j / l
         at::vec::map([m](V x) { return (x - V(m)).exp(); }, scores.data(), scores.data(), n);
