@@ -40,7 +40,7 @@ using ProblemBf16 = ProblemOf<uint16_t>;
 
 // Head dims of the float32 tile kernels (forward, backward) and the bf16 backward: multiples of 16 up to
 // kMaxDim. Outputs wider than a register tile's 64 columns run as 64-column chunks.
-constexpr int64_t kMaxDim = 128;
+constexpr int64_t kMaxDim = 256;
 inline bool supports(int64_t d, int64_t dv) {
   return d % 16 == 0 && dv % 16 == 0 && d >= 16 && dv >= 16 && d <= kMaxDim && dv <= kMaxDim;
 }

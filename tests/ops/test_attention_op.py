@@ -230,10 +230,10 @@ def test_lanes_rows(cpu_kernel, threads, Hq, Hkv, Lq, d, dv, is_causal, use_leng
 @pytest.mark.parametrize(
     "Hq,Hkv,Lq", [(2, 2, 1), (8, 2, 1), (2, 2, 5), (2, 2, 70), (4, 2, 40)], ids=lambda x: str(x)
 )
-@pytest.mark.parametrize("d,dv", [(128, 128), (80, 96), (128, 64), (112, 16)])
+@pytest.mark.parametrize("d,dv", [(128, 128), (80, 96), (128, 64), (112, 16), (256, 256)])
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_wide_heads(cpu_kernel, dtype, Hq, Hkv, Lq, d, dv, is_causal):
-    """Head dims past a register tile's 64 columns (up to 128): the lanes kernel up to 64 rows per kv
+    """Head dims past a register tile's 64 columns (up to 256): the lanes kernel up to 64 rows per kv
     head, the tile kernels in 64-column chunks above (70 and 80 rows), float32 and bf16 (bf16 against
     float64 within twice PyTorch's own bf16 error), key lengths down to 0, with gradients in float32."""
     B, Lk = 3, 150
@@ -476,6 +476,7 @@ def test_bfloat16_forward_paths(cpu_kernel, shape, is_causal, use_lengths):
         (1, 2, 2, 7, 9, 48, 32),
         # head dims past 64: dQ, dK and dV in 64-column chunks
         (2, 2, 1, 67, 150, 128, 128),
+        (1, 2, 1, 40, 90, 256, 256),
         (1, 2, 2, 13, 70, 80, 112),
     ],
 )
