@@ -289,10 +289,15 @@ Tensor rows_ready(const Tensor& t, at::ScalarType ct) {
   return t.to(ct).contiguous();
 }
 
-// The micro-kernel path: float32 compute, head dims it has tiles for; dropout, and an additive mask whose
-// keys are contiguous (any broadcast over batch, heads and rows) are fine.
+// Whether the tile and lanes kernels can read this additive mask (or there is none): its keys contiguous,
+// any broadcast over batch, heads and rows.
+bool mask_keys_contiguous(const Dims& d, const Tensor& mask) {
+  return !mask.defined() || mask.stride(3) == 1 || d.Lk == 1;
+}
+
+// The micro-kernel path: float32 compute, head dims it has tiles for; dropout and masks are fine.
 bool use_fast_path(const Dims& d, at::ScalarType ct, const Tensor& mask) {
-  return ct == at::kFloat && (!mask.defined() || mask.stride(3) == 1 || d.Lk == 1) && fast::supports(d.d, d.dv) &&
+  return ct == at::kFloat && mask_keys_contiguous(d, mask) && fast::supports(d.d, d.dv) &&
          gemm::cpu::has_avx512() && gemm::cpu::microkernels_enabled();
 }
 
@@ -311,7 +316,9 @@ bool use_fast_path(const Dims& d, at::ScalarType ct, const Tensor& mask) {
 // keys 1.77-1.83x against the tiles' 1.49-1.59x) or fewer keys (L = S = 24-48: the lanes kernel
 // 1.0-1.6x faster, the tiles computing a half-empty key block) stay on the lanes kernel.
 // Above 64 rows float32 takes the tile kernels (fast::forward); bf16 the bf16 tile kernels where they
-// take its head dims (AMX: dv <= 64), else the lanes kernel at every row count.
+// take its head dims (AMX: dv <= 64), else the lanes kernel at every row count. An additive mask
+// (keys contiguous) is added per 64-key block in the lanes and tile kernels alike; the bf16 tiles
+// take none.
 constexpr int64_t kLanesMinRows = 3, kLanesMaxRows = 64, kLanesMinRowsBf16 = 1, kBf16TilesMinKeys = 64;
 
 // Whether a bf16 tile forward (AMX, or vdpbf16ps where bf16_kernel() chose it) runs these head dims here.
@@ -324,20 +331,22 @@ bool bf16_tiles(const Dims& d) {
 }
 
 bool use_lanes(const Dims& d, at::ScalarType ct, const Tensor& mask, const Dropout& dropout, bool bf16) {
-  if (ct != at::kFloat || mask.defined() || dropout.active() || !fast::supports(d.d, d.dv) ||
+  if (ct != at::kFloat || !mask_keys_contiguous(d, mask) || dropout.active() || !fast::supports(d.d, d.dv) ||
       !gemm::cpu::has_avx512() || !gemm::cpu::microkernels_enabled())
     return false;
   const int64_t rows = d.Hq / d.Hkv * d.Lq;
   if (rows < (bf16 ? kLanesMinRowsBf16 : kLanesMinRows)) return false;
   if (!bf16) return rows <= kLanesMaxRows;
-  if (rows <= kLanesMaxRows && (d.Lq < fast::kLanes || d.Lk < kBf16TilesMinKeys)) return true;
-  return !bf16_tiles(d);
+  // The bf16 tiles take no mask: a masked bf16 call of up to 64 rows stays here, above on the float32 tiles.
+  if (rows <= kLanesMaxRows && (d.Lq < fast::kLanes || d.Lk < kBf16TilesMinKeys || mask.defined())) return true;
+  return !mask.defined() && !bf16_tiles(d);
 }
 
 // T: float, or uint16_t for bfloat16 tensors.
 template <typename T>
 fast::ProblemOf<T> fast_problem(const Dims& d, const Tensor& q, const Tensor& k, const Tensor& v,
-                                const Tensor& lengths, bool is_causal, std::optional<double> scale) {
+                                const Tensor& lengths, bool is_causal, std::optional<double> scale,
+                                const Tensor& mask = Tensor()) {
   fast::ProblemOf<T> p;
   p.B = d.B;
   p.Hq = d.Hq;
@@ -357,6 +366,10 @@ fast::ProblemOf<T> fast_problem(const Dims& d, const Tensor& q, const Tensor& k,
     p.vs[i] = v.stride(i);
   }
   p.lengths = lengths.defined() ? lengths.const_data_ptr<int64_t>() : nullptr;
+  if (mask.defined()) {  // float32 [B, Hq, Lq, Lk] view with contiguous keys (mask_keys_contiguous)
+    p.mask = mask.const_data_ptr<float>();
+    for (int i = 0; i < 3; ++i) p.ms[i] = mask.stride(i);
+  }
   return p;
 }
 
@@ -364,12 +377,8 @@ fast::ProblemOf<T> fast_problem(const Dims& d, const Tensor& q, const Tensor& k,
 fast::Problem fast_tiles_problem(const Dims& d, const Tensor& q, const Tensor& k, const Tensor& v,
                                  const Tensor& lengths, const Tensor& mask, bool is_causal, std::optional<double> scale,
                                  const Dropout& dropout) {
-  fast::Problem p = fast_problem<float>(d, q, k, v, lengths, is_causal, scale);
+  fast::Problem p = fast_problem<float>(d, q, k, v, lengths, is_causal, scale, mask);
   p.dropout = dropout;
-  if (mask.defined()) {
-    p.mask = mask.const_data_ptr<float>();
-    for (int i = 0; i < 3; ++i) p.ms[i] = mask.stride(i);
-  }
   return p;
 }
 
@@ -584,7 +593,7 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& query, const Tensor& key,
     const Tensor v = rows_ready(value, at::kBFloat16);
     Tensor out = at::empty({d.B, d.Hq, d.Lq, d.dv}, q.options());
     Tensor lse = at::empty({d.B, d.Hq, d.Lq}, q.options().dtype(at::kFloat));
-    lanes_forward(d, fast_problem<uint16_t>(d, q, k, v, lengths, is_causal, scale),
+    lanes_forward(d, fast_problem<uint16_t>(d, q, k, v, lengths, is_causal, scale, mask),
                   reinterpret_cast<uint16_t*>(out.data_ptr()), lse.data_ptr<float>());
     return {out, lse};
   }
@@ -611,7 +620,7 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& query, const Tensor& key,
   Tensor out = at::empty({d.B, d.Hq, d.Lq, d.dv}, q.options());
   Tensor lse = at::empty({d.B, d.Hq, d.Lq}, q.options());
   if (f32_lanes) {
-    lanes_forward(d, fast_problem<float>(d, q, k, v, lengths, is_causal, scale), out.data_ptr<float>(),
+    lanes_forward(d, fast_problem<float>(d, q, k, v, lengths, is_causal, scale, mask), out.data_ptr<float>(),
                   lse.data_ptr<float>());
     return {out.to(query.scalar_type()), lse};
   }

@@ -254,13 +254,58 @@ void forward(const Problem& p, int64_t t0, int64_t t1, float* out, float* lse) {
 
 namespace {
 
+// In-register transpose of a 16 x 16 matrix of 32-bit elements: r[i] = row i in, column i out.
+BM_AVX512 BM_ALWAYS_INLINE void transpose16x16_epi32(__m512i (&r)[16]) {
+  __m512i a[16], b[16];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {  // per 128-bit lane: pairs of rows interleaved
+    a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {  // per lane: 4 x 4 blocks transposed; b[4 i + k] lane L = column 4 L + k
+    b[4 * i] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
+    b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
+    b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
+    b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
+  }
+#pragma GCC unroll 4
+  for (int k = 0; k < 4; ++k) {  // gather lane L of b[k], b[4 + k], b[8 + k], b[12 + k] into column 4 L + k
+    const __m512i d0 = _mm512_shuffle_i32x4(b[k], b[4 + k], 0x88), d1 = _mm512_shuffle_i32x4(b[k], b[4 + k], 0xDD);
+    const __m512i e0 = _mm512_shuffle_i32x4(b[8 + k], b[12 + k], 0x88);
+    const __m512i e1 = _mm512_shuffle_i32x4(b[8 + k], b[12 + k], 0xDD);
+    r[k] = _mm512_shuffle_i32x4(d0, e0, 0x88);
+    r[8 + k] = _mm512_shuffle_i32x4(d0, e0, 0xDD);
+    r[4 + k] = _mm512_shuffle_i32x4(d1, e1, 0x88);
+    r[12 + k] = _mm512_shuffle_i32x4(d1, e1, 0xDD);
+  }
+}
+
+
 // The rows of one task: lane r is query row i_r of query head h_r; the kernel sees only their Q^T
 // (scaled), the keys each may see, and where its output goes.
 struct Lanes {
   int64_t n = 0;                       // active lanes (rows), <= kLanes
   alignas(64) int32_t limit[kLanes];   // keys lane r sees; 0 past n
   int64_t row[kLanes];                 // lane r's row in out / lse
+  const float* mask[kLanes];           // lane r's additive mask row (keys contiguous); all nullptr without one
 };
+
+// st[j][r] += lane r's mask at key j0 + j, for the block's nk keys: 16 keys of each lane's row loaded
+// as a vector, then transposed to one vector per key.
+BM_AVX512 void add_mask_lanes(float (*st)[kLanes], int64_t nk, int64_t j0, const Lanes& ln) {
+  for (int64_t j = 0; j < nk; j += 16) {
+    const int64_t n = std::min<int64_t>(16, nk - j);
+    const __mmask16 km = mk::lanes(n);
+    __m512i t[16];
+#pragma GCC unroll 16
+    for (int r = 0; r < 16; ++r)
+      t[r] = r < ln.n ? _mm512_castps_si512(_mm512_maskz_loadu_ps(km, ln.mask[r] + j0 + j)) : _mm512_setzero_si512();
+    transpose16x16_epi32(t);
+    for (int64_t c = 0; c < n; ++c)
+      _mm512_store_ps(st[j + c], _mm512_add_ps(_mm512_load_ps(st[j + c]), _mm512_castsi512_ps(t[c])));
+  }
+}
 
 // st[j][r] = sum_c K[j, c] Q^T[c][r] for NK keys from k (rows at stride ldk): one FMA per key and head
 // dim element serves all the lanes, and K is read in place (a broadcast per element). Narrow: only
@@ -417,7 +462,9 @@ BM_AVX512 void lanes_forward(const ProblemOf<T>& p, const Lanes& ln, const float
       block_scores<true>(kb, ldk, nk, p.d, qt, st);
     else
       block_scores<false>(kb, ldk, nk, p.d, qt, st);
-    const __m512 a = softmax_lanes(st, nk, j0, limv, j0 + nk <= lim_min, m, l);
+    if (p.mask) add_mask_lanes(st, nk, j0, ln);
+    // A mask's -inf scores need the masked softmax, which zeroes them.
+    const __m512 a = softmax_lanes(st, nk, j0, limv, j0 + nk <= lim_min && !p.mask, m, l);
     _mm512_store_ps(alpha, a);
     for (int64_t c0 = 0; c0 < p.dv; c0 += 64)  // 64 columns at a time: 6 rows x 4 zmm accumulators
       mk::with_vectors(std::min<int64_t>(64, p.dv - c0) / 16, [&](auto nv) {
@@ -460,12 +507,14 @@ void lanes_tasks(const ProblemOf<T>& p, int64_t t0, int64_t t1, T* out, float* l
     for (int64_t r = 0; r < kLanes; ++r) {
       if (r >= ln.n) {
         ln.limit[r] = 0;
+        ln.mask[r] = nullptr;
         for (int64_t c = 0; c < p.d; ++c) qt[c][r] = 0.f;
         continue;
       }
       const int64_t h = hk * group + (first + r) / p.Lq, i = (first + r) % p.Lq;
       ln.limit[r] = int32_t(p.causal ? std::min(valid, i + 1) : valid);
       ln.row[r] = (b * p.Hq + h) * p.Lq + i;
+      ln.mask[r] = mask_rows(p, b, h, i);
       const T* q = p.q + b * p.qs[0] + h * p.qs[1] + i * p.qs[2];
       for (int64_t c = 0; c < p.d; ++c) {
         if constexpr (std::is_same_v<T, float>)
@@ -693,33 +742,6 @@ void copy_keys(const uint16_t* k, int64_t ld, int64_t n, int64_t d, uint16_t* kb
   const int64_t rows = (n + kKeys - 1) / kKeys * kKeys;
   for (int64_t j = 0; j < n; ++j) std::memcpy(kbuf + j * d, k + j * ld, d * sizeof(uint16_t));
   std::fill(kbuf + n * d, kbuf + rows * d, uint16_t(0));
-}
-
-// In-register transpose of a 16 x 16 matrix of 32-bit elements: r[i] = row i in, column i out.
-BM_AVX512 BM_ALWAYS_INLINE void transpose16x16_epi32(__m512i (&r)[16]) {
-  __m512i a[16], b[16];
-#pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i) {  // per 128-bit lane: pairs of rows interleaved
-    a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-#pragma GCC unroll 4
-  for (int i = 0; i < 4; ++i) {  // per lane: 4 x 4 blocks transposed; b[4 i + k] lane L = column 4 L + k
-    b[4 * i] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
-    b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
-    b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
-    b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
-  }
-#pragma GCC unroll 4
-  for (int k = 0; k < 4; ++k) {  // gather lane L of b[k], b[4 + k], b[8 + k], b[12 + k] into column 4 L + k
-    const __m512i d0 = _mm512_shuffle_i32x4(b[k], b[4 + k], 0x88), d1 = _mm512_shuffle_i32x4(b[k], b[4 + k], 0xDD);
-    const __m512i e0 = _mm512_shuffle_i32x4(b[8 + k], b[12 + k], 0x88);
-    const __m512i e1 = _mm512_shuffle_i32x4(b[8 + k], b[12 + k], 0xDD);
-    r[k] = _mm512_shuffle_i32x4(d0, e0, 0x88);
-    r[8 + k] = _mm512_shuffle_i32x4(d0, e0, 0xDD);
-    r[4 + k] = _mm512_shuffle_i32x4(d1, e1, 0x88);
-    r[12 + k] = _mm512_shuffle_i32x4(d1, e1, 0xDD);
-  }
 }
 
 // V rows [0, n) of one head as V^T: vt[c][j] = v[j][c], rows of ldv = ceil(n/64) * 64 keys, zero past n.

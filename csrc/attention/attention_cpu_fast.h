@@ -55,6 +55,7 @@ void forward(const Problem& p, int64_t t0, int64_t t1, float* out, float* lse);
 // scores are S^T = K Q^T with K read in place (one broadcast FMA per key and head-dim element for all
 // rows), the online softmax runs down the keys without horizontal reductions, and P V reads V in
 // place. Nothing is packed: the blocked forward packs K^T for every task, which a few rows cannot repay.
+// An additive mask (the Problem's) is added to each block of S^T, transposed from the lanes' rows.
 // Also for bf16 q, k, v (and out): each 64-key block is widened to float32 in L1, the softmax and both
 // products run in float32 (P is not rounded), the output is rounded to bf16 once.
 // Head dims as supports().

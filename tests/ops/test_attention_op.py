@@ -384,14 +384,16 @@ MASK_KINDS = ["bias-holes", "bool", "finfo-min", "key-bias", "row-all-masked", "
     "shape",
     [(2, 4, 2, 70, 150, 64, 64), (1, 2, 2, 13, 100, 128, 96), (2, 2, 1, 97, 67, 16, 32)]
     # decoding rows: the few-rows kernel adds the mask per score (d = 24: no tile kernel)
-    + [(3, 4, 2, 1, 150, 64, 64), (2, 2, 2, 3, 100, 24, 40)],
+    + [(3, 4, 2, 1, 150, 64, 64), (2, 2, 2, 3, 100, 24, 40)]
+    # the lanes kernel (3-64 rows per kv head): 6 rows in ymm, 20 rows of a GQA group of 4
+    + [(2, 4, 4, 6, 70, 64, 64), (2, 8, 2, 5, 130, 32, 32)],
 )
 @pytest.mark.parametrize("is_causal,use_lengths", [(False, False), (True, False), (False, True)])
 def test_general_masks(cpu_kernel, kind, shape, is_causal, use_lengths):
-    """attn_masks that are no causal / padding pattern run on the float32 tiles with the mask added
-    to each score block (forward and backward), or for up to four rows on the few-rows kernel,
-    combined with is_causal and key lengths: the reference's output, logsumexp and gradients, float32
-    and (forward) bf16."""
+    """attn_masks that are no causal / padding pattern are added to each block of scores on the float32
+    tiles (forward and backward) and the lanes kernel, or per score on the few-rows kernel, combined
+    with is_causal and key lengths: the reference's output, logsumexp and gradients, float32 and
+    (forward) bf16."""
     B, Hq, Hkv, Lq, Lk, d, dv = shape
     q, k, v = qkv(*shape)
     mask = _general_mask(kind, B, Hq, Lq, Lk)
