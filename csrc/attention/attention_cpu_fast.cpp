@@ -197,7 +197,7 @@ BM_AVX512 void row_group(const Problem& p, const float* q, const float* kpanels,
       l[r] = l[r] * alpha[r] + _mm512_reduce_add_ps(sum);
       m[r] = mnew;
     }
-    for_each_column_chunk(p.dv, [&](int64_t c0, auto nv) {
+    for_each_column_chunk(p.dv, [&](int64_t c0, auto nv) BM_AVX512 {
       constexpr int NV = decltype(nv)::value;
       __m512 acc[MR][NV];
 #pragma GCC unroll 8
@@ -630,7 +630,7 @@ BM_AVX512 void bwd_rows(const Problem& p, const float* q, const float* go, const
                         _mm512_mul_ps(_mm512_mul_ps(_mm512_load_ps(pt[r] + 16 * c), _mm512_sub_ps(dp[r][c], dl)), sc));
     }
   }
-  for_each_column_chunk(p.d, [&](int64_t c0, auto nv) {
+  for_each_column_chunk(p.d, [&](int64_t c0, auto nv) BM_AVX512 {
     __m512 acc[MR][decltype(nv)::value];
     mk::load_tile(gq + c0, p.d, acc);
     mk::tile_f32_rows(dst[0], kKeys, nk, kblock + c0, p.ks[2], acc);
@@ -1079,7 +1079,7 @@ BM_AVX512_BF16 void bwd_rows_bf16(const ProblemBf16& p, const uint16_t* q, const
       _mm512_store_si512(dstp_lo + (r / 2) * kKeys + 16 * c,
                          mk::bf16_pairs(_mm512_load_ps(dsl[r] + 16 * c), _mm512_load_ps(dsl[r + 1] + 16 * c)));
     }
-  for_each_column_chunk(p.d, [&](int64_t c0, auto nv) {
+  for_each_column_chunk(p.d, [&](int64_t c0, auto nv) BM_AVX512_BF16 {
     __m512 acc[MR][decltype(nv)::value];
     mk::load_tile(gq + c0, p.d, acc);
     for (int part = 0; part < 2; ++part)
