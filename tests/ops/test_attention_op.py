@@ -41,15 +41,17 @@ def grads(out, inputs, seed):
     return torch.autograd.grad((out * seed).sum(), inputs)
 
 
-def assert_matches_reference_float64(q, k, v, **kw):
-    """Output, logsumexp and dq/dk/dv of the op equal bigmodel.reference's; returns the output."""
+def assert_matches_reference(q, k, v, **kw):
+    """Output, logsumexp and dq/dk/dv of the op equal bigmodel.reference's at the inputs' dtype's
+    tolerance (float32 or float64); returns the output."""
+    tol = TOL[q.dtype]
     out, lse = attention(q, k, v, **kw)
     ref, ref_lse = attention_reference(q, k, v, **kw)
-    torch.testing.assert_close(out, ref, **TOL[torch.float64])
-    torch.testing.assert_close(lse, ref_lse, **TOL[torch.float64])
+    torch.testing.assert_close(out, ref, **tol)
+    torch.testing.assert_close(lse, ref_lse, **tol)
     seed = torch.randn_like(out)
     for g, gr in zip(grads(out, (q, k, v), seed), grads(ref, (q, k, v), seed), strict=True):
-        torch.testing.assert_close(g, gr, **TOL[torch.float64])
+        torch.testing.assert_close(g, gr, **tol)
     return out
 
 
@@ -398,14 +400,7 @@ def test_general_masks(cpu_kernel, kind, shape, is_causal, use_lengths):
     q, k, v = qkv(*shape)
     mask = _general_mask(kind, B, Hq, Lq, Lk)
     lengths = torch.randint(1, Lk + 1, (B,)) if use_lengths else None
-    kw = {"attn_mask": mask, "key_lengths": lengths, "is_causal": is_causal}
-    out, lse = attention(q, k, v, **kw)
-    ref, ref_lse = attention_reference(q, k, v, **kw)
-    torch.testing.assert_close(out, ref, **TOL[torch.float32])
-    torch.testing.assert_close(lse, ref_lse, **TOL[torch.float32])
-    seed = torch.randn_like(out)
-    for g, gr in zip(grads(out, (q, k, v), seed), grads(ref, (q, k, v), seed), strict=True):
-        torch.testing.assert_close(g, gr, **TOL[torch.float32])
+    assert_matches_reference(q, k, v, attn_mask=mask, key_lengths=lengths, is_causal=is_causal)
     if is_causal or use_lengths:
         return
 
@@ -568,7 +563,7 @@ def test_dropout_matches_reference(device, is_causal):
     q, k, v = qkv(2, 4, 2, 150, 300, 16, 8, dtype=torch.float64, device=device)
     lengths = torch.tensor([300, 77], device=device)
     kw = {"key_lengths": lengths, "is_causal": is_causal, "dropout_p": 0.3, "seed": 1234}
-    out = assert_matches_reference_float64(q, k, v, **kw)
+    out = assert_matches_reference(q, k, v, **kw)
     other, _ = attention(q, k, v, **{**kw, "seed": 1235})
     assert not torch.allclose(other, out)
 
@@ -597,14 +592,7 @@ def test_dropout_float32_tiles(cpu_kernel, shape, is_causal, use_lengths, p):
     B, Hq, Hkv, Lq, Lk, d, dv = shape
     q, k, v = qkv(*shape)
     lengths = torch.randint(1, Lk + 1, (B,)) if use_lengths else None
-    kw = {"key_lengths": lengths, "is_causal": is_causal, "dropout_p": p, "seed": 4321}
-    out, lse = attention(q, k, v, **kw)
-    ref, ref_lse = attention_reference(q, k, v, **kw)
-    torch.testing.assert_close(out, ref, **TOL[torch.float32])
-    torch.testing.assert_close(lse, ref_lse, **TOL[torch.float32])
-    seed = torch.randn_like(out)
-    for g, gr in zip(grads(out, (q, k, v), seed), grads(ref, (q, k, v), seed), strict=True):
-        torch.testing.assert_close(g, gr, **TOL[torch.float32])
+    assert_matches_reference(q, k, v, key_lengths=lengths, is_causal=is_causal, dropout_p=p, seed=4321)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
@@ -678,7 +666,7 @@ def test_fuzz_against_reference(B, Hkv, group, Lq, Lk, d, dv, is_causal, use_len
     q, k, v = qkv(B, Hkv * group, Hkv, Lq, Lk, d, dv, dtype=torch.float64)
     lengths = torch.randint(0, Lk + 1, (B,)) if use_lengths else None
     kw = {"key_lengths": lengths, "is_causal": is_causal, "dropout_p": dropout_p, "seed": B * Lq + Lk}
-    assert_matches_reference_float64(q, k, v, **kw)
+    assert_matches_reference(q, k, v, **kw)
 
 
 @pytest.mark.parametrize("is_causal", [False, True])
