@@ -321,11 +321,13 @@ bool use_fast_path(const Dims& d, at::ScalarType ct, const Tensor& mask) {
 // take none.
 constexpr int64_t kLanesMinRows = 3, kLanesMaxRows = 64, kLanesMinRowsBf16 = 1, kBf16TilesMinKeys = 64;
 
-// Whether a bf16 tile forward (AMX, or vdpbf16ps where bf16_kernel() chose it) runs these head dims here.
-bool bf16_tiles(const Dims& d) {
+// Whether a bf16 tile forward (AMX, or vdpbf16ps where bf16_kernel() chose it) runs these head dims and
+// this mask here. Masks (keys contiguous): vdpbf16ps only; the AMX form shares its softmax but has not
+// run with one (no AMX host here).
+bool bf16_tiles(const Dims& d, const Tensor& mask) {
   switch (gemm::cpu::bf16_kernel()) {
-    case gemm::cpu::Bf16Kernel::Amx: return fast::supports_amx(d.d, d.dv);
-    case gemm::cpu::Bf16Kernel::Dot: return fast::supports(d.d, d.dv);
+    case gemm::cpu::Bf16Kernel::Amx: return fast::supports_amx(d.d, d.dv) && !mask.defined();
+    case gemm::cpu::Bf16Kernel::Dot: return fast::supports(d.d, d.dv) && mask_keys_contiguous(d, mask);
     default: return false;
   }
 }
@@ -337,9 +339,11 @@ bool use_lanes(const Dims& d, at::ScalarType ct, const Tensor& mask, const Dropo
   const int64_t rows = d.Hq / d.Hkv * d.Lq;
   if (rows < (bf16 ? kLanesMinRowsBf16 : kLanesMinRows)) return false;
   if (!bf16) return rows <= kLanesMaxRows;
-  // The bf16 tiles take no mask: a masked bf16 call of up to 64 rows stays here, above on the float32 tiles.
-  if (rows <= kLanesMaxRows && (d.Lq < fast::kLanes || d.Lk < kBf16TilesMinKeys || mask.defined())) return true;
-  return !mask.defined() && !bf16_tiles(d);
+  const bool tiles = bf16_tiles(d, mask);
+  if (rows <= kLanesMaxRows && (d.Lq < fast::kLanes || d.Lk < kBf16TilesMinKeys || !tiles)) return true;
+  // Above 64 rows: the bf16 tiles; else the lanes kernel, or with a mask the float32 tiles (v23: the
+  // lanes kernel with a mask lost at 256 rows).
+  return !tiles && !mask.defined();
 }
 
 // T: float, or uint16_t for bfloat16 tensors.
@@ -599,12 +603,12 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& query, const Tensor& key,
   }
   using gemm::cpu::Bf16Kernel;
   const Bf16Kernel bf16_kernel = gemm::cpu::bf16_kernel();
-  if (query.scalar_type() == at::kBFloat16 && !mask.defined() && !dropout.active() && bf16_tiles(d)) {
+  if (query.scalar_type() == at::kBFloat16 && !dropout.active() && bf16_tiles(d, mask)) {
     const Tensor q = rows_ready(query, at::kBFloat16), k = rows_ready(key, at::kBFloat16);
     const Tensor v = rows_ready(value, at::kBFloat16);
     Tensor out = at::empty({d.B, d.Hq, d.Lq, d.dv}, q.options());
     Tensor lse = at::empty({d.B, d.Hq, d.Lq}, q.options().dtype(at::kFloat));
-    const fast::ProblemBf16 fp = fast_problem<uint16_t>(d, q, k, v, lengths, is_causal, scale);
+    const fast::ProblemBf16 fp = fast_problem<uint16_t>(d, q, k, v, lengths, is_causal, scale, mask);
     const int64_t tasks = d.B * d.Hq * ((d.Lq + fast::kBlockQAmx - 1) / fast::kBlockQAmx);
     uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr());
     float* ls = lse.data_ptr<float>();
@@ -657,17 +661,18 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cpu(
   check_backward_inputs(op, d, grad_out, out, logsumexp, ct, query.device());
   FlushDenormalsGuard ftz;
   const Tensor lengths = lengths_int64(key_lengths);
+  const Tensor mask = additive_mask(attn_mask, d, ct);
   // A bf16 backward multiplies in bf16 where vdpbf16ps pays (no AMX kernel for it: AMX hosts, whose
   // vdpbf16ps runs at half the float32 rate, take the float32 kernels on float32 copies).
-  if (query.scalar_type() == at::kBFloat16 && !attn_mask.has_value() &&
-      !dropout.active() && fast::supports(d.d, d.dv) && gemm::cpu::bf16_kernel() == gemm::cpu::Bf16Kernel::Dot) {
+  if (query.scalar_type() == at::kBFloat16 && mask_keys_contiguous(d, mask) && !dropout.active() &&
+      fast::supports(d.d, d.dv) && gemm::cpu::bf16_kernel() == gemm::cpu::Bf16Kernel::Dot) {
     const Tensor q = rows_ready(query, at::kBFloat16), k = rows_ready(key, at::kBFloat16);
     const Tensor v = rows_ready(value, at::kBFloat16);
     const Tensor go = grad_out.to(at::kBFloat16).contiguous(), o = out.to(at::kBFloat16).contiguous();
     const Tensor lse = logsumexp.to(at::kFloat).contiguous();
     Tensor gq = at::empty(q.sizes(), q.options()), gk = at::empty(k.sizes(), k.options());
     Tensor gv = at::empty(v.sizes(), v.options());
-    const fast::ProblemBf16 fp = fast_problem<uint16_t>(d, q, k, v, lengths, is_causal, scale);
+    const fast::ProblemBf16 fp = fast_problem<uint16_t>(d, q, k, v, lengths, is_causal, scale, mask);
     const auto bits = [](const Tensor& t) { return reinterpret_cast<const uint16_t*>(t.const_data_ptr()); };
     fast::GradsBf16 g;
     g.grad_out = bits(go);
@@ -682,7 +687,6 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cpu(
   const Tensor q = rows_ready(query, ct), k = rows_ready(key, ct), v = rows_ready(value, ct);
   const Tensor go = grad_out.to(ct).contiguous(), lse = logsumexp.contiguous();
   const Tensor delta = (go * out.to(ct)).sum(-1).contiguous();
-  const Tensor mask = additive_mask(attn_mask, d, ct);
   Tensor gq = at::zeros(q.sizes(), q.options()), gk = at::zeros(k.sizes(), k.options());
   Tensor gv = at::zeros(v.sizes(), v.options());
   if (use_fast_path(d, ct, mask)) {

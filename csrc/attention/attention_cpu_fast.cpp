@@ -188,7 +188,8 @@ BM_AVX512 void row_group(const Problem& p, const float* q, const float* kpanels,
 #pragma GCC unroll 4
       for (int c = 0; c < 4; ++c) {
         const __m512 x = _mm512_sub_ps(s[r][c], shift);
-        const __m512 e = edge ? _mm512_maskz_mov_ps(mask[c], mk::exp_scaled_ps<1>(x)) : mk::exp_scaled_ps<1>(x);
+        __m512 e = edge ? _mm512_maskz_mov_ps(mask[c], mk::exp_scaled_ps<1>(x)) : mk::exp_scaled_ps<1>(x);
+        if (mrow) e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(s[r][c], _mm512_set1_ps(ninf), _CMP_NEQ_UQ), e);
         _mm512_store_ps(pt[r] + 16 * c,
                         dropout ? _mm512_maskz_mul_ps(dropout_keep(p.dropout, drop_rows[r], j0 + 16 * c), e, kept) : e);
         sum = _mm512_add_ps(sum, e);
@@ -291,19 +292,19 @@ struct Lanes {
   const float* mask[kLanes];           // lane r's additive mask row (keys contiguous); all nullptr without one
 };
 
-// st[j][r] += lane r's mask at key j0 + j, for the block's nk keys: 16 keys of each lane's row loaded
-// as a vector, then transposed to one vector per key.
-BM_AVX512 void add_mask_lanes(float (*st)[kLanes], int64_t nk, int64_t j0, const Lanes& ln) {
+// mt[j][r] = the additive mask of lane r (its row at rows[r], r < n; 0 for the other lanes) at key
+// j0 + j, for the block's nk keys: 16 keys of each row loaded as a vector, then transposed to one
+// vector per key (the lanes kernel's and the bf16 forward's S^T layout).
+BM_AVX512 void mask_block_t(const float* const* rows, int64_t n, int64_t j0, int64_t nk, float (*mt)[kLanes]) {
   for (int64_t j = 0; j < nk; j += 16) {
-    const int64_t n = std::min<int64_t>(16, nk - j);
-    const __mmask16 km = mk::lanes(n);
+    const int64_t m = std::min<int64_t>(16, nk - j);
+    const __mmask16 km = mk::lanes(m);
     __m512i t[16];
 #pragma GCC unroll 16
     for (int r = 0; r < 16; ++r)
-      t[r] = r < ln.n ? _mm512_castps_si512(_mm512_maskz_loadu_ps(km, ln.mask[r] + j0 + j)) : _mm512_setzero_si512();
+      t[r] = r < n ? _mm512_castps_si512(_mm512_maskz_loadu_ps(km, rows[r] + j0 + j)) : _mm512_setzero_si512();
     transpose16x16_epi32(t);
-    for (int64_t c = 0; c < n; ++c)
-      _mm512_store_ps(st[j + c], _mm512_add_ps(_mm512_load_ps(st[j + c]), _mm512_castsi512_ps(t[c])));
+    for (int64_t c = 0; c < m; ++c) _mm512_store_ps(mt[j + c], _mm512_castsi512_ps(t[c]));
   }
 }
 
@@ -436,6 +437,7 @@ BM_AVX512 void lanes_forward(const ProblemOf<T>& p, const Lanes& ln, const float
                              const T* v, const LanesScratch& w, T* out, float* lse) {
   constexpr bool kBf16 = std::is_same_v<T, uint16_t>;
   alignas(64) float st[kKeys][kLanes] = {};  // zero: lanes 8-15 stay finite when only 0-7 are computed
+  alignas(64) float mt[kKeys][kLanes];       // a block of the mask, transposed
   alignas(64) float alpha[kLanes];
   float* o = w.o;
   const int64_t ldo = p.dv;
@@ -462,7 +464,11 @@ BM_AVX512 void lanes_forward(const ProblemOf<T>& p, const Lanes& ln, const float
       block_scores<true>(kb, ldk, nk, p.d, qt, st);
     else
       block_scores<false>(kb, ldk, nk, p.d, qt, st);
-    if (p.mask) add_mask_lanes(st, nk, j0, ln);
+    if (p.mask) {
+      mask_block_t(ln.mask, ln.n, j0, nk, mt);
+      for (int64_t j = 0; j < nk; ++j)
+        _mm512_store_ps(st[j], _mm512_add_ps(_mm512_load_ps(st[j]), _mm512_load_ps(mt[j])));
+    }
     // A mask's -inf scores need the masked softmax, which zeroes them.
     const __m512 a = softmax_lanes(st, nk, j0, limv, j0 + nk <= lim_min && !p.mask, m, l);
     _mm512_store_ps(alpha, a);
@@ -564,13 +570,16 @@ void for_each_backward_block(const P& p, int64_t valid, int64_t j0, const Rows& 
 
 // The backward's P = exp(scale S - lse) for MR rows of the 64-key block from j0 into pf: zero past each
 // row's limit, and for rows that see no key (lse = -inf; they get no gradient).
+// With an additive mask (mrow: the rows' mask rows at stride ldm, or nullptr) P = exp(scale S + mask -
+// lse), exactly 0 where the mask is -inf.
 template <int MR>
 BM_AVX512 BM_ALWAYS_INLINE void probabilities(const __m512 (&s)[MR][4], float scale, const float* lse,
-                                              const int64_t* limit, int64_t j0, float (*pf)[kKeys]) {
+                                              const int64_t* limit, int64_t j0, float (*pf)[kKeys],
+                                              const float* mrow = nullptr, int64_t ldm = 0) {
   int64_t min_limit = limit[0];
   for (int r = 1; r < MR; ++r) min_limit = std::min(min_limit, limit[r]);
   const bool edge = j0 + kKeys > min_limit;
-  const __m512 sc = _mm512_set1_ps(scale);
+  const __m512 sc = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
     if (lse[r] == -std::numeric_limits<float>::infinity()) {
@@ -581,8 +590,12 @@ BM_AVX512 BM_ALWAYS_INLINE void probabilities(const __m512 (&s)[MR][4], float sc
     const __m512 shift = _mm512_set1_ps(lse[r]);
 #pragma GCC unroll 4
     for (int c = 0; c < 4; ++c) {
-      __m512 e = mk::exp_scaled_ps<1>(_mm512_fmsub_ps(s[r][c], sc, shift));
-      if (edge) e = _mm512_maskz_mov_ps(mk::lanes(std::clamp<int64_t>(limit[r] - j0 - 16 * c, 0, 16)), e);
+      const __mmask16 seen = mk::lanes(std::clamp<int64_t>(limit[r] - j0 - 16 * c, 0, 16));
+      __m512 x = _mm512_fmsub_ps(s[r][c], sc, shift);
+      if (mrow) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(seen, mrow + r * ldm + j0 + 16 * c));
+      __m512 e = mk::exp_scaled_ps<1>(x);
+      if (mrow) e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, ninf, _CMP_NEQ_UQ), e);  // the mask's -inf: 0
+      if (edge) e = _mm512_maskz_mov_ps(seen, e);
       _mm512_store_ps(pf[r] + 16 * c, e);
     }
   }
@@ -600,8 +613,7 @@ BM_AVX512 void bwd_rows(const Problem& p, const float* q, const float* go, const
   __m512 s[MR][4];
   mk::zero_tile<MR>(s);
   mk::tile_f32<MR>(q, p.qs[2], p.d, kpan, s);
-  if (mrow) add_mask<MR>(s, mrow, p.ms[2], j0, nk);
-  probabilities<MR>(s, 1.f, lse, limit, j0, pt);  // the panels hold scale K^T
+  probabilities<MR>(s, 1.f, lse, limit, j0, pt, mrow, p.ms[2]);  // the panels hold scale K^T
   __m512 dp[MR][4];
   mk::zero_tile<MR>(dp);
   mk::tile_f32<MR>(go, p.dv, p.dv, vpan, dp);
@@ -861,15 +873,19 @@ struct SoftmaxState {
 // The online softmax of one S^T block (64 keys from j0; lanes = query rows, lane r sees keys below
 // limit[r]): updates the state, writes P^T as bf16 VNNI pairs into pt and returns alpha, the factor
 // that rescales what was accumulated before this block.
-BM_AMX __m512 softmax_block_t(const float (*st)[16], int64_t j0, __m512 scale, __m512i limit, bool full,
-                              SoftmaxState& s, uint32_t* pt) {
+// mt: the block's additive mask, transposed like st (mask_block_t), or nullptr.
+BM_AMX __m512 softmax_block_t(const float (*st)[16], const float (*mt)[16], int64_t j0, __m512 scale, __m512i limit,
+                              bool full, SoftmaxState& s, uint32_t* pt) {
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   alignas(64) float sv[kKeys][16];
   __mmask16 valid[kKeys];
   __m512 mx = ninf;
   for (int j = 0; j < kKeys; ++j) {
     valid[j] = full ? __mmask16(0xFFFF) : _mm512_cmpgt_epi32_mask(limit, _mm512_set1_epi32(int32_t(j0 + j)));
-    const __m512 x = _mm512_mask_mov_ps(ninf, valid[j], _mm512_mul_ps(_mm512_load_ps(st[j]), scale));
+    const __m512 sc = mt ? _mm512_fmadd_ps(_mm512_load_ps(st[j]), scale, _mm512_load_ps(mt[j]))
+                         : _mm512_mul_ps(_mm512_load_ps(st[j]), scale);
+    if (mt) valid[j] &= _mm512_cmp_ps_mask(sc, ninf, _CMP_NEQ_UQ);  // the mask's -inf: a key not seen
+    const __m512 x = _mm512_mask_mov_ps(ninf, valid[j], sc);
     _mm512_store_ps(sv[j], x);
     mx = _mm512_max_ps(mx, x);
   }
@@ -904,9 +920,11 @@ BM_AVX512 void fold_t(float (*acc)[16], const float (*ot)[16], __m512 alpha, int
 // of just-stored data waits for the stores to drain), and each block's (P V)^T is folded one step
 // later, after the next softmax, for the same reason.
 // kAmx: the products on AMX tiles, else on vdpbf16ps (the pipelining then only orders the work).
+// mrows: the rows' additive mask rows (r < mr), or nullptr without a mask.
 template <bool kAmx>
 BM_AMX void amx_row_block(const ProblemBf16& p, const uint32_t* qt, int64_t mr, const int64_t* limit, int64_t kend,
-                          const uint16_t* kbuf, const uint16_t* vt, int64_t ldv, uint16_t* out, float* lse) {
+                          const uint16_t* kbuf, const uint16_t* vt, int64_t ldv, const float* const* mrows,
+                          uint16_t* out, float* lse) {
   const auto scores = [&](int64_t j0, float (*st)[16]) {
     if constexpr (kAmx)
       amx_scores_t(kbuf, p.d, qt, j0, st);
@@ -914,6 +932,7 @@ BM_AMX void amx_row_block(const ProblemBf16& p, const uint32_t* qt, int64_t mr, 
       dot_t(kbuf + j0 * p.d, p.d, kKeys, qt, p.d / 2, st);
   };
   alignas(64) float st[2][kKeys][16];
+  alignas(64) float mt[kKeys][16];
   alignas(64) float ot[kMaxDim][16];
   alignas(64) float acc[kMaxDim][16];
   alignas(64) uint32_t pt[kKeys / 2][16];
@@ -932,7 +951,8 @@ BM_AMX void amx_row_block(const ProblemBf16& p, const uint32_t* qt, int64_t mr, 
   if (kend > 0) scores(0, st[0]);
   for (int64_t j0 = 0, it = 0; j0 < kend; j0 += kKeys, ++it) {
     const bool full = j0 + kKeys <= lim_min;
-    const __m512 alpha = softmax_block_t(st[it & 1], j0, scale, limv, full, s, pt[0]);
+    if (mrows) mask_block_t(mrows, mr, j0, std::min(kKeys, kend - j0), mt);
+    const __m512 alpha = softmax_block_t(st[it & 1], mrows ? mt : nullptr, j0, scale, limv, full, s, pt[0]);
     if (j0 + kKeys < kend) scores(j0 + kKeys, st[(it + 1) & 1]);
     if (it > 0) fold_t(acc, ot, alpha_pending, p.dv);
     if constexpr (kAmx)
@@ -977,7 +997,11 @@ BM_AMX void forward_bf16_tasks(const ProblemBf16& p, int64_t t0, int64_t t1, uin
       [&](int64_t b, int64_t h, int64_t r0, int64_t mr, const int64_t* limit, int64_t kend) {
         const int64_t row = (b * p.Hq + h) * p.Lq + r0;
         transpose_queries(p.q + b * p.qs[0] + h * p.qs[1] + r0 * p.qs[2], p.qs[2], mr, p.d, qt);
-        amx_row_block<kAmx>(p, qt, mr, limit, kend, kbuf, vt, ldv, out + row * p.dv, lse + row);
+        const float* mrows[16];
+        if (p.mask)
+          for (int64_t r = 0; r < mr; ++r) mrows[r] = mask_rows(p, b, h, r0 + r);
+        amx_row_block<kAmx>(p, qt, mr, limit, kend, kbuf, vt, ldv, p.mask ? mrows : nullptr, out + row * p.dv,
+                            lse + row);
       });
   if constexpr (kAmx) _tile_release();
 }
@@ -1030,12 +1054,12 @@ BM_AVX512 void pair_rows(const uint16_t* x, int64_t ld, int64_t n, int64_t pairs
 
 // MR query rows (r0 - i0 even) against one 64-key block: P and dS in float32 from bf16 products; P^T
 // and dS^T (hi and lo) as query-row pairs into ptp / dstp / dstp_lo (the 48-row block's, word (pair,
-// key)); dQ += dS K.
+// key)); dQ += dS K. mrow: the rows' additive mask rows (mask_rows) or nullptr.
 template <int MR>
 BM_AVX512_BF16 void bwd_rows_bf16(const ProblemBf16& p, const uint16_t* q, const uint16_t* go, const float* lse,
                                   const float* delta, const uint16_t* kpan, const uint16_t* vpan,
                                   const uint16_t* kpairs, int64_t j0, int64_t nk, const int64_t* limit,
-                                  uint32_t* ptp, uint32_t* dstp, uint32_t* dstp_lo, float* gq) {
+                                  const float* mrow, uint32_t* ptp, uint32_t* dstp, uint32_t* dstp_lo, float* gq) {
   alignas(64) float pf[MR + 1][kKeys];   // P, float32; row MR: zero, an odd last row's partner
   alignas(64) float dsf[MR + 1][kKeys];  // dS, float32 (then its hi part)
   alignas(64) float dsl[MR + 1][kKeys];  // dS - hi
@@ -1043,7 +1067,7 @@ BM_AVX512_BF16 void bwd_rows_bf16(const ProblemBf16& p, const uint16_t* q, const
   __m512 s[MR][4];
   mk::zero_tile<MR>(s);
   mk::tile_bf16<MR>(q, p.d, p.d / 2, kpan, s);
-  probabilities<MR>(s, p.scale, lse, limit, j0, pf);
+  probabilities<MR>(s, p.scale, lse, limit, j0, pf, mrow, p.ms[2]);
   const __m512 sc = _mm512_set1_ps(p.scale);
   __m512 dp[MR][4];
   mk::zero_tile<MR>(dp);
@@ -1193,8 +1217,8 @@ void backward_bf16_dot(const ProblemBf16& p, const GradsBf16& g, int64_t t0, int
               mk::with_rows(mr, [&](auto rows) {
                 bwd_rows_bf16<decltype(rows)::value>(
                     p, qh + r0 * p.d, g.grad_out + (row0 + r0) * p.dv, g.lse + row0 + r0, delta + i * p.Lq + r0,
-                    kpan, vpan, kblock, j0, nk, limit, ptp + pair0 * kKeys, dstp + pair0 * kKeys,
-                    dstp_lo + pair0 * kKeys, gqa + (i * p.Lq + r0) * p.d);
+                    kpan, vpan, kblock, j0, nk, limit, mask_rows(p, b, h, r0), ptp + pair0 * kKeys,
+                    dstp + pair0 * kKeys, dstp_lo + pair0 * kKeys, gqa + (i * p.Lq + r0) * p.d);
               });
             },
             [&](int64_t i0, int64_t nq) {  // dV[block] += P^T dO, dK[block] += dS^T Q over the row pairs

@@ -499,6 +499,36 @@ def test_bfloat16_backward_paths(cpu_kernel, shape, is_causal, use_lengths):
         assert err <= 2 * native_err + 2**-10 * ge.abs().max(), (name, err.item(), native_err.item())
 
 
+@pytest.mark.parametrize("kind", ["bias-holes", "bool", "finfo-min", "key-bias"])
+@pytest.mark.parametrize(
+    "shape", [(2, 4, 2, 70, 150, 64, 64), (1, 2, 2, 13, 100, 128, 96), (2, 2, 1, 33, 67, 16, 32)]
+)
+def test_bfloat16_masks(cpu_kernel, kind, shape):
+    """bf16 with a general attn_mask: the forward on the bf16 tiles or the lanes kernel with the mask
+    added, the backward on vdpbf16ps likewise; output and gradients within twice PyTorch's own bf16
+    error of the float64 result of the same bf16 inputs (a quarter of a bf16 step at the largest
+    value on top, as above)."""
+    B, Hq, Hkv, Lq, Lk, d, dv = shape
+    q, k, v = qkv(*shape, dtype=torch.bfloat16)
+    mask = _general_mask(kind, B, Hq, Lq, Lk)
+    mask = mask.bfloat16() if mask.is_floating_point() else mask
+    out, _ = attention(q, k, v, attn_mask=mask)
+    seed = torch.randn_like(out)
+    ref = native(q, k, v, attn_mask=mask)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    exact = native(q64, k64, v64, attn_mask=mask.double() if mask.is_floating_point() else mask)
+    ok = ~exact.isnan()
+    err, native_err = (out.double() - exact)[ok].abs().max(), (ref.double() - exact)[ok].abs().max()
+    assert err <= 2 * native_err + 1e-6
+    ours = grads(out, (q, k, v), seed)
+    theirs = grads(ref, (q, k, v), seed)
+    for name, g, gn, ge in zip(
+        "qkv", ours, theirs, grads(exact, (q64, k64, v64), seed.double()), strict=True
+    ):
+        err, native_err = (g.double() - ge).abs().max(), (gn.double() - ge).abs().max()
+        assert err <= 2 * native_err + 2**-10 * ge.abs().max(), (name, err.item(), native_err.item())
+
+
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_gradcheck(device, is_causal):
     q, k, v = qkv(2, 4, 2, 5, 6, 3, 4, dtype=torch.float64, device=device)
