@@ -1,7 +1,7 @@
 // Attention on the GEMM core's AVX-512 micro-kernels (attention_cpu_fast.cpp), used by
-// attention_cpu.cpp for float32 compute when the CPU has AVX-512, head dims d and dv are multiples
-// of 16 up to 128 (causal and key_lengths are fine; the float32 tile kernels also take dropout and an
-// additive attn_mask).
+// attention_cpu.cpp when the CPU has AVX-512 and head dims d and dv are multiples of 16 up to kMaxDim
+// (causal, key_lengths and an additive attn_mask are fine; the float32 tile kernels also take
+// dropout).
 //
 // Forward. A task is one (batch, query head, block of query rows); it packs its kv head's K^T (times
 // scale) into 64-key panels once and reuses them while consecutive tasks share the head. Each group
@@ -64,8 +64,9 @@ void forward_lanes(const Problem& p, int64_t t0, int64_t t1, float* out, float* 
 void forward_lanes(const ProblemBf16& p, int64_t t0, int64_t t1, uint16_t* out, float* lse);
 
 // bfloat16 forward on AMX tiles: q, k, v are bf16 (uint16 bits, rows at the Problem's strides); d a
-// multiple of 32 up to 128, dv a multiple of 16 up to 64; same masks as forward(). S, P and the
-// output accumulate in float32; P is rounded to bf16 for P V (as flash kernels do). out is bf16.
+// multiple of 32 up to 128, dv a multiple of 16 up to 64; causal and key lengths (the Problem's
+// additive mask too, on vdpbf16ps: the caller keeps masked calls off AMX, untested there). S, P and
+// the output accumulate in float32; P is rounded to bf16 for P V (as flash kernels do). out is bf16.
 inline bool supports_amx(int64_t d, int64_t dv) {
   return d % 32 == 0 && d <= 128 && dv % 16 == 0 && dv >= 16 && dv <= 64;
 }
