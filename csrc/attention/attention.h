@@ -64,6 +64,7 @@ struct Dropout {
   uint32_t threshold = 0;  // keep iff hash >= threshold, i.e. with probability 1 - p
 
   BM_HOST_DEVICE bool active() const { return p > 0.0; }
+  BM_HOST_DEVICE double keep_scale() const { return 1.0 / (1.0 - p); }  // a kept probability's factor
   BM_HOST_DEVICE uint32_t row_key(int64_t b, int64_t h, int64_t i) const {
     uint32_t x = mix32(seed + 0x9e3779b9U);
     x = mix32(x ^ static_cast<uint32_t>(b));

@@ -75,7 +75,7 @@ struct Problem {
   // S[r, c] holds scale * q_{i0+r} . k_{j0+c}; applies attn_mask and the causal diagonal.
   // Z[r, c] for the scores of rows i0.., keys j0..: 0 if dropped, 1 / (1 - p) if kept.
   void dropout_factors(int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t j0, int64_t nk, T* Z, int64_t ldZ) const {
-    const T kept = static_cast<T>(1.0 / (1.0 - dropout.p));
+    const T kept = static_cast<T>(dropout.keep_scale());
     for (int64_t r = 0; r < nq; ++r) {
       const uint32_t row = dropout.row_key(b, h, i0 + r);
       T* z = Z + r * ldZ;
@@ -317,8 +317,8 @@ bool use_fast_path(const Dims& d, at::ScalarType ct, const Tensor& mask) {
 // 1.0-1.6x faster, the tiles computing a half-empty key block) stay on the lanes kernel.
 // Above 64 rows float32 takes the tile kernels (fast::forward); bf16 the bf16 tile kernels where they
 // take its head dims (AMX: dv <= 64), else the lanes kernel at every row count. An additive mask
-// (keys contiguous) is added per 64-key block in the lanes and tile kernels alike; the bf16 tiles
-// take none.
+// (keys contiguous) is added per 64-key block in the lanes and tile kernels alike (not on AMX, see
+// bf16_tiles).
 constexpr int64_t kLanesMinRows = 3, kLanesMaxRows = 64, kLanesMinRowsBf16 = 1, kBf16TilesMinKeys = 64;
 
 // Whether a bf16 tile forward (AMX, or vdpbf16ps where bf16_kernel() chose it) runs these head dims and
@@ -413,7 +413,7 @@ void lanes_forward(const Dims& d, const fast::ProblemOf<T>& fp, T* out, float* l
 // On AVX-512 with the lanes kernel's head dims it serves only 1-2 rows per kv head (use_lanes).
 constexpr int64_t kFewQueryRows = 4;
 
-bool use_few_queries(const Dims& d, at::ScalarType ct, const Tensor& mask, const Dropout& dropout) {
+bool use_few_queries(const Dims& d, at::ScalarType ct, const Dropout& dropout) {
   return ct == at::kFloat && d.Lq <= kFewQueryRows && !dropout.active() &&
          gemm::cpu::kernel_choice() != gemm::cpu::KernelChoice::Generic;
 }
@@ -487,7 +487,7 @@ void few_queries_forward(const Problem<float>& p, float* out, float* lse) {
 // Whether every row of the mask attends to a prefix of the keys, of length len_b (key padding) or
 // min(i + 1, len_b) (top-left causal, with or without key padding), the same for every head: then it
 // is that (is_causal, key_lengths) pair, and the call runs the kernels that skip masked key blocks
-// instead of ATen's BLAS path with an added mask (at parity with native). Such masks are common: a
+// instead of adding the mask to every block of scores. Such masks are common: a
 // causal float mask as nn.Transformer builds it, a tokenizer's key-padding mask, their 4-D
 // combination. Reads the mask's own elements once (not its broadcast), stopping at the first that
 // breaks the pattern; a float mask must hold only 0 and -inf.
@@ -585,7 +585,7 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& query, const Tensor& key,
   const bool bf16_lanes =
       query.scalar_type() == at::kBFloat16 && use_lanes(d, ct, mask, dropout, /*bf16=*/true);
   const bool f32_lanes = !bf16_lanes && use_lanes(d, ct, mask, dropout, /*bf16=*/false);
-  const bool few = query.scalar_type() == at::kFloat && !f32_lanes && use_few_queries(d, ct, mask, dropout);
+  const bool few = query.scalar_type() == at::kFloat && !f32_lanes && use_few_queries(d, ct, dropout);
   // Small calls of those kernels run on this thread alone: no team to set the float mode on.
   const bool solo = ((bf16_lanes || f32_lanes) && lanes_bytes(d, query.element_size()) < kTeamBytes) ||
                     (few && few_bytes(d) < kTeamBytes);
@@ -628,7 +628,7 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& query, const Tensor& key,
                   lse.data_ptr<float>());
     return {out.to(query.scalar_type()), lse};
   }
-  if (use_few_queries(d, ct, mask, dropout)) {  // also bf16 inputs that took no bf16 kernel above
+  if (use_few_queries(d, ct, dropout)) {  // also bf16 inputs that took no bf16 kernel above
     few_queries_forward(make_problem<float>(d, q, k, v, lengths, mask, is_causal, scale, dropout),
                         out.data_ptr<float>(), lse.data_ptr<float>());
     return {out.to(query.scalar_type()), lse};

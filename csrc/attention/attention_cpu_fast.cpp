@@ -135,7 +135,7 @@ BM_AVX512 void row_group(const Problem& p, const float* q, const float* kpanels,
                          float* lse) {
   const float ninf = -std::numeric_limits<float>::infinity();
   const bool dropout = p.dropout.active();
-  const __m512 kept = _mm512_set1_ps(static_cast<float>(1.0 / (1.0 - p.dropout.p)));
+  const __m512 kept = _mm512_set1_ps(static_cast<float>(p.dropout.keep_scale()));
   float m[MR], l[MR];
   alignas(64) float o[MR][kMaxDim];
   alignas(64) float pt[MR][kKeys];
@@ -281,7 +281,6 @@ BM_AVX512 BM_ALWAYS_INLINE void transpose16x16_epi32(__m512i (&r)[16]) {
     r[12 + k] = _mm512_shuffle_i32x4(d1, e1, 0xDD);
   }
 }
-
 
 // The rows of one task: lane r is query row i_r of query head h_r; the kernel sees only their Q^T
 // (scaled), the keys each may see, and where its output goes.
@@ -472,13 +471,12 @@ BM_AVX512 void lanes_forward(const ProblemOf<T>& p, const Lanes& ln, const float
     // A mask's -inf scores need the masked softmax, which zeroes them.
     const __m512 a = softmax_lanes(st, nk, j0, limv, j0 + nk <= lim_min && !p.mask, m, l);
     _mm512_store_ps(alpha, a);
-    for (int64_t c0 = 0; c0 < p.dv; c0 += 64)  // 64 columns at a time: 6 rows x 4 zmm accumulators
-      mk::with_vectors(std::min<int64_t>(64, p.dv - c0) / 16, [&](auto nv) {
-        for (int r0 = 0; r0 < ln.n; r0 += kRows)
-          mk::with_rows(ln.n - r0, [&](auto rows) {
-            fold_lanes<decltype(rows)::value, decltype(nv)::value>(o + c0, ldo, alpha, r0, st, nk, vb + c0, ldv);
-          });
-      });
+    for_each_column_chunk(p.dv, [&](int64_t c0, auto nv) {  // 6 rows x 4 zmm accumulators at a time
+      for (int r0 = 0; r0 < ln.n; r0 += kRows)
+        mk::with_rows(ln.n - r0, [&](auto rows) {
+          fold_lanes<decltype(rows)::value, decltype(nv)::value>(o + c0, ldo, alpha, r0, st, nk, vb + c0, ldv);
+        });
+    });
   }
   alignas(64) float ls[kLanes], ms[kLanes];
   _mm512_store_ps(ls, l);
@@ -619,7 +617,7 @@ BM_AVX512 void bwd_rows(const Problem& p, const float* q, const float* go, const
   mk::tile_f32<MR>(go, p.dv, p.dv, vpan, dp);
   const __m512 sc = _mm512_set1_ps(p.scale);
   if (p.dropout.active()) {
-    const __m512 kept = _mm512_set1_ps(static_cast<float>(1.0 / (1.0 - p.dropout.p)));
+    const __m512 kept = _mm512_set1_ps(static_cast<float>(p.dropout.keep_scale()));
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       const __m512 dl = _mm512_set1_ps(delta[r]);

@@ -29,9 +29,9 @@ struct ProblemOf {
   const T* v = nullptr;
   int64_t qs[3] = {}, ks[3] = {}, vs[3] = {};
   const int64_t* lengths = nullptr;  // [B] or nullptr
-  // float32 forward() and backward() only: dropout, and an additive mask (attn_mask as a float32
-  // [B, Hq, Lq, Lk] view, keys contiguous, rows at strides ms over (batch, query head, row)) or nullptr.
-  Dropout dropout;
+  Dropout dropout;  // float32 forward() and backward() only
+  // An additive mask (attn_mask as a float32 [B, Hq, Lq, Lk] view, keys contiguous, rows at strides ms
+  // over (batch, query head, row)) or nullptr; every kernel here but forward_amx takes it.
   const float* mask = nullptr;
   int64_t ms[3] = {};
 };

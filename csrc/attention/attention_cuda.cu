@@ -646,7 +646,7 @@ __global__ void __launch_bounds__(kTcThreads)
   }
   cp_async_wait<0>();
 
-  const float keep_scale = p.dropout.active() ? static_cast<float>(1.0 / (1.0 - p.dropout.p)) : 1.f;
+  const float keep_scale = p.dropout.active() ? static_cast<float>(p.dropout.keep_scale()) : 1.f;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float l = l_run[r];
@@ -728,7 +728,7 @@ __global__ void __launch_bounds__(kTcThreads)
     load_rows<E, D, kBwdN, kTcThreads>(sV, v, p.vs[2], n0, klen);
     cp_async_commit();
   }
-  const float keep_scale = p.dropout.active() ? static_cast<float>(1.0 / (1.0 - p.dropout.p)) : 1.f;
+  const float keep_scale = p.dropout.active() ? static_cast<float>(p.dropout.keep_scale()) : 1.f;
   // Causal: the first query that sees key n0 is n0 itself.
   const int64_t m_begin = p.causal ? (n0 / M) * M : 0;
   const int64_t steps_per_head = any_key && m_begin < p.Lq ? (p.Lq - m_begin + M - 1) / M : 0;
