@@ -166,14 +166,22 @@ def _has_cuda_kernel() -> bool:
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("weights", [False, True], ids=["", "weights"])
 @pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
-def test_multihead_attention(benchmark, quick, device, timed, shape, mode, impl):
+def test_multihead_attention(benchmark, quick, device, timed, shape, weights, mode, impl):
     """nn.MultiheadAttention vs bigmodel's, self-attention with a right-padded key_padding_mask,
-    need_weights=False on both sides. Both modules stay in train mode (dropout 0): the issue takes
-    native's train mode as the baseline, since its eval fast path is slower on this CPU. On CUDA the
-    modules run in bfloat16 (the tensor-core path); on the CPU the *-bf16 modes do."""
+    need_weights=False on both sides, or (case `+weights`, seed and short shapes) need_weights=True,
+    the module's default, returning the head-averaged weights (training backpropagates the output
+    only, as a model that logs or inspects its weights does). Both modules stay in train mode
+    (dropout 0): the issue takes native's train mode as the baseline, since its eval fast path is
+    slower on this CPU. On CUDA the modules run in bfloat16 (the tensor-core path); on the CPU the
+    *-bf16 modes do."""
     if quick and shape[0] != "seed":
         pytest.skip("--quick runs the seed shape only")
+    if weights and (shape[0] not in ("seed", "short") or (quick and mode.endswith("-bf16"))):
+        pytest.skip("need_weights rows: seed and short shapes (--quick: float32)")
+    if weights and impl == "bigmodel" and device == "cuda":
+        pytest.skip("bigmodel's attention_weights has no CUDA kernel (the module takes PyTorch's path)")
     if impl == "bigmodel" and device == "cuda" and not _has_cuda_kernel():
         pytest.skip("bigmodel was built without its CUDA attention kernel")
     if mode.endswith("-bf16") and device == "cuda":
@@ -200,14 +208,14 @@ def test_multihead_attention(benchmark, quick, device, timed, shape, mode, impl)
 
         def fn():
             with torch.no_grad():
-                module(x, x, x, key_padding_mask=pad, need_weights=False)
+                module(x, x, x, key_padding_mask=pad, need_weights=weights)
     else:
 
         def fn():
             for p in params:
                 p.grad = None
             x.grad = None
-            out, _ = module(x, x, x, key_padding_mask=pad, need_weights=False)
+            out, _ = module(x, x, x, key_padding_mask=pad, need_weights=weights)
             out.sum().backward()
 
     _measure(
@@ -216,7 +224,7 @@ def test_multihead_attention(benchmark, quick, device, timed, shape, mode, impl)
         quick,
         slow=mode.startswith("train") or L >= 1024,
         op="mha",
-        case=f"{name}/key-padding",
+        case=f"{name}/key-padding" + ("+weights" if weights else ""),
         shape=f"B={B} L={L} E={E} heads={H}" + (" bf16" if dtype == torch.bfloat16 else ""),
         mode=mode,
         impl=impl,

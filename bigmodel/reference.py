@@ -14,6 +14,7 @@ from torch import Tensor
 
 __all__ = [
     "attention_reference",
+    "attention_weights_reference",
     "dropout_keep",
     "lstm_cell_reference",
     "lstm_layer_reference",
@@ -193,10 +194,43 @@ def attention_reference(
         logsumexp ``-inf``. Computed in float32 (float64 for float64) and ``out`` rounded to query's dtype.
     """
     ct = _compute_dtype(query.dtype)
-    q, k, v = query.to(ct), key.to(ct), value.to(ct)
-    group = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(group, dim=1)
-    v = v.repeat_interleave(group, dim=1)
+    probs, lse = _probabilities(query, key, attn_mask, key_lengths, is_causal, scale, dropout_p, seed)
+    v = value.to(ct).repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+    return (probs @ v).to(query.dtype), lse
+
+
+def attention_weights_reference(
+    query: Tensor,
+    key: Tensor,
+    attn_mask: Tensor | None = None,
+    key_lengths: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    average: bool = False,
+) -> Tensor:
+    """The semantics of ``bigmodel.ops.attention.attention_weights``: the probabilities
+    ``attention_reference`` multiplies the values by (dropout included), ``(B, Hq, Lq, Lk)`` in
+    query's dtype, or their mean over the query heads, ``(B, Lq, Lk)``. Arguments as there."""
+    probs, _ = _probabilities(query, key, attn_mask, key_lengths, is_causal, scale, dropout_p, seed)
+    return (probs.mean(dim=1) if average else probs).to(query.dtype)
+
+
+def _probabilities(
+    query: Tensor,
+    key: Tensor,
+    attn_mask: Tensor | None,
+    key_lengths: Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+    dropout_p: float,
+    seed: int,
+) -> tuple[Tensor, Tensor]:
+    """(probabilities after dropout (B, Hq, Lq, Lk), logsumexp (B, Hq, Lq)) in the compute dtype."""
+    ct = _compute_dtype(query.dtype)
+    q, k = query.to(ct), key.to(ct)
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = (q @ k.transpose(-2, -1)) * scale  # (B, Hq, Lq, Lk)
     Lq, Lk = scores.shape[-2:]
@@ -220,8 +254,7 @@ def attention_reference(
     if dropout_p > 0.0:
         keep = dropout_keep(seed, *probs.shape, dropout_p, device=probs.device)
         probs = probs * keep / (1.0 - dropout_p)
-    out = probs @ v
-    return out.to(query.dtype), lse.masked_fill(empty, float("-inf")).squeeze(-1)
+    return probs, lse.masked_fill(empty, float("-inf")).squeeze(-1)
 
 
 _MASK32 = 0xFFFFFFFF

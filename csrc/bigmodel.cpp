@@ -76,6 +76,10 @@ TORCH_LIBRARY(bigmodel, m) {
       "Tensor logsumexp, Tensor? attn_mask, Tensor? key_lengths, bool is_causal, float? scale, "
       "float dropout_p, int seed) "
       "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
+  m.def(
+      "attention_weights(Tensor query, Tensor key, Tensor logsumexp, Tensor? attn_mask=None, "
+      "Tensor? key_lengths=None, bool is_causal=False, float? scale=None, float dropout_p=0.0, int seed=0, "
+      "bool average=False) -> Tensor");
   m.def("build_info() -> str", &build_info);
   m.def("empty_cache() -> int", &empty_cache);
 }

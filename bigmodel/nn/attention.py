@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ..ops.attention import attention
+from ..ops.attention import attention, attention_weights
 
 __all__ = ["MultiheadAttention"]
 
@@ -77,13 +77,16 @@ def _linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
 class MultiheadAttention(nn.MultiheadAttention):
     """Drop-in for ``nn.MultiheadAttention``: same constructor, parameters, state dict and forward.
 
-    ``forward`` with ``need_weights=False`` runs the projections with ``F.linear`` (on oneDNN's GEMM
-    for float32 CPU tensors) and the attention
-    with ``bigmodel.ops.attention``; a right-padded boolean ``key_padding_mask`` becomes
+    ``forward`` runs the projections with ``F.linear`` (on oneDNN's GEMM for float32 CPU tensors) and
+    the attention with ``bigmodel.ops.attention``; a right-padded boolean ``key_padding_mask`` becomes
     ``key_lengths``, so padded key blocks are skipped; dropout (while training) is the kernel's, with
-    its own random stream. Calls the kernel cannot serve - ``need_weights=True`` (the default, as in
-    PyTorch), ``add_bias_kv``, ``add_zero_attn`` - take ``nn.MultiheadAttention``'s own (slower)
-    path. Unlike PyTorch, a query with no key to attend to gets zeros rather than NaN on the fast path.
+    its own random stream. ``need_weights=True`` (the default, as in PyTorch) adds
+    ``bigmodel.ops.attention_weights``: the probabilities recomputed from the kernel's logsumexp
+    (averaged over heads as they are made, unless ``average_attn_weights=False``), with the kernel's
+    dropout, differentiable; on CPU only (CUDA calls that need weights take PyTorch's path). Calls the
+    kernel cannot serve - ``add_bias_kv``, ``add_zero_attn`` - take ``nn.MultiheadAttention``'s own
+    (slower) path. Unlike PyTorch, a query with no key to attend to gets zeros (output and weights)
+    rather than NaN on the fast path.
     """
 
     def forward(
@@ -99,11 +102,11 @@ class MultiheadAttention(nn.MultiheadAttention):
     ) -> tuple[Tensor, Tensor | None]:
         """Args and returns as ``nn.MultiheadAttention.forward``."""
         if (
-            need_weights
-            or self.bias_k is not None
+            self.bias_k is not None
             or self.add_zero_attn
             or (is_causal and attn_mask is None)
             or not _has_kernel(query.device)
+            or (need_weights and not _has_kernel(query.device, "bigmodel::attention_weights"))
         ):
             return super().forward(
                 query,
@@ -162,22 +165,32 @@ class MultiheadAttention(nn.MultiheadAttention):
         if causal:
             mask = None
         dropout_p = self.dropout if self.training else 0.0
-        out, _ = attention(q, k, v, mask, key_lengths, causal, None, dropout_p)
+        seed = (
+            int(torch.randint(0, 2**31, ())) if dropout_p > 0.0 else 0
+        )  # the weights' dropout is the output's
+        out, lse = attention(q, k, v, mask, key_lengths, causal, None, dropout_p, seed)
+        weights = None
+        if need_weights:
+            weights = attention_weights(
+                q, k, lse, mask, key_lengths, causal, None, dropout_p, seed, average_attn_weights
+            )
+            if not batched:
+                weights = weights.squeeze(0)
         out = (
             out.transpose(1, 2).reshape(N, L, E) if batch_first else out.permute(2, 0, 1, 3).reshape(L, N, E)
         )
         out = _linear(out, self.out_proj.weight, self.out_proj.bias)
         if not batched:
             out = out.squeeze(1)
-        return out, None
+        return out, weights
 
 
-def _has_kernel(device: torch.device) -> bool:
-    """Whether bigmodel's attention op has a kernel for ``device`` (CUDA only when built with it)."""
+def _has_kernel(device: torch.device, op: str = "bigmodel::attention") -> bool:
+    """Whether bigmodel's ``op`` has a kernel for ``device`` (CUDA only when built with it)."""
     if device.type == "cpu":
         return True
     key = {"cuda": "CUDA"}.get(device.type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("bigmodel::attention", key)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
 
 
 def _attend_mask(mask: Tensor | None, N: int, H: int, L: int, S: int, dtype: torch.dtype) -> Tensor | None:
@@ -209,8 +222,12 @@ def _right_padded_lengths(key_padding_mask: Tensor) -> Tensor | None:
     """Lengths if every row of the boolean ``(N, S)`` mask is ``False * n + True * (S - n)``."""
     if key_padding_mask.dtype != torch.bool:
         return None
-    if key_padding_mask.is_cuda and torch.cuda.is_current_stream_capturing():
-        return None  # the check below reads a GPU value; under graph capture the mask path serves
+    if torch.compiler.is_compiling() or (
+        key_padding_mask.is_cuda and torch.cuda.is_current_stream_capturing()
+    ):
+        # The check below reads a value (a data-dependent branch for torch.compile, a GPU read under
+        # graph capture): the mask path serves, and the CPU kernel finds the padding in the mask itself.
+        return None
     lengths = (~key_padding_mask).sum(dim=1)
     padded = torch.arange(key_padding_mask.shape[1], device=key_padding_mask.device) >= lengths.unsqueeze(1)
     return lengths if bool((padded == key_padding_mask).all()) else None

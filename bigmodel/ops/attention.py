@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["attention"]
+__all__ = ["attention", "attention_weights"]
 
 
 def attention(
@@ -55,6 +55,43 @@ def attention(
     )
 
 
+def attention_weights(
+    query: Tensor,
+    key: Tensor,
+    logsumexp: Tensor,
+    attn_mask: Tensor | None = None,
+    key_lengths: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    average: bool = False,
+) -> Tensor:
+    """The probabilities an ``attention`` call multiplied the values by (what
+    ``nn.MultiheadAttention`` returns with ``need_weights=True``), from that call's ``logsumexp``.
+
+    Args:
+        query, key, attn_mask, key_lengths, is_causal, scale, dropout_p, seed: the ``attention``
+            call's (the same ``seed`` gives the same dropout).
+        logsumexp: that call's second output, ``(B, Hq, Lq)``.
+        average: return the mean over the query heads.
+
+    Returns:
+        ``(B, Hq, Lq, Lk)`` in query's dtype (``(B, Lq, Lk)`` with ``average``): ``exp(s - logsumexp)``
+        for the valid keys, 0 for masked keys and for rows without any, times the dropout factor.
+        Differentiable in query and key (the softmax's gradient; ``logsumexp`` counts as the function
+        of them that it is). On CPU; one [B, Lq, Lk] block of scores at a time is recomputed, so the
+        [B, Hq, Lq, Lk] tensor exists only without ``average``.
+    """
+    if attn_mask is not None and attn_mask.requires_grad:
+        raise ValueError(
+            "bigmodel.attention_weights: no gradient flows to attn_mask; pass attn_mask.detach()"
+        )
+    return torch.ops.bigmodel.attention_weights(
+        query, key, logsumexp.detach(), attn_mask, key_lengths, is_causal, scale, dropout_p, seed, average
+    )
+
+
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -80,3 +117,84 @@ def _attention_backward_fake(
         torch.empty_like(key, memory_format=torch.contiguous_format),
         torch.empty_like(value, memory_format=torch.contiguous_format),
     )
+
+
+@torch.library.register_fake("bigmodel::attention_weights")
+def _attention_weights_fake(
+    query,
+    key,
+    logsumexp,
+    attn_mask=None,
+    key_lengths=None,
+    is_causal=False,
+    scale=None,
+    dropout_p=0.0,
+    seed=0,
+    average=False,
+):
+    torch._check(
+        query.dim() == 4, lambda: f"bigmodel.attention_weights: query must be 4-D, got {query.shape}"
+    )
+    torch._check(key.dim() == 4, lambda: f"bigmodel.attention_weights: key must be 4-D, got {key.shape}")
+    B, Hq, Lq, _ = query.shape
+    Lk = key.shape[2]
+    return query.new_empty((B, Lq, Lk) if average else (B, Hq, Lq, Lk))
+
+
+def _weights_setup_context(ctx, inputs, output) -> None:
+    query, key, logsumexp, attn_mask, key_lengths, is_causal, scale, dropout_p, seed, average = inputs
+    ctx.save_for_backward(query, key, logsumexp, attn_mask, key_lengths)
+    ctx.args = (is_causal, scale, dropout_p, seed, average)
+
+
+def _weights_backward(ctx, grad: Tensor):
+    """W = P * Z (Z the dropout factors), P = softmax(S), S = scale q k^T (+ mask): with G = dL/dW
+    (per head), dS = P * (Z G - rowsum(P Z G)) = W G - P rowsum(W G); dq = scale dS k, dk = scale
+    dS^T q (summed over a GQA group). Runs only when the weights reach the loss; the [B, Hq, Lq, Lk]
+    terms are materialized, as the weights themselves are without averaging. Differentiable again
+    (the weights op inside has this formula; the rest are torch ops)."""
+    query, key, logsumexp, attn_mask, key_lengths = ctx.saved_tensors
+    is_causal, scale, dropout_p, seed, average = ctx.args
+    if grad is None or not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+        return (None,) * 10
+    ct = torch.float64 if query.dtype == torch.float64 else torch.float32
+    Hq, group = query.shape[1], query.shape[1] // key.shape[1]
+    g = grad.to(ct)
+    g = (g / Hq).unsqueeze(1) if average else g
+    q, k = query.to(ct), key.to(ct)
+    lse = logsumexp.to(ct)
+
+    def weights(p: float) -> Tensor:
+        return torch.ops.bigmodel.attention_weights(
+            q, k, lse, attn_mask, key_lengths, is_causal, scale, p, seed, False
+        )
+
+    probs = weights(0.0)
+    wg = (weights(dropout_p) if dropout_p > 0.0 else probs) * g
+    ds = wg - probs * wg.sum(dim=-1, keepdim=True)
+    s = q.shape[-1] ** -0.5 if scale is None else scale
+    k_rep = k.repeat_interleave(group, dim=1) if group > 1 else k
+    dq = (ds @ k_rep) * s if ctx.needs_input_grad[0] else None
+    dk = None
+    if ctx.needs_input_grad[1]:
+        dk = (ds.transpose(-2, -1) @ q) * s
+        if group > 1:
+            dk = dk.unflatten(1, (key.shape[1], group)).sum(dim=2)
+        dk = dk.to(key.dtype)
+    return (
+        dq.to(query.dtype) if dq is not None else None,
+        dk,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd(
+    "bigmodel::attention_weights", _weights_backward, setup_context=_weights_setup_context
+)

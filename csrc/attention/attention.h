@@ -29,6 +29,15 @@
 //   are the forward's. grad_k / grad_v of a kv
 //   head shared by several query heads (GQA) are the sums over those heads. No gradient flows to
 //   attn_mask or key_lengths.
+//
+// attention_weights(q, k, logsumexp, attn_mask?, key_lengths?, is_causal, scale?, dropout_p, seed, average)
+//   -> weights
+//   The probabilities the forward multiplied the values by (what nn.MultiheadAttention returns with
+//   need_weights=True): exp(s_ij - logsumexp_i) for the valid keys, 0 for masked ones and for rows
+//   with no valid key, times the dropout factor (0, or 1 / (1 - dropout_p)) of the same hash.
+//   logsumexp must be the forward's for the same q, k and arguments. [B, Hq, Lq, Lk] in q's dtype,
+//   or with average its mean over the query heads, [B, Lq, Lk]. The gradient (Python) treats
+//   logsumexp as what it is, a function of q and k: it is the softmax's.
 #pragma once
 
 #include <ATen/core/Tensor.h>

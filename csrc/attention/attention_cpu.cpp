@@ -712,10 +712,102 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cpu(
   return {gq.to(st), gk.to(st), gv.to(st)};
 }
 
+// ---- attention_weights: the probabilities themselves (nn.MultiheadAttention's need_weights) ----
+
+// With average a task owns (batch, kWeightRows query rows) of the [B, Lq, Lk] output and sums every
+// query head into them (no [B, Hq, Lq, Lk] buffer); without, one (batch, query head, row block).
+// Each key block recomputes S = scale Q K^T (as the backward does) and writes exp(s - logsumexp).
+constexpr int64_t kWeightRows = 64;
+
+template <typename T>
+void weights_forward(const Problem<T>& p, const T* lse, bool average, T* w) {
+  using V = Vectorized<T>;
+  const Dims& d = p.d;
+  const int64_t nqb = (d.Lq + kWeightRows - 1) / kWeightRows, heads = average ? 1 : d.Hq;
+  const T ninf = -std::numeric_limits<T>::infinity();
+  at::parallel_for(0, d.B * heads * nqb, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<T> S(kWeightRows * kBlockK), Z(p.dropout.active() ? kWeightRows * kBlockK : 0);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / (heads * nqb), i0 = (t % nqb) * kWeightRows, nq = std::min(kWeightRows, d.Lq - i0);
+      const int64_t h0 = average ? 0 : (t / nqb) % d.Hq, h1 = average ? d.Hq : h0 + 1;
+      T* rows = w + ((b * heads + (average ? 0 : h0)) * d.Lq + i0) * d.Lk;
+      const int64_t kend = p.key_end(b, i0 + nq);  // later keys: 0 for every row of the block
+      for (int64_t r = 0; r < nq; ++r) std::fill(rows + r * d.Lk + kend, rows + (r + 1) * d.Lk, T(0));
+      for (int64_t h = h0; h < h1; ++h) {
+        const int64_t hk = h / p.group();
+        const T* row_lse = lse + (b * d.Hq + h) * d.Lq + i0;
+        for (int64_t j0 = 0; j0 < kend; j0 += kBlockK) {
+          const int64_t nk = std::min(kBlockK, kend - j0);
+          gemm::rowmajor<T>(false, true, nq, nk, d.d, p.scale, p.q_rows(b, h, i0), p.qs[2], p.k_rows(b, hk, j0),
+                            p.ks[2], T(0), S.data(), kBlockK);
+          p.mask_scores(b, h, i0, nq, j0, nk, S.data(), kBlockK);
+          if (p.dropout.active()) p.dropout_factors(b, h, i0, nq, j0, nk, Z.data(), kBlockK);
+          for (int64_t r = 0; r < nq; ++r) {
+            T* s = S.data() + r * kBlockK;
+            const T m = row_lse[r];
+            if (m == ninf)  // no valid key: zeros (a NaN row is made wholly NaN by the caller)
+              std::fill(s, s + nk, T(0));
+            else  // exp (Sleef's) gives exactly 0 for the masked keys' -inf
+              at::vec::map([m](V x) { return (x - V(m)).exp(); }, s, s, nk);
+            if (p.dropout.active())
+              at::vec::map2([](V x, V z) { return x * z; }, s, s, Z.data() + r * kBlockK, nk);
+            T* o = rows + r * d.Lk + j0;
+            if (h == h0)
+              std::copy(s, s + nk, o);
+            else
+              at::vec::map2([](V x, V y) { return x + y; }, o, o, s, nk);
+          }
+        }
+      }
+      if (average && d.Hq > 1)
+        for (int64_t r = 0; r < nq; ++r) scale_row(rows + r * d.Lk, kend, T(1) / T(d.Hq));
+    }
+  });
+}
+
+Tensor attention_weights_cpu(const Tensor& query, const Tensor& key, const Tensor& logsumexp,
+                             const std::optional<Tensor>& attn_mask_arg, const std::optional<Tensor>& key_lengths_arg,
+                             bool is_causal_arg, std::optional<double> scale, double dropout_p, int64_t seed,
+                             bool average) {
+  const char* op = "attention_weights";
+  const Dims d = check_inputs(op, query, key, key, attn_mask_arg, key_lengths_arg);  // no value: key stands in
+  const at::ScalarType ct = compute_dtype(query.scalar_type());
+  check_shape(logsumexp, {d.B, d.Hq, d.Lq}, op, "logsumexp", "[B, Hq, Lq]");
+  BM_CHECK(logsumexp.scalar_type() == ct, op, "logsumexp must be ", ct, ", got ", logsumexp.scalar_type());
+  BM_CHECK(logsumexp.device() == query.device(), op, "logsumexp is on ", logsumexp.device(), " but query is on ",
+           query.device());
+  const auto [attn_mask, key_lengths, is_causal] = simplify_masking(d, attn_mask_arg, key_lengths_arg, is_causal_arg);
+  const Dropout dropout = make_dropout(op, dropout_p, seed);
+  FlushDenormalsGuard ftz;
+  const Tensor lengths = lengths_int64(key_lengths), mask = additive_mask(attn_mask, d, ct);
+  const Tensor q = rows_ready(query, ct), k = rows_ready(key, ct), lse = logsumexp.contiguous();
+  Tensor w = average ? at::empty({d.B, d.Lq, d.Lk}, q.options()) : at::empty({d.B, d.Hq, d.Lq, d.Lk}, q.options());
+  if (average && d.Hq == 0) return w.fill_(std::numeric_limits<double>::quiet_NaN()).to(query.scalar_type());
+  if (use_fast_path(d, ct, mask)) {  // d.dv is key's d here
+    const fast::Problem fp = fast_tiles_problem(d, q, k, k, lengths, mask, is_causal, scale, dropout);
+    const int64_t tasks = d.B * (average ? 1 : d.Hq) * ((d.Lq + fast::kBlockQ - 1) / fast::kBlockQ);
+    float* wp = w.data_ptr<float>();
+    const float* lp = lse.const_data_ptr<float>();
+    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) { fast::weights(fp, lp, average, t0, t1, wp); });
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(ct, "bigmodel.attention_weights", [&] {
+      weights_forward<scalar_t>(make_problem<scalar_t>(d, q, k, k, lengths, mask, is_causal, scale, dropout),
+                                lse.const_data_ptr<scalar_t>(), average, w.data_ptr<scalar_t>());
+    });
+  }
+  // A row with a NaN score (its logsumexp NaN) is NaN throughout, masked keys included, as PyTorch's
+  // softmax gives; with average, any head's.
+  const Tensor nan_rows = lse.isnan();
+  if (nan_rows.any().item<bool>())
+    w.masked_fill_((average ? nan_rows.any(1) : nan_rows).unsqueeze(-1), std::numeric_limits<double>::quiet_NaN());
+  return w.to(query.scalar_type());
+}
+
 }  // namespace
 }  // namespace bigmodel::attention
 
 TORCH_LIBRARY_IMPL(bigmodel, CPU, m) {
   m.impl("attention", &bigmodel::attention::attention_cpu);
   m.impl("attention_backward", &bigmodel::attention::attention_backward_cpu);
+  m.impl("attention_weights", &bigmodel::attention::attention_weights_cpu);
 }

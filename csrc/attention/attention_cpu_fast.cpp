@@ -251,6 +251,91 @@ void forward(const Problem& p, int64_t t0, int64_t t1, float* out, float* lse) {
       });
 }
 
+// ---- the probabilities themselves (attention_weights, nn.MultiheadAttention's need_weights) ----
+
+namespace {
+
+// Rows r0 .. r0 + MR of one query head against keys [0, kend) (limit, drop_rows, mrow as in row_group;
+// lse the rows' logsumexp): w[r][j] (rows at stride ldw) = factor * exp(s - lse[r]) times the dropout
+// factor for the keys row r sees, 0 for the others; added to w unless first. A row without keys
+// (lse -inf) adds 0 (a NaN row is made wholly NaN by the caller).
+template <int MR>
+BM_AVX512 void weights_row_group(const Problem& p, const float* q, int64_t ldq, const float* kpanels, int64_t kend,
+                                 const int64_t* limit, const float* lse, const uint32_t* drop_rows, const float* mrow,
+                                 bool first, float factor, float* w, int64_t ldw) {
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m512 fac = _mm512_set1_ps(factor);
+  const __m512 kept = _mm512_set1_ps(static_cast<float>(p.dropout.keep_scale()) * factor);
+  for (int64_t j0 = 0; j0 < kend; j0 += kKeys) {
+    const int64_t nk = std::min(kKeys, kend - j0);
+    __m512 s[MR][4];
+    mk::zero_tile<MR>(s);
+    mk::tile_f32<MR>(q, ldq, p.d, kpanels + (j0 / kKeys) * p.d * kKeys, s);
+    if (mrow) add_mask<MR>(s, mrow, p.ms[2], j0, nk);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      float* dst = w + r * ldw + j0;
+      const bool no_keys = lse[r] == -std::numeric_limits<float>::infinity();
+      const __m512 shift = _mm512_set1_ps(lse[r]);
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) {
+        if (16 * c >= nk) break;
+        const __mmask16 cols = mk::lanes(std::min<int64_t>(16, nk - 16 * c));
+        __mmask16 seen = mk::lanes(std::clamp<int64_t>(limit[r] - j0 - 16 * c, 0, 16));
+        if (mrow) seen &= _mm512_cmp_ps_mask(s[r][c], ninf, _CMP_NEQ_UQ);
+        if (p.dropout.active()) seen &= dropout_keep(p.dropout, drop_rows[r], j0 + 16 * c);
+        __m512 e = no_keys ? _mm512_setzero_ps()
+                           : _mm512_maskz_mul_ps(seen, mk::exp_scaled_ps<1>(_mm512_sub_ps(s[r][c], shift)),
+                                                 p.dropout.active() ? kept : fac);
+        if (!first) e = _mm512_add_ps(e, _mm512_maskz_loadu_ps(cols, dst + 16 * c));
+        _mm512_mask_storeu_ps(dst + 16 * c, cols, e);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void weights(const Problem& p, const float* lse, bool average, int64_t t0, int64_t t1, float* w) {
+  const int64_t nkb = (p.Lk + kKeys - 1) / kKeys, nqb = (p.Lq + kBlockQ - 1) / kBlockQ;
+  const int64_t heads = average ? 1 : p.Hq, group = p.Hq / p.Hkv;
+  const float factor = average ? 1.f / static_cast<float>(p.Hq) : 1.f;
+  std::vector<float> storage, qstorage;
+  float* kpanels = mk::aligned(storage, nkb * p.d * kKeys);
+  float* qrows = mk::aligned(qstorage, kBlockQ * p.d);
+  int64_t packed_b = -1, packed_hk = -1;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t b = t / (heads * nqb), i0 = (t % nqb) * kBlockQ, nq = std::min(kBlockQ, p.Lq - i0);
+    const int64_t h0 = average ? 0 : (t / nqb) % p.Hq, h1 = average ? p.Hq : h0 + 1;
+    const int64_t valid = p.lengths ? p.lengths[b] : p.Lk;
+    float* rows = w + ((b * heads + h0) * p.Lq + i0) * p.Lk;
+    for (int64_t h = h0; h < h1; ++h) {
+      const int64_t hk = h / group;
+      if (b != packed_b || hk != packed_hk) {
+        pack_transposed(p.k + b * p.ks[0] + hk * p.ks[1], p.ks[2], valid, p.d, p.scale, kpanels);
+        packed_b = b;
+        packed_hk = hk;
+      }
+      // The block's query rows copied together (a projection's rows sit 3 E floats apart; copy_rows).
+      copy_rows(p.q + b * p.qs[0] + h * p.qs[1] + i0 * p.qs[2], p.qs[2], nq, p.d, qrows);
+      for (int64_t r0 = i0; r0 < i0 + nq; r0 += kRows) {
+        const int64_t mr = std::min<int64_t>(kRows, i0 + nq - r0);
+        int64_t limit[kRows];
+        const int64_t kend = visible_keys(p, valid, r0, mr, limit);
+        float* wr = rows + (r0 - i0) * p.Lk;
+        if (h == h0)  // keys no row of the group sees (every head sees the same keys)
+          for (int64_t r = 0; r < mr; ++r) std::fill(wr + r * p.Lk + kend, wr + (r + 1) * p.Lk, 0.f);
+        uint32_t drop_rows[kRows];
+        dropout_rows(p.dropout, b, h, r0, mr, drop_rows);
+        mk::with_rows(mr, [&](auto n) {
+          weights_row_group<decltype(n)::value>(p, qrows + (r0 - i0) * p.d, p.d, kpanels, kend, limit, lse + (b * p.Hq + h) * p.Lq + r0,
+                                                drop_rows, mask_rows(p, b, h, r0), h == h0, factor, wr, p.Lk);
+        });
+      }
+    }
+  }
+}
+
 // ---- float32 forward for few query rows per kv head: the rows are the lanes ----
 
 namespace {
@@ -1246,6 +1331,7 @@ void forward(const Problem&, int64_t, int64_t, float*, float*) { TORCH_INTERNAL_
 void forward_lanes(const Problem&, int64_t, int64_t, float*, float*) { TORCH_INTERNAL_ASSERT(false); }
 void forward_lanes(const ProblemBf16&, int64_t, int64_t, uint16_t*, float*) { TORCH_INTERNAL_ASSERT(false); }
 void backward(const Problem&, const Grads&, int64_t, int64_t) { TORCH_INTERNAL_ASSERT(false); }
+void weights(const Problem&, const float*, bool, int64_t, int64_t, float*) { TORCH_INTERNAL_ASSERT(false); }
 void forward_amx(const ProblemBf16&, int64_t, int64_t, uint16_t*, float*) { TORCH_INTERNAL_ASSERT(false); }
 void forward_bf16_dot(const ProblemBf16&, int64_t, int64_t, uint16_t*, float*) { TORCH_INTERNAL_ASSERT(false); }
 void backward_bf16_dot(const ProblemBf16&, const GradsBf16&, int64_t, int64_t) { TORCH_INTERNAL_ASSERT(false); }

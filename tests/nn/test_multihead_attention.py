@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import bigmodel.nn
+import bigmodel.nn.attention
 
 pytestmark = pytest.mark.op("bigmodel::attention")
 
@@ -22,6 +23,7 @@ def pair(device, **kwargs):
 
 
 def check(ref, ours, inputs, **fw):
+    """Outputs, weights and the gradients of a loss on both (when weights are returned) agree."""
     inputs = [x.detach().requires_grad_() for x in inputs]
     out, w = ours(*inputs, **fw)
     ref_out, ref_w = ref(*inputs, **fw)
@@ -31,9 +33,13 @@ def check(ref, ours, inputs, **fw):
     else:
         torch.testing.assert_close(w, ref_w, **TOL)
     seed = torch.randn_like(out)
+    loss, ref_loss = (out * seed).sum(), (ref_out * seed).sum()
+    if ref_w is not None:
+        seed_w = torch.randn_like(w)
+        loss, ref_loss = loss + (w * seed_w).sum(), ref_loss + (ref_w * seed_w).sum()
     params = [p for p in ours.parameters()]
-    g = torch.autograd.grad((out * seed).sum(), inputs + params)
-    gr = torch.autograd.grad((ref_out * seed).sum(), inputs + list(ref.parameters()))
+    g = torch.autograd.grad(loss, inputs + params)
+    gr = torch.autograd.grad(ref_loss, inputs + list(ref.parameters()))
     for a, b in zip(g, gr, strict=True):
         torch.testing.assert_close(a, b, **TOL)
 
@@ -79,6 +85,8 @@ def test_masks(device, padding, mask):
     if mask == "bool" and padding == "arbitrary":
         attn_mask = attn_mask.flip(1)  # keep every row with at least one key (native gives NaN)
     check(ref, ours, [x, x, x], key_padding_mask=kpm, attn_mask=attn_mask, need_weights=False)
+    check(ref, ours, [x, x, x], key_padding_mask=kpm, attn_mask=attn_mask)
+    check(ref, ours, [x, x, x], key_padding_mask=kpm, attn_mask=attn_mask, average_attn_weights=False)
 
 
 def test_is_causal_hint(device):
@@ -91,18 +99,56 @@ def test_is_causal_hint(device):
 def test_unbatched(device):
     ref, ours = pair(device, embed_dim=8, num_heads=2)
     x = torch.randn(5, 8, device=device)
-    check(ref, ours, [x, x, x], need_weights=False)
-    check(
-        ref,
-        ours,
-        [x, x, x],
-        key_padding_mask=torch.tensor([False] * 4 + [True], device=device),
-        need_weights=False,
-    )
+    pad = torch.tensor([False] * 4 + [True], device=device)
+    for need_weights, average in [(False, True), (True, True), (True, False)]:
+        check(ref, ours, [x, x, x], need_weights=need_weights, average_attn_weights=average)
+        check(
+            ref,
+            ours,
+            [x, x, x],
+            key_padding_mask=pad,
+            need_weights=need_weights,
+            average_attn_weights=average,
+        )
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("average", [False, True])
+def test_weights_by_default(monkeypatch, batch_first, average):
+    """need_weights=True (nn.MultiheadAttention's default) runs bigmodel's kernels: the output from
+    the attention op, the weights from attention_weights (not nn.MultiheadAttention's path), equal
+    to PyTorch's, with gradients through both; eval mode (PyTorch's fast path) too."""
+    ref, ours = pair("cpu", embed_dim=32, num_heads=2, batch_first=batch_first)
+    x = torch.randn(3, 70, 32) if batch_first else torch.randn(70, 3, 32)
+    calls = []
+    real = bigmodel.nn.attention.attention_weights
+    monkeypatch.setattr(bigmodel.nn.attention, "attention_weights", lambda *a: calls.append(1) or real(*a))
+    check(ref, ours, [x, x, x], average_attn_weights=average)
+    assert calls
+    ref.eval()
+    ours.eval()
+    with torch.no_grad():
+        got, w = ours(x, x, x, average_attn_weights=average)
+        want, w_ref = ref(x, x, x, average_attn_weights=average)
+    torch.testing.assert_close(got, want, **TOL)
+    torch.testing.assert_close(w, w_ref, **TOL)
+
+
+def test_weights_with_dropout_are_what_the_values_saw():
+    """In training with dropout, the returned (per-head) weights carry the kernel's dropout, the same
+    draw as the output's: the output is the weights times the value projection."""
+    torch.manual_seed(0)
+    ours = bigmodel.nn.MultiheadAttention(16, 2, dropout=0.3, batch_first=True)
+    x = torch.randn(2, 40, 16)
+    out, w = ours(x, x, x, average_attn_weights=False)
+    v = torch.nn.functional.linear(x, *[t.chunk(3)[2] for t in (ours.in_proj_weight, ours.in_proj_bias)])
+    heads = (w @ v.view(2, 40, 2, 8).transpose(1, 2)).transpose(1, 2).reshape(2, 40, 16)
+    torch.testing.assert_close(out, ours.out_proj(heads), **TOL)
+    assert (w == 0).float().mean() > 0.2
 
 
 def test_slow_path_options(device):
-    """need_weights, add_bias_kv and add_zero_attn take nn.MultiheadAttention's path."""
+    """add_bias_kv and add_zero_attn take nn.MultiheadAttention's path."""
     ref, ours = pair(device, embed_dim=8, num_heads=2, add_bias_kv=True, add_zero_attn=True)
     x = torch.randn(5, 2, 8, device=device)
     check(ref, ours, [x, x, x], need_weights=False)
@@ -151,3 +197,20 @@ def test_projections_match_native(kdim, batch_first, bias):
         want, _ = ref(q, *((kv, kv) if kdim else (q, q)), need_weights=False)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
     check(ref, ours, [q, kv, kv] if kdim else [q, q, q], need_weights=False)
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_compiled_matches_eager(need_weights):
+    """Under torch.compile(fullgraph=True) (inductor): eager's output, weights and gradients."""
+    torch._dynamo.reset()
+    ours = bigmodel.nn.MultiheadAttention(16, 2, batch_first=True)
+    compiled = torch.compile(ours, fullgraph=True, backend="inductor")
+    x = torch.randn(3, 20, 16, requires_grad=True)
+    pad = torch.arange(20) >= torch.tensor([20, 7, 13]).unsqueeze(1)
+    got = compiled(x, x, x, key_padding_mask=pad, need_weights=need_weights)
+    want = ours(x, x, x, key_padding_mask=pad, need_weights=need_weights)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+    loss = [sum(t.square().sum() for t in r if t is not None) for r in (got, want)]
+    for a, b in zip(*(torch.autograd.grad(v, [x, *ours.parameters()]) for v in loss), strict=True):
+        torch.testing.assert_close(a, b, **TOL)
