@@ -327,8 +327,9 @@ void weights(const Problem& p, const float* lse, bool average, int64_t t0, int64
           for (int64_t r = 0; r < mr; ++r) std::fill(wr + r * p.Lk + kend, wr + (r + 1) * p.Lk, 0.f);
         uint32_t drop_rows[kRows];
         dropout_rows(p.dropout, b, h, r0, mr, drop_rows);
+        const float* row_lse = lse + (b * p.Hq + h) * p.Lq + r0;
         mk::with_rows(mr, [&](auto n) {
-          weights_row_group<decltype(n)::value>(p, qrows + (r0 - i0) * p.d, p.d, kpanels, kend, limit, lse + (b * p.Hq + h) * p.Lq + r0,
+          weights_row_group<decltype(n)::value>(p, qrows + (r0 - i0) * p.d, p.d, kpanels, kend, limit, row_lse,
                                                 drop_rows, mask_rows(p, b, h, r0), h == h0, factor, wr, p.Lk);
         });
       }

@@ -150,3 +150,29 @@ def test_torchrun_two_processes_end_with_identical_weights(small_corpus, tmp_pat
     model = TextClassifier(len(ckpt["vocab"]), 8, 8)
     model.load_state_dict(ckpt["model"])
     assert weights_digest(model) == first
+
+
+@pytest.mark.parametrize("scale", [0.01, 1.0, 100.0, float("nan")], ids=["small", "near", "clipped", "nan"])
+def test_clip_gradients_is_clip_grad_norm(scale):
+    """The loop's clipping skips the multiply only where clip_grad_norm_'s is by exactly 1: the same
+    gradients bit for bit (clipped, not clipped, a NaN norm), parameters without a gradient skipped."""
+    from bigmodel.cli.train import _clip_gradients
+
+    torch.manual_seed(0)
+    nets = [
+        torch.nn.Sequential(torch.nn.Linear(30, 20), torch.nn.Linear(20, 1), torch.nn.Linear(3, 3))
+        for _ in "ab"
+    ]
+    nets[1].load_state_dict(nets[0].state_dict())
+    x = torch.randn(8, 30) * scale
+    for net in nets:
+        net[1](net[0](x)).square().sum().backward()  # net[2] gets no gradient
+    torch.nn.utils.clip_grad_norm_(nets[0].parameters(), 5.0)
+    _clip_gradients(nets[1].parameters(), 5.0)
+    for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
+        assert (a.grad is None and b.grad is None) or torch.equal(
+            a.grad.nan_to_num(7.0), b.grad.nan_to_num(7.0)
+        )
+    if scale == 100.0:  # the case clipped
+        norm = torch.nn.utils.get_total_norm([p.grad for p in nets[1].parameters() if p.grad is not None])
+        torch.testing.assert_close(norm, torch.tensor(5.0))
