@@ -295,9 +295,9 @@ bool mask_keys_contiguous(const Dims& d, const Tensor& mask) {
   return !mask.defined() || mask.stride(3) == 1 || d.Lk == 1;
 }
 
-// The micro-kernel path: float32 compute, head dims it has tiles for; dropout and masks are fine.
+// The micro-kernel path: float32 compute, head dims up to 256 (any); dropout and masks are fine.
 bool use_fast_path(const Dims& d, at::ScalarType ct, const Tensor& mask) {
-  return ct == at::kFloat && mask_keys_contiguous(d, mask) && fast::supports(d.d, d.dv) &&
+  return ct == at::kFloat && mask_keys_contiguous(d, mask) && fast::supports_tiles(d.d, d.dv) &&
          gemm::cpu::has_avx512() && gemm::cpu::microkernels_enabled();
 }
 

@@ -31,14 +31,21 @@ void pack_transposed(const float* x, int64_t ld, int64_t n, int64_t dim, float s
   }
 }
 
-// Rows [0, n) of X (dim values at stride ld) copied contiguously. q, k and v often come as views of a
-// projection ([B, L, 3, H, d] seen as [B, H, L, d]), whose rows sit 3 E floats apart: walking 64
-// such rows per key block touched a new page per row, and the TLB misses made the strided case
-// 1.7x slower than the contiguous one.
+// Rows [0, n) of X (dim values at stride ld) copied contiguously, at stride ldd (default dim; zeros
+// from dim to ldd). q, k and v often come as views of a projection ([B, L, 3, H, d] seen as [B, H, L,
+// d]), whose rows sit 3 E floats apart: walking 64 such rows per key block touched a new page per
+// row, and the TLB misses made the strided case 1.7x slower than the contiguous one. The zero columns
+// pad a head dim that is no multiple of 16 to whole vectors (round16).
 template <typename T>
-void copy_rows(const T* x, int64_t ld, int64_t n, int64_t dim, T* dst) {
-  for (int64_t j = 0; j < n; ++j) std::copy(x + j * ld, x + j * ld + dim, dst + j * dim);
+void copy_rows(const T* x, int64_t ld, int64_t n, int64_t dim, T* dst, int64_t ldd = 0) {
+  if (ldd == 0) ldd = dim;
+  for (int64_t j = 0; j < n; ++j) {
+    std::copy(x + j * ld, x + j * ld + dim, dst + j * ldd);
+    std::fill(dst + j * ldd + dim, dst + (j + 1) * ldd, T(0));
+  }
 }
+
+inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
 
 // How many keys each of rows r0 .. r0 + mr may see (key lengths, and the causal diagonal) into
 // limit[]; returns the most any of them sees.
@@ -52,12 +59,40 @@ int64_t visible_keys(const P& p, int64_t valid, int64_t r0, int64_t mr, int64_t*
   return kend;
 }
 
-// f(c0, nv) for the 64-column chunks of `cols` output columns (a multiple of 16, up to kMaxDim), nv the
-// chunk's zmm count as a compile-time constant: a register tile holds at most 4 vectors per row.
+// f(c0, nv) for the 64-column chunks of `cols` output columns (up to kMaxDim), nv the chunk's zmm count
+// as a compile-time constant: a register tile holds at most 4 vectors per row. With cols no multiple
+// of 16 the last vector is partial: its operands are padded (round16) or read and written through
+// last_lanes.
 template <typename F>
 BM_ALWAYS_INLINE void for_each_column_chunk(int64_t cols, const F& f) {
   for (int64_t c0 = 0; c0 < cols; c0 += kKeys)
-    mk::with_vectors(std::min<int64_t>(4, (cols - c0) / 16), [&](auto nv) { f(c0, nv); });
+    mk::with_vectors(std::min<int64_t>(4, (cols - c0 + 15) / 16), [&](auto nv) { f(c0, nv); });
+}
+
+// The lanes of a chunk's last vector (from column c0, NV vectors) that lie below cols.
+template <int NV>
+BM_AVX512 BM_ALWAYS_INLINE __mmask16 last_lanes(int64_t cols, int64_t c0) {
+  return mk::lanes(cols - c0 - 16 * (NV - 1));
+}
+
+// acc <-> MR rows of NV vectors at c (stride ldc), the last vector's lanes limited to `last`: the columns
+// of an output whose head dim is no multiple of 16 end inside it.
+template <int MR, int NV>
+BM_AVX512 BM_ALWAYS_INLINE void load_rows(const float* c, int64_t ldc, __mmask16 last, __m512 (&acc)[MR][NV]) {
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j)
+      acc[r][j] = _mm512_maskz_loadu_ps(j == NV - 1 ? last : __mmask16(0xFFFF), c + r * ldc + 16 * j);
+}
+
+template <int MR, int NV>
+BM_AVX512 BM_ALWAYS_INLINE void store_rows(const __m512 (&acc)[MR][NV], float* c, int64_t ldc, __mmask16 last) {
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j)
+      _mm512_mask_storeu_ps(c + r * ldc + 16 * j, j == NV - 1 ? last : __mmask16(0xFFFF), acc[r][j]);
 }
 
 // Dropout (attention.h's hash, 16 keys at a time): the keys j0 .. j0 + 15 that row `row` (its
@@ -129,10 +164,11 @@ void for_each_forward_task(const P& p, int64_t t0, int64_t t1, int64_t block, co
 // limit[r] = number of keys row r may see (key_lengths and the causal diagonal).
 // With dropout, drop_rows[r] is row r's Dropout::row_key: P V sees the kept probabilities scaled by
 // 1 / (1 - p), the normalizer l all of them. mrow: the rows' additive mask (mask_rows) or nullptr.
+// p.dv is the padded width of v's rows (round16); the output rows hold dv_out values.
 template <int MR>
 BM_AVX512 void row_group(const Problem& p, const float* q, const float* kpanels, const float* v, int64_t kend,
                          const int64_t* limit, const uint32_t* drop_rows, const float* mrow, float* out,
-                         float* lse) {
+                         float* lse, int64_t dv_out) {
   const float ninf = -std::numeric_limits<float>::infinity();
   const bool dropout = p.dropout.active();
   const __m512 kept = _mm512_set1_ps(static_cast<float>(p.dropout.keep_scale()));
@@ -212,13 +248,14 @@ BM_AVX512 void row_group(const Problem& p, const float* q, const float* kpanels,
     });
   }
   for (int r = 0; r < MR; ++r) {
-    float* dst = out + r * p.dv;
+    float* dst = out + r * dv_out;
     if (l[r] != 0.f) {  // a row with keys, or a NaN one (which stays NaN, as in PyTorch)
       const __m512 inv = _mm512_set1_ps(1.f / l[r]);
-      for (int64_t c = 0; c < p.dv; c += 16) _mm512_storeu_ps(dst + c, _mm512_mul_ps(_mm512_load_ps(o[r] + c), inv));
+      for (int64_t c = 0; c < dv_out; c += 16)
+        _mm512_mask_storeu_ps(dst + c, mk::lanes(dv_out - c), _mm512_mul_ps(_mm512_load_ps(o[r] + c), inv));
       lse[r] = m[r] + std::log(l[r]);
     } else {
-      for (int64_t c = 0; c < p.dv; ++c) dst[c] = 0.f;
+      for (int64_t c = 0; c < dv_out; ++c) dst[c] = 0.f;
       lse[r] = ninf;
     }
   }
@@ -229,15 +266,17 @@ BM_AVX512 void row_group(const Problem& p, const float* q, const float* kpanels,
 void forward(const Problem& p, int64_t t0, int64_t t1, float* out, float* lse) {
   const int64_t nkb = (p.Lk + kKeys - 1) / kKeys;
   std::vector<float> storage, vstorage;
+  const int64_t dvp = round16(p.dv);
   float* kpanels = mk::aligned(storage, nkb * p.d * kKeys);
-  float* vrows = mk::aligned(vstorage, p.Lk * p.dv);
-  Problem pv = p;  // V read from vrows
-  pv.vs[2] = p.dv;
+  float* vrows = mk::aligned(vstorage, p.Lk * dvp);
+  Problem pv = p;  // V read from vrows, its rows padded to whole vectors
+  pv.vs[2] = dvp;
+  pv.dv = dvp;
   for_each_forward_task<kRows>(
       p, t0, t1, kBlockQ,
       [&](int64_t b, int64_t hk, int64_t valid) {
         pack_transposed(p.k + b * p.ks[0] + hk * p.ks[1], p.ks[2], valid, p.d, p.scale, kpanels);
-        copy_rows(p.v + b * p.vs[0] + hk * p.vs[1], p.vs[2], valid, p.dv, vrows);
+        copy_rows(p.v + b * p.vs[0] + hk * p.vs[1], p.vs[2], valid, p.dv, vrows, dvp);
       },
       [&](int64_t b, int64_t h, int64_t r0, int64_t mr, const int64_t* limit, int64_t kend) {
         const int64_t row = (b * p.Hq + h) * p.Lq + r0;
@@ -246,7 +285,7 @@ void forward(const Problem& p, int64_t t0, int64_t t1, float* out, float* lse) {
         dropout_rows(p.dropout, b, h, r0, mr, drop_rows);
         mk::with_rows(mr, [&](auto rows) {
           row_group<decltype(rows)::value>(pv, q, kpanels, vrows, kend, limit, drop_rows, mask_rows(p, b, h, r0),
-                                           out + row * p.dv, lse + row);
+                                           out + row * p.dv, lse + row, p.dv);
         });
       });
 }
@@ -690,7 +729,8 @@ BM_AVX512 BM_ALWAYS_INLINE void probabilities(const __m512 (&s)[MR][4], float sc
 // and pt holds P Z, what the values saw (Z: 0 if dropped, 1 / (1 - p) if kept). mrow: the rows'
 // additive mask (mask_rows) or nullptr.
 template <int MR>
-BM_AVX512 void bwd_rows(const Problem& p, const float* q, const float* go, const float* lse, const float* delta,
+BM_AVX512 void bwd_rows(const Problem& p, const float* q, const float* go, int64_t ldgo, const float* lse,
+                        const float* delta,
                         const float* kpan, const float* vpan, const float* kblock, int64_t j0, int64_t nk,
                         const int64_t* limit, const uint32_t* drop_rows, const float* mrow, float (*pt)[kKeys],
                         float (*dst)[kKeys], float* gq) {
@@ -700,7 +740,7 @@ BM_AVX512 void bwd_rows(const Problem& p, const float* q, const float* go, const
   probabilities<MR>(s, 1.f, lse, limit, j0, pt, mrow, p.ms[2]);  // the panels hold scale K^T
   __m512 dp[MR][4];
   mk::zero_tile<MR>(dp);
-  mk::tile_f32<MR>(go, p.dv, p.dv, vpan, dp);
+  mk::tile_f32<MR>(go, ldgo, p.dv, vpan, dp);
   const __m512 sc = _mm512_set1_ps(p.scale);
   if (p.dropout.active()) {
     const __m512 kept = _mm512_set1_ps(static_cast<float>(p.dropout.keep_scale()));
@@ -727,37 +767,36 @@ BM_AVX512 void bwd_rows(const Problem& p, const float* q, const float* go, const
     }
   }
   for_each_column_chunk(p.d, [&](int64_t c0, auto nv) BM_AVX512 {
-    __m512 acc[MR][decltype(nv)::value];
-    mk::load_tile(gq + c0, p.d, acc);
-    mk::tile_f32_rows(dst[0], kKeys, nk, kblock + c0, p.ks[2], acc);
-    mk::store_tile(acc, gq + c0, p.d);
+    constexpr int NV = decltype(nv)::value;
+    __m512 acc[MR][NV];
+    const __mmask16 last = last_lanes<NV>(p.d, c0);
+    load_rows(gq + c0, p.d, last, acc);
+    mk::tile_f32_rows(dst[0], kKeys, nk, kblock + c0, p.ks[2], acc);  // K rows padded to whole vectors
+    store_rows(acc, gq + c0, p.d, last);
   });
 }
 
 // out[keys m0 .. m0 + MR][NV * 16] += A^T B over nq query rows: A = pt or dst (rows of 64, read
-// transposed), B = dO or Q rows at stride ldb.
+// transposed), B = dO or Q rows at stride ldb (padded to whole vectors); out's last vector holds the
+// lanes `last`.
 template <int MR, int NV>
 BM_AVX512 void bwd_kv_tile(const float* a, int64_t m0, int64_t nq, const float* b, int64_t ldb, float* out,
-                           int64_t ldo) {
+                           int64_t ldo, __mmask16 last) {
   __m512 acc[MR][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_loadu_ps(out + (m0 + r) * ldo + 16 * c);
+  load_rows(out + m0 * ldo, ldo, last, acc);
   mk::tile_f32_rows<MR, NV>(a + m0, 1, nq, b, ldb, acc, kKeys);
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(out + (m0 + r) * ldo + 16 * c, acc[r][c]);
+  store_rows(acc, out + m0 * ldo, ldo, last);
 }
 
 // out[keys 0 .. nk][cols] += A^T B over nq query rows, in tiles of up to kRows keys and 64 columns.
 void bwd_kv(int64_t cols, const float* a, int64_t nk, int64_t nq, const float* b, int64_t ldb, float* out,
             int64_t ldo) {
-  for_each_column_chunk(cols, [&](int64_t c0, auto vecs) {
+  for_each_column_chunk(cols, [&](int64_t c0, auto vecs) BM_AVX512 {
+    constexpr int NV = decltype(vecs)::value;
+    const __mmask16 last = last_lanes<NV>(cols, c0);
     for (int64_t m0 = 0; m0 < nk; m0 += kRows)
       mk::with_rows(std::min<int64_t>(kRows, nk - m0), [&](auto rows) {
-        bwd_kv_tile<decltype(rows)::value, decltype(vecs)::value>(a, m0, nq, b + c0, ldb, out + c0, ldo);
+        bwd_kv_tile<decltype(rows)::value, NV>(a, m0, nq, b + c0, ldb, out + c0, ldo, last);
       });
   });
 }
@@ -766,13 +805,18 @@ void bwd_kv(int64_t cols, const float* a, int64_t nk, int64_t nq, const float* b
 
 void backward(const Problem& p, const Grads& g, int64_t t0, int64_t t1) {
   const int64_t group = p.Hq / p.Hkv, nkb = (p.Lk + kKeys - 1) / kKeys;
-  std::vector<float> ks, vs, ps, ds, kr, qr;
+  // K, each query head's Q and (for dv no multiple of 16) dO, contiguous, rows padded to whole vectors:
+  // they are the B operands of dQ, dK and dV (see copy_rows).
+  const int64_t dp = round16(p.d), dvp = round16(p.dv);
+  const bool pad_go = dvp != p.dv;
+  std::vector<float> ks, vs, ps, ds, kr, qr, gr;
   float* kpanels = mk::aligned(ks, nkb * p.d * kKeys);
-  float* krows = mk::aligned(kr, p.Lk * p.d);  // K and each query head's Q, contiguous (see copy_rows)
-  float* qrows = mk::aligned(qr, group * p.Lq * p.d);
+  float* krows = mk::aligned(kr, p.Lk * dp);
+  float* qrows = mk::aligned(qr, group * p.Lq * dp);
+  float* gorows = pad_go ? mk::aligned(gr, group * p.Lq * dvp) : nullptr;
   Problem pc = p;
-  pc.ks[2] = p.d;
-  pc.qs[2] = p.d;
+  pc.ks[2] = dp;
+  pc.qs[2] = dp;
   float* vpanels = mk::aligned(vs, nkb * p.dv * kKeys);
   float (*pt)[kKeys] = reinterpret_cast<float (*)[kKeys]>(mk::aligned(ps, kBwdRows * kKeys));
   float (*dst)[kKeys] = reinterpret_cast<float (*)[kKeys]>(mk::aligned(ds, kBwdRows * kKeys));
@@ -783,9 +827,14 @@ void backward(const Problem& p, const Grads& g, int64_t t0, int64_t t1) {
     const float* vb = p.v + b * p.vs[0] + hk * p.vs[1];
     pack_transposed(kb, p.ks[2], valid, p.d, p.scale, kpanels);
     pack_transposed(vb, p.vs[2], valid, p.dv, 1.f, vpanels);
-    copy_rows(kb, p.ks[2], valid, p.d, krows);
-    for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
-      copy_rows(p.q + b * p.qs[0] + h * p.qs[1], p.qs[2], p.Lq, p.d, qrows + (h - hk * group) * p.Lq * p.d);
+    copy_rows(kb, p.ks[2], valid, p.d, krows, dp);
+    for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+      copy_rows(p.q + b * p.qs[0] + h * p.qs[1], p.qs[2], p.Lq, p.d, qrows + (h - hk * group) * p.Lq * dp, dp);
+      if (pad_go)
+        copy_rows(g.grad_out + (b * p.Hq + h) * p.Lq * p.dv, p.dv, p.Lq, p.dv, gorows + (h - hk * group) * p.Lq * dvp,
+                  dvp);
+    }
+    const int64_t ldgo = pad_go ? dvp : p.dv;
     float* gk = g.gk + (b * p.Hkv + hk) * p.Lk * p.d;
     float* gv = g.gv + (b * p.Hkv + hk) * p.Lk * p.dv;
     for (int64_t j0 = 0; j0 < valid; j0 += kKeys) {
@@ -794,26 +843,27 @@ void backward(const Problem& p, const Grads& g, int64_t t0, int64_t t1) {
       const float* vpan = vpanels + (j0 / kKeys) * p.dv * kKeys;
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
         const int64_t row0 = (b * p.Hq + h) * p.Lq;
-        const float* qh = qrows + (h - hk * group) * p.Lq * p.d;
+        const float* qh = qrows + (h - hk * group) * p.Lq * dp;
+        const float* goh = pad_go ? gorows + (h - hk * group) * p.Lq * dvp : g.grad_out + row0 * p.dv;
         for_each_backward_block(
             p, valid, j0,
             [&](int64_t i0, int64_t r0, int64_t mr, const int64_t* limit) {
-              const float* q = qh + r0 * p.d;
-              const float* go = g.grad_out + (row0 + r0) * p.dv;
+              const float* q = qh + r0 * dp;
+              const float* go = goh + r0 * ldgo;
               float* gq = g.gq + (row0 + r0) * p.d;
               float (*ptr)[kKeys] = pt + (r0 - i0);
               float (*dsr)[kKeys] = dst + (r0 - i0);
               uint32_t drop_rows[kRows];
               dropout_rows(p.dropout, b, h, r0, mr, drop_rows);
               mk::with_rows(mr, [&](auto rows) {
-                bwd_rows<decltype(rows)::value>(pc, q, go, g.lse + row0 + r0, g.delta + row0 + r0, kpan, vpan,
-                                                krows + j0 * p.d, j0, nk, limit, drop_rows, mask_rows(p, b, h, r0),
-                                                ptr, dsr, gq);
+                bwd_rows<decltype(rows)::value>(pc, q, go, ldgo, g.lse + row0 + r0, g.delta + row0 + r0, kpan,
+                                                vpan, krows + j0 * dp, j0, nk, limit, drop_rows,
+                                                mask_rows(p, b, h, r0), ptr, dsr, gq);
               });
             },
             [&](int64_t i0, int64_t nq) {  // dV[block] += P^T dO, dK[block] += dS^T Q over these rows
-              bwd_kv(p.dv, pt[0], nk, nq, g.grad_out + (row0 + i0) * p.dv, p.dv, gv + j0 * p.dv, p.dv);
-              bwd_kv(p.d, dst[0], nk, nq, qh + i0 * p.d, p.d, gk + j0 * p.d, p.d);
+              bwd_kv(p.dv, pt[0], nk, nq, goh + i0 * ldgo, ldgo, gv + j0 * p.dv, p.dv);
+              bwd_kv(p.d, dst[0], nk, nq, qh + i0 * dp, dp, gk + j0 * p.d, p.d);
             });
       }
     }

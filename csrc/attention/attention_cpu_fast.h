@@ -1,7 +1,7 @@
 // Attention on the GEMM core's AVX-512 micro-kernels (attention_cpu_fast.cpp), used by
-// attention_cpu.cpp when the CPU has AVX-512 and head dims d and dv are multiples of 16 up to kMaxDim
-// (causal, key_lengths and an additive attn_mask are fine; the float32 tile kernels also take
-// dropout).
+// attention_cpu.cpp when the CPU has AVX-512 and head dims d and dv up to kMaxDim (multiples of 16
+// but for the float32 tile kernels; causal, key_lengths and an additive attn_mask are fine; the
+// float32 tile kernels also take dropout).
 //
 // Forward. A task is one (batch, query head, block of query rows); it packs its kv head's K^T (times
 // scale) into 64-key panels once and reuses them while consecutive tasks share the head. Each group
@@ -38,12 +38,16 @@ struct ProblemOf {
 using Problem = ProblemOf<float>;
 using ProblemBf16 = ProblemOf<uint16_t>;
 
-// Head dims of the float32 tile kernels (forward, backward) and the bf16 backward: multiples of 16 up to
-// kMaxDim. Outputs wider than a register tile's 64 columns run as 64-column chunks.
+// Head dims of the lanes and bf16 kernels: multiples of 16 up to kMaxDim. Outputs wider than a register
+// tile's 64 columns run as 64-column chunks.
 constexpr int64_t kMaxDim = 256;
 inline bool supports(int64_t d, int64_t dv) {
   return d % 16 == 0 && dv % 16 == 0 && d >= 16 && dv >= 16 && d <= kMaxDim && dv <= kMaxDim;
 }
+// Head dims of the float32 tile kernels (forward, backward, weights): any up to kMaxDim. The products'
+// B operands they copy anyway (V in the forward; K, Q and dO in the backward) get rows padded with
+// zeros to whole vectors, and the outputs' last vector is stored through a lane mask.
+inline bool supports_tiles(int64_t d, int64_t dv) { return d >= 1 && dv >= 1 && d <= kMaxDim && dv <= kMaxDim; }
 
 constexpr int64_t kBlockQ = 96;  // query rows per forward task
 
@@ -80,7 +84,7 @@ void forward_bf16_dot(const ProblemBf16& p, int64_t t0, int64_t t1, uint16_t* ou
 // B * (average ? 1 : Hq) * ceil(Lq / kBlockQ); w is [B, Hq, Lq, Lk], or with average [B, Lq, Lk] summed
 // over the query heads (times 1 / Hq) as it is made. lse [B, Hq, Lq] is the forward's. Each 6-row
 // group recomputes S = Q K^T per 64-key block as a register tile and writes exp(S - lse) (masks,
-// causal, key lengths and the dropout factor applied) straight from it. Head dim d as supports(d, d).
+// causal, key lengths and the dropout factor applied) straight from it. Head dim d as supports_tiles.
 void weights(const Problem& p, const float* lse, bool average, int64_t t0, int64_t t1, float* w);
 
 struct Grads {

@@ -228,6 +228,28 @@ def test_lanes_rows(cpu_kernel, threads, Hq, Hkv, Lq, d, dv, is_causal, use_leng
     assert_matches_on_threads(q, k, v, lengths, is_causal, threads)
 
 
+@pytest.mark.parametrize(
+    "d,dv", [(1, 1), (5, 13), (24, 40), (40, 40), (50, 50), (72, 100), (100, 72), (200, 250), (250, 7)]
+)
+@pytest.mark.parametrize("Hq,Hkv,Lq,Lk", [(2, 2, 70, 150), (4, 2, 13, 67), (2, 1, 131, 200)], ids=str)
+@pytest.mark.parametrize("masking", ["none", "causal+lengths", "mask", "dropout"])
+def test_head_dims_not_multiples_of_16(cpu_kernel, d, dv, Hq, Hkv, Lq, Lk, masking):
+    """Head dims that are no multiple of 16 (Stable Diffusion's 40, a 200-wide LSTM's 4 heads of 50, 1
+    to 250, d != dv) run the float32 tiles with their copied operands padded to whole vectors and the
+    outputs' last vector masked: output, logsumexp and gradients against the reference, with key
+    lengths down to 0, causal, a general mask and dropout; GQA; partial row groups and key blocks."""
+    B = 3
+    q, k, v = qkv(B, Hq, Hkv, Lq, Lk, d, dv)
+    kw = {}
+    if masking == "causal+lengths":
+        kw = {"is_causal": True, "key_lengths": torch.tensor([Lk, 0, 37])}
+    elif masking == "mask":
+        kw = {"attn_mask": _general_mask("bias-holes", B, Hq, Lq, Lk)}
+    elif masking == "dropout":
+        kw = {"dropout_p": 0.2, "seed": 3, "key_lengths": torch.tensor([Lk, 5, 37])}
+    assert_matches_reference(q, k, v, **kw)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "Hq,Hkv,Lq", [(2, 2, 1), (8, 2, 1), (2, 2, 5), (2, 2, 70), (4, 2, 40)], ids=lambda x: str(x)
