@@ -333,8 +333,9 @@ bool bf16_tiles(const Dims& d, const Tensor& mask) {
 }
 
 bool use_lanes(const Dims& d, at::ScalarType ct, const Tensor& mask, const Dropout& dropout, bool bf16) {
-  if (ct != at::kFloat || !mask_keys_contiguous(d, mask) || dropout.active() || !fast::supports(d.d, d.dv) ||
-      !gemm::cpu::has_avx512() || !gemm::cpu::microkernels_enabled())
+  if (ct != at::kFloat || !mask_keys_contiguous(d, mask) || dropout.active() ||
+      !(bf16 ? fast::supports(d.d, d.dv) : fast::supports_tiles(d.d, d.dv)) || !gemm::cpu::has_avx512() ||
+      !gemm::cpu::microkernels_enabled())
     return false;
   const int64_t rows = d.Hq / d.Hkv * d.Lq;
   if (rows < (bf16 ? kLanesMinRowsBf16 : kLanesMinRows)) return false;

@@ -545,17 +545,19 @@ inline float bf16_value(uint16_t bits) {
   return f;
 }
 
-// Scratch of one worker: the output accumulator (kLanes rows of dv), and for bf16 inputs the widened
-// K and V rows of a 64-key block.
+// Scratch of one worker: the output accumulator (kLanes rows of dv, padded to whole vectors), and for
+// bf16 inputs the widened K and V rows of a 64-key block (for float32 V rows that are no whole vectors,
+// V's rows padded with zeros).
 struct LanesScratch {
-  float* o;   // [kLanes][dv]
+  float* o;   // [kLanes][round16(dv)]
   float* kw;  // [kKeys][d]
-  float* vw;  // [kKeys][dv]
+  float* vw;  // [kKeys][round16(dv)]
 };
 
 // The lanes' rows against their kv head's keys and values (k, v at the problem's row strides). float32
-// rows are read in place; bf16 ones are widened a 64-key block at a time into L1 (the products and
-// the softmax run in float32, P is not rounded, the output is rounded to bf16 once).
+// rows are read in place (V copied per block, padded, when dv is no multiple of 16); bf16 ones are
+// widened a 64-key block at a time into L1 (the products and the softmax run in float32, P is not
+// rounded, the output is rounded to bf16 once).
 template <typename T>
 BM_AVX512 void lanes_forward(const ProblemOf<T>& p, const Lanes& ln, const float (*qt)[kLanes], const T* k,
                              const T* v, const LanesScratch& w, T* out, float* lse) {
@@ -564,7 +566,8 @@ BM_AVX512 void lanes_forward(const ProblemOf<T>& p, const Lanes& ln, const float
   alignas(64) float mt[kKeys][kLanes];       // a block of the mask, transposed
   alignas(64) float alpha[kLanes];
   float* o = w.o;
-  const int64_t ldo = p.dv;
+  const int64_t ldo = round16(p.dv);
+  const bool pad_v = ldo != p.dv;
   int64_t kend = 0, lim_min = std::numeric_limits<int64_t>::max();
   for (int64_t r = 0; r < ln.n; ++r) {
     kend = std::max<int64_t>(kend, ln.limit[r]);
@@ -583,6 +586,10 @@ BM_AVX512 void lanes_forward(const ProblemOf<T>& p, const Lanes& ln, const float
       kb = w.kw, ldk = p.d, vb = w.vw, ldv = p.dv;
     } else {
       kb = k + j0 * p.ks[2], ldk = p.ks[2], vb = v + j0 * p.vs[2], ldv = p.vs[2];
+      if (pad_v) {
+        copy_rows(vb, ldv, nk, p.dv, w.vw, ldo);
+        vb = w.vw, ldv = ldo;
+      }
     }
     if (ln.n <= 8)
       block_scores<true>(kb, ldk, nk, p.d, qt, st);
@@ -596,7 +603,7 @@ BM_AVX512 void lanes_forward(const ProblemOf<T>& p, const Lanes& ln, const float
     // A mask's -inf scores need the masked softmax, which zeroes them.
     const __m512 a = softmax_lanes(st, nk, j0, limv, j0 + nk <= lim_min && !p.mask, m, l);
     _mm512_store_ps(alpha, a);
-    for_each_column_chunk(p.dv, [&](int64_t c0, auto nv) {  // 6 rows x 4 zmm accumulators at a time
+    for_each_column_chunk(ldo, [&](int64_t c0, auto nv) {  // 6 rows x 4 zmm accumulators at a time
       for (int r0 = 0; r0 < ln.n; r0 += kRows)
         mk::with_rows(ln.n - r0, [&](auto rows) {
           fold_lanes<decltype(rows)::value, decltype(nv)::value>(o + c0, ldo, alpha, r0, st, nk, vb + c0, ldv);
@@ -614,9 +621,9 @@ BM_AVX512 void lanes_forward(const ProblemOf<T>& p, const Lanes& ln, const float
     for (int64_t c = 0; c < p.dv; c += 16) {
       const __m512 x = _mm512_mul_ps(_mm512_load_ps(o + r * ldo + c), _mm512_set1_ps(inv));
       if constexpr (kBf16)
-        mk::store_bf16_rne(dst + c, x, 0xFFFF);
+        mk::store_bf16_rne(dst + c, x, 0xFFFF);  // bf16: dv a multiple of 16
       else
-        _mm512_storeu_ps(dst + c, x);
+        _mm512_mask_storeu_ps(dst + c, mk::lanes(p.dv - c), x);
     }
   }
 }
@@ -626,8 +633,10 @@ void lanes_tasks(const ProblemOf<T>& p, int64_t t0, int64_t t1, T* out, float* l
   const int64_t group = p.Hq / p.Hkv, rows = group * p.Lq, chunks = (rows + kLanes - 1) / kLanes;
   alignas(64) float qt[kMaxDim][kLanes];
   std::vector<float> storage;
-  float* base = mk::aligned(storage, kLanes * p.dv + (std::is_same_v<T, float> ? 0 : kKeys * (p.d + p.dv)));
-  const LanesScratch w{base, base + kLanes * p.dv, base + kLanes * p.dv + kKeys * p.d};
+  constexpr bool kBf16 = std::is_same_v<T, uint16_t>;
+  const int64_t dvp = round16(p.dv), kw = kBf16 ? kKeys * p.d : 0, vw = kBf16 || dvp != p.dv ? kKeys * dvp : 0;
+  float* base = mk::aligned(storage, kLanes * dvp + kw + vw);
+  const LanesScratch w{base, base + kLanes * dvp, base + kLanes * dvp + kw};
   Lanes ln;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t b = t / (p.Hkv * chunks), hk = (t / chunks) % p.Hkv, first = (t % chunks) * kLanes;

@@ -62,7 +62,8 @@ void forward(const Problem& p, int64_t t0, int64_t t1, float* out, float* lse);
 // An additive mask (the Problem's) is added to each block of S^T, transposed from the lanes' rows.
 // Also for bf16 q, k, v (and out): each 64-key block is widened to float32 in L1, the softmax and both
 // products run in float32 (P is not rounded), the output is rounded to bf16 once.
-// Head dims as supports().
+// Head dims: float32 as supports_tiles() (V's rows copied per block, padded, when dv is no multiple of
+// 16), bf16 as supports().
 constexpr int64_t kLanes = 16;
 void forward_lanes(const Problem& p, int64_t t0, int64_t t1, float* out, float* lse);
 void forward_lanes(const ProblemBf16& p, int64_t t0, int64_t t1, uint16_t* out, float* lse);

@@ -214,14 +214,15 @@ def test_few_query_rows(cpu_kernel, threads, Lq, Lk, d, dv, is_causal, use_lengt
     + [(8, 2, 1), (8, 2, 16), (6, 2, 9)],  # GQA: 4, 64 and 27 rows per kv head
     ids=lambda x: str(x),
 )
-@pytest.mark.parametrize("d,dv", [(16, 16), (64, 64), (48, 32)])
+@pytest.mark.parametrize("d,dv", [(16, 16), (64, 64), (48, 32), (50, 50), (40, 24), (5, 13)])
 @pytest.mark.parametrize("is_causal", [False, True])
 @pytest.mark.parametrize("use_lengths", [False, True])
 def test_lanes_rows(cpu_kernel, threads, Hq, Hkv, Lq, d, dv, is_causal, use_lengths):
     """3 to 64 query rows per kv head (a GQA group's heads together) run as the lanes of one vector
-    against K and V read in place: partial lane sets, several 16-row chunks, 65 rows (past it), key
-    blocks with tails (150 keys), causal with more keys than queries, key lengths down to 0, one
-    thread or two. Output, logsumexp (against the reference), native's output, and the gradients."""
+    against K and V read in place (V copied per block, padded, for a dv that is no multiple of 16):
+    partial lane sets, several 16-row chunks, 65 rows (past it), key blocks with tails (150 keys),
+    causal with more keys than queries, key lengths down to 0, one thread or two. Output, logsumexp
+    (against the reference), native's output, and the gradients."""
     B, Lk = 3, 150
     q, k, v = qkv(B, Hq, Hkv, Lq, Lk, d, dv)
     lengths = torch.tensor([Lk, 0, 37]) if use_lengths else None
