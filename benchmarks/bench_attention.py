@@ -24,6 +24,7 @@ SHAPES = [
     ("long", 8, 1024, 8, 32),
     ("longer", 4, 2048, 8, 64),
     ("wide", 4, 512, 8, 128),  # head dim 128, as in most large language models
+    ("d40", 8, 512, 8, 40),  # a head dim that is no multiple of 16 (Stable Diffusion's 320 channels / 8)
 ]
 GPU_SHAPES = [
     ("gpu-d64", 8, 4096, 16, 64),

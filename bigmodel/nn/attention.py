@@ -165,9 +165,8 @@ class MultiheadAttention(nn.MultiheadAttention):
         if causal:
             mask = None
         dropout_p = self.dropout if self.training else 0.0
-        seed = (
-            int(torch.randint(0, 2**31, ())) if dropout_p > 0.0 else 0
-        )  # the weights' dropout is the output's
+        # One seed for the output's dropout and the weights' (they are the same draw).
+        seed = int(torch.randint(0, 2**31, ())) if dropout_p > 0.0 else 0
         out, lse = attention(q, k, v, mask, key_lengths, causal, None, dropout_p, seed)
         weights = None
         if need_weights:
