@@ -719,6 +719,8 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cpu(
 // query head into them (no [B, Hq, Lq, Lk] buffer); without, one (batch, query head, row block).
 // Each key block recomputes S = scale Q K^T (as the backward does) and writes exp(s - logsumexp).
 constexpr int64_t kWeightRows = 64;
+// Below this many multiply-adds in S = Q K^T (B Hq Lq Lk d) the weights run on the calling thread.
+constexpr int64_t kWeightsTeamWork = int64_t(1) << 20;
 
 template <typename T>
 void weights_forward(const Problem<T>& p, const T* lse, bool average, T* w) {
@@ -746,7 +748,7 @@ void weights_forward(const Problem<T>& p, const T* lse, bool average, T* w) {
           for (int64_t r = 0; r < nq; ++r) {
             T* s = S.data() + r * kBlockK;
             const T m = row_lse[r];
-            if (m == ninf)  // no valid key: zeros (a NaN row is made wholly NaN by the caller)
+            if (m == ninf)  // no valid key: zeros (a NaN row is made wholly NaN below)
               std::fill(s, s + nk, T(0));
             else  // exp (Sleef's) gives exactly 0 for the masked keys' -inf
               at::vec::map([m](V x) { return (x - V(m)).exp(); }, s, s, nk);
@@ -762,6 +764,12 @@ void weights_forward(const Problem<T>& p, const T* lse, bool average, T* w) {
       }
       if (average && d.Hq > 1)
         for (int64_t r = 0; r < nq; ++r) scale_row(rows + r * d.Lk, kend, T(1) / T(d.Hq));
+      // A row with a NaN score (its logsumexp NaN, in any head when averaged) is NaN throughout, masked
+      // keys included, as PyTorch's softmax gives.
+      for (int64_t h = h0; h < h1; ++h)
+        for (int64_t r = 0; r < nq; ++r)
+          if (std::isnan(lse[(b * d.Hq + h) * d.Lq + i0 + r]))
+            std::fill(rows + r * d.Lk, rows + (r + 1) * d.Lk, std::numeric_limits<T>::quiet_NaN());
     }
   });
 }
@@ -779,28 +787,37 @@ Tensor attention_weights_cpu(const Tensor& query, const Tensor& key, const Tenso
            query.device());
   const auto [attn_mask, key_lengths, is_causal] = simplify_masking(d, attn_mask_arg, key_lengths_arg, is_causal_arg);
   const Dropout dropout = make_dropout(op, dropout_p, seed);
-  FlushDenormalsGuard ftz;
+  // A small call runs on this thread alone (waking the team cost more than the work at L = 16-32).
+  const bool solo = d.B * d.Hq * d.Lq * d.Lk * d.d < kWeightsTeamWork;
+  FlushDenormalsGuard ftz(!solo);
   const Tensor lengths = lengths_int64(key_lengths), mask = additive_mask(attn_mask, d, ct);
   const Tensor q = rows_ready(query, ct), k = rows_ready(key, ct), lse = logsumexp.contiguous();
   Tensor w = average ? at::empty({d.B, d.Lq, d.Lk}, q.options()) : at::empty({d.B, d.Hq, d.Lq, d.Lk}, q.options());
   if (average && d.Hq == 0) return w.fill_(std::numeric_limits<double>::quiet_NaN()).to(query.scalar_type());
   if (use_fast_path(d, ct, mask)) {  // d.dv is key's d here
     const fast::Problem fp = fast_tiles_problem(d, q, k, k, lengths, mask, is_causal, scale, dropout);
-    const int64_t tasks = d.B * (average ? 1 : d.Hq) * ((d.Lq + fast::kBlockQ - 1) / fast::kBlockQ);
+    // kBlockQ rows per task, fewer (a multiple of 6) where that leaves under 4 tasks per thread (an
+    // unbatched call, B = 1, averaged over heads: 256 rows were 3 tasks for 2 threads).
+    const int64_t groups = d.B * (average ? 1 : d.Hq), want = 4 * at::get_num_threads();
+    int64_t block = fast::kBlockQ;
+    if (groups * ((d.Lq + block - 1) / block) < want)
+      block = std::clamp<int64_t>(d.Lq * groups / want / 6 * 6, 6, block);
+    const int64_t tasks = groups * ((d.Lq + block - 1) / block);
+    // Every kv head's K^T packed once, before the tasks that share it (each used to pack its own).
+    Tensor panels = at::empty({d.B * d.Hkv, (d.Lk + 63) / 64 * d.d * 64}, q.options());
+    float* pp = panels.data_ptr<float>();
+    at::parallel_for(0, d.B * d.Hkv, solo ? d.B * d.Hkv : 1,
+                     [&](int64_t t0, int64_t t1) { fast::weights_pack(fp, t0, t1, pp); });
     float* wp = w.data_ptr<float>();
     const float* lp = lse.const_data_ptr<float>();
-    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) { fast::weights(fp, lp, average, t0, t1, wp); });
+    at::parallel_for(0, tasks, solo ? tasks : 1,
+                     [&](int64_t t0, int64_t t1) { fast::weights(fp, pp, lp, average, block, t0, t1, wp); });
   } else {
     AT_DISPATCH_FLOATING_TYPES(ct, "bigmodel.attention_weights", [&] {
       weights_forward<scalar_t>(make_problem<scalar_t>(d, q, k, k, lengths, mask, is_causal, scale, dropout),
                                 lse.const_data_ptr<scalar_t>(), average, w.data_ptr<scalar_t>());
     });
   }
-  // A row with a NaN score (its logsumexp NaN) is NaN throughout, masked keys included, as PyTorch's
-  // softmax gives; with average, any head's.
-  const Tensor nan_rows = lse.isnan();
-  if (nan_rows.any().item<bool>())
-    w.masked_fill_((average ? nan_rows.any(1) : nan_rows).unsqueeze(-1), std::numeric_limits<double>::quiet_NaN());
   return w.to(query.scalar_type());
 }
 

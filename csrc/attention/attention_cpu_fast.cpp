@@ -297,7 +297,7 @@ namespace {
 // Rows r0 .. r0 + MR of one query head against keys [0, kend) (limit, drop_rows, mrow as in row_group;
 // lse the rows' logsumexp): w[r][j] (rows at stride ldw) = factor * exp(s - lse[r]) times the dropout
 // factor for the keys row r sees, 0 for the others; added to w unless first. A row without keys
-// (lse -inf) adds 0 (a NaN row is made wholly NaN by the caller).
+// (lse -inf) adds 0 (a NaN row is made wholly NaN by weights()).
 template <int MR>
 BM_AVX512 void weights_row_group(const Problem& p, const float* q, int64_t ldq, const float* kpanels, int64_t kend,
                                  const int64_t* limit, const float* lse, const uint32_t* drop_rows, const float* mrow,
@@ -335,26 +335,29 @@ BM_AVX512 void weights_row_group(const Problem& p, const float* q, int64_t ldq, 
 
 }  // namespace
 
-void weights(const Problem& p, const float* lse, bool average, int64_t t0, int64_t t1, float* w) {
-  const int64_t nkb = (p.Lk + kKeys - 1) / kKeys, nqb = (p.Lq + kBlockQ - 1) / kBlockQ;
+void weights_pack(const Problem& p, int64_t t0, int64_t t1, float* panels) {
+  const int64_t stride = (p.Lk + kKeys - 1) / kKeys * p.d * kKeys;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t b = t / p.Hkv, hk = t % p.Hkv;
+    pack_transposed(p.k + b * p.ks[0] + hk * p.ks[1], p.ks[2], p.lengths ? p.lengths[b] : p.Lk, p.d, p.scale,
+                    panels + t * stride);
+  }
+}
+
+void weights(const Problem& p, const float* panels, const float* lse, bool average, int64_t block, int64_t t0,
+             int64_t t1, float* w) {
+  const int64_t stride = (p.Lk + kKeys - 1) / kKeys * p.d * kKeys, nqb = (p.Lq + block - 1) / block;
   const int64_t heads = average ? 1 : p.Hq, group = p.Hq / p.Hkv;
   const float factor = average ? 1.f / static_cast<float>(p.Hq) : 1.f;
-  std::vector<float> storage, qstorage;
-  float* kpanels = mk::aligned(storage, nkb * p.d * kKeys);
-  float* qrows = mk::aligned(qstorage, kBlockQ * p.d);
-  int64_t packed_b = -1, packed_hk = -1;
+  std::vector<float> qstorage;
+  float* qrows = mk::aligned(qstorage, block * p.d);
   for (int64_t t = t0; t < t1; ++t) {
-    const int64_t b = t / (heads * nqb), i0 = (t % nqb) * kBlockQ, nq = std::min(kBlockQ, p.Lq - i0);
+    const int64_t b = t / (heads * nqb), i0 = (t % nqb) * block, nq = std::min(block, p.Lq - i0);
     const int64_t h0 = average ? 0 : (t / nqb) % p.Hq, h1 = average ? p.Hq : h0 + 1;
     const int64_t valid = p.lengths ? p.lengths[b] : p.Lk;
     float* rows = w + ((b * heads + h0) * p.Lq + i0) * p.Lk;
     for (int64_t h = h0; h < h1; ++h) {
-      const int64_t hk = h / group;
-      if (b != packed_b || hk != packed_hk) {
-        pack_transposed(p.k + b * p.ks[0] + hk * p.ks[1], p.ks[2], valid, p.d, p.scale, kpanels);
-        packed_b = b;
-        packed_hk = hk;
-      }
+      const float* kpanels = panels + (b * p.Hkv + h / group) * stride;
       // The block's query rows copied together (a projection's rows sit 3 E floats apart; copy_rows).
       copy_rows(p.q + b * p.qs[0] + h * p.qs[1] + i0 * p.qs[2], p.qs[2], nq, p.d, qrows);
       for (int64_t r0 = i0; r0 < i0 + nq; r0 += kRows) {
@@ -373,6 +376,12 @@ void weights(const Problem& p, const float* lse, bool average, int64_t t0, int64
         });
       }
     }
+    // A row with a NaN score (its logsumexp NaN, in any head when averaged) is NaN throughout, masked
+    // keys included, as PyTorch's softmax gives.
+    for (int64_t h = h0; h < h1; ++h)
+      for (int64_t r = 0; r < nq; ++r)
+        if (std::isnan(lse[(b * p.Hq + h) * p.Lq + i0 + r]))
+          std::fill(rows + r * p.Lk, rows + (r + 1) * p.Lk, std::numeric_limits<float>::quiet_NaN());
   }
 }
 
@@ -1391,7 +1400,10 @@ void forward(const Problem&, int64_t, int64_t, float*, float*) { TORCH_INTERNAL_
 void forward_lanes(const Problem&, int64_t, int64_t, float*, float*) { TORCH_INTERNAL_ASSERT(false); }
 void forward_lanes(const ProblemBf16&, int64_t, int64_t, uint16_t*, float*) { TORCH_INTERNAL_ASSERT(false); }
 void backward(const Problem&, const Grads&, int64_t, int64_t) { TORCH_INTERNAL_ASSERT(false); }
-void weights(const Problem&, const float*, bool, int64_t, int64_t, float*) { TORCH_INTERNAL_ASSERT(false); }
+void weights_pack(const Problem&, int64_t, int64_t, float*) { TORCH_INTERNAL_ASSERT(false); }
+void weights(const Problem&, const float*, const float*, bool, int64_t, int64_t, int64_t, float*) {
+  TORCH_INTERNAL_ASSERT(false);
+}
 void forward_amx(const ProblemBf16&, int64_t, int64_t, uint16_t*, float*) { TORCH_INTERNAL_ASSERT(false); }
 void forward_bf16_dot(const ProblemBf16&, int64_t, int64_t, uint16_t*, float*) { TORCH_INTERNAL_ASSERT(false); }
 void backward_bf16_dot(const ProblemBf16&, const GradsBf16&, int64_t, int64_t) { TORCH_INTERNAL_ASSERT(false); }

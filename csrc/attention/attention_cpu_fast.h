@@ -81,12 +81,17 @@ void forward_amx(const ProblemBf16& p, int64_t t0, int64_t t1, uint16_t* out, fl
 // (P V)^T is not bound to four AMX accumulator tiles: head dims as supports().
 void forward_bf16_dot(const ProblemBf16& p, int64_t t0, int64_t t1, uint16_t* out, float* lse);
 
-// The probabilities a forward multiplied V by (attention_weights): tasks [t0, t1) of
-// B * (average ? 1 : Hq) * ceil(Lq / kBlockQ); w is [B, Hq, Lq, Lk], or with average [B, Lq, Lk] summed
-// over the query heads (times 1 / Hq) as it is made. lse [B, Hq, Lq] is the forward's. Each 6-row
-// group recomputes S = Q K^T per 64-key block as a register tile and writes exp(S - lse) (masks,
-// causal, key lengths and the dropout factor applied) straight from it. Head dim d as supports_tiles.
-void weights(const Problem& p, const float* lse, bool average, int64_t t0, int64_t t1, float* w);
+// The probabilities a forward multiplied V by (attention_weights). weights_pack packs scale K^T of kv
+// heads [t0, t1) of B * Hkv into panels (ceil(Lk / 64) * d * 64 floats per head), once per call: every
+// task reads them. weights runs tasks [t0, t1) of B * (average ? 1 : Hq) * ceil(Lq / block) (block:
+// query rows per task, a multiple of 6 the caller picks); w is [B, Hq, Lq, Lk], or with average
+// [B, Lq, Lk] summed over the query heads (times 1 / Hq) as it is made. lse [B, Hq, Lq] is the
+// forward's. Each 6-row group recomputes S = Q K^T per 64-key block as a register tile and writes
+// exp(S - lse) (masks, causal, key lengths and the dropout factor applied) straight from it. Head dim
+// d as supports_tiles.
+void weights_pack(const Problem& p, int64_t t0, int64_t t1, float* panels);
+void weights(const Problem& p, const float* panels, const float* lse, bool average, int64_t block, int64_t t0,
+             int64_t t1, float* w);
 
 struct Grads {
   const float* grad_out = nullptr;  // [B, Hq, Lq, dv] contiguous
