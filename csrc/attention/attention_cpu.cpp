@@ -332,8 +332,8 @@ bool bf16_tiles(const Dims& d, const Tensor& mask) {
   }
 }
 
-bool use_lanes(const Dims& d, at::ScalarType ct, const Tensor& mask, const Dropout& dropout, bool bf16) {
-  if (ct != at::kFloat || !mask_keys_contiguous(d, mask) || dropout.active() ||
+bool use_lanes(const Dims& d, at::ScalarType ct, const Tensor& mask, bool bf16) {
+  if (ct != at::kFloat || !mask_keys_contiguous(d, mask) ||
       !(bf16 ? fast::supports(d.d, d.dv) : fast::supports_tiles(d.d, d.dv)) || !gemm::cpu::has_avx512() ||
       !gemm::cpu::microkernels_enabled())
     return false;
@@ -351,7 +351,7 @@ bool use_lanes(const Dims& d, at::ScalarType ct, const Tensor& mask, const Dropo
 template <typename T>
 fast::ProblemOf<T> fast_problem(const Dims& d, const Tensor& q, const Tensor& k, const Tensor& v,
                                 const Tensor& lengths, bool is_causal, std::optional<double> scale,
-                                const Tensor& mask = Tensor()) {
+                                const Tensor& mask = Tensor(), const Dropout& dropout = Dropout()) {
   fast::ProblemOf<T> p;
   p.B = d.B;
   p.Hq = d.Hq;
@@ -375,6 +375,7 @@ fast::ProblemOf<T> fast_problem(const Dims& d, const Tensor& q, const Tensor& k,
     p.mask = mask.const_data_ptr<float>();
     for (int i = 0; i < 3; ++i) p.ms[i] = mask.stride(i);
   }
+  p.dropout = dropout;
   return p;
 }
 
@@ -382,9 +383,7 @@ fast::ProblemOf<T> fast_problem(const Dims& d, const Tensor& q, const Tensor& k,
 fast::Problem fast_tiles_problem(const Dims& d, const Tensor& q, const Tensor& k, const Tensor& v,
                                  const Tensor& lengths, const Tensor& mask, bool is_causal, std::optional<double> scale,
                                  const Dropout& dropout) {
-  fast::Problem p = fast_problem<float>(d, q, k, v, lengths, is_causal, scale, mask);
-  p.dropout = dropout;
-  return p;
+  return fast_problem<float>(d, q, k, v, lengths, is_causal, scale, mask, dropout);
 }
 
 // The lanes and few-rows kernels take a thread team only for at least kTeamBytes of keys and values
@@ -583,9 +582,8 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& query, const Tensor& key,
   const Dropout dropout = make_dropout(op, dropout_p, seed);
   const at::ScalarType ct = compute_dtype(query.scalar_type());
   const Tensor lengths = lengths_int64(key_lengths), mask = additive_mask(attn_mask, d, ct);
-  const bool bf16_lanes =
-      query.scalar_type() == at::kBFloat16 && use_lanes(d, ct, mask, dropout, /*bf16=*/true);
-  const bool f32_lanes = !bf16_lanes && use_lanes(d, ct, mask, dropout, /*bf16=*/false);
+  const bool bf16_lanes = query.scalar_type() == at::kBFloat16 && use_lanes(d, ct, mask, /*bf16=*/true);
+  const bool f32_lanes = !bf16_lanes && use_lanes(d, ct, mask, /*bf16=*/false);
   const bool few = query.scalar_type() == at::kFloat && !f32_lanes && use_few_queries(d, ct, dropout);
   // Small calls of those kernels run on this thread alone: no team to set the float mode on.
   const bool solo = ((bf16_lanes || f32_lanes) && lanes_bytes(d, query.element_size()) < kTeamBytes) ||
@@ -598,7 +596,7 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& query, const Tensor& key,
     const Tensor v = rows_ready(value, at::kBFloat16);
     Tensor out = at::empty({d.B, d.Hq, d.Lq, d.dv}, q.options());
     Tensor lse = at::empty({d.B, d.Hq, d.Lq}, q.options().dtype(at::kFloat));
-    lanes_forward(d, fast_problem<uint16_t>(d, q, k, v, lengths, is_causal, scale, mask),
+    lanes_forward(d, fast_problem<uint16_t>(d, q, k, v, lengths, is_causal, scale, mask, dropout),
                   reinterpret_cast<uint16_t*>(out.data_ptr()), lse.data_ptr<float>());
     return {out, lse};
   }
@@ -625,8 +623,8 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& query, const Tensor& key,
   Tensor out = at::empty({d.B, d.Hq, d.Lq, d.dv}, q.options());
   Tensor lse = at::empty({d.B, d.Hq, d.Lq}, q.options());
   if (f32_lanes) {
-    lanes_forward(d, fast_problem<float>(d, q, k, v, lengths, is_causal, scale, mask), out.data_ptr<float>(),
-                  lse.data_ptr<float>());
+    lanes_forward(d, fast_problem<float>(d, q, k, v, lengths, is_causal, scale, mask, dropout),
+                  out.data_ptr<float>(), lse.data_ptr<float>());
     return {out.to(query.scalar_type()), lse};
   }
   if (use_few_queries(d, ct, dropout)) {  // also bf16 inputs that took no bf16 kernel above

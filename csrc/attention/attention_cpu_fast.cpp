@@ -97,16 +97,24 @@ BM_AVX512 BM_ALWAYS_INLINE void store_rows(const __m512 (&acc)[MR][NV], float* c
 
 // Dropout (attention.h's hash, 16 keys at a time): the keys j0 .. j0 + 15 that row `row` (its
 // Dropout::row_key) keeps.
-BM_AVX512 BM_ALWAYS_INLINE __mmask16 dropout_keep(const Dropout& dropout, uint32_t row, int64_t j0) {
-  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  __m512i x = _mm512_xor_si512(_mm512_set1_epi32(int32_t(row)),
-                               _mm512_add_epi32(_mm512_set1_epi32(int32_t(uint32_t(j0))), iota));
+BM_AVX512 BM_ALWAYS_INLINE __mmask16 keep_bits(const Dropout& dropout, __m512i x) {
   x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
   x = _mm512_mullo_epi32(x, _mm512_set1_epi32(int32_t(0x7feb352dU)));
   x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
   x = _mm512_mullo_epi32(x, _mm512_set1_epi32(int32_t(0x846ca68bU)));
   x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
   return _mm512_cmpge_epu32_mask(x, _mm512_set1_epi32(int32_t(dropout.threshold)));
+}
+
+BM_AVX512 BM_ALWAYS_INLINE __mmask16 dropout_keep(const Dropout& dropout, uint32_t row, int64_t j0) {
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  return keep_bits(dropout, _mm512_xor_si512(_mm512_set1_epi32(int32_t(row)),
+                                             _mm512_add_epi32(_mm512_set1_epi32(int32_t(uint32_t(j0))), iota)));
+}
+
+// The same bits for 16 rows (their row keys, one per lane) at key j: the lanes kernel's layout.
+BM_AVX512 BM_ALWAYS_INLINE __mmask16 dropout_keep_rows(const Dropout& dropout, __m512i rows, int64_t j) {
+  return keep_bits(dropout, _mm512_xor_si512(rows, _mm512_set1_epi32(int32_t(uint32_t(j)))));
 }
 
 // s[r][c] += the additive mask of row r (mask rows at stride ld from mrow) for keys j0 + 16 c .. of
@@ -423,6 +431,7 @@ struct Lanes {
   alignas(64) int32_t limit[kLanes];   // keys lane r sees; 0 past n
   int64_t row[kLanes];                 // lane r's row in out / lse
   const float* mask[kLanes];           // lane r's additive mask row (keys contiguous); all nullptr without one
+  alignas(64) uint32_t drop[kLanes];   // lane r's Dropout::row_key, with dropout
 };
 
 // mt[j][r] = the additive mask of lane r (its row at rows[r], r < n; 0 for the other lanes) at key
@@ -612,6 +621,13 @@ BM_AVX512 void lanes_forward(const ProblemOf<T>& p, const Lanes& ln, const float
     // A mask's -inf scores need the masked softmax, which zeroes them.
     const __m512 a = softmax_lanes(st, nk, j0, limv, j0 + nk <= lim_min && !p.mask, m, l);
     _mm512_store_ps(alpha, a);
+    if (p.dropout.active()) {  // P V sees the kept probabilities scaled by 1 / (1 - p); l counted all
+      const __m512i rows = _mm512_load_si512(ln.drop);
+      const __m512 kept = _mm512_set1_ps(static_cast<float>(p.dropout.keep_scale()));
+      for (int64_t j = 0; j < nk; ++j)
+        _mm512_store_ps(st[j], _mm512_maskz_mul_ps(dropout_keep_rows(p.dropout, rows, j0 + j),
+                                                   _mm512_load_ps(st[j]), kept));
+    }
     for_each_column_chunk(ldo, [&](int64_t c0, auto nv) {  // 6 rows x 4 zmm accumulators at a time
       for (int r0 = 0; r0 < ln.n; r0 += kRows)
         mk::with_rows(ln.n - r0, [&](auto rows) {
@@ -662,6 +678,7 @@ void lanes_tasks(const ProblemOf<T>& p, int64_t t0, int64_t t1, T* out, float* l
       ln.limit[r] = int32_t(p.causal ? std::min(valid, i + 1) : valid);
       ln.row[r] = (b * p.Hq + h) * p.Lq + i;
       ln.mask[r] = mask_rows(p, b, h, i);
+      ln.drop[r] = p.dropout.active() ? p.dropout.row_key(b, h, i) : 0;
       const T* q = p.q + b * p.qs[0] + h * p.qs[1] + i * p.qs[2];
       for (int64_t c = 0; c < p.d; ++c) {
         if constexpr (std::is_same_v<T, float>)

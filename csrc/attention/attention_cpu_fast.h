@@ -29,7 +29,7 @@ struct ProblemOf {
   const T* v = nullptr;
   int64_t qs[3] = {}, ks[3] = {}, vs[3] = {};
   const int64_t* lengths = nullptr;  // [B] or nullptr
-  Dropout dropout;  // float32 forward() and backward() only
+  Dropout dropout;  // float32 forward() and backward(), forward_lanes()
   // An additive mask (attn_mask as a float32 [B, Hq, Lq, Lk] view, keys contiguous, rows at strides ms
   // over (batch, query head, row)) or nullptr; every kernel here but forward_amx takes it.
   const float* mask = nullptr;
@@ -59,7 +59,8 @@ void forward(const Problem& p, int64_t t0, int64_t t1, float* out, float* lse);
 // scores are S^T = K Q^T with K read in place (one broadcast FMA per key and head-dim element for all
 // rows), the online softmax runs down the keys without horizontal reductions, and P V reads V in
 // place. Nothing is packed: the blocked forward packs K^T for every task, which a few rows cannot repay.
-// An additive mask (the Problem's) is added to each block of S^T, transposed from the lanes' rows.
+// An additive mask (the Problem's) is added to each block of S^T, transposed from the lanes' rows;
+// dropout (the Problem's) drops P^T a key (16 rows) at a time with the same hash bits.
 // Also for bf16 q, k, v (and out): each 64-key block is widened to float32 in L1, the softmax and both
 // products run in float32 (P is not rounded), the output is rounded to bf16 once.
 // Head dims: float32 as supports_tiles() (V's rows copied per block, padded, when dv is no multiple of

@@ -630,18 +630,21 @@ def test_dropout_gradcheck(device):
     "shape",
     [
         (2, 4, 2, 70, 150, 64, 64),  # partial row groups, several key blocks, GQA
-        (1, 2, 2, 13, 200, 128, 96),  # head dims past 64 (column chunks); 13 rows: the lanes kernel's range
+        (1, 2, 2, 13, 200, 128, 96),  # head dims past 64 (column chunks); 13 rows: the lanes kernel
         (2, 2, 1, 97, 67, 16, 32),
-        (3, 2, 2, 1, 90, 32, 32),  # one row: the few-rows kernel's range
+        (3, 2, 2, 1, 90, 32, 32),  # one row: the tiles (the few-rows kernel takes no dropout)
+        (2, 8, 2, 5, 130, 32, 32),  # the lanes kernel: 20 rows of a GQA group of 4, narrow (ymm) below 9
+        (2, 4, 4, 6, 70, 50, 40),  # the lanes kernel at head dims that are no multiple of 16
+        (2, 2, 2, 40, 40, 64, 64),  # 40 rows: three 16-lane chunks
     ],
 )
 @pytest.mark.parametrize("is_causal", [False, True])
 @pytest.mark.parametrize("use_lengths", [False, True])
 @pytest.mark.parametrize("p", [0.3, 0.9])
 def test_dropout_float32_tiles(cpu_kernel, shape, is_causal, use_lengths, p):
-    """float32 dropout on the register-tile kernels (every row count goes there when dropout is on):
-    the reference's keep bits (the hash computed 16 keys at a time), P V on the kept probabilities,
-    the normalizer on all of them; gradients through the same mask."""
+    """float32 dropout on the register-tile kernels and (3-64 rows per kv head) the lanes kernel: the
+    reference's keep bits (the hash computed 16 keys of a row, or 16 rows of a key, at a time), P V
+    on the kept probabilities, the normalizer on all of them; gradients through the same mask."""
     B, Hq, Hkv, Lq, Lk, d, dv = shape
     q, k, v = qkv(*shape)
     lengths = torch.randint(1, Lk + 1, (B,)) if use_lengths else None
@@ -749,3 +752,24 @@ def test_double_backward_raises(device):
     (g,) = torch.autograd.grad(out.sum(), q, create_graph=True)
     with pytest.raises(RuntimeError, match="gradient is not differentiable: double backward"):
         g.sum().backward()
+
+
+@pytest.mark.parametrize(
+    "shape", [(2, 8, 2, 5, 130, 32, 32), (2, 4, 4, 1, 90, 64, 64)], ids=["20rows", "1row"]
+)
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_bfloat16_dropout_on_lanes(cpu_kernel, shape, is_causal):
+    """bf16 calls with dropout and few rows per kv head run the lanes kernel on bf16 (its dropout the
+    same bits): the float64 reference's output on the same rounded inputs within bf16 rounding, and a
+    backward through the same mask (the float32 kernels on copies)."""
+    q, k, v = (t.detach().bfloat16().requires_grad_() for t in qkv(*shape))
+    kw = {"is_causal": is_causal, "dropout_p": 0.3, "seed": 77}
+    out, _ = attention(q, k, v, **kw)
+    ref, _ = attention_reference(*(t.detach().double() for t in (q, k, v)), **kw)
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+    seed = torch.randn_like(out)
+    g = grads(out, (q, k, v), seed)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref64, _ = attention_reference(q64, k64, v64, **kw)
+    for a, b in zip(g, grads(ref64, (q64, k64, v64), seed.double()), strict=True):
+        torch.testing.assert_close(a.double(), b, atol=5e-2, rtol=5e-2)
