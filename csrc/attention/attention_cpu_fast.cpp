@@ -302,40 +302,69 @@ void forward(const Problem& p, int64_t t0, int64_t t1, float* out, float* lse) {
 
 namespace {
 
+// P = exp(scale S - lse) (the backward's, and the weights') for MR rows of the 64-key block from j0 into pf: zero past each
+// row's limit, and for rows that see no key (lse = -inf; they get no gradient).
+// With an additive mask (mrow: the rows' mask rows at stride ldm, or nullptr) P = exp(scale S + mask -
+// lse), exactly 0 where the mask is -inf.
+template <int MR>
+BM_AVX512 BM_ALWAYS_INLINE void probabilities(const __m512 (&s)[MR][4], float scale, const float* lse,
+                                              const int64_t* limit, int64_t j0, float (*pf)[kKeys],
+                                              const float* mrow = nullptr, int64_t ldm = 0) {
+  int64_t min_limit = limit[0];
+  for (int r = 1; r < MR; ++r) min_limit = std::min(min_limit, limit[r]);
+  const bool edge = j0 + kKeys > min_limit;
+  const __m512 sc = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    if (lse[r] == -std::numeric_limits<float>::infinity()) {
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) _mm512_store_ps(pf[r] + 16 * c, _mm512_setzero_ps());
+      continue;
+    }
+    const __m512 shift = _mm512_set1_ps(lse[r]);
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) {
+      const __mmask16 seen = mk::lanes(std::clamp<int64_t>(limit[r] - j0 - 16 * c, 0, 16));
+      __m512 x = _mm512_fmsub_ps(s[r][c], sc, shift);
+      if (mrow) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(seen, mrow + r * ldm + j0 + 16 * c));
+      __m512 e = mk::exp_scaled_ps<1>(x);
+      if (mrow) e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, ninf, _CMP_NEQ_UQ), e);  // the mask's -inf: 0
+      if (edge) e = _mm512_maskz_mov_ps(seen, e);
+      _mm512_store_ps(pf[r] + 16 * c, e);
+    }
+  }
+}
+
 // Rows r0 .. r0 + MR of one query head against keys [0, kend) (limit, drop_rows, mrow as in row_group;
-// lse the rows' logsumexp): w[r][j] (rows at stride ldw) = factor * exp(s - lse[r]) times the dropout
-// factor for the keys row r sees, 0 for the others; added to w unless first. A row without keys
-// (lse -inf) adds 0 (a NaN row is made wholly NaN by weights()).
+// lse the rows' logsumexp): w[r][j] (rows at stride ldw) = factor * P (probabilities(): 0 for keys the
+// row does not see, for -inf mask entries and for rows without keys) times the dropout factor; added to
+// w unless first (a NaN row is made wholly NaN by weights()).
 template <int MR>
 BM_AVX512 void weights_row_group(const Problem& p, const float* q, int64_t ldq, const float* kpanels, int64_t kend,
                                  const int64_t* limit, const float* lse, const uint32_t* drop_rows, const float* mrow,
                                  bool first, float factor, float* w, int64_t ldw) {
-  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   const __m512 fac = _mm512_set1_ps(factor);
   const __m512 kept = _mm512_set1_ps(static_cast<float>(p.dropout.keep_scale()) * factor);
+  alignas(64) float pt[MR][kKeys];
   for (int64_t j0 = 0; j0 < kend; j0 += kKeys) {
     const int64_t nk = std::min(kKeys, kend - j0);
     __m512 s[MR][4];
     mk::zero_tile<MR>(s);
     mk::tile_f32<MR>(q, ldq, p.d, kpanels + (j0 / kKeys) * p.d * kKeys, s);
-    if (mrow) add_mask<MR>(s, mrow, p.ms[2], j0, nk);
+    probabilities<MR>(s, 1.f, lse, limit, j0, pt, mrow, p.ms[2]);  // the panels hold scale K^T
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       float* dst = w + r * ldw + j0;
-      const bool no_keys = lse[r] == -std::numeric_limits<float>::infinity();
-      const __m512 shift = _mm512_set1_ps(lse[r]);
 #pragma GCC unroll 4
       for (int c = 0; c < 4; ++c) {
         if (16 * c >= nk) break;
         const __mmask16 cols = mk::lanes(std::min<int64_t>(16, nk - 16 * c));
-        __mmask16 seen = mk::lanes(std::clamp<int64_t>(limit[r] - j0 - 16 * c, 0, 16));
-        if (mrow) seen &= _mm512_cmp_ps_mask(s[r][c], ninf, _CMP_NEQ_UQ);
-        if (p.dropout.active()) seen &= dropout_keep(p.dropout, drop_rows[r], j0 + 16 * c);
-        __m512 e = no_keys ? _mm512_setzero_ps()
-                           : _mm512_maskz_mul_ps(seen, mk::exp_scaled_ps<1>(_mm512_sub_ps(s[r][c], shift)),
-                                                 p.dropout.active() ? kept : fac);
-        if (!first) e = _mm512_add_ps(e, _mm512_maskz_loadu_ps(cols, dst + 16 * c));
-        _mm512_mask_storeu_ps(dst + 16 * c, cols, e);
+        const __m512 e = _mm512_load_ps(pt[r] + 16 * c);
+        __m512 x = p.dropout.active()
+                       ? _mm512_maskz_mul_ps(dropout_keep(p.dropout, drop_rows[r], j0 + 16 * c), e, kept)
+                       : _mm512_mul_ps(e, fac);
+        if (!first) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(cols, dst + 16 * c));
+        _mm512_mask_storeu_ps(dst + 16 * c, cols, x);
       }
     }
   }
@@ -725,39 +754,6 @@ void for_each_backward_block(const P& p, int64_t valid, int64_t j0, const Rows& 
   }
 }
 
-
-// The backward's P = exp(scale S - lse) for MR rows of the 64-key block from j0 into pf: zero past each
-// row's limit, and for rows that see no key (lse = -inf; they get no gradient).
-// With an additive mask (mrow: the rows' mask rows at stride ldm, or nullptr) P = exp(scale S + mask -
-// lse), exactly 0 where the mask is -inf.
-template <int MR>
-BM_AVX512 BM_ALWAYS_INLINE void probabilities(const __m512 (&s)[MR][4], float scale, const float* lse,
-                                              const int64_t* limit, int64_t j0, float (*pf)[kKeys],
-                                              const float* mrow = nullptr, int64_t ldm = 0) {
-  int64_t min_limit = limit[0];
-  for (int r = 1; r < MR; ++r) min_limit = std::min(min_limit, limit[r]);
-  const bool edge = j0 + kKeys > min_limit;
-  const __m512 sc = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
-    if (lse[r] == -std::numeric_limits<float>::infinity()) {
-#pragma GCC unroll 4
-      for (int c = 0; c < 4; ++c) _mm512_store_ps(pf[r] + 16 * c, _mm512_setzero_ps());
-      continue;
-    }
-    const __m512 shift = _mm512_set1_ps(lse[r]);
-#pragma GCC unroll 4
-    for (int c = 0; c < 4; ++c) {
-      const __mmask16 seen = mk::lanes(std::clamp<int64_t>(limit[r] - j0 - 16 * c, 0, 16));
-      __m512 x = _mm512_fmsub_ps(s[r][c], sc, shift);
-      if (mrow) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(seen, mrow + r * ldm + j0 + 16 * c));
-      __m512 e = mk::exp_scaled_ps<1>(x);
-      if (mrow) e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, ninf, _CMP_NEQ_UQ), e);  // the mask's -inf: 0
-      if (edge) e = _mm512_maskz_mov_ps(seen, e);
-      _mm512_store_ps(pf[r] + 16 * c, e);
-    }
-  }
-}
 
 // MR query rows against one 64-key block: P and dS (scaled) into pt / dst (rows of 64), then
 // dQ[rows] += dS K_block. With dropout (drop_rows: the rows' Dropout::row_key), dS = P (Z dP - delta)
