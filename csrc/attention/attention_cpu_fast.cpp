@@ -62,7 +62,7 @@ int64_t visible_keys(const P& p, int64_t valid, int64_t r0, int64_t mr, int64_t*
 // f(c0, nv) for the 64-column chunks of `cols` output columns (up to kMaxDim), nv the chunk's zmm count
 // as a compile-time constant: a register tile holds at most 4 vectors per row. With cols no multiple
 // of 16 the last vector is partial: its operands are padded (round16) or read and written through
-// last_lanes.
+// last_lanes (mk::load_tile / store_tile with a lane mask).
 template <typename F>
 BM_ALWAYS_INLINE void for_each_column_chunk(int64_t cols, const F& f) {
   for (int64_t c0 = 0; c0 < cols; c0 += kKeys)
@@ -75,28 +75,7 @@ BM_AVX512 BM_ALWAYS_INLINE __mmask16 last_lanes(int64_t cols, int64_t c0) {
   return mk::lanes(cols - c0 - 16 * (NV - 1));
 }
 
-// acc <-> MR rows of NV vectors at c (stride ldc), the last vector's lanes limited to `last`: the columns
-// of an output whose head dim is no multiple of 16 end inside it.
-template <int MR, int NV>
-BM_AVX512 BM_ALWAYS_INLINE void load_rows(const float* c, int64_t ldc, __mmask16 last, __m512 (&acc)[MR][NV]) {
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j)
-      acc[r][j] = _mm512_maskz_loadu_ps(j == NV - 1 ? last : __mmask16(0xFFFF), c + r * ldc + 16 * j);
-}
-
-template <int MR, int NV>
-BM_AVX512 BM_ALWAYS_INLINE void store_rows(const __m512 (&acc)[MR][NV], float* c, int64_t ldc, __mmask16 last) {
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j)
-      _mm512_mask_storeu_ps(c + r * ldc + 16 * j, j == NV - 1 ? last : __mmask16(0xFFFF), acc[r][j]);
-}
-
-// Dropout (attention.h's hash, 16 keys at a time): the keys j0 .. j0 + 15 that row `row` (its
-// Dropout::row_key) keeps.
+// Dropout's keep decision (attention.h's mix32 and threshold) for 16 hash inputs x at once.
 BM_AVX512 BM_ALWAYS_INLINE __mmask16 keep_bits(const Dropout& dropout, __m512i x) {
   x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
   x = _mm512_mullo_epi32(x, _mm512_set1_epi32(int32_t(0x7feb352dU)));
@@ -106,6 +85,7 @@ BM_AVX512 BM_ALWAYS_INLINE __mmask16 keep_bits(const Dropout& dropout, __m512i x
   return _mm512_cmpge_epu32_mask(x, _mm512_set1_epi32(int32_t(dropout.threshold)));
 }
 
+// The keys j0 .. j0 + 15 that row `row` (its Dropout::row_key) keeps.
 BM_AVX512 BM_ALWAYS_INLINE __mmask16 dropout_keep(const Dropout& dropout, uint32_t row, int64_t j0) {
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   return keep_bits(dropout, _mm512_xor_si512(_mm512_set1_epi32(int32_t(row)),
@@ -801,9 +781,9 @@ BM_AVX512 void bwd_rows(const Problem& p, const float* q, const float* go, int64
     constexpr int NV = decltype(nv)::value;
     __m512 acc[MR][NV];
     const __mmask16 last = last_lanes<NV>(p.d, c0);
-    load_rows(gq + c0, p.d, last, acc);
+    mk::load_tile(gq + c0, p.d, acc, last);
     mk::tile_f32_rows(dst[0], kKeys, nk, kblock + c0, p.ks[2], acc);  // K rows padded to whole vectors
-    store_rows(acc, gq + c0, p.d, last);
+    mk::store_tile(acc, gq + c0, p.d, last);
   });
 }
 
@@ -814,9 +794,9 @@ template <int MR, int NV>
 BM_AVX512 void bwd_kv_tile(const float* a, int64_t m0, int64_t nq, const float* b, int64_t ldb, float* out,
                            int64_t ldo, __mmask16 last) {
   __m512 acc[MR][NV];
-  load_rows(out + m0 * ldo, ldo, last, acc);
+  mk::load_tile(out + m0 * ldo, ldo, acc, last);
   mk::tile_f32_rows<MR, NV>(a + m0, 1, nq, b, ldb, acc, kKeys);
-  store_rows(acc, out + m0 * ldo, ldo, last);
+  mk::store_tile(acc, out + m0 * ldo, ldo, last);
 }
 
 // out[keys 0 .. nk][cols] += A^T B over nq query rows, in tiles of up to kRows keys and 64 columns.

@@ -167,6 +167,26 @@ BM_AVX512 BM_ALWAYS_INLINE void store_tile(const __m512 (&acc)[MR][NV], float* c
     for (int j = 0; j < NV; ++j) _mm512_storeu_ps(c + r * ldc + 16 * j, acc[r][j]);
 }
 
+// The same with each row's last vector limited to the lanes `last`: C whose width is no multiple of 16
+// (an attention head dim of 40 or 50) ends inside it, and the lanes past it are neither read nor written.
+template <int MR, int NV>
+BM_AVX512 BM_ALWAYS_INLINE void load_tile(const float* c, int64_t ldc, __m512 (&acc)[MR][NV], __mmask16 last) {
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j)
+      acc[r][j] = _mm512_maskz_loadu_ps(j == NV - 1 ? last : __mmask16(0xFFFF), c + r * ldc + 16 * j);
+}
+
+template <int MR, int NV>
+BM_AVX512 BM_ALWAYS_INLINE void store_tile(const __m512 (&acc)[MR][NV], float* c, int64_t ldc, __mmask16 last) {
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j)
+      _mm512_mask_storeu_ps(c + r * ldc + 16 * j, j == NV - 1 ? last : __mmask16(0xFFFF), acc[r][j]);
+}
+
 // Spills a tile to an L1 buffer [MR][64]: epilogues that need many temporaries per row run from
 // there instead of holding 24 accumulators in registers.
 template <int MR>
