@@ -748,8 +748,8 @@ void weights_forward(const Problem<T>& p, const T* lse, bool average, T* w) {
             const T m = row_lse[r];
             if (m == ninf)  // no valid key: zeros (a NaN row is made wholly NaN below)
               std::fill(s, s + nk, T(0));
-            else  // exp (Sleef's) gives exactly 0 for the masked keys' -inf
-              at::vec::map([m](V x) { return (x - V(m)).exp(); }, s, s, nk);
+            else  // P, as the backward recomputes it
+              exp_shifted(s, nk, m);
             if (p.dropout.active())
               at::vec::map2([](V x, V z) { return x * z; }, s, s, Z.data() + r * kBlockK, nk);
             T* o = rows + r * d.Lk + j0;
