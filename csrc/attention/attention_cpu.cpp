@@ -647,6 +647,24 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& query, const Tensor& key,
   return {out.to(query.scalar_type()), lse};
 }
 
+// How many key splits per kv head the backward's tasks take (fast::KeySplit): the fewest that make
+// the B * Hkv * splits tasks fill whole rounds of the team (9 in 10 thread slots busy), at most one per
+// 64-key block. Each split past the first costs a dQ copy to zero and add, so a call too small to
+// repay that (under kSplitWork multiply-adds per extra split) keeps one.
+constexpr int64_t kSplitWork = int64_t(1) << 22;
+int64_t key_splits(const Dims& d) {
+  const int64_t threads = at::get_num_threads(), heads = d.B * d.Hkv;
+  const int64_t blocks = (d.Lk + 63) / 64, work = d.B * d.Hq * d.Lq * d.Lk * (d.d + d.dv);
+  int64_t best = 1;
+  for (int64_t s = 1; s <= blocks && s <= 4 * threads; ++s) {
+    const int64_t tasks = heads * s, rounds = (tasks + threads - 1) / threads;
+    if (s > 1 && work / s < kSplitWork) break;
+    best = s;
+    if (10 * tasks >= 9 * rounds * threads) break;
+  }
+  return best;
+}
+
 std::tuple<Tensor, Tensor, Tensor> attention_backward_cpu(
     const Tensor& grad_out, const Tensor& query, const Tensor& key, const Tensor& value, const Tensor& out,
     const Tensor& logsumexp, const std::optional<Tensor>& attn_mask_arg,
@@ -680,7 +698,15 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cpu(
     g.gq = reinterpret_cast<uint16_t*>(gq.data_ptr());
     g.gk = reinterpret_cast<uint16_t*>(gk.data_ptr());
     g.gv = reinterpret_cast<uint16_t*>(gv.data_ptr());
-    at::parallel_for(0, d.B * d.Hkv, 1, [&](int64_t t0, int64_t t1) { fast::backward_bf16_dot(fp, g, t0, t1); });
+    g.splits = key_splits(d);
+    Tensor parts;
+    if (g.splits > 1) {
+      parts = at::empty({g.splits, d.B, d.Hq, d.Lq, d.d}, q.options().dtype(at::kFloat));
+      g.gq_parts = parts.data_ptr<float>();
+    }
+    at::parallel_for(0, d.B * d.Hkv * g.splits, 1,
+                     [&](int64_t t0, int64_t t1) { fast::backward_bf16_dot(fp, g, t0, t1); });
+    if (g.splits > 1) gq.copy_(parts.sum(0));
     return {gq, gk, gv};
   }
   const Tensor q = rows_ready(query, ct), k = rows_ready(key, ct), v = rows_ready(value, ct);
@@ -697,7 +723,14 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cpu(
     g.gq = gq.data_ptr<float>();
     g.gk = gk.data_ptr<float>();
     g.gv = gv.data_ptr<float>();
-    at::parallel_for(0, d.B * d.Hkv, 1, [&](int64_t t0, int64_t t1) { fast::backward(fp, g, t0, t1); });
+    g.splits = key_splits(d);
+    Tensor parts;
+    if (g.splits > 1) {
+      parts = at::zeros({g.splits - 1, d.B, d.Hq, d.Lq, d.d}, q.options());
+      g.gq_parts = parts.data_ptr<float>();
+    }
+    at::parallel_for(0, d.B * d.Hkv * g.splits, 1, [&](int64_t t0, int64_t t1) { fast::backward(fp, g, t0, t1); });
+    if (g.splits > 1) gq.add_(g.splits == 2 ? parts[0] : parts.sum(0));
     const auto st = query.scalar_type();
     return {gq.to(st), gk.to(st), gv.to(st)};
   }

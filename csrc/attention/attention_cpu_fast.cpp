@@ -832,13 +832,19 @@ void backward(const Problem& p, const Grads& g, int64_t t0, int64_t t1) {
   float (*pt)[kKeys] = reinterpret_cast<float (*)[kKeys]>(mk::aligned(ps, kBwdRows * kKeys));
   float (*dst)[kKeys] = reinterpret_cast<float (*)[kKeys]>(mk::aligned(ds, kBwdRows * kKeys));
   for (int64_t t = t0; t < t1; ++t) {
-    const int64_t b = t / p.Hkv, hk = t % p.Hkv;
+    const KeySplit split{g.splits, t % g.splits};
+    const int64_t b = t / g.splits / p.Hkv, hk = t / g.splits % p.Hkv;
     const int64_t valid = p.lengths ? p.lengths[b] : p.Lk;
     const float* kb = p.k + b * p.ks[0] + hk * p.ks[1];
     const float* vb = p.v + b * p.vs[0] + hk * p.vs[1];
-    pack_transposed(kb, p.ks[2], valid, p.d, p.scale, kpanels);
-    pack_transposed(vb, p.vs[2], valid, p.dv, 1.f, vpanels);
-    copy_rows(kb, p.ks[2], valid, p.d, krows, dp);
+    float* gqs = split.c == 0 ? g.gq : g.gq_parts + (split.c - 1) * p.B * p.Hq * p.Lq * p.d;
+    for (int64_t j0 = 0; j0 < valid; j0 += kKeys) {  // the task's key blocks of K^T, V^T and K
+      if (!split.owns(j0 / kKeys)) continue;
+      const int64_t nk = std::min(kKeys, valid - j0);
+      pack_transposed(kb + j0 * p.ks[2], p.ks[2], nk, p.d, p.scale, kpanels + (j0 / kKeys) * p.d * kKeys);
+      pack_transposed(vb + j0 * p.vs[2], p.vs[2], nk, p.dv, 1.f, vpanels + (j0 / kKeys) * p.dv * kKeys);
+      copy_rows(kb + j0 * p.ks[2], p.ks[2], nk, p.d, krows + j0 * dp, dp);
+    }
     for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
       copy_rows(p.q + b * p.qs[0] + h * p.qs[1], p.qs[2], p.Lq, p.d, qrows + (h - hk * group) * p.Lq * dp, dp);
       if (pad_go)
@@ -849,6 +855,7 @@ void backward(const Problem& p, const Grads& g, int64_t t0, int64_t t1) {
     float* gk = g.gk + (b * p.Hkv + hk) * p.Lk * p.d;
     float* gv = g.gv + (b * p.Hkv + hk) * p.Lk * p.dv;
     for (int64_t j0 = 0; j0 < valid; j0 += kKeys) {
+      if (!split.owns(j0 / kKeys)) continue;
       const int64_t nk = std::min(kKeys, valid - j0);
       const float* kpan = kpanels + (j0 / kKeys) * p.d * kKeys;
       const float* vpan = vpanels + (j0 / kKeys) * p.dv * kKeys;
@@ -861,7 +868,7 @@ void backward(const Problem& p, const Grads& g, int64_t t0, int64_t t1) {
             [&](int64_t i0, int64_t r0, int64_t mr, const int64_t* limit) {
               const float* q = qh + r0 * dp;
               const float* go = goh + r0 * ldgo;
-              float* gq = g.gq + (row0 + r0) * p.d;
+              float* gq = gqs + (row0 + r0) * p.d;
               float (*ptr)[kKeys] = pt + (r0 - i0);
               float (*dsr)[kKeys] = dst + (r0 - i0);
               uint32_t drop_rows[kRows];
@@ -1323,13 +1330,17 @@ void backward_bf16_dot(const ProblemBf16& p, const GradsBf16& g, int64_t t0, int
   uint32_t* dstp_lo = mk::aligned(dl_s, (kBwdRows / 2) * kKeys);
   // The task's gradients in float32 (its query heads' dQ, its dK and dV), rounded once at the end.
   std::vector<float> gq_s, gk_s, gv_s, dl_f;
-  float* gqa = mk::aligned(gq_s, group * p.Lq * p.d);
+  float* gq_task = g.splits > 1 ? nullptr : mk::aligned(gq_s, group * p.Lq * p.d);
   float* gka = mk::aligned(gk_s, p.Lk * p.d);
   float* gva = mk::aligned(gv_s, p.Lk * p.dv);
   float* delta = mk::aligned(dl_f, group * p.Lq);
   for (int64_t t = t0; t < t1; ++t) {
-    const int64_t b = t / p.Hkv, hk = t % p.Hkv;
+    const KeySplit split{g.splits, t % g.splits};
+    const int64_t b = t / g.splits / p.Hkv, hk = t / g.splits % p.Hkv;
     const int64_t valid = p.lengths ? p.lengths[b] : p.Lk;
+    // dQ of the task's query heads: its own (rounded at the end), or its split's float32 part
+    float* gqa = gq_task ? gq_task
+                         : g.gq_parts + ((split.c * p.B + b) * p.Hq + hk * group) * p.Lq * p.d;
     const uint16_t* kb = p.k + b * p.ks[0] + hk * p.ks[1];
     pair_panels(kb, p.ks[2], valid, p.d, kpanels);
     pair_panels(p.v + b * p.vs[0] + hk * p.vs[1], p.vs[2], valid, p.dv, vpanels);
@@ -1348,6 +1359,7 @@ void backward_bf16_dot(const ProblemBf16& p, const GradsBf16& g, int64_t t0, int
     std::fill(gka, gka + p.Lk * p.d, 0.f);
     std::fill(gva, gva + p.Lk * p.dv, 0.f);
     for (int64_t j0 = 0; j0 < valid; j0 += kKeys) {
+      if (!split.owns(j0 / kKeys)) continue;
       const int64_t nk = std::min(kKeys, valid - j0);
       const uint16_t* kpan = reinterpret_cast<const uint16_t*>(kpanels + (j0 / kKeys) * (p.d / 2) * kKeys);
       const uint16_t* vpan = reinterpret_cast<const uint16_t*>(vpanels + (j0 / kKeys) * (p.dv / 2) * kKeys);
@@ -1375,9 +1387,15 @@ void backward_bf16_dot(const ProblemBf16& p, const GradsBf16& g, int64_t t0, int
             });
       }
     }
-    round_to_bf16(gqa, group * p.Lq * p.d, g.gq + (b * p.Hq + hk * group) * p.Lq * p.d);
-    round_to_bf16(gka, p.Lk * p.d, g.gk + (b * p.Hkv + hk) * p.Lk * p.d);
-    round_to_bf16(gva, p.Lk * p.dv, g.gv + (b * p.Hkv + hk) * p.Lk * p.dv);
+    if (gq_task) round_to_bf16(gqa, group * p.Lq * p.d, g.gq + (b * p.Hq + hk * group) * p.Lq * p.d);
+    uint16_t* gk = g.gk + (b * p.Hkv + hk) * p.Lk * p.d;
+    uint16_t* gv = g.gv + (b * p.Hkv + hk) * p.Lk * p.dv;
+    for (int64_t j0 = 0; j0 < p.Lk; j0 += kKeys) {  // the split's blocks; the first split's also past valid
+      if (!(j0 >= valid ? split.c == 0 : split.owns(j0 / kKeys))) continue;
+      const int64_t nk = std::min(kKeys, p.Lk - j0);
+      round_to_bf16(gka + j0 * p.d, nk * p.d, gk + j0 * p.d);
+      round_to_bf16(gva + j0 * p.dv, nk * p.dv, gv + j0 * p.dv);
+    }
   }
 }
 

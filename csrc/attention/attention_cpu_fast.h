@@ -101,6 +101,10 @@ struct Grads {
   float* gq = nullptr;              // [B, Hq, Lq, d] contiguous, zero on entry
   float* gk = nullptr;              // [B, Hkv, Lk, d] contiguous, zero on entry
   float* gv = nullptr;              // [B, Hkv, Lk, dv] contiguous, zero on entry
+  // Key splits per kv head (see backward); with splits > 1, gq_parts holds splits - 1 more dQ
+  // [B, Hq, Lq, d] (zero on entry) that the caller adds to gq.
+  int64_t splits = 1;
+  float* gq_parts = nullptr;
 };
 
 // The bf16 backward's operands: everything bf16 bits but lse, contiguous; the gradients are
@@ -112,16 +116,34 @@ struct GradsBf16 {
   uint16_t* gq = nullptr;              // [B, Hq, Lq, d]
   uint16_t* gk = nullptr;              // [B, Hkv, Lk, d]
   uint16_t* gv = nullptr;              // [B, Hkv, Lk, dv]
+  // Key splits per kv head (as Grads); with splits > 1 each split writes its float32 dQ into gq_parts
+  // ([splits, B, Hq, Lq, d]) instead of gq, and the caller sums and rounds them.
+  int64_t splits = 1;
+  float* gq_parts = nullptr;
 };
 
-// Backward tasks [t0, t1) of B * Hkv: a task owns one kv head (the only writer of its dK / dV rows
-// and of the dQ rows of its query heads). Per 64-key block and 48 query rows: S and dP = dO V^T as
-// register tiles, P and dS to L1, dQ += dS K per 6 rows, then dV += P^T dO and dK += dS^T Q.
+// Backward tasks [t0, t1) of B * Hkv * splits: a task owns the 64-key blocks of one kv head that
+// KeySplit gives it (the only writer of their dK / dV rows) and writes its query heads' dQ rows, split
+// c > 0 into its own copy of dQ. Per 64-key block and 48 query rows: S and dP = dO V^T as register
+// tiles, P and dS to L1, dQ += dS K per 6 rows, then dV += P^T dO and dK += dS^T Q.
 void backward(const Problem& p, const Grads& g, int64_t t0, int64_t t1);
+
+// Which of `splits` tasks owns key block jb of a kv head: the blocks dealt out in rounds of `splits`,
+// every other round in reverse (0 1 1 0 0 1 ...), so that causal splits, whose later blocks meet fewer
+// query rows, get about the same work. The backward parallelizes over batch x kv heads; where those
+// are fewer than the threads (or leave a round half full), splitting each head's keys fills the team.
+struct KeySplit {
+  int64_t splits = 1, c = 0;
+  bool owns(int64_t jb) const {
+    const int64_t pos = jb % splits;
+    return ((jb / splits) % 2 ? splits - 1 - pos : pos) == c;
+  }
+};
 
 // The same backward for bf16 q, k, v and grad_out with its five products on vdpbf16ps (AVX512-BF16,
 // where bf16_kernel() chose it): float32 accumulation and softmax, P and dS rounded to bf16 where they
 // multiply (dS as two terms, see the .cpp); head dims as supports(); gradients rounded to bf16 once.
+// Tasks and key splits as backward().
 void backward_bf16_dot(const ProblemBf16& p, const GradsBf16& g, int64_t t0, int64_t t1);
 
 }  // namespace bigmodel::attention::fast

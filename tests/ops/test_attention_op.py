@@ -251,6 +251,39 @@ def test_head_dims_not_multiples_of_16(cpu_kernel, d, dv, Hq, Hkv, Lq, Lk, maski
     assert_matches_reference(q, k, v, **kw)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (1, 1, 1, 300, 300, 64, 64),  # one head: up to 5 key splits (one per 64-key block)
+        (1, 4, 1, 200, 333, 40, 50),  # GQA with one kv head, head dims off the vector width
+        (3, 2, 1, 150, 260, 32, 16),  # three heads: 2 or 3 threads leave a round part empty
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("masking", ["none", "causal+lengths", "mask", "dropout"])
+def test_backward_key_splits(cpu_kernel, threads, shape, masking):
+    """Fewer batch x kv heads than threads (or a half-empty last round) split each head's key blocks
+    across tasks: each split owns its blocks' dK / dV rows and sums its own copy of dQ, added up after.
+    Gradients against the reference on 1-8 threads (1-5 splits), with causal (dealt zig-zag), key
+    lengths shorter than some splits' first block, a general mask and dropout."""
+    B, Hq, Hkv, Lq, Lk, d, dv = shape
+    q, k, v = qkv(*shape)
+    kw = {}
+    if masking == "causal+lengths":
+        kw = {"is_causal": True, "key_lengths": torch.tensor([Lk, 70, 1][:B])}
+    elif masking == "mask":
+        kw = {"attn_mask": _general_mask("bias-holes", B, Hq, Lq, Lk)}
+    elif masking == "dropout":
+        kw = {"dropout_p": 0.2, "seed": 3}
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert_matches_reference(q, k, v, **kw)
+    finally:
+        torch.set_num_threads(saved)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "Hq,Hkv,Lq", [(2, 2, 1), (8, 2, 1), (2, 2, 5), (2, 2, 70), (4, 2, 40)], ids=lambda x: str(x)
@@ -506,9 +539,34 @@ def test_bfloat16_backward_paths(cpu_kernel, shape, is_causal, use_lengths):
     """bf16 gradients (on vdpbf16ps where the CPU has AVX512-BF16 and no AMX: odd row counts pad the
     row pairs, several key blocks, GQA, key lengths) within twice PyTorch's own bf16 error of the
     float64 gradient of the same bf16 inputs (plus a quarter of a bf16 step at the largest value)."""
+    B, Lk = shape[0], shape[4]
+    assert_bf16_gradients_close(shape, is_causal, torch.randint(1, Lk + 1, (B,)) if use_lengths else None)
+
+
+@pytest.mark.parametrize("threads", [2, 3, 8])
+@pytest.mark.parametrize(
+    "shape", [(1, 1, 1, 300, 300, 64, 64), (1, 4, 1, 200, 333, 32, 48), (3, 2, 1, 150, 260, 32, 16)], ids=str
+)
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("use_lengths", [False, True])
+def test_bfloat16_backward_key_splits(cpu_kernel, threads, shape, is_causal, use_lengths):
+    """The bf16 backward with each kv head's key blocks split across tasks (as test_backward_key_splits):
+    each split's float32 dQ summed, then rounded; dK / dV rows past a key length exactly zero."""
+    B, Lk = shape[0], shape[4]
+    lengths = torch.tensor([Lk - 30, 70, 1][:B]) if use_lengths else None
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert_bf16_gradients_close(shape, is_causal, lengths)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def assert_bf16_gradients_close(shape, is_causal, lengths):
+    """bf16 gradients of the op within twice PyTorch's bf16 error of the float64 gradient of the same
+    inputs (plus a quarter of a bf16 step at the largest value)."""
     B, Hq, Hkv, Lq, Lk, d, dv = shape
     q, k, v = qkv(*shape, dtype=torch.bfloat16)
-    lengths = torch.randint(1, Lk + 1, (B,)) if use_lengths else None
     kw = native_masking(lengths, Lq, Lk, is_causal)
     out, _ = attention(q, k, v, is_causal=is_causal, key_lengths=lengths)
     seed = torch.randn_like(out)
