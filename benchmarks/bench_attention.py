@@ -6,8 +6,9 @@ CPU: float32 at the CPU shapes, and bfloat16 in the modes forward-bf16 and train
 bfloat16 at the GPU shapes (native without a mask or with is_causal is SDPA's flash backend; with a
 boolean mask PyTorch picks its memory-efficient backend).
 Key padding: native gets the equivalent boolean attn_mask, bigmodel gets key_lengths (its padded
-key blocks are skipped). Dropout (p = 0.1; each side draws its own mask): CPU seed shape only. On
-CUDA every timed call ends with a synchronize.
+key blocks are skipped). Dropout (p = 0.1; each side draws its own mask) and bias (a float [1, heads,
+L, L] attn_mask, learned in training: a relative-position bias, whose gradient both sides compute):
+CPU seed shape only, not in --quick. On CUDA every timed call ends with a synchronize.
 """
 
 import pytest
@@ -31,13 +32,15 @@ GPU_SHAPES = [
     ("gpu-d128", 8, 4096, 16, 128),
 ]
 GPU_DTYPE = torch.bfloat16
-MASKS = ["none", "causal", "key-padding", "dropout"]  # dropout: p = 0.1, seed shape only
+MASKS = ["none", "causal", "key-padding", "dropout", "bias"]  # dropout (p = 0.1), bias: seed shape only
 MODES = ["forward", "train", "forward-bf16", "train-bf16"]  # *-bf16: CPU only (CUDA is bf16 throughout)
 IMPLS = ["native", "bigmodel"]
 
 
-def _call(impl, q, k, v, mask, lengths):
-    if mask == "causal":
+def _call(impl, q, k, v, mask, lengths, bias=None):
+    if mask == "bias":
+        kwargs = {"attn_mask": bias}
+    elif mask == "causal":
         kwargs = {"is_causal": True}
     elif mask == "dropout":
         kwargs = {"dropout_p": 0.1}
@@ -76,8 +79,8 @@ def test_attention(benchmark, quick, device, timed, shape, mask, mode, impl):
         pytest.skip("CPU shapes run on the CPU, GPU shapes on CUDA")
     if quick and shape[0] not in ("seed", "gpu-d64"):
         pytest.skip("--quick runs the first shape only")
-    if mask == "dropout" and (quick or shape[0] != "seed"):
-        pytest.skip("dropout: CPU seed shape only, not in --quick (native's dropout is its L x L math path)")
+    if mask in ("dropout", "bias") and (quick or shape[0] != "seed"):
+        pytest.skip(f"{mask}: CPU seed shape only, not in --quick (native runs its L x L math path)")
     if impl == "bigmodel" and device == "cuda" and not _has_cuda_kernel():
         pytest.skip("bigmodel was built without its CUDA attention kernel")
     if mode.endswith("-bf16") and device == "cuda":
@@ -93,7 +96,14 @@ def test_attention(benchmark, quick, device, timed, shape, mask, mode, impl):
     lengths = torch.randint(L // 4, L + 1, (B,), generator=g)
     lengths[0] = L
     lengths = lengths.to(device)
-    attend = _call(impl, q, k, v, mask, lengths)
+    bias = None
+    if mask == "bias":
+        bias = (
+            (0.1 * torch.randn(1, H, L, L, generator=g))
+            .to(device, dtype)
+            .requires_grad_(mode.startswith("train"))
+        )
+    attend = _call(impl, q, k, v, mask, lengths, bias)
 
     if mode.startswith("forward"):
 
@@ -104,6 +114,8 @@ def test_attention(benchmark, quick, device, timed, shape, mask, mode, impl):
 
         def fn():
             q.grad = k.grad = v.grad = None
+            if bias is not None:
+                bias.grad = None
             attend().sum().backward()
 
     _measure(

@@ -74,8 +74,8 @@ TORCH_LIBRARY(bigmodel, m) {
   m.def(
       "attention_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, "
       "Tensor logsumexp, Tensor? attn_mask, Tensor? key_lengths, bool is_causal, float? scale, "
-      "float dropout_p, int seed) "
-      "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
+      "float dropout_p, int seed, bool mask_grad=False) "
+      "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value, Tensor grad_attn_mask)");
   m.def(
       "attention_weights(Tensor query, Tensor key, Tensor logsumexp, Tensor? attn_mask=None, "
       "Tensor? key_lengths=None, bool is_causal=False, float? scale=None, float dropout_p=0.0, int seed=0, "

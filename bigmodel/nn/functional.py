@@ -28,7 +28,8 @@ def scaled_dot_product_attention(
             the same leading dimensions (2-D and 3-D inputs work as in PyTorch). ``Hkv`` may divide
             ``Hq`` only with ``enable_gqa=True``.
         attn_mask: broadcastable to ``(..., Hq, Lq, Lk)``; bool (True = attend) or a float tensor
-            added to the scores. Not combinable with ``is_causal``. No gradient flows to it.
+            added to the scores (a learned bias gets its gradient on the CPU). Not combinable with
+            ``is_causal``.
         dropout_p: dropout on the attention probabilities (applied whenever > 0, as in PyTorch). The
             mask comes from a seed drawn from torch's default generator, not PyTorch's own stream.
         is_causal: query ``i`` sees keys ``j <= i`` (top-left aligned).

@@ -33,7 +33,7 @@ def attention(
             ``h // (Hq // Hkv)``).
         value: ``(B, Hkv, Lk, dv)``.
         attn_mask: broadcastable to ``(B, Hq, Lq, Lk)``; bool (True = attend) or a float tensor of
-            query's dtype added to the scores. No gradient flows to it.
+            query's dtype added to the scores; a float mask that requires grad gets its gradient (CPU).
         key_lengths: ``(B,)`` int32/int64 in ``[0, Lk]``: keys ``j >= key_lengths[b]`` are masked
             (and never read).
         is_causal: query ``i`` sees keys ``j <= i`` (top-left aligned).
@@ -46,8 +46,6 @@ def attention(
         ``(out (B, Hq, Lq, dv), logsumexp (B, Hq, Lq))``; logsumexp is float32 (float64 for float64
         inputs) and ``-inf`` for rows with no valid key, whose output is zero.
     """
-    if attn_mask is not None and attn_mask.requires_grad:
-        raise ValueError("bigmodel.attention: no gradient flows to attn_mask; pass attn_mask.detach()")
     if seed is None:
         seed = int(torch.randint(0, 2**31, ())) if dropout_p > 0.0 else 0
     return torch.ops.bigmodel.attention(
@@ -83,10 +81,6 @@ def attention_weights(
         of them that it is). On CPU; one [B, Lq, Lk] block of scores at a time is recomputed, so the
         [B, Hq, Lq, Lk] tensor exists only without ``average``.
     """
-    if attn_mask is not None and attn_mask.requires_grad:
-        raise ValueError(
-            "bigmodel.attention_weights: no gradient flows to attn_mask; pass attn_mask.detach()"
-        )
     return torch.ops.bigmodel.attention_weights(
         query, key, logsumexp.detach(), attn_mask, key_lengths, is_causal, scale, dropout_p, seed, average
     )
@@ -110,12 +104,27 @@ def _attention_fake(
 
 @torch.library.register_fake("bigmodel::attention_backward")
 def _attention_backward_fake(
-    grad_out, query, key, value, out, logsumexp, attn_mask, key_lengths, is_causal, scale, dropout_p, seed
+    grad_out,
+    query,
+    key,
+    value,
+    out,
+    logsumexp,
+    attn_mask,
+    key_lengths,
+    is_causal,
+    scale,
+    dropout_p,
+    seed,
+    mask_grad=False,
 ):
+    B, Hq, Lq, _ = query.shape
+    mask_shape = (B, Hq, Lq, key.shape[2]) if mask_grad else (0,)
     return (
         torch.empty_like(query, memory_format=torch.contiguous_format),
         torch.empty_like(key, memory_format=torch.contiguous_format),
         torch.empty_like(value, memory_format=torch.contiguous_format),
+        query.new_empty(mask_shape, dtype=attn_mask.dtype if mask_grad else query.dtype),
     )
 
 
@@ -150,12 +159,15 @@ def _weights_setup_context(ctx, inputs, output) -> None:
 def _weights_backward(ctx, grad: Tensor):
     """W = P * Z (Z the dropout factors), P = softmax(S), S = scale q k^T (+ mask): with G = dL/dW
     (per head), dS = P * (Z G - rowsum(P Z G)) = W G - P rowsum(W G); dq = scale dS k, dk = scale
-    dS^T q (summed over a GQA group). Runs only when the weights reach the loss; the [B, Hq, Lq, Lk]
-    terms are materialized, as the weights themselves are without averaging. Differentiable again
-    (the weights op inside has this formula; the rest are torch ops)."""
+    dS^T q (summed over a GQA group); a float mask's gradient is dS summed to its shape. Runs only
+    when the weights reach the loss; the [B, Hq, Lq, Lk] terms are materialized, as the weights
+    themselves are without averaging. Differentiable again (the weights op inside has this formula;
+    the rest are torch ops)."""
     query, key, logsumexp, attn_mask, key_lengths = ctx.saved_tensors
     is_causal, scale, dropout_p, seed, average = ctx.args
-    if grad is None or not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+    # needs_input_grad can end before trailing arguments left at their defaults (3 entries without a mask).
+    mask_grad = attn_mask is not None and ctx.needs_input_grad[3]
+    if grad is None or not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or mask_grad):
         return (None,) * 10
     ct = torch.float64 if query.dtype == torch.float64 else torch.float32
     Hq, group = query.shape[1], query.shape[1] // key.shape[1]
@@ -181,11 +193,12 @@ def _weights_backward(ctx, grad: Tensor):
         if group > 1:
             dk = dk.unflatten(1, (key.shape[1], group)).sum(dim=2)
         dk = dk.to(key.dtype)
+    dmask = ds.sum_to_size(attn_mask.shape).to(attn_mask.dtype) if mask_grad else None
     return (
         dq.to(query.dtype) if dq is not None else None,
         dk,
         None,
-        None,
+        dmask,
         None,
         None,
         None,

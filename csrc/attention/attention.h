@@ -24,11 +24,14 @@
 //   probabilities from logsumexp. No output aliases an input.
 //
 // attention_backward(grad_out, q, k, v, out, logsumexp, attn_mask?, key_lengths?, is_causal, scale?,
-//                    dropout_p, seed) -> (grad_q, grad_k, grad_v)
+//                    dropout_p, seed, mask_grad) -> (grad_q, grad_k, grad_v, grad_attn_mask)
 //   grad_out [B, Hq, Lq, dv]; out and logsumexp are the forward's outputs; the other arguments
 //   are the forward's. grad_k / grad_v of a kv
-//   head shared by several query heads (GQA) are the sums over those heads. No gradient flows to
-//   attn_mask or key_lengths.
+//   head shared by several query heads (GQA) are the sums over those heads. With mask_grad (a float
+//   attn_mask; CPU only), grad_attn_mask is the gradient of the scores, dS = P (Z dP - delta) with
+//   dP = grad_out V^T, as [B, Hq, Lq, Lk] in the mask's dtype (0 where a key is masked or unseen):
+//   the caller sums it to the mask's broadcast shape. Without it grad_attn_mask is empty ([0]). No
+//   gradient flows to key_lengths.
 //
 // attention_weights(q, k, logsumexp, attn_mask?, key_lengths?, is_causal, scale?, dropout_p, seed, average)
 //   -> weights
@@ -103,6 +106,9 @@ void check_key_lengths_range(const char* op, const at::Tensor& key_lengths, int6
 // dtype, all on query's device.
 void check_backward_inputs(const char* op, const Dims& d, const at::Tensor& grad_out, const at::Tensor& out,
                            const at::Tensor& logsumexp, at::ScalarType compute, const at::Device& query_device);
+
+// attention_backward's mask_grad needs a floating-point attn_mask (a bool mask has no gradient).
+void check_mask_grad(const char* op, const std::optional<at::Tensor>& attn_mask, bool mask_grad);
 
 // The additive mask in compute dtype ct, broadcast (by strides, not copies) to [B, Hq, Lq, Lk];
 // undefined without attn_mask. A bool mask becomes 0 / -inf.

@@ -25,10 +25,10 @@ using OptTensor = std::optional<Tensor>;
 
 using ForwardSignature = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
                                                     const OptTensor&, bool, std::optional<double>, double, int64_t);
-using BackwardSignature = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                             const Tensor&, const Tensor&, const Tensor&,
-                                                             const OptTensor&, const OptTensor&, bool,
-                                                             std::optional<double>, double, int64_t);
+using BackwardSignature = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                                     const Tensor&, const Tensor&, const Tensor&,
+                                                                     const OptTensor&, const OptTensor&, bool,
+                                                                     std::optional<double>, double, int64_t, bool);
 
 const c10::TypedOperatorHandle<ForwardSignature>& forward_op() {
   static const auto op =
@@ -66,14 +66,16 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     const c10::IValue scale = ctx->saved_data["scale"];
     // Through the dispatcher's Autograd key: with create_graph=True the result records an
     // AttentionBackwardFunction node, whose own backward raises.
-    auto [dq, dk, dv] = backward_op().call(
+    // needs_input_grad counts the tensor arguments that were given: the mask is edge 3 when present.
+    const bool mask_grad = s[5].defined() && ctx->needs_input_grad(3);
+    auto [dq, dk, dv, dmask] = backward_op().call(
         grads[0], s[0], s[1], s[2], s[3], s[4], defined_or_none(s[5]), defined_or_none(s[6]),
         ctx->saved_data["is_causal"].toBool(), scale.isNone() ? std::nullopt : std::optional<double>(scale.toDouble()),
-        ctx->saved_data["dropout_p"].toDouble(), ctx->saved_data["seed"].toInt());
+        ctx->saved_data["dropout_p"].toDouble(), ctx->saved_data["seed"].toInt(), mask_grad);
     return {ctx->needs_input_grad(0) ? dq : none,
             ctx->needs_input_grad(1) ? dk : none,
             ctx->needs_input_grad(2) ? dv : none,
-            none,
+            mask_grad ? dmask.sum_to_size(s[5].sizes()) : none,
             none,
             none,
             none,
@@ -89,11 +91,11 @@ class AttentionBackwardFunction : public torch::autograd::Function<AttentionBack
   static variable_list forward(AutogradContext* /*ctx*/, const Tensor& grad_out, const Tensor& query,
                                const Tensor& key, const Tensor& value, const Tensor& out, const Tensor& lse,
                                const OptTensor& attn_mask, const OptTensor& key_lengths, bool is_causal,
-                               std::optional<double> scale, double dropout_p, int64_t seed) {
+                               std::optional<double> scale, double dropout_p, int64_t seed, bool mask_grad) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [dq, dk, dv] = backward_op().call(grad_out, query, key, value, out, lse, attn_mask, key_lengths, is_causal,
-                                           scale, dropout_p, seed);
-    return {dq, dk, dv};
+    auto [dq, dk, dv, dmask] = backward_op().call(grad_out, query, key, value, out, lse, attn_mask, key_lengths,
+                                                  is_causal, scale, dropout_p, seed, mask_grad);
+    return {dq, dk, dv, dmask};
   }
 
   static variable_list backward(AutogradContext* /*ctx*/, variable_list /*grads*/) {
@@ -109,9 +111,12 @@ std::tuple<Tensor, Tensor> attention_autograd(const Tensor& query, const Tensor&
                                               const OptTensor& attn_mask, const OptTensor& key_lengths,
                                               bool is_causal, std::optional<double> scale, double dropout_p,
                                               int64_t seed) {
-  TORCH_CHECK(!(attn_mask.has_value() && attn_mask->requires_grad()),
-              "bigmodel.attention: no gradient flows to attn_mask; pass attn_mask.detach()");
-  if (!at::GradMode::is_enabled() || !(query.requires_grad() || key.requires_grad() || value.requires_grad())) {
+  const bool mask_requires_grad = attn_mask.has_value() && attn_mask->requires_grad();
+  TORCH_CHECK(!mask_requires_grad || !at::GradMode::is_enabled() || attn_mask->is_cpu(),
+              "bigmodel.attention: the gradient of attn_mask is computed on the CPU only (no CUDA kernel for it "
+              "yet); pass attn_mask.detach() or use torch.nn.functional.scaled_dot_product_attention");
+  if (!at::GradMode::is_enabled() ||
+      !(query.requires_grad() || key.requires_grad() || value.requires_grad() || mask_requires_grad)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return forward_op().call(query, key, value, attn_mask, key_lengths, is_causal, scale, dropout_p, seed);
   }
@@ -120,13 +125,13 @@ std::tuple<Tensor, Tensor> attention_autograd(const Tensor& query, const Tensor&
   return {r[0], r[1]};
 }
 
-std::tuple<Tensor, Tensor, Tensor> attention_backward_autograd(
+std::tuple<Tensor, Tensor, Tensor, Tensor> attention_backward_autograd(
     const Tensor& grad_out, const Tensor& query, const Tensor& key, const Tensor& value, const Tensor& out,
     const Tensor& lse, const OptTensor& attn_mask, const OptTensor& key_lengths, bool is_causal,
-    std::optional<double> scale, double dropout_p, int64_t seed) {
+    std::optional<double> scale, double dropout_p, int64_t seed, bool mask_grad) {
   variable_list r = AttentionBackwardFunction::apply(grad_out, query, key, value, out, lse, attn_mask, key_lengths,
-                                                     is_causal, scale, dropout_p, seed);
-  return {r[0], r[1], r[2]};
+                                                     is_causal, scale, dropout_p, seed, mask_grad);
+  return {r[0], r[1], r[2], r[3]};
 }
 
 }  // namespace

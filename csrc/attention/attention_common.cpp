@@ -82,6 +82,12 @@ void check_backward_inputs(const char* op, const Dims& d, const Tensor& grad_out
              " but query is on ", query_device);
 }
 
+void check_mask_grad(const char* op, const std::optional<Tensor>& attn_mask, bool mask_grad) {
+  BM_CHECK(!mask_grad || (attn_mask.has_value() && at::isFloatingType(attn_mask->scalar_type())), op,
+           "mask_grad=True needs a floating-point attn_mask, got ",
+           attn_mask.has_value() ? c10::toString(attn_mask->scalar_type()) : "none");
+}
+
 Tensor additive_mask(const std::optional<Tensor>& attn_mask, const Dims& d, at::ScalarType ct) {
   if (!attn_mask.has_value()) return Tensor();
   Tensor m = *attn_mask;

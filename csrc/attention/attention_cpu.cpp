@@ -205,10 +205,12 @@ void forward(const Problem<T>& p, T* out, T* lse) {
   });
 }
 
-// grad_* are zero-filled [B, H*, L*, *] buffers; delta[row] = grad_out[row] . out[row].
+// grad_* are zero-filled [B, H*, L*, *] buffers; delta[row] = grad_out[row] . out[row]. grad_mask:
+// nullptr, or a zero-filled [B, Hq, Lq, Lk] buffer for the scores' gradient (attention_backward's
+// mask_grad).
 template <typename T>
 void backward(const Problem<T>& p, const T* grad_out, const T* lse, const T* delta, T* grad_q, T* grad_k,
-              T* grad_v) {
+              T* grad_v, T* grad_mask) {
   const Dims& d = p.d;
   at::parallel_for(0, d.B * d.Hkv, 1, [&](int64_t t0, int64_t t1) {
     std::vector<T> P(kBlockQ * kBlockK), dS(kBlockQ * kBlockK);
@@ -256,8 +258,15 @@ void backward(const Problem<T>& p, const T* grad_out, const T* lse, const T* del
             for (int64_t r = 0; r < nq; ++r) {
               const Vectorized<T> D(delta[row0 + r]), sc(p.scale);
               T* ds = dS.data() + r * kBlockK;
-              at::vec::map2([&](Vectorized<T> pv, Vectorized<T> dp) { return pv * (dp - D) * sc; }, ds,
-                            P.data() + r * kBlockK, ds, nk);
+              if (grad_mask) {  // the scores' gradient before the scale (which may be 0)
+                T* gm = grad_mask + (row0 + r) * d.Lk + j0;
+                at::vec::map2([&](Vectorized<T> pv, Vectorized<T> dp) { return pv * (dp - D); }, gm,
+                              P.data() + r * kBlockK, ds, nk);
+                at::vec::map([&](Vectorized<T> x) { return x * sc; }, ds, gm, nk);
+              } else {
+                at::vec::map2([&](Vectorized<T> pv, Vectorized<T> dp) { return pv * (dp - D) * sc; }, ds,
+                              P.data() + r * kBlockK, ds, nk);
+              }
             }
             gemm::rowmajor<T>(false, false, nq, d.d, nk, T(1), dS.data(), kBlockK, kp, p.ks[2], T(1),
                               grad_q + row0 * d.d, d.d);
@@ -665,13 +674,14 @@ int64_t key_splits(const Dims& d) {
   return best;
 }
 
-std::tuple<Tensor, Tensor, Tensor> attention_backward_cpu(
+std::tuple<Tensor, Tensor, Tensor, Tensor> attention_backward_cpu(
     const Tensor& grad_out, const Tensor& query, const Tensor& key, const Tensor& value, const Tensor& out,
     const Tensor& logsumexp, const std::optional<Tensor>& attn_mask_arg,
     const std::optional<Tensor>& key_lengths_arg, bool is_causal_arg, std::optional<double> scale,
-    double dropout_p, int64_t seed) {
+    double dropout_p, int64_t seed, bool mask_grad) {
   const char* op = "attention_backward";
   const Dims d = check_inputs(op, query, key, value, attn_mask_arg, key_lengths_arg);
+  check_mask_grad(op, attn_mask_arg, mask_grad);
   const auto [attn_mask, key_lengths, is_causal] = simplify_masking(d, attn_mask_arg, key_lengths_arg, is_causal_arg);
   const Dropout dropout = make_dropout(op, dropout_p, seed);
   const at::ScalarType ct = compute_dtype(query.scalar_type());
@@ -681,7 +691,9 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cpu(
   const Tensor mask = additive_mask(attn_mask, d, ct);
   // A bf16 backward multiplies in bf16 where vdpbf16ps pays (no AMX kernel for it: AMX hosts, whose
   // vdpbf16ps runs at half the float32 rate, take the float32 kernels on float32 copies).
-  if (query.scalar_type() == at::kBFloat16 && mask_keys_contiguous(d, mask) && !dropout.active() &&
+  // (A mask's gradient comes from the float32 kernels.)
+  const Tensor no_mask_grad = at::empty({0}, query.options());
+  if (query.scalar_type() == at::kBFloat16 && mask_keys_contiguous(d, mask) && !dropout.active() && !mask_grad &&
       fast::supports(d.d, d.dv) && gemm::cpu::bf16_kernel() == gemm::cpu::Bf16Kernel::Dot) {
     const Tensor q = rows_ready(query, at::kBFloat16), k = rows_ready(key, at::kBFloat16);
     const Tensor v = rows_ready(value, at::kBFloat16);
@@ -707,14 +719,17 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cpu(
     at::parallel_for(0, d.B * d.Hkv * g.splits, 1,
                      [&](int64_t t0, int64_t t1) { fast::backward_bf16_dot(fp, g, t0, t1); });
     if (g.splits > 1) gq.copy_(parts.sum(0));
-    return {gq, gk, gv};
+    return {gq, gk, gv, no_mask_grad};
   }
   const Tensor q = rows_ready(query, ct), k = rows_ready(key, ct), v = rows_ready(value, ct);
   const Tensor go = grad_out.to(ct).contiguous(), lse = logsumexp.contiguous();
   const Tensor delta = (go * out.to(ct)).sum(-1).contiguous();
   Tensor gq = at::zeros(q.sizes(), q.options()), gk = at::zeros(k.sizes(), k.options());
   Tensor gv = at::zeros(v.sizes(), v.options());
-  if (use_fast_path(d, ct, mask)) {
+  Tensor gm = mask_grad ? at::zeros({d.B, d.Hq, d.Lq, d.Lk}, q.options()) : Tensor();
+  const auto mask_out = [&] { return mask_grad ? gm.to(attn_mask_arg->scalar_type()) : no_mask_grad; };
+  // The tiles keep dS times the scale; a mask's gradient at scale 0 comes from the loop below.
+  if (use_fast_path(d, ct, mask) && !(mask_grad && scale.has_value() && *scale == 0.0)) {
     const fast::Problem fp = fast_tiles_problem(d, q, k, v, lengths, mask, is_causal, scale, dropout);
     fast::Grads g;
     g.grad_out = go.const_data_ptr<float>();
@@ -723,6 +738,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cpu(
     g.gq = gq.data_ptr<float>();
     g.gk = gk.data_ptr<float>();
     g.gv = gv.data_ptr<float>();
+    g.gmask = mask_grad ? gm.data_ptr<float>() : nullptr;
     g.splits = key_splits(d);
     Tensor parts;
     if (g.splits > 1) {
@@ -732,16 +748,16 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cpu(
     at::parallel_for(0, d.B * d.Hkv * g.splits, 1, [&](int64_t t0, int64_t t1) { fast::backward(fp, g, t0, t1); });
     if (g.splits > 1) gq.add_(g.splits == 2 ? parts[0] : parts.sum(0));
     const auto st = query.scalar_type();
-    return {gq.to(st), gk.to(st), gv.to(st)};
+    return {gq.to(st), gk.to(st), gv.to(st), mask_out()};
   }
   AT_DISPATCH_FLOATING_TYPES(ct, "bigmodel.attention_backward", [&] {
     using T = scalar_t;
     backward<T>(make_problem<T>(d, q, k, v, lengths, mask, is_causal, scale, dropout), go.const_data_ptr<T>(),
                 lse.const_data_ptr<T>(), delta.const_data_ptr<T>(), gq.data_ptr<T>(), gk.data_ptr<T>(),
-                gv.data_ptr<T>());
+                gv.data_ptr<T>(), mask_grad ? gm.data_ptr<T>() : nullptr);
   });
   const auto st = query.scalar_type();
-  return {gq.to(st), gk.to(st), gv.to(st)};
+  return {gq.to(st), gk.to(st), gv.to(st), mask_out()};
 }
 
 // ---- attention_weights: the probabilities themselves (nn.MultiheadAttention's need_weights) ----

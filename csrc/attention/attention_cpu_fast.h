@@ -101,6 +101,7 @@ struct Grads {
   float* gq = nullptr;              // [B, Hq, Lq, d] contiguous, zero on entry
   float* gk = nullptr;              // [B, Hkv, Lk, d] contiguous, zero on entry
   float* gv = nullptr;              // [B, Hkv, Lk, dv] contiguous, zero on entry
+  float* gmask = nullptr;           // nullptr, or [B, Hq, Lq, Lk] zero on entry: the scores' gradient dS
   // Key splits per kv head (see backward); with splits > 1, gq_parts holds splits - 1 more dQ
   // [B, Hq, Lq, d] (zero on entry) that the caller adds to gq.
   int64_t splits = 1;

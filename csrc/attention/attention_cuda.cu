@@ -1008,12 +1008,14 @@ std::tuple<Tensor, Tensor> attention_cuda(const Tensor& query, const Tensor& key
   return {out, lse};
 }
 
-std::tuple<Tensor, Tensor, Tensor> attention_backward_cuda(
+std::tuple<Tensor, Tensor, Tensor, Tensor> attention_backward_cuda(
     const Tensor& grad_out, const Tensor& query, const Tensor& key, const Tensor& value, const Tensor& out,
     const Tensor& logsumexp, const std::optional<Tensor>& attn_mask, const std::optional<Tensor>& key_lengths,
-    bool is_causal, std::optional<double> scale, double dropout_p, int64_t seed) {
+    bool is_causal, std::optional<double> scale, double dropout_p, int64_t seed, bool mask_grad) {
   const char* op = "attention_backward";
   const Dims d = check_inputs(op, query, key, value, attn_mask, key_lengths);
+  check_mask_grad(op, attn_mask, mask_grad);
+  BM_CHECK(!mask_grad, op, "the gradient of attn_mask is computed on the CPU only (no CUDA kernel for it yet)");
   const Dropout dropout = make_dropout(op, dropout_p, seed);
   const at::ScalarType ct = compute_dtype(query.scalar_type());
   check_backward_inputs(op, d, grad_out, out, logsumexp, ct, query.device());
@@ -1024,13 +1026,15 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cuda(
   check_lengths_on_device(op, key_lengths, d.Lk);
   const Tensor lengths = lengths_int64(key_lengths), mask = additive_mask(attn_mask, d, ct);
   const Tensor go = grad_out.contiguous(), o = out.contiguous(), lse = logsumexp.contiguous();
+  const Tensor no_mask_grad = at::empty({0}, query.options());
   Tensor grad_q = at::empty({d.B, d.Hq, d.Lq, d.d}, query.options());
   Tensor grad_k = at::empty({d.B, d.Hkv, d.Lk, d.d}, query.options());
   Tensor grad_v = at::empty({d.B, d.Hkv, d.Lk, d.dv}, query.options());
-  if (grad_q.numel() == 0 && grad_k.numel() == 0 && grad_v.numel() == 0) return {grad_q, grad_k, grad_v};
+  if (grad_q.numel() == 0 && grad_k.numel() == 0 && grad_v.numel() == 0)
+    return {grad_q, grad_k, grad_v, no_mask_grad};
   if (d.B * d.Hq * d.Lq == 0 || d.Lk == 0) {
     // No query rows, or no keys: every gradient is zero.
-    return {grad_q.zero_(), grad_k.zero_(), grad_v.zero_()};
+    return {grad_q.zero_(), grad_k.zero_(), grad_v.zero_(), no_mask_grad};
   }
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   Tensor delta = at::empty({d.B, d.Hq, d.Lq}, query.options().dtype(ct));
@@ -1049,7 +1053,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cuda(
       tc_backward<E, D>(p, go, lse, delta, dq_acc, grad_k, grad_v, op);
     });
     grad_q.copy_(dq_acc.mul_(p.scale));
-    return {grad_q, grad_k, grad_v};
+    return {grad_q, grad_k, grad_v, no_mask_grad};
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "bigmodel.attention_backward", [&] {
     using T = scalar_t;
@@ -1068,7 +1072,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cuda(
         grad_v.data_ptr<T>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {grad_q, grad_k, grad_v};
+  return {grad_q, grad_k, grad_v, no_mask_grad};
 }
 
 }  // namespace

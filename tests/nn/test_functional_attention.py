@@ -80,6 +80,58 @@ def test_dropout_draws_its_seed_from_torch(device):
     assert not torch.allclose(out, BF.scaled_dot_product_attention(q, q, q, is_causal=True))
 
 
+@pytest.mark.parametrize(
+    "shape,mask_shape",
+    [
+        ((3, 7, 8), (7, 7)),
+        ((2, 3, 7, 8), (1, 3, 7, 7)),
+        ((2, 3, 7, 8), (2, 1, 1, 7)),
+        ((2, 2, 3, 7, 8), (2, 1, 3, 7, 7)),
+    ],
+    ids=str,
+)
+def test_learned_bias_gets_its_gradient(device, shape, mask_shape):
+    """A float attn_mask that requires grad (T5 / Swin relative-position biases, learned ALiBi) gets
+    the gradient PyTorch gives it, summed over the dimensions it broadcasts, at any rank; CUDA raises."""
+    q, k, v = (torch.randn(shape, device=device, requires_grad=True) for _ in range(3))
+    bias = torch.randn(mask_shape, device=device, requires_grad=True)
+    if device == "cuda":
+        with pytest.raises(RuntimeError, match="gradient of attn_mask is computed on the CPU only"):
+            BF.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return
+    out = BF.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    torch.testing.assert_close(out, ref, **TOL)
+    seed = torch.randn_like(out)
+    g = torch.autograd.grad((out * seed).sum(), (q, k, v, bias))
+    gr = torch.autograd.grad((ref * seed).sum(), (q, k, v, bias))
+    for name, a, b in zip("qkvm", g, gr, strict=True):
+        torch.testing.assert_close(a, b, **TOL, msg=name)
+    # Only the bias learns (q, k, v constants): the op still records its node.
+    (gb,) = torch.autograd.grad(
+        BF.scaled_dot_product_attention(q.detach(), k.detach(), v.detach(), attn_mask=bias).sum(), bias
+    )
+    (gbr,) = torch.autograd.grad(
+        F.scaled_dot_product_attention(q.detach(), k.detach(), v.detach(), attn_mask=bias).sum(), bias
+    )
+    torch.testing.assert_close(gb, gbr, **TOL)
+
+
+def test_learned_bias_compiles():
+    """A training step with a learned bias under torch.compile(fullgraph=True) equals eager."""
+    q = torch.randn(2, 4, 33, 16, requires_grad=True)
+    bias = torch.randn(1, 4, 33, 33, requires_grad=True)
+
+    def f(q, bias):
+        return BF.scaled_dot_product_attention(q, q, q, attn_mask=bias).square().sum()
+
+    compiled = torch.compile(f, fullgraph=True)
+    got = torch.autograd.grad(compiled(q, bias), (q, bias))
+    want = torch.autograd.grad(f(q, bias), (q, bias))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+
+
 def test_compile_fullgraph(device):
     q = torch.randn(2, 2, 9, 8, device=device, requires_grad=True)
 

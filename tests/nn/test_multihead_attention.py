@@ -89,6 +89,27 @@ def test_masks(device, padding, mask):
     check(ref, ours, [x, x, x], key_padding_mask=kpm, attn_mask=attn_mask, average_attn_weights=False)
 
 
+@pytest.mark.parametrize("mask", ["2d", "per-head"])
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_learned_attn_mask(mask, need_weights):
+    """A float attn_mask that requires grad gets native's gradient, with and without the weights in
+    the loss (with a key_padding_mask merged into it)."""
+    ref, ours = pair("cpu", embed_dim=16, num_heads=2)
+    N, L = 3, 8
+    x = torch.randn(L, N, 16)
+    padded = torch.arange(L) >= torch.tensor([8, 3, 5]).unsqueeze(1)
+    kpm = torch.zeros(N, L).masked_fill(padded, float("-inf"))  # float, as the mask (no mixed-type warning)
+    bias = torch.randn(L, L) if mask == "2d" else torch.randn(N * 2, L, L)
+    bias.requires_grad_()
+    results = []
+    for module in (ours, ref):
+        out, w = module(x, x, x, key_padding_mask=kpm, attn_mask=bias, need_weights=need_weights)
+        loss = out.square().sum() + (w.square().sum() if need_weights else 0)
+        results.append((out, *torch.autograd.grad(loss, (bias, *module.parameters()))))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+
+
 def test_is_causal_hint(device):
     ref, ours = pair(device, embed_dim=8, num_heads=2, batch_first=True)
     x = torch.randn(2, 5, 8, device=device)

@@ -610,6 +610,82 @@ def test_bfloat16_masks(cpu_kernel, kind, shape):
         assert err <= 2 * native_err + 2**-10 * ge.abs().max(), (name, err.item(), native_err.item())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "kind", ["bias-holes", "finfo-min", "key-bias", "row-all-masked", "keys-strided", "rows-keys", "heads"]
+)
+@pytest.mark.parametrize("extras", ["none", "causal", "lengths", "dropout", "key-splits", "scale-0"])
+def test_mask_gradient(cpu_kernel, dtype, kind, extras):
+    """A float attn_mask that requires grad (a learned bias: relative positions, ALiBi slopes) gets
+    dL/dS, the scores' gradient, summed over the dimensions it broadcasts: [L, S], [1, H, L, S],
+    [B, H, 1, S], -inf holes (zero gradient), a row with no key, keys strided (ATen's BLAS path),
+    with causal, key lengths, dropout, key splits (three threads, one kv head) and scale 0 (the
+    tiles keep dS times the scale, so that call runs the portable loop). All gradients against the
+    reference."""
+    shape = (1, 2, 1, 200, 300, 64, 64) if extras == "key-splits" else (2, 4, 2, 70, 150, 50, 40)
+    B, Hq, Hkv, Lq, Lk, d, dv = shape
+    q, k, v = qkv(*shape, dtype=dtype)
+    g = torch.Generator().manual_seed(9)
+    if kind == "rows-keys":
+        mask = torch.randn(Lq, Lk, generator=g)
+    elif kind == "heads":
+        mask = torch.randn(1, Hq, Lq, Lk, generator=g)
+    else:
+        mask = _general_mask(kind, B, Hq, Lq, Lk)
+    mask = mask.to(dtype).detach().requires_grad_()  # detach keeps a strided view's strides
+    kw = {"attn_mask": mask}
+    if extras == "causal":
+        kw["is_causal"] = True
+    elif extras == "lengths":
+        kw["key_lengths"] = torch.tensor([Lk, 37])
+    elif extras == "dropout":
+        kw.update(dropout_p=0.3, seed=11)
+    elif extras == "scale-0":
+        kw["scale"] = 0.0
+    saved = torch.get_num_threads()
+    torch.set_num_threads(3 if extras == "key-splits" else saved)
+    try:
+        out, _ = attention(q, k, v, **kw)
+        seed = torch.randn_like(out)
+        got = grads(out, (q, k, v, mask), seed)
+    finally:
+        torch.set_num_threads(saved)
+    ref, _ = attention_reference(q, k, v, **kw)
+    want = grads(ref, (q, k, v, mask), seed)
+    for name, a, b in zip(["q", "k", "v", "mask"], got, want, strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        torch.testing.assert_close(a, b, **TOL[dtype], msg=name)
+    if kind != "keys-strided":  # masked entries get exactly zero
+        assert (got[3][mask.isinf()] == 0).all()
+
+
+def test_mask_gradient_bfloat16(cpu_kernel):
+    """A bf16 learned bias: its gradient (from the float32 kernels on float32 copies) within twice
+    PyTorch's own bf16 error of the float64 gradient of the same inputs."""
+    B, Hq, Lq, Lk, d = 2, 4, 70, 150, 64
+    q, k, v = qkv(B, Hq, Hq, Lq, Lk, d, d, dtype=torch.bfloat16)
+    bias = torch.randn(1, Hq, Lq, Lk, dtype=torch.bfloat16, requires_grad=True)
+    out, _ = attention(q, k, v, attn_mask=bias)
+    seed = torch.randn_like(out)
+    ours = grads(out, (q, k, v, bias), seed)
+    theirs = grads(native(q, k, v, attn_mask=bias), (q, k, v, bias), seed)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v, bias)]
+    exact = grads(native(*leaves[:3], attn_mask=leaves[3]), leaves, seed.double())
+    for name, g, gn, ge in zip("qkvm", ours, theirs, exact, strict=True):
+        assert g.dtype == torch.bfloat16 and g.shape == ge.shape, name
+        err, native_err = (g.double() - ge).abs().max(), (gn.double() - ge).abs().max()
+        assert err <= 2 * native_err + 2**-10 * ge.abs().max(), (name, err.item(), native_err.item())
+
+
+def test_mask_grad_needs_a_float_mask():
+    q, k, v = qkv(1, 2, 2, 5, 6, 8, 8, requires_grad=False)
+    out, lse = attention(q, k, v)
+    args = (torch.randn_like(out), q, k, v, out, lse)
+    for mask in (None, torch.ones(5, 6, dtype=torch.bool)):
+        with pytest.raises(RuntimeError, match="mask_grad=True needs a floating-point attn_mask"):
+            torch.ops.bigmodel.attention_backward(*args, mask, None, False, None, 0.0, 0, True)
+
+
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_gradcheck(device, is_causal):
     q, k, v = qkv(2, 4, 2, 5, 6, 3, 4, dtype=torch.float64, device=device)
@@ -619,12 +695,20 @@ def test_gradcheck(device, is_causal):
         lambda q, k, v: attention(q, k, v, key_lengths=lengths, is_causal=is_causal)[0], (q, k, v)
     )
     torch.autograd.gradcheck(lambda q, k, v: attention(q, k, v, attn_mask=mask)[0], (q, k, v))
+    mask.requires_grad_()
+    torch.autograd.gradcheck(
+        lambda q, k, v, m: attention(q, k, v, attn_mask=m, is_causal=is_causal)[0], (q, k, v, mask)
+    )
 
 
-@pytest.mark.parametrize("extras", ["none", "mask+lengths", "causal"])
+@pytest.mark.parametrize("extras", ["none", "mask+lengths", "causal", "mask-grad"])
 def test_opcheck(device, extras):
+    if extras == "mask-grad" and device == "cuda":
+        pytest.skip("the mask's gradient is CPU-only")
     q, k, v = qkv(2, 4, 2, 5, 6, 8, 4, device=device)
     mask = torch.rand(2, 1, 5, 6, device=device) > 0.2 if extras == "mask+lengths" else None
+    if extras == "mask-grad":
+        mask = torch.randn(2, 1, 5, 6, device=device)
     lengths = torch.tensor([6, 3], device=device) if extras == "mask+lengths" else None
     args = (q, k, v, mask, lengths, extras == "causal", None)
     torch.library.opcheck(torch.ops.bigmodel.attention.default, args)
@@ -644,6 +728,7 @@ def test_opcheck(device, extras):
             0.5,
             0.0,
             0,
+            extras == "mask-grad",
         ),
     )
 
