@@ -118,13 +118,11 @@ def _attention_backward_fake(
     seed,
     mask_grad=False,
 ):
-    B, Hq, Lq, _ = query.shape
-    mask_shape = (B, Hq, Lq, key.shape[2]) if mask_grad else (0,)
     return (
         torch.empty_like(query, memory_format=torch.contiguous_format),
         torch.empty_like(key, memory_format=torch.contiguous_format),
         torch.empty_like(value, memory_format=torch.contiguous_format),
-        query.new_empty(mask_shape, dtype=attn_mask.dtype if mask_grad else query.dtype),
+        attn_mask.new_empty(attn_mask.shape) if mask_grad else query.new_empty((0,)),
     )
 
 

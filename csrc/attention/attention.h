@@ -28,10 +28,10 @@
 //   grad_out [B, Hq, Lq, dv]; out and logsumexp are the forward's outputs; the other arguments
 //   are the forward's. grad_k / grad_v of a kv
 //   head shared by several query heads (GQA) are the sums over those heads. With mask_grad (a float
-//   attn_mask; CPU only), grad_attn_mask is the gradient of the scores, dS = P (Z dP - delta) with
-//   dP = grad_out V^T, as [B, Hq, Lq, Lk] in the mask's dtype (0 where a key is masked or unseen):
-//   the caller sums it to the mask's broadcast shape. Without it grad_attn_mask is empty ([0]). No
-//   gradient flows to key_lengths.
+//   attn_mask; CPU only), grad_attn_mask is the mask's gradient in its shape and dtype: the scores'
+//   gradient dS = P (Z dP - delta) (dP = grad_out V^T; 0 where a key is masked or unseen) summed over
+//   the dimensions the mask broadcasts. Without it grad_attn_mask is empty ([0]). No gradient flows
+//   to key_lengths.
 //
 // attention_weights(q, k, logsumexp, attn_mask?, key_lengths?, is_causal, scale?, dropout_p, seed, average)
 //   -> weights

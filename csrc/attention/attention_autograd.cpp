@@ -75,7 +75,7 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     return {ctx->needs_input_grad(0) ? dq : none,
             ctx->needs_input_grad(1) ? dk : none,
             ctx->needs_input_grad(2) ? dv : none,
-            mask_grad ? dmask.sum_to_size(s[5].sizes()) : none,
+            mask_grad ? dmask : none,
             none,
             none,
             none,

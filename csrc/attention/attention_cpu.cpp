@@ -205,14 +205,58 @@ void forward(const Problem<T>& p, T* out, T* lse) {
   });
 }
 
-// grad_* are zero-filled [B, H*, L*, *] buffers; delta[row] = grad_out[row] . out[row]. grad_mask:
-// nullptr, or a zero-filled [B, Hq, Lq, Lk] buffer for the scores' gradient (attention_backward's
-// mask_grad).
+// Where the backward sums an attn_mask's gradient (the scores' gradient dS): zeros [slots, mB, mH, mL,
+// Lk] in the compute dtype, (mB, mH, mL) the mask's own batch, head and row sizes (1 where it
+// broadcasts), so a learned [1, H, L, S] bias gets [H, L, S] sums, not a [B, H, L, S] tensor. Where
+// the mask broadcasts over batch, heads or rows, different threads add into the same entries: each
+// thread gets its own slot (summed after), unless those copies would outsize the full [B, Hq, Lq,
+// Lk] tensor, which is then used instead. A mask broadcast over keys is summed over them after.
+struct MaskGradBuffer {
+  Tensor buf;
+  int64_t strides[3] = {0, 0, 0};  // of batch, query head and row in buf (0 where broadcast)
+  int64_t slot = 0;                // elements between threads' copies; 0: one shared copy
+  bool defined() const { return buf.defined(); }
+  int64_t offset(int64_t b, int64_t h, int64_t row) const {
+    return b * strides[0] + h * strides[1] + row * strides[2];
+  }
+};
+
+MaskGradBuffer mask_grad_buffer(const Dims& d, const Tensor& attn_mask, const at::TensorOptions& options) {
+  int64_t m[3] = {1, 1, 1};
+  for (int64_t i = 0; i < attn_mask.dim() && i < 4; ++i) {
+    const int64_t dim = 4 - attn_mask.dim() + i;
+    if (dim < 3) m[dim] = attn_mask.size(i);
+  }
+  const int64_t full = d.B * d.Hq * d.Lq, own = m[0] * m[1] * m[2], threads = at::get_num_threads();
+  MaskGradBuffer g;
+  if (own != full && threads * own < full) {
+    g.slot = threads > 1 ? own * d.Lk : 0;
+  } else {
+    m[0] = d.B, m[1] = d.Hq, m[2] = d.Lq;
+  }
+  g.buf = at::zeros({g.slot ? threads : 1, m[0], m[1], m[2], d.Lk}, options);
+  g.strides[0] = m[0] > 1 ? m[1] * m[2] * d.Lk : 0;
+  g.strides[1] = m[1] > 1 ? m[2] * d.Lk : 0;
+  g.strides[2] = m[2] > 1 ? d.Lk : 0;
+  return g;
+}
+
+// The summed gradient in attn_mask's shape and dtype.
+Tensor mask_grad_result(const MaskGradBuffer& g, const Tensor& attn_mask) {
+  Tensor t = g.slot ? g.buf.sum(0) : g.buf[0];
+  std::vector<int64_t> shape4(4 - attn_mask.dim(), 1);
+  shape4.insert(shape4.end(), attn_mask.sizes().begin(), attn_mask.sizes().end());
+  return t.sum_to_size(shape4).reshape(attn_mask.sizes()).to(attn_mask.scalar_type());
+}
+
+// grad_* are zero-filled [B, H*, L*, *] buffers; delta[row] = grad_out[row] . out[row]. mg: where
+// the scores' gradient is summed (attention_backward's mask_grad), or mg.data null.
 template <typename T>
 void backward(const Problem<T>& p, const T* grad_out, const T* lse, const T* delta, T* grad_q, T* grad_k,
-              T* grad_v, T* grad_mask) {
+              T* grad_v, const MaskGradBuffer& mg) {
   const Dims& d = p.d;
   at::parallel_for(0, d.B * d.Hkv, 1, [&](int64_t t0, int64_t t1) {
+    T* grad_mask = mg.defined() ? mg.buf.data_ptr<T>() + at::get_thread_num() * mg.slot : nullptr;
     std::vector<T> P(kBlockQ * kBlockK), dS(kBlockQ * kBlockK);
     // With dropout: Z holds the factors and PZ = P * Z, the probabilities the values saw.
     std::vector<T> Z(p.dropout.active() ? kBlockQ * kBlockK : 0), PZ(Z.size());
@@ -259,10 +303,12 @@ void backward(const Problem<T>& p, const T* grad_out, const T* lse, const T* del
               const Vectorized<T> D(delta[row0 + r]), sc(p.scale);
               T* ds = dS.data() + r * kBlockK;
               if (grad_mask) {  // the scores' gradient before the scale (which may be 0)
-                T* gm = grad_mask + (row0 + r) * d.Lk + j0;
-                at::vec::map2([&](Vectorized<T> pv, Vectorized<T> dp) { return pv * (dp - D); }, gm,
+                T* gm = grad_mask + mg.offset(b, h, i0 + r) + j0;
+                at::vec::map3(
+                    [&](Vectorized<T> pv, Vectorized<T> dp, Vectorized<T> acc) { return acc + pv * (dp - D); }, gm,
+                    P.data() + r * kBlockK, ds, gm, nk);
+                at::vec::map2([&](Vectorized<T> pv, Vectorized<T> dp) { return pv * (dp - D) * sc; }, ds,
                               P.data() + r * kBlockK, ds, nk);
-                at::vec::map([&](Vectorized<T> x) { return x * sc; }, ds, gm, nk);
               } else {
                 at::vec::map2([&](Vectorized<T> pv, Vectorized<T> dp) { return pv * (dp - D) * sc; }, ds,
                               P.data() + r * kBlockK, ds, nk);
@@ -726,8 +772,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_backward_cpu(
   const Tensor delta = (go * out.to(ct)).sum(-1).contiguous();
   Tensor gq = at::zeros(q.sizes(), q.options()), gk = at::zeros(k.sizes(), k.options());
   Tensor gv = at::zeros(v.sizes(), v.options());
-  Tensor gm = mask_grad ? at::zeros({d.B, d.Hq, d.Lq, d.Lk}, q.options()) : Tensor();
-  const auto mask_out = [&] { return mask_grad ? gm.to(attn_mask_arg->scalar_type()) : no_mask_grad; };
+  const MaskGradBuffer mg = mask_grad ? mask_grad_buffer(d, *attn_mask_arg, q.options()) : MaskGradBuffer();
+  const auto mask_out = [&] { return mask_grad ? mask_grad_result(mg, *attn_mask_arg) : no_mask_grad; };
   // The tiles keep dS times the scale; a mask's gradient at scale 0 comes from the loop below.
   if (use_fast_path(d, ct, mask) && !(mask_grad && scale.has_value() && *scale == 0.0)) {
     const fast::Problem fp = fast_tiles_problem(d, q, k, v, lengths, mask, is_causal, scale, dropout);
@@ -738,14 +784,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_backward_cpu(
     g.gq = gq.data_ptr<float>();
     g.gk = gk.data_ptr<float>();
     g.gv = gv.data_ptr<float>();
-    g.gmask = mask_grad ? gm.data_ptr<float>() : nullptr;
+    if (mask_grad) std::copy(mg.strides, mg.strides + 3, g.gmask_strides);
     g.splits = key_splits(d);
     Tensor parts;
     if (g.splits > 1) {
       parts = at::zeros({g.splits - 1, d.B, d.Hq, d.Lq, d.d}, q.options());
       g.gq_parts = parts.data_ptr<float>();
     }
-    at::parallel_for(0, d.B * d.Hkv * g.splits, 1, [&](int64_t t0, int64_t t1) { fast::backward(fp, g, t0, t1); });
+    at::parallel_for(0, d.B * d.Hkv * g.splits, 1, [&](int64_t t0, int64_t t1) {
+      fast::Grads gt = g;
+      if (mask_grad) gt.gmask = mg.buf.data_ptr<float>() + at::get_thread_num() * mg.slot;
+      fast::backward(fp, gt, t0, t1);
+    });
     if (g.splits > 1) gq.add_(g.splits == 2 ? parts[0] : parts.sum(0));
     const auto st = query.scalar_type();
     return {gq.to(st), gk.to(st), gv.to(st), mask_out()};
@@ -754,7 +804,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_backward_cpu(
     using T = scalar_t;
     backward<T>(make_problem<T>(d, q, k, v, lengths, mask, is_causal, scale, dropout), go.const_data_ptr<T>(),
                 lse.const_data_ptr<T>(), delta.const_data_ptr<T>(), gq.data_ptr<T>(), gk.data_ptr<T>(),
-                gv.data_ptr<T>(), mask_grad ? gm.data_ptr<T>() : nullptr);
+                gv.data_ptr<T>(), mg);
   });
   const auto st = query.scalar_type();
   return {gq.to(st), gk.to(st), gv.to(st), mask_out()};

@@ -787,15 +787,17 @@ BM_AVX512 void bwd_rows(const Problem& p, const float* q, const float* go, int64
   });
 }
 
-// The scores' gradient (an additive mask's) of mr rows: dS, which dst holds times the scale, into
-// rows of nk keys at stride ld.
-BM_AVX512 void store_scores_grad(const float (*dst)[kKeys], int64_t mr, int64_t nk, float inv_scale, float* out,
-                                 int64_t ld) {
+// The scores' gradient (an additive mask's) of mr rows: dS, which dst holds times the scale, added to
+// rows of nk keys at stride ld (0: all into one row, for a mask broadcast over rows).
+BM_AVX512 void add_scores_grad(const float (*dst)[kKeys], int64_t mr, int64_t nk, float inv_scale, float* out,
+                               int64_t ld) {
   const __m512 f = _mm512_set1_ps(inv_scale);
   for (int64_t r = 0; r < mr; ++r)
-    for (int64_t c = 0; c < nk; c += 16)
-      _mm512_mask_storeu_ps(out + r * ld + c, mk::lanes(std::min<int64_t>(16, nk - c)),
-                            _mm512_mul_ps(_mm512_load_ps(dst[r] + c), f));
+    for (int64_t c = 0; c < nk; c += 16) {
+      const __mmask16 m = mk::lanes(std::min<int64_t>(16, nk - c));
+      float* o = out + r * ld + c;
+      _mm512_mask_storeu_ps(o, m, _mm512_fmadd_ps(_mm512_load_ps(dst[r] + c), f, _mm512_maskz_loadu_ps(m, o)));
+    }
 }
 
 // out[keys m0 .. m0 + MR][NV * 16] += A^T B over nq query rows: A = pt or dst (rows of 64, read
@@ -889,7 +891,10 @@ void backward(const Problem& p, const Grads& g, int64_t t0, int64_t t1) {
                                                 vpan, krows + j0 * dp, j0, nk, limit, drop_rows,
                                                 mask_rows(p, b, h, r0), ptr, dsr, gq);
               });
-              if (g.gmask) store_scores_grad(dsr, mr, nk, 1.f / p.scale, g.gmask + (row0 + r0) * p.Lk + j0, p.Lk);
+              if (g.gmask) {
+                const int64_t* gs = g.gmask_strides;
+                add_scores_grad(dsr, mr, nk, 1.f / p.scale, g.gmask + b * gs[0] + h * gs[1] + r0 * gs[2] + j0, gs[2]);
+              }
             },
             [&](int64_t i0, int64_t nq) {  // dV[block] += P^T dO, dK[block] += dS^T Q over these rows
               bwd_kv(p.dv, pt[0], nk, nq, goh + i0 * ldgo, ldgo, gv + j0 * p.dv, p.dv);

@@ -101,7 +101,10 @@ struct Grads {
   float* gq = nullptr;              // [B, Hq, Lq, d] contiguous, zero on entry
   float* gk = nullptr;              // [B, Hkv, Lk, d] contiguous, zero on entry
   float* gv = nullptr;              // [B, Hkv, Lk, dv] contiguous, zero on entry
-  float* gmask = nullptr;           // nullptr, or [B, Hq, Lq, Lk] zero on entry: the scores' gradient dS
+  // nullptr, or where the scores' gradient dS is added: row (b, h, i) of keys at gmask + b * gmask_strides[0]
+  // + h * gmask_strides[1] + i * gmask_strides[2] (strides 0 over the dimensions an attn_mask broadcasts).
+  float* gmask = nullptr;
+  int64_t gmask_strides[3] = {};
   // Key splits per kv head (see backward); with splits > 1, gq_parts holds splits - 1 more dQ
   // [B, Hq, Lq, d] (zero on entry) that the caller adds to gq.
   int64_t splits = 1;
