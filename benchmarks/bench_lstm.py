@@ -22,7 +22,9 @@ SHAPES = [
     ("small", 128, 16, 128, 128, 1, False),
     ("2L-bidir", 256, 32, 256, 256, 2, True),
 ]
-MODES = ["forward", "train", "varlen-train", "forward-bf16", "train-bf16"]
+# train-features: training with an input that needs no gradient (raw features: audio frames, sensor
+# series, a frozen embedding); seed shape only, not in --quick.
+MODES = ["forward", "train", "varlen-train", "forward-bf16", "train-bf16", "train-features"]
 IMPLS = ["native", "bigmodel"]
 
 
@@ -47,7 +49,7 @@ def _step(impl, mode, model, x, lengths):
 
         return fn
 
-    if mode in ("train", "train-bf16"):
+    if mode in ("train", "train-bf16", "train-features"):
 
         def fn():
             for p in params:
@@ -79,12 +81,15 @@ def _step(impl, mode, model, x, lengths):
 def test_lstm(benchmark, quick, device, timed, shape, mode, impl):
     if quick and shape[0] != "seed":
         pytest.skip("--quick runs the seed shape only")
+    if mode == "train-features" and (quick or shape[0] != "seed"):
+        pytest.skip("train-features: seed shape only, not in --quick")
     _, T, B, IN, H, L, bidir = shape
     model = _make(impl, shape, device)
     g = torch.Generator().manual_seed(1)
     # In training the input requires grad, as in the seed classifier where an Embedding feeds the
-    # LSTM: both sides must compute the input gradient.
-    x = torch.randn(T, B, IN, generator=g).to(device).requires_grad_(not mode.startswith("forward"))
+    # LSTM: both sides must compute the input gradient (but in train-features).
+    needs_grad = not mode.startswith("forward") and mode != "train-features"
+    x = torch.randn(T, B, IN, generator=g).to(device).requires_grad_(needs_grad)
     if mode.endswith("-bf16"):  # bf16 module and input on both sides
         model = model.bfloat16()
         x = x.bfloat16()

@@ -64,7 +64,7 @@ TORCH_LIBRARY(bigmodel, m) {
   m.def(
       "lstm_layer_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor? grad_c_n, Tensor input, "
       "Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor? lengths, Tensor output, "
-      "Tensor gates, Tensor cells, bool reverse, bool has_bias) "
+      "Tensor gates, Tensor cells, bool reverse, bool has_bias, bool input_grad=True) "
       "-> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, "
       "Tensor grad_bias, Tensor grad_w_hr)");
   m.def(

@@ -101,11 +101,14 @@ def _lstm_layer_backward_fake(
     cells,
     reverse,
     has_bias,
+    input_grad=True,
 ):
     grad_bias = w_ih.new_empty((w_ih.shape[0],)) if has_bias else w_ih.new_empty((0,))
     grad_w_hr = torch.empty_like(w_hr) if w_hr is not None else w_ih.new_empty((0,))
     return (
-        torch.empty_like(input, memory_format=torch.contiguous_format),
+        torch.empty_like(input, memory_format=torch.contiguous_format)
+        if input_grad
+        else input.new_empty((0,)),
         torch.empty_like(h0, memory_format=torch.contiguous_format),
         torch.empty_like(c0, memory_format=torch.contiguous_format),
         torch.empty_like(w_ih, memory_format=torch.contiguous_format),

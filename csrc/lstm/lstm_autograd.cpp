@@ -67,14 +67,17 @@ class LstmLayerFunction : public torch::autograd::Function<LstmLayerFunction> {
     const std::optional<Tensor> w_hr = defined_or_none(saved[5]);
     // Through the dispatcher's Autograd key: with create_graph=True the result records a
     // LstmLayerBackwardFunction node, whose own backward raises.
+    // A first layer fed raw features or a frozen embedding needs no input gradient: the kernels then
+    // skip dx (its share of the [dh, dx] tiles).
+    const bool input_grad = ctx->needs_input_grad(0);
     auto [d_in, d_h0, d_c0, d_wih, d_whh, d_b, d_whr] =
         backward_op().call(defined_or_none(grads[0]), defined_or_none(grads[1]), defined_or_none(grads[2]),
                            saved[0], saved[1], saved[2], saved[3], saved[4], w_hr, defined_or_none(saved[6]),
-                           saved[7], saved[8], saved[9], ctx->saved_data["reverse"].toBool(), has_bias);
+                           saved[7], saved[8], saved[9], ctx->saved_data["reverse"].toBool(), has_bias, input_grad);
     const Tensor d_bias = has_bias ? d_b : Tensor();
     // One gradient per forward argument: b_ih and b_hh get the same one; lengths, reverse, train none.
     const Tensor d_w_hr = w_hr.has_value() ? d_whr : Tensor(), none;
-    return {d_in, d_h0, d_c0, d_wih, d_whh, d_bias, d_bias, d_w_hr, none, none, none};
+    return {input_grad ? d_in : none, d_h0, d_c0, d_wih, d_whh, d_bias, d_bias, d_w_hr, none, none, none};
   }
 };
 
@@ -88,11 +91,12 @@ class LstmLayerBackwardFunction : public torch::autograd::Function<LstmLayerBack
                                const Tensor& input, const Tensor& h0, const Tensor& c0, const Tensor& w_ih,
                                const Tensor& w_hh, const std::optional<Tensor>& w_hr,
                                const std::optional<Tensor>& lengths, const Tensor& output,
-                               const Tensor& gates, const Tensor& cells, bool reverse, bool has_bias) {
+                               const Tensor& gates, const Tensor& cells, bool reverse, bool has_bias,
+                               bool input_grad) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [d_in, d_h0, d_c0, d_wih, d_whh, d_b, d_whr] =
         backward_op().call(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, w_hr, lengths, output,
-                           gates, cells, reverse, has_bias);
+                           gates, cells, reverse, has_bias, input_grad);
     return {d_in, d_h0, d_c0, d_wih, d_whh, d_b, d_whr};
   }
 
@@ -113,10 +117,10 @@ BackwardOutputs lstm_layer_backward_autograd(const std::optional<Tensor>& grad_o
                                              const Tensor& w_hh, const std::optional<Tensor>& w_hr,
                                              const std::optional<Tensor>& lengths, const Tensor& output,
                                              const Tensor& gates, const Tensor& cells, bool reverse,
-                                             bool has_bias) {
+                                             bool has_bias, bool input_grad) {
   variable_list r =
       LstmLayerBackwardFunction::apply(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, w_hr,
-                                       lengths, output, gates, cells, reverse, has_bias);
+                                       lengths, output, gates, cells, reverse, has_bias, input_grad);
   return {r[0], r[1], r[2], r[3], r[4], r[5], r[6]};
 }
 

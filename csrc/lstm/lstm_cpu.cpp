@@ -569,7 +569,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
     const std::optional<Tensor>& grad_output, const std::optional<Tensor>& grad_h_n,
     const std::optional<Tensor>& grad_c_n, const Tensor& input, const Tensor& h0, const Tensor& c0,
     const Tensor& w_ih, const Tensor& w_hh, const Tensor& output, const Tensor& gates, const Tensor& cells,
-    bool reverse, bool has_bias, const Dims& d, const PackPlan& p, FastKernels kernels, bool bf16_dot) {
+    bool reverse, bool has_bias, bool input_grad, const Dims& d, const PackPlan& p, FastKernels kernels,
+    bool bf16_dot) {
   const at::ScalarType f32 = at::kFloat;
   const bool avx2 = kernels == FastKernels::Avx2;
   const bool amx = kernels == FastKernels::Amx;  // bf16 only
@@ -580,7 +581,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   Tensor hout = to_packed(output, p, f32);
   Tensor gout = grad_output.has_value() ? to_packed(*grad_output, p, f32) : Tensor();
   Tensor h0s = rows_sorted(h0, p, f32), c0s = rows_sorted(c0, p, f32);
-  Tensor dx = pooled_empty({p.N, d.I}, f32);
+  // Without input_grad no dx is formed: the tiles skip the panels past dh (dx columns that share dh's
+  // last panel are computed and dropped).
+  Tensor dx = input_grad ? pooled_empty({p.N, d.I}, f32) : Tensor();
   // dgates [W_hh, W_ih] gives [dh_{t-1}, dx_t] in one tile pass.
   // (On AMX and vdpbf16ps only the bf16 panels below are read.)
   // Columns 0..H-1 from W_hh, H..H+I-1 from W_ih, packed into zeroed panels.
@@ -625,7 +628,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   a.hout = hout.const_data_ptr<float>();
   a.x = x.const_data_ptr<float>();
   a.grad_out = gout.defined() ? gout.const_data_ptr<float>() : nullptr;
-  a.dx = dx.data_ptr<float>();
+  a.dx = input_grad ? dx.data_ptr<float>() : nullptr;
   // Each step streams the [W_hh, W_ih] panels (and, fused, the worker's weight-gradient sums, the
   // same size again: at the seed shape, 2 x 1 MiB, fused on two row groups still measured faster than
   // column groups with the weight gradients left to BLAS, so only the panels count here).
@@ -694,7 +697,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
       fast::backward_f32(a, w0, w1);
   });
 
-  if (a.dx_after) at::mm_out(dx, dgates, w_ih.to(f32));
+  if (a.dx_after && input_grad) at::mm_out(dx, dgates, w_ih.to(f32));
   Tensor dw_hh, dw_ih;
   const Tensor dbias = R == 1 ? dbias_s[0] : dbias_s.sum(0);
   if (fused) {  // sum the row groups' partial sums straight into the two contiguous gradients
@@ -739,7 +742,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   }
   const auto wt = w_ih.scalar_type();
   const at::ScalarType dt = input.scalar_type();
-  return {from_packed(dx, p, dt),
+  return {input_grad ? from_packed(dx, p, dt) : at::empty({0}, input.options()),
           rows_original(dh.index_select(0, perm), p, dt),
           rows_original(dc.index_select(0, perm), p, dt),
           dw_ih.to(wt).contiguous(),
@@ -1107,7 +1110,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
     const std::optional<Tensor>& grad_c_n, const Tensor& input, const Tensor& h0, const Tensor& c0,
     const Tensor& w_ih, const Tensor& w_hh, const std::optional<Tensor>& w_hr,
     const std::optional<Tensor>& lengths, const Tensor& output, const Tensor& gates, const Tensor& cells,
-    bool reverse, bool has_bias) {
+    bool reverse, bool has_bias, bool input_grad) {
   const char* op = "lstm_backward";
   const Dims d = check_layer_args(op, input, h0, c0, w_ih, w_hh, std::nullopt, std::nullopt, w_hr);
   const PackPlan p = make_plan(d.T, d.B, lengths, op);
@@ -1127,9 +1130,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
   if (grad_output.has_value()) check_shape(*grad_output, {d.T, d.B, P}, op, "grad_output", "(T, B, P)");
   if (grad_h_n.has_value()) check_shape(*grad_h_n, {d.B, P}, op, "grad_h_n", "(B, P)");
   if (grad_c_n.has_value()) check_shape(*grad_c_n, {d.B, H}, op, "grad_c_n", "(B, hidden_size)");
-  if (step)
-    return lstm_step_rows_backward(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, gates, cells,
-                                   has_bias, d);
+  if (step) {  // one step: dx costs little beside the rest, computed all the same
+    auto out = lstm_step_rows_backward(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, gates, cells,
+                                       has_bias, d);
+    if (!input_grad) std::get<0>(out) = at::empty({0}, input.options());
+    return out;
+  }
   // The backward's pointwise part and state are float32, and any AVX-512 or AVX2 CPU runs it (bf16
   // layers included, on float32 tiles); a bf16 layer multiplies in bf16 where its forward does: on AMX
   // tiles, or on vdpbf16ps tiles (kernels Avx512 for bf16, as the forward).
@@ -1142,7 +1148,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
   }
   if (k != FastKernels::None)
     return lstm_backward_fast(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, output, gates, cells,
-                              reverse, has_bias, d, p, k, bf16_dot);
+                              reverse, has_bias, input_grad, d, p, k, bf16_dot);
 
   Tensor x = to_packed(input, p, ct);
   Tensor hout = to_packed(output, p, ct);
@@ -1156,7 +1162,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
   Tensor dh_all = d.proj ? pooled_empty({p.N, P}, ct) : Tensor();
   Tensor hpre_all = d.proj ? pooled_empty({p.N, H}, ct) : Tensor();
   Tensor dhp = d.proj ? at::empty({d.B, H}, ct) : Tensor();
-  Tensor dx = pooled_empty({p.N, d.I}, ct);
+  Tensor dx = input_grad ? pooled_empty({p.N, d.I}, ct) : Tensor();
   Tensor dwih_t = at::empty({d.I, G}, ct), dwhh_t = at::empty({P, G}, ct);
   Tensor dwhr_t = d.proj ? at::empty({H, P}, ct) : Tensor();
 
@@ -1173,8 +1179,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
     // Weight gradients are formed transposed (W^T = X^T dgates): with the long N dimension as K
     // and the gate dimension contiguous in the output, the BLAS runs ~30% faster here.
     const T* dg = dgates.const_data_ptr<T>();
-    gemm::rowmajor<T>(false, false, p.N, d.I, G, T(1), dg, G, wih.const_data_ptr<T>(), d.I, T(0),
-                      dx.data_ptr<T>(), d.I);
+    if (input_grad)
+      gemm::rowmajor<T>(false, false, p.N, d.I, G, T(1), dg, G, wih.const_data_ptr<T>(), d.I, T(0),
+                        dx.data_ptr<T>(), d.I);
     gemm::rowmajor<T>(true, false, d.I, G, p.N, T(1), x.const_data_ptr<T>(), d.I, dg, G, T(0),
                       dwih_t.data_ptr<T>(), G);
     // grad_w_hh = sum_t dgates_t^T h_{t-1}: each row's previous state is h0 where it starts a
@@ -1209,7 +1216,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
 
   const auto wt = w_ih.scalar_type();
   Tensor dbias = has_bias ? dgates.sum(0).to(wt) : at::empty({0}, w_ih.options());
-  return {from_packed(dx, p, input.scalar_type()),
+  return {input_grad ? from_packed(dx, p, input.scalar_type()) : at::empty({0}, input.options()),
           rows_original(dh, p, input.scalar_type()),
           rows_original(dc, p, input.scalar_type()),
           dwih_t.t().to(wt).contiguous(),

@@ -439,7 +439,7 @@ BM_AVX512 BM_ALWAYS_INLINE void store_grad_state(const BackwardArgs& a, int64_t 
   const __mmask16 to_dh = col >= H ? __mmask16(0) : __mmask16(mk::lanes(H - col) & valid);
   const __mmask16 to_dx = __mmask16(valid & ~to_dh);
   if (to_dh) _mm512_mask_storeu_ps(a.dh + state_row(a, r) * H + col, to_dh, v);
-  if (to_dx) _mm512_mask_storeu_ps(a.dx + (off + r) * a.I + col - H, to_dx, v);
+  if (to_dx && a.dx) _mm512_mask_storeu_ps(a.dx + (off + r) * a.I + col - H, to_dx, v);
 }
 
 // [dh, dx] for MR rows: columns 64 p .. 64 p + 16 NV - 1 of dgates [W_hh, W_ih]. A = dgates rows at
@@ -605,11 +605,11 @@ BM_AVX2 void grad_state_tile_avx2(const BackwardArgs& a, const float* dg, int64_
         if (col + 8 <= H) {
           _mm256_storeu_ps(a.dh + sr * H + col, acc[i][j]);
         } else if (col >= H && col + 8 <= F) {
-          _mm256_storeu_ps(a.dx + (off + r) * a.I + col - H, acc[i][j]);
+          if (a.dx) _mm256_storeu_ps(a.dx + (off + r) * a.I + col - H, acc[i][j]);
         } else {  // a group straddling the dh | dx boundary or past F: split it with masks
           const __m256i valid = m2::lanes(F - col).mask, to_dh = m2::lanes(H - col).mask;
           if (col < H) m2::store_f32(a.dh + sr * H + col, acc[i][j], to_dh);
-          m2::store_f32(a.dx + (off + r) * a.I + col - H, acc[i][j], _mm256_andnot_si256(to_dh, valid));
+          if (a.dx) m2::store_f32(a.dx + (off + r) * a.I + col - H, acc[i][j], _mm256_andnot_si256(to_dh, valid));
         }
       }
     }
@@ -931,6 +931,7 @@ void backward_steps(const BackwardArgs& a, int64_t w0, int64_t w1) {
   const int64_t F = H + a.I, Fp = (F + mk::kNR - 1) / mk::kNR * mk::kNR;
   const int64_t np = Fp / mk::kNR;                   // [dh, dx] column panels
   const int64_t nh = (H + mk::kNR - 1) / mk::kNR;    // of which hold dh; pointwise units follow them
+  const int64_t nout = a.dx ? np : nh;               // the panels to multiply (no dx: dh's only)
   for (int64_t s = st.T - 1; s >= 0; --s) {
     const int64_t t = st.reverse ? st.T - 1 - s : s;
     const int64_t b = st.batch_sizes[t], off = st.offsets[t];
@@ -956,7 +957,7 @@ void backward_steps(const BackwardArgs& a, int64_t w0, int64_t w1) {
             const int64_t r = rg + R * k;
             K::pointwise(a, t, r, off + r, ws.dg + (kb + k) * G, ws.dbias, 0, H);
           }
-          K::state_tiles(a, ws.dg + (kb + k0) * G, G, off, rg + R * k0, mr, R, 0, np);
+          K::state_tiles(a, ws.dg + (kb + k0) * G, G, off, rg + R * k0, mr, R, 0, nout);
         }
         ws.pending += n;
       }
@@ -989,7 +990,7 @@ void backward_steps(const BackwardArgs& a, int64_t w0, int64_t w1) {
           [&](int64_t r0, int64_t mr) {
             const float* dg = a.dgates + (off + r0) * G;
             K::state_tiles(a, dg, R * G, off, r0, mr, R, p0, p1);
-            if (!a.dx_after) K::state_tiles(a, dg, R * G, off, r0, mr, R, x0, x1);
+            if (!a.dx_after && a.dx) K::state_tiles(a, dg, R * G, off, r0, mr, R, x0, x1);
           },
           K::kRows, K::kTall);
     }

@@ -103,7 +103,7 @@ struct BackwardArgs {
   float* dh = nullptr;            // [R * state_rows, H] running, starts as grad_h_n, ends as grad_h0
   float* dc = nullptr;            // [R * state_rows, H] running, starts as grad_c_n, ends as grad_c0
   int64_t state_rows = 0;         // rows per row group in dh and dc: ceil(B / R)
-  float* dx = nullptr;            // [N, I] grad_input, packed
+  float* dx = nullptr;            // [N, I] grad_input, packed; nullptr: not wanted (its panels skipped)
   // Weight gradients: fused (scratch != nullptr, grid.C == 1), or left to time-batched GEMMs over
   // dgates [N, 4H] after the loop (grid.C > 1: a worker does not own whole rows of dgates; or too
   // few rows for the fused sums to pay off).

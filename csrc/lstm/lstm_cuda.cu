@@ -761,7 +761,7 @@ BackwardResult lstm_layer_backward_cuda(const std::optional<Tensor>& grad_output
                                         const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
                                         const std::optional<Tensor>& w_hr, const std::optional<Tensor>& lengths,
                                         const Tensor& output, const Tensor& gates, const Tensor& cells, bool reverse,
-                                        bool has_bias) {
+                                        bool has_bias, bool input_grad) {
   const char* op = kBackwardOp;
   const Dims d = check_layer_args(op, input, h0, c0, w_ih, w_hh, std::nullopt, std::nullopt, w_hr);
   for (const Tensor* t : {&output, &gates, &cells}) check_same_device(*t, input, op);
@@ -775,7 +775,7 @@ BackwardResult lstm_layer_backward_cuda(const std::optional<Tensor>& grad_output
                                        .findSchemaOrThrow("bigmodel::lstm_layer_backward", "")
                                        .typed<decltype(lstm_layer_backward_cuda)>();
     return redispatch.call(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, w_hr, lengths->to(at::kCPU),
-                           output, gates, cells, reverse, has_bias);
+                           output, gates, cells, reverse, has_bias, input_grad);
   }
   const at::ScalarType ct = compute_dtype(input.scalar_type());
   BM_CHECK(gates.numel() > 0 && cells.numel() > 0, op,
@@ -795,6 +795,7 @@ BackwardResult lstm_layer_backward_cuda(const std::optional<Tensor>& grad_output
     out = layer_backward<scalar_t>(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, w_hr, output, gates,
                                    cells, d, p, reverse, has_bias);
   });
+  if (!input_grad) std::get<0>(out) = at::empty({0}, input.options());  // computed all the same
   return out;
 }
 

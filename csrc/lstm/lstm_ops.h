@@ -22,7 +22,7 @@ using BackwardSignature = BackwardOutputs(const OptTensor&, const OptTensor&, co
                                           const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                           const at::Tensor&, const at::Tensor&, const OptTensor&,
                                           const OptTensor&, const at::Tensor&, const at::Tensor&,
-                                          const at::Tensor&, bool, bool);
+                                          const at::Tensor&, bool, bool, bool);
 
 const c10::TypedOperatorHandle<LayerSignature>& layer_op();
 const c10::TypedOperatorHandle<BackwardSignature>& backward_op();

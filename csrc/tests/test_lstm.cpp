@@ -24,7 +24,7 @@ using LayerFn = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(const Tensor&
                                                                    const OptTensor&, bool, bool);
 using BackwardFn = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
     const OptTensor&, const OptTensor&, const OptTensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-    const Tensor&, const OptTensor&, const OptTensor&, const Tensor&, const Tensor&, const Tensor&, bool, bool);
+    const Tensor&, const OptTensor&, const OptTensor&, const Tensor&, const Tensor&, const Tensor&, bool, bool, bool);
 
 struct Case {
   int64_t T, B, I, H, P;         // P == 0: no projection
@@ -175,9 +175,22 @@ int run_case(const Case& c, const at::Device& device, bool gpu, const c10::Typed
     Tensor loss = (want_out * go).sum() + (want_h * gh).sum();
     if (c.grad_c_n) loss = loss + (want_c * gc).sum();
     const auto want = torch::autograd::grad({loss}, leaves);
-    const auto [dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr] = layer_backward.call(
-        on_device(go), on_device(gh), c.grad_c_n ? OptTensor(on_device(gc)) : std::nullopt, in.x, in.h0, in.c0,
-        in.w_ih, in.w_hh, opt(in.w_hr), lengths, out, gates, cells, c.reverse, c.bias);
+    const auto backward = [&](bool input_grad) {
+      return layer_backward.call(on_device(go), on_device(gh), c.grad_c_n ? OptTensor(on_device(gc)) : std::nullopt,
+                                 in.x, in.h0, in.c0, in.w_ih, in.w_hh, opt(in.w_hr), lengths, out, gates, cells,
+                                 c.reverse, c.bias, input_grad);
+    };
+    const auto [dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr] = backward(true);
+    // Without the input's gradient: none returned, the rest as before.
+    const auto [no_dx, dh0_b, dc0_b, dw_ih_b, dw_hh_b, db_b, dw_hr_b] = backward(false);
+    if (no_dx.numel() != 0) {
+      std::printf("FAIL %s: grad_input with input_grad=false has shape %s, expected (0)\n", check.name.c_str(),
+                  c10::str(no_dx.sizes()).c_str());
+      ++check.failures;
+    }
+    check.expect("grad_h0 (input_grad=false)", dh0_b, want[1]);
+    check.expect("grad_w_ih (input_grad=false)", dw_ih_b, want[3]);
+    check.expect("grad_w_hh (input_grad=false)", dw_hh_b, want[4]);
     check.expect("grad_input", dx, want[0]);
     check.expect("grad_h0", dh0, want[1]);
     check.expect("grad_c0", dc0, want[2]);

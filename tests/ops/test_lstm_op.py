@@ -124,6 +124,32 @@ def test_work_splits_match_reference(cpu_kernel, threads, T, B, IN, H, reverse):
         torch.testing.assert_close(g, gr, **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    "T,B,IN,H",
+    [(9, 1, 10, 37), (9, 16, 10, 37), (9, 64, 100, 200), (3, 40, 300, 300), (40, 48, 10, 37), (1, 5, 20, 37)],
+    ids=["B1", "B16", "seed-like", "weights-past-L2", "fused-weight-grads", "one-step"],
+)
+def test_input_without_grad(cpu_kernel, dtype, threads, T, B, IN, H):
+    """An input that needs no gradient (raw features, a frozen embedding): the backward forms no dx
+    (the [dh, dx] tiles skip dx's panels; column groups skip the GEMM after the loop) and every other
+    gradient equals the one computed beside dx, bit for bit, on every kernel set and work split."""
+    args, lengths = make_args(
+        T, B, IN, H, 0, proj=False, bias=True, has_lengths=B > 1, dtype=dtype, device="cpu"
+    )
+    _, seed_grads, want = outputs_and_grads(args, lengths, False, threads)
+    args[0] = args[0].detach()
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = grads(lstm_layer(*args, lengths=lengths), args[1:], seed_grads)
+    finally:
+        torch.set_num_threads(saved)
+    for g, w in zip(got, want[1:], strict=True):
+        assert torch.equal(g, w)
+
+
 @pytest.mark.parametrize("used", ["output", "h_n", "c_n", "h_n+c_n"])
 def test_gradient_of_some_outputs(device, used):
     """Outputs that do not reach the loss get no gradient (None) in backward; that must mean zero."""
@@ -205,8 +231,9 @@ def test_opcheck(device, case):
     torch.library.opcheck(torch.ops.bigmodel.lstm_layer.default, (*args, lengths, c["reverse"], c["train"]))
 
 
+@pytest.mark.parametrize("input_grad", [True, False], ids=["", "no-input-grad"])
 @pytest.mark.parametrize("single_step", [False, True], ids=["layer", "single-step"])
-def test_opcheck_backward(device, single_step):
+def test_opcheck_backward(device, single_step, input_grad):
     args, lengths = make_args(
         1 if single_step else 5,
         3,
@@ -240,8 +267,29 @@ def test_opcheck_backward(device, single_step):
             cells,
             True,
             True,
+            input_grad,
         ),
     )
+    if not input_grad:  # no input gradient: an empty tensor in its place
+        grad_input = torch.ops.bigmodel.lstm_layer_backward(
+            torch.randn_like(out),
+            None,
+            None,
+            x,
+            h0,
+            c0,
+            w_ih,
+            w_hh,
+            w_hr,
+            lengths,
+            out,
+            gates,
+            cells,
+            True,
+            True,
+            False,
+        )[0]
+        assert grad_input.shape == (0,)
 
 
 @pytest.mark.parametrize("proj", [False, True], ids=["tiles", "proj"])
