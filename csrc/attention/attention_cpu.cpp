@@ -250,7 +250,7 @@ Tensor mask_grad_result(const MaskGradBuffer& g, const Tensor& attn_mask) {
 }
 
 // grad_* are zero-filled [B, H*, L*, *] buffers; delta[row] = grad_out[row] . out[row]. mg: where
-// the scores' gradient is summed (attention_backward's mask_grad), or mg.data null.
+// the scores' gradient is summed (attention_backward's mask_grad), or an undefined buffer.
 template <typename T>
 void backward(const Problem<T>& p, const T* grad_out, const T* lse, const T* delta, T* grad_q, T* grad_k,
               T* grad_v, const MaskGradBuffer& mg) {
