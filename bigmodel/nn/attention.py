@@ -107,6 +107,13 @@ class MultiheadAttention(nn.MultiheadAttention):
             or (is_causal and attn_mask is None)
             or not _has_kernel(query.device)
             or (need_weights and not _has_kernel(query.device, "bigmodel::attention_weights"))
+            # a learned mask's gradient: bigmodel's kernels compute it on the CPU only
+            or (
+                attn_mask is not None
+                and attn_mask.requires_grad
+                and torch.is_grad_enabled()
+                and query.device.type != "cpu"
+            )
         ):
             return super().forward(
                 query,

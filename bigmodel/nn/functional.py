@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops.attention import attention
@@ -28,8 +30,9 @@ def scaled_dot_product_attention(
             the same leading dimensions (2-D and 3-D inputs work as in PyTorch). ``Hkv`` may divide
             ``Hq`` only with ``enable_gqa=True``.
         attn_mask: broadcastable to ``(..., Hq, Lq, Lk)``; bool (True = attend) or a float tensor
-            added to the scores (a learned bias gets its gradient on the CPU). Not combinable with
-            ``is_causal``.
+            added to the scores. A float mask that requires grad (a learned bias) gets its gradient:
+            on the CPU from bigmodel's kernels, elsewhere through PyTorch's (this call then runs
+            ``F.scaled_dot_product_attention``). Not combinable with ``is_causal``.
         dropout_p: dropout on the attention probabilities (applied whenever > 0, as in PyTorch). The
             mask comes from a seed drawn from torch's default generator, not PyTorch's own stream.
         is_causal: query ``i`` sees keys ``j <= i`` (top-left aligned).
@@ -59,6 +62,16 @@ def scaled_dot_product_attention(
         raise ValueError(
             "bigmodel.scaled_dot_product_attention: key_lengths needs 4-D inputs (B, H, L, d), "
             f"got query of shape {tuple(query.shape)}"
+        )
+    if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled() and not attn_mask.is_cpu:
+        # bigmodel computes a learned mask's gradient on the CPU only: PyTorch's kernels serve it elsewhere.
+        if key_lengths is not None:
+            padded = torch.arange(key.shape[-2], device=key.device) >= key_lengths.view(-1, 1, 1, 1)
+            attn_mask = attn_mask + torch.zeros(
+                padded.shape, dtype=attn_mask.dtype, device=key.device
+            ).masked_fill(padded, float("-inf"))
+        return F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale, enable_gqa=enable_gqa
         )
     if query.dim() != 4:
         q4, k4, v4 = (_as_4d(t) for t in (query, key, value))

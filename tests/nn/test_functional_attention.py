@@ -92,13 +92,10 @@ def test_dropout_draws_its_seed_from_torch(device):
 )
 def test_learned_bias_gets_its_gradient(device, shape, mask_shape):
     """A float attn_mask that requires grad (T5 / Swin relative-position biases, learned ALiBi) gets
-    the gradient PyTorch gives it, summed over the dimensions it broadcasts, at any rank; CUDA raises."""
+    the gradient PyTorch gives it, summed over the dimensions it broadcasts, at any rank (on CUDA
+    through PyTorch's kernel)."""
     q, k, v = (torch.randn(shape, device=device, requires_grad=True) for _ in range(3))
     bias = torch.randn(mask_shape, device=device, requires_grad=True)
-    if device == "cuda":
-        with pytest.raises(RuntimeError, match="gradient of attn_mask is computed on the CPU only"):
-            BF.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        return
     out = BF.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     torch.testing.assert_close(out, ref, **TOL)
@@ -115,6 +112,17 @@ def test_learned_bias_gets_its_gradient(device, shape, mask_shape):
         F.scaled_dot_product_attention(q.detach(), k.detach(), v.detach(), attn_mask=bias).sum(), bias
     )
     torch.testing.assert_close(gb, gbr, **TOL)
+
+
+def test_learned_bias_off_the_cpu_takes_pytorchs_kernel():
+    """Off the CPU (where bigmodel has no kernel for a mask's gradient) a learned bias goes to
+    F.scaled_dot_product_attention, key lengths folded into it: checked for shapes on the meta
+    device (the CUDA case of the test above checks values)."""
+    q, k, v = (torch.empty(2, 3, 7, 8, device="meta", requires_grad=True) for _ in range(3))
+    bias = torch.empty(1, 3, 7, 7, device="meta", requires_grad=True)
+    lengths = torch.tensor([7, 4], device="meta")
+    out = BF.scaled_dot_product_attention(q, k, v, attn_mask=bias, key_lengths=lengths)
+    assert out.shape == (2, 3, 7, 8) and out.requires_grad
 
 
 def test_learned_bias_compiles():
