@@ -55,14 +55,20 @@ class _OneDnnLinear(torch.autograd.Function):
         return gx, gw, gb
 
 
+# Multiply-adds from which a projection runs on oneDNN: below, its per-call cost (~20 us against
+# MKL's ~10) outweighs its faster GEMM (equal at ~6M; NOTES v26).
+_ONEDNN_MIN_MACS = 1 << 22
+
+
 def _linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    """``F.linear``; for float32 CPU calls, on oneDNN's GEMM (forward and the input gradient), which
-    runs at ~190 GFLOP/s on the 2-core Zen 4 VM against ~140 for ``F.linear`` (MKL): the projections
-    are most of a MultiheadAttention call (NOTES v23). Not under torch.compile (which lowers F.linear
-    itself)."""
+    """``F.linear``; for float32 CPU calls of at least ``_ONEDNN_MIN_MACS``, on oneDNN's GEMM (forward
+    and the input gradient), which runs at ~190 GFLOP/s on the 2-core Zen 4 VM against ~140 for
+    ``F.linear`` (MKL): the projections are most of a MultiheadAttention call (NOTES v23). Not under
+    torch.compile (which lowers F.linear itself)."""
     if (
         x.device.type != "cpu"
         or not (x.dtype == w.dtype == torch.float32)
+        or x.numel() * w.shape[0] < _ONEDNN_MIN_MACS
         or torch.compiler.is_compiling()
         or _onednn_linear_op() is None
     ):

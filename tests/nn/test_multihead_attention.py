@@ -200,11 +200,13 @@ def test_state_dict_round_trip():
 @pytest.mark.parametrize("kdim", [None, 12])
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
-def test_projections_match_native(kdim, batch_first, bias):
-    """The projections run on oneDNN's GEMM (where torch has it; its backward gives the input
-    gradient there too): nn.MultiheadAttention's output and gradients within float32 tolerance, with
-    packed and separate projection weights, either layout (non-contiguous projection inputs), with and
-    without bias, with and without autograd."""
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "f.linear"])
+def test_projections_match_native(monkeypatch, kdim, batch_first, bias, onednn):
+    """The projections run on oneDNN's GEMM (where torch has it, from _ONEDNN_MIN_MACS multiply-adds,
+    here forced either way; its backward gives the input gradient there too): nn.MultiheadAttention's
+    output and gradients within float32 tolerance, with packed and separate projection weights, either
+    layout (non-contiguous projection inputs), with and without bias, with and without autograd."""
+    monkeypatch.setattr(bigmodel.nn.attention, "_ONEDNN_MIN_MACS", 0 if onednn else 1 << 62)
     torch.manual_seed(0)
     ref = nn.MultiheadAttention(16, 4, kdim=kdim, vdim=kdim, bias=bias, batch_first=batch_first)
     ours = bigmodel.nn.MultiheadAttention(16, 4, kdim=kdim, vdim=kdim, bias=bias, batch_first=batch_first)
