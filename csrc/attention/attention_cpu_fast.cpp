@@ -69,6 +69,27 @@ BM_ALWAYS_INLINE void for_each_column_chunk(int64_t cols, const F& f) {
     mk::with_vectors(std::min<int64_t>(4, (cols - c0 + 15) / 16), [&](auto nv) { f(c0, nv); });
 }
 
+// acc += A B over the first nk columns of a 64-key panel (rows of 64 floats), the other vectors left as
+// they are: a block of 20 keys (the tail of a short sequence) multiplies 2 vectors of 4.
+template <int MR>
+BM_AVX512 BM_ALWAYS_INLINE void tile_keys(const float* a, int64_t lda, int64_t K, const float* panel, int64_t nk,
+                                          __m512 (&acc)[MR][4]) {
+  if (nk > 48) return mk::tile_f32<MR>(a, lda, K, panel, acc);
+  mk::with_vectors((nk + 15) / 16, [&](auto nv) BM_AVX512 {
+    constexpr int NV = decltype(nv)::value;
+    __m512 part[MR][NV];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) part[r][j] = acc[r][j];
+    mk::tile_f32_rows<MR, NV>(a, lda, K, panel, kKeys, part);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) acc[r][j] = part[r][j];
+  });
+}
+
 // The lanes of a chunk's last vector (from column c0, NV vectors) that lie below cols.
 template <int NV>
 BM_AVX512 BM_ALWAYS_INLINE __mmask16 last_lanes(int64_t cols, int64_t c0) {
@@ -174,7 +195,7 @@ BM_AVX512 void row_group(const Problem& p, const float* q, const float* kpanels,
     const int64_t nk = std::min(kKeys, kend - j0);
     __m512 s[MR][4];
     mk::zero_tile<MR>(s);
-    mk::tile_f32<MR>(q, p.qs[2], p.d, kpanels + (j0 / kKeys) * p.d * kKeys, s);
+    tile_keys<MR>(q, p.qs[2], p.d, kpanels + (j0 / kKeys) * p.d * kKeys, nk, s);
     if (mrow) add_mask<MR>(s, mrow, p.ms[2], j0, kend - j0);
     float alpha[MR];
     // Blocks wholly inside every row's visible keys (most of them) skip the masking.
@@ -330,7 +351,7 @@ BM_AVX512 void weights_row_group(const Problem& p, const float* q, int64_t ldq, 
     const int64_t nk = std::min(kKeys, kend - j0);
     __m512 s[MR][4];
     mk::zero_tile<MR>(s);
-    mk::tile_f32<MR>(q, ldq, p.d, kpanels + (j0 / kKeys) * p.d * kKeys, s);
+    tile_keys<MR>(q, ldq, p.d, kpanels + (j0 / kKeys) * p.d * kKeys, nk, s);
     probabilities<MR>(s, 1.f, lse, limit, j0, pt, mrow, p.ms[2]);  // the panels hold scale K^T
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
@@ -747,11 +768,11 @@ BM_AVX512 void bwd_rows(const Problem& p, const float* q, const float* go, int64
                         float (*dst)[kKeys], float* gq) {
   __m512 s[MR][4];
   mk::zero_tile<MR>(s);
-  mk::tile_f32<MR>(q, p.qs[2], p.d, kpan, s);
+  tile_keys<MR>(q, p.qs[2], p.d, kpan, nk, s);
   probabilities<MR>(s, 1.f, lse, limit, j0, pt, mrow, p.ms[2]);  // the panels hold scale K^T
   __m512 dp[MR][4];
   mk::zero_tile<MR>(dp);
-  mk::tile_f32<MR>(go, ldgo, p.dv, vpan, dp);
+  tile_keys<MR>(go, ldgo, p.dv, vpan, nk, dp);
   const __m512 sc = _mm512_set1_ps(p.scale);
   if (p.dropout.active()) {
     const __m512 kept = _mm512_set1_ps(static_cast<float>(p.dropout.keep_scale()));
