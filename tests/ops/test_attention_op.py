@@ -612,14 +612,24 @@ def test_bfloat16_masks(cpu_kernel, kind, shape):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(
-    "kind", ["bias-holes", "finfo-min", "key-bias", "row-all-masked", "keys-strided", "rows-keys", "heads"]
+    "kind",
+    [
+        "bias-holes",
+        "finfo-min",
+        "key-bias",
+        "row-all-masked",
+        "keys-strided",
+        "rows-keys",
+        "heads",
+        "causal-pattern",
+    ],
 )
 @pytest.mark.parametrize("extras", ["none", "causal", "lengths", "dropout", "key-splits", "scale-0"])
 def test_mask_gradient(cpu_kernel, dtype, kind, extras):
     """A float attn_mask that requires grad (a learned bias: relative positions, ALiBi slopes) gets
     dL/dS, the scores' gradient, summed over the dimensions it broadcasts: [L, S], [1, H, L, S],
-    [B, H, 1, S], -inf holes (zero gradient), a row with no key, keys strided (ATen's BLAS path),
-    with causal, key lengths, dropout, key splits (three threads, one kv head) and scale 0 (the
+    [B, H, 1, S], -inf holes (zero gradient), a row with no key, keys strided (ATen's BLAS path), a
+    0 / -inf causal pattern (which the kernels recognize and run as is_causal), with causal, key lengths, dropout, key splits (three threads, one kv head) and scale 0 (the
     tiles keep dS times the scale, so that call runs the portable loop). All gradients against the
     reference."""
     shape = (1, 2, 1, 200, 300, 64, 64) if extras == "key-splits" else (2, 4, 2, 70, 150, 50, 40)
@@ -628,6 +638,8 @@ def test_mask_gradient(cpu_kernel, dtype, kind, extras):
     g = torch.Generator().manual_seed(9)
     if kind == "rows-keys":
         mask = torch.randn(Lq, Lk, generator=g)
+    elif kind == "causal-pattern":  # 0 / -inf: recognized as causal, run without the mask, dS all the same
+        mask = torch.zeros(Lq, Lk).masked_fill(torch.ones(Lq, Lk, dtype=torch.bool).triu(1), float("-inf"))
     elif kind == "heads":
         mask = torch.randn(1, Hq, Lq, Lk, generator=g)
     else:
