@@ -90,6 +90,26 @@ BM_AVX512 BM_ALWAYS_INLINE void tile_keys(const float* a, int64_t lda, int64_t K
   });
 }
 
+// The same for bf16 pair panels (rows of 64 key pairs, K2 pairs): tile_bf16 over the first nk keys.
+template <int MR>
+BM_AVX512_BF16 BM_ALWAYS_INLINE void tile_keys_bf16(const uint16_t* a, int64_t lda, int64_t K2, const uint16_t* panel,
+                                                    int64_t nk, __m512 (&acc)[MR][4]) {
+  if (nk > 48) return mk::tile_bf16<MR>(a, lda, K2, panel, acc);
+  mk::with_vectors((nk + 15) / 16, [&](auto nv) BM_AVX512_BF16 {
+    constexpr int NV = decltype(nv)::value;
+    __m512 part[MR][NV];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) part[r][j] = acc[r][j];
+    mk::tile_bf16_rows<MR, NV>(a, lda, K2, panel, 2 * kKeys, part);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) acc[r][j] = part[r][j];
+  });
+}
+
 // The lanes of a chunk's last vector (from column c0, NV vectors) that lie below cols.
 template <int NV>
 BM_AVX512 BM_ALWAYS_INLINE __mmask16 last_lanes(int64_t cols, int64_t c0) {
@@ -1256,12 +1276,12 @@ BM_AVX512_BF16 void bwd_rows_bf16(const ProblemBf16& p, const uint16_t* q, const
   alignas(64) uint16_t dsb[2][MR][kKeys];  // hi and lo in bf16, the A operands of dQ
   __m512 s[MR][4];
   mk::zero_tile<MR>(s);
-  mk::tile_bf16<MR>(q, p.d, p.d / 2, kpan, s);
+  tile_keys_bf16<MR>(q, p.d, p.d / 2, kpan, nk, s);
   probabilities<MR>(s, p.scale, lse, limit, j0, pf, mrow, p.ms[2]);
   const __m512 sc = _mm512_set1_ps(p.scale);
   __m512 dp[MR][4];
   mk::zero_tile<MR>(dp);
-  mk::tile_bf16<MR>(go, p.dv, p.dv / 2, vpan, dp);
+  tile_keys_bf16<MR>(go, p.dv, p.dv / 2, vpan, nk, dp);
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
     const __m512 dl = _mm512_set1_ps(delta[r]);
