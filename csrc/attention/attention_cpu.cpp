@@ -657,12 +657,14 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& query, const Tensor& key,
   }
   using gemm::cpu::Bf16Kernel;
   const Bf16Kernel bf16_kernel = gemm::cpu::bf16_kernel();
-  if (query.scalar_type() == at::kBFloat16 && !dropout.active() && bf16_tiles(d, mask)) {
+  // Dropout on the vdpbf16ps tiles (the AMX form takes none: untested there, no AMX host here).
+  if (query.scalar_type() == at::kBFloat16 && bf16_tiles(d, mask) &&
+      (!dropout.active() || bf16_kernel == Bf16Kernel::Dot)) {
     const Tensor q = rows_ready(query, at::kBFloat16), k = rows_ready(key, at::kBFloat16);
     const Tensor v = rows_ready(value, at::kBFloat16);
     Tensor out = at::empty({d.B, d.Hq, d.Lq, d.dv}, q.options());
     Tensor lse = at::empty({d.B, d.Hq, d.Lq}, q.options().dtype(at::kFloat));
-    const fast::ProblemBf16 fp = fast_problem<uint16_t>(d, q, k, v, lengths, is_causal, scale, mask);
+    const fast::ProblemBf16 fp = fast_problem<uint16_t>(d, q, k, v, lengths, is_causal, scale, mask, dropout);
     const int64_t tasks = d.B * d.Hq * ((d.Lq + fast::kBlockQAmx - 1) / fast::kBlockQAmx);
     uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr());
     float* ls = lse.data_ptr<float>();

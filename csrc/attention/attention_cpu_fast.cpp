@@ -1083,9 +1083,12 @@ struct SoftmaxState {
 // The online softmax of one S^T block (64 keys from j0; lanes = query rows, lane r sees keys below
 // limit[r]): updates the state, writes P^T as bf16 VNNI pairs into pt and returns alpha, the factor
 // that rescales what was accumulated before this block.
-// mt: the block's additive mask, transposed like st (mask_block_t), or nullptr.
+// mt: the block's additive mask, transposed like st (mask_block_t), or nullptr. drop: dropout (the
+// lanes' Dropout::row_key in rows), or nullptr: P^T's kept entries times 1 / (1 - p), the others 0,
+// after the sum (the normalizer counts every probability).
 BM_AMX __m512 softmax_block_t(const float (*st)[16], const float (*mt)[16], int64_t j0, __m512 scale, __m512i limit,
-                              bool full, SoftmaxState& s, uint32_t* pt) {
+                              bool full, SoftmaxState& s, uint32_t* pt, const Dropout* drop = nullptr,
+                              __m512i rows = _mm512_setzero_si512()) {
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   alignas(64) float sv[kKeys][16];
   __mmask16 valid[kKeys];
@@ -1112,6 +1115,13 @@ BM_AMX __m512 softmax_block_t(const float (*st)[16], const float (*mt)[16], int6
     const __m512 e1 =
         _mm512_maskz_mov_ps(valid[j + 1], mk::exp_scaled_ps<1>(_mm512_sub_ps(_mm512_load_ps(sv[j + 1]), shift)));
     sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
+    if (drop) {
+      const __m512 kept = _mm512_set1_ps(static_cast<float>(drop->keep_scale()));
+      _mm512_store_si512(pt + (j / 2) * 16,
+                         mk::bf16_pairs(_mm512_maskz_mul_ps(dropout_keep_rows(*drop, rows, j0 + j), e0, kept),
+                                        _mm512_maskz_mul_ps(dropout_keep_rows(*drop, rows, j0 + j + 1), e1, kept)));
+      continue;
+    }
     _mm512_store_si512(pt + (j / 2) * 16, mk::bf16_pairs(e0, e1));
   }
   s.l = _mm512_fmadd_ps(s.l, alpha, sum);
@@ -1130,11 +1140,12 @@ BM_AVX512 void fold_t(float (*acc)[16], const float (*ot)[16], __m512 alpha, int
 // of just-stored data waits for the stores to drain), and each block's (P V)^T is folded one step
 // later, after the next softmax, for the same reason.
 // kAmx: the products on AMX tiles, else on vdpbf16ps (the pipelining then only orders the work).
-// mrows: the rows' additive mask rows (r < mr), or nullptr without a mask.
+// mrows: the rows' additive mask rows (r < mr), or nullptr without a mask. drop_rows: with dropout (on
+// vdpbf16ps only; the AMX callers pass none), the rows' Dropout::row_key (16 lanes).
 template <bool kAmx>
 BM_AMX void amx_row_block(const ProblemBf16& p, const uint32_t* qt, int64_t mr, const int64_t* limit, int64_t kend,
                           const uint16_t* kbuf, const uint16_t* vt, int64_t ldv, const float* const* mrows,
-                          uint16_t* out, float* lse) {
+                          uint16_t* out, float* lse, const uint32_t* drop_rows = nullptr) {
   const auto scores = [&](int64_t j0, float (*st)[16]) {
     if constexpr (kAmx)
       amx_scores_t(kbuf, p.d, qt, j0, st);
@@ -1162,7 +1173,10 @@ BM_AMX void amx_row_block(const ProblemBf16& p, const uint32_t* qt, int64_t mr, 
   for (int64_t j0 = 0, it = 0; j0 < kend; j0 += kKeys, ++it) {
     const bool full = j0 + kKeys <= lim_min;
     if (mrows) mask_block_t(mrows, mr, j0, std::min(kKeys, kend - j0), mt);
-    const __m512 alpha = softmax_block_t(st[it & 1], mrows ? mt : nullptr, j0, scale, limv, full, s, pt[0]);
+    const __m512 alpha =
+        drop_rows ? softmax_block_t(st[it & 1], mrows ? mt : nullptr, j0, scale, limv, full, s, pt[0], &p.dropout,
+                                    _mm512_loadu_si512(drop_rows))
+                  : softmax_block_t(st[it & 1], mrows ? mt : nullptr, j0, scale, limv, full, s, pt[0]);
     if (j0 + kKeys < kend) scores(j0 + kKeys, st[(it + 1) & 1]);
     if (it > 0) fold_t(acc, ot, alpha_pending, p.dv);
     if constexpr (kAmx)
@@ -1210,8 +1224,11 @@ BM_AMX void forward_bf16_tasks(const ProblemBf16& p, int64_t t0, int64_t t1, uin
         const float* mrows[16];
         if (p.mask)
           for (int64_t r = 0; r < mr; ++r) mrows[r] = mask_rows(p, b, h, r0 + r);
+        alignas(64) uint32_t drop[16] = {};
+        if (p.dropout.active())
+          for (int64_t r = 0; r < mr; ++r) drop[r] = p.dropout.row_key(b, h, r0 + r);
         amx_row_block<kAmx>(p, qt, mr, limit, kend, kbuf, vt, ldv, p.mask ? mrows : nullptr, out + row * p.dv,
-                            lse + row);
+                            lse + row, p.dropout.active() ? drop : nullptr);
       });
   if constexpr (kAmx) _tile_release();
 }

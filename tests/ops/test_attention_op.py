@@ -629,9 +629,9 @@ def test_mask_gradient(cpu_kernel, dtype, kind, extras):
     """A float attn_mask that requires grad (a learned bias: relative positions, ALiBi slopes) gets
     dL/dS, the scores' gradient, summed over the dimensions it broadcasts: [L, S], [1, H, L, S],
     [B, H, 1, S], -inf holes (zero gradient), a row with no key, keys strided (ATen's BLAS path), a
-    0 / -inf causal pattern (which the kernels recognize and run as is_causal), with causal, key lengths, dropout, key splits (three threads, one kv head) and scale 0 (the
-    tiles keep dS times the scale, so that call runs the portable loop). All gradients against the
-    reference."""
+    0 / -inf causal pattern (which the kernels recognize and run as is_causal), with causal, key
+    lengths, dropout, key splits (three threads, one kv head) and scale 0 (the tiles keep dS times
+    the scale, so that call runs the portable loop). All gradients against the reference."""
     shape = (1, 2, 1, 200, 300, 64, 64) if extras == "key-splits" else (2, 4, 2, 70, 150, 50, 40)
     B, Hq, Hkv, Lq, Lk, d, dv = shape
     q, k, v = qkv(*shape, dtype=dtype)
@@ -910,15 +910,25 @@ def test_double_backward_raises(device):
 
 
 @pytest.mark.parametrize(
-    "shape", [(2, 8, 2, 5, 130, 32, 32), (2, 4, 4, 1, 90, 64, 64)], ids=["20rows", "1row"]
+    "shape",
+    [
+        (2, 8, 2, 5, 130, 32, 32),
+        (2, 4, 4, 1, 90, 64, 64),
+        (2, 4, 2, 100, 150, 32, 32),
+        (1, 2, 1, 70, 200, 64, 48),
+    ],
+    ids=["20rows", "1row", "tiles", "tiles-wide"],
 )
 @pytest.mark.parametrize("is_causal", [False, True])
-def test_bfloat16_dropout_on_lanes(cpu_kernel, shape, is_causal):
-    """bf16 calls with dropout and few rows per kv head run the lanes kernel on bf16 (its dropout the
-    same bits): the float64 reference's output on the same rounded inputs within bf16 rounding, and a
-    backward through the same mask (the float32 kernels on copies)."""
+@pytest.mark.parametrize("use_lengths", [False, True])
+def test_bfloat16_dropout(cpu_kernel, shape, is_causal, use_lengths):
+    """bf16 calls with dropout run the lanes kernel (few rows per kv head) or, where vdpbf16ps pays,
+    the bf16 tiles (above 64 rows; P^T's kept entries scaled after the normalizer's sum, the same
+    bits, 16 rows of a key at a time): the float64 reference's output on the same rounded inputs
+    within bf16 rounding, and a backward through the same mask."""
     q, k, v = (t.detach().bfloat16().requires_grad_() for t in qkv(*shape))
-    kw = {"is_causal": is_causal, "dropout_p": 0.3, "seed": 77}
+    lengths = torch.tensor([shape[4], 37][: shape[0]]) if use_lengths else None
+    kw = {"is_causal": is_causal, "dropout_p": 0.3, "seed": 77, "key_lengths": lengths}
     out, _ = attention(q, k, v, **kw)
     ref, _ = attention_reference(*(t.detach().double() for t in (q, k, v)), **kw)
     torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
