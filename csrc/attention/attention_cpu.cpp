@@ -741,7 +741,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_backward_cpu(
   // vdpbf16ps runs at half the float32 rate, take the float32 kernels on float32 copies).
   // (A mask's gradient comes from the float32 kernels.)
   const Tensor no_mask_grad = at::empty({0}, query.options());
-  if (query.scalar_type() == at::kBFloat16 && mask_keys_contiguous(d, mask) && !dropout.active() && !mask_grad &&
+  if (query.scalar_type() == at::kBFloat16 && mask_keys_contiguous(d, mask) && !mask_grad &&
       fast::supports(d.d, d.dv) && gemm::cpu::bf16_kernel() == gemm::cpu::Bf16Kernel::Dot) {
     const Tensor q = rows_ready(query, at::kBFloat16), k = rows_ready(key, at::kBFloat16);
     const Tensor v = rows_ready(value, at::kBFloat16);
@@ -749,7 +749,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_backward_cpu(
     const Tensor lse = logsumexp.to(at::kFloat).contiguous();
     Tensor gq = at::empty(q.sizes(), q.options()), gk = at::empty(k.sizes(), k.options());
     Tensor gv = at::empty(v.sizes(), v.options());
-    const fast::ProblemBf16 fp = fast_problem<uint16_t>(d, q, k, v, lengths, is_causal, scale, mask);
+    const fast::ProblemBf16 fp = fast_problem<uint16_t>(d, q, k, v, lengths, is_causal, scale, mask, dropout);
     const auto bits = [](const Tensor& t) { return reinterpret_cast<const uint16_t*>(t.const_data_ptr()); };
     fast::GradsBf16 g;
     g.grad_out = bits(go);

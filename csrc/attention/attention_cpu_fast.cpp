@@ -1286,7 +1286,8 @@ template <int MR>
 BM_AVX512_BF16 void bwd_rows_bf16(const ProblemBf16& p, const uint16_t* q, const uint16_t* go, const float* lse,
                                   const float* delta, const uint16_t* kpan, const uint16_t* vpan,
                                   const uint16_t* kpairs, int64_t j0, int64_t nk, const int64_t* limit,
-                                  const float* mrow, uint32_t* ptp, uint32_t* dstp, uint32_t* dstp_lo, float* gq) {
+                                  const float* mrow, const uint32_t* drop_rows, uint32_t* ptp, uint32_t* dstp,
+                                  uint32_t* dstp_lo, float* gq) {
   alignas(64) float pf[MR + 1][kKeys];   // P, float32; row MR: zero, an odd last row's partner
   alignas(64) float dsf[MR + 1][kKeys];  // dS, float32 (then its hi part)
   alignas(64) float dsl[MR + 1][kKeys];  // dS - hi
@@ -1299,12 +1300,20 @@ BM_AVX512_BF16 void bwd_rows_bf16(const ProblemBf16& p, const uint16_t* q, const
   __m512 dp[MR][4];
   mk::zero_tile<MR>(dp);
   tile_keys_bf16<MR>(go, p.dv, p.dv / 2, vpan, nk, dp);
+  const __m512 kept = _mm512_set1_ps(static_cast<float>(p.dropout.keep_scale()));
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
     const __m512 dl = _mm512_set1_ps(delta[r]);
 #pragma GCC unroll 4
     for (int c = 0; c < 4; ++c) {
-      const __m512 ds = _mm512_mul_ps(_mm512_mul_ps(_mm512_load_ps(pf[r] + 16 * c), _mm512_sub_ps(dp[r][c], dl)), sc);
+      const __m512 pv = _mm512_load_ps(pf[r] + 16 * c);
+      __m512 dpz = dp[r][c];
+      if (drop_rows) {  // dS = P (Z dP - delta); pf keeps P Z, what the values saw
+        const __mmask16 keep = dropout_keep(p.dropout, drop_rows[r], j0 + 16 * c);
+        dpz = _mm512_maskz_mul_ps(keep, dpz, kept);
+        _mm512_store_ps(pf[r] + 16 * c, _mm512_maskz_mul_ps(keep, pv, kept));
+      }
+      const __m512 ds = _mm512_mul_ps(_mm512_mul_ps(pv, _mm512_sub_ps(dpz, dl)), sc);
       const __m512 hi = bf16_hi(ds), lo = _mm512_sub_ps(ds, hi);
       _mm512_store_ps(dsf[r] + 16 * c, hi);
       _mm512_store_ps(dsl[r] + 16 * c, lo);
@@ -1446,11 +1455,14 @@ void backward_bf16_dot(const ProblemBf16& p, const GradsBf16& g, int64_t t0, int
             p, valid, j0,
             [&](int64_t i0, int64_t r0, int64_t mr, const int64_t* limit) {
               const int64_t pair0 = (r0 - i0) / 2;  // groups start at even rows of the block
+              uint32_t drop_rows[kRows];
+              dropout_rows(p.dropout, b, h, r0, mr, drop_rows);
               mk::with_rows(mr, [&](auto rows) {
                 bwd_rows_bf16<decltype(rows)::value>(
                     p, qh + r0 * p.d, g.grad_out + (row0 + r0) * p.dv, g.lse + row0 + r0, delta + i * p.Lq + r0,
-                    kpan, vpan, kblock, j0, nk, limit, mask_rows(p, b, h, r0), ptp + pair0 * kKeys,
-                    dstp + pair0 * kKeys, dstp_lo + pair0 * kKeys, gqa + (i * p.Lq + r0) * p.d);
+                    kpan, vpan, kblock, j0, nk, limit, mask_rows(p, b, h, r0),
+                    p.dropout.active() ? drop_rows : nullptr, ptp + pair0 * kKeys, dstp + pair0 * kKeys,
+                    dstp_lo + pair0 * kKeys, gqa + (i * p.Lq + r0) * p.d);
               });
             },
             [&](int64_t i0, int64_t nq) {  // dV[block] += P^T dO, dK[block] += dS^T Q over the row pairs

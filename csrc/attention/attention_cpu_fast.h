@@ -29,7 +29,7 @@ struct ProblemOf {
   const T* v = nullptr;
   int64_t qs[3] = {}, ks[3] = {}, vs[3] = {};
   const int64_t* lengths = nullptr;  // [B] or nullptr
-  Dropout dropout;  // float32 forward() and backward(), forward_lanes()
+  Dropout dropout;  // forward(), backward(), forward_lanes(), forward_bf16_dot(), backward_bf16_dot()
   // An additive mask (attn_mask as a float32 [B, Hq, Lq, Lk] view, keys contiguous, rows at strides ms
   // over (batch, query head, row)) or nullptr; every kernel here but forward_amx takes it.
   const float* mask = nullptr;
@@ -79,7 +79,9 @@ inline bool supports_amx(int64_t d, int64_t dv) {
 constexpr int64_t kBlockQAmx = 64;  // query rows per bf16 forward task
 void forward_amx(const ProblemBf16& p, int64_t t0, int64_t t1, uint16_t* out, float* lse);
 // The same forward with the products on vdpbf16ps (AVX512-BF16 without AMX; same layouts), whose
-// (P V)^T is not bound to four AMX accumulator tiles: head dims as supports().
+// (P V)^T is not bound to four AMX accumulator tiles: head dims as supports(). It also takes dropout
+// (the Problem's; P^T's kept entries scaled a key at a time, as forward_lanes does), which the AMX
+// form is not given.
 void forward_bf16_dot(const ProblemBf16& p, int64_t t0, int64_t t1, uint16_t* out, float* lse);
 
 // The probabilities a forward multiplied V by (attention_weights). weights_pack packs scale K^T of kv
@@ -147,7 +149,7 @@ struct KeySplit {
 // The same backward for bf16 q, k, v and grad_out with its five products on vdpbf16ps (AVX512-BF16,
 // where bf16_kernel() chose it): float32 accumulation and softmax, P and dS rounded to bf16 where they
 // multiply (dS as two terms, see the .cpp); head dims as supports(); gradients rounded to bf16 once.
-// Tasks and key splits as backward().
+// Tasks and key splits as backward(); dropout as backward()'s (P Z rounded for dV).
 void backward_bf16_dot(const ProblemBf16& p, const GradsBf16& g, int64_t t0, int64_t t1);
 
 }  // namespace bigmodel::attention::fast
