@@ -77,8 +77,8 @@ def attention_weights(
     Returns:
         ``(B, Hq, Lq, Lk)`` in query's dtype (``(B, Lq, Lk)`` with ``average``): ``exp(s - logsumexp)``
         for the valid keys, 0 for masked keys and for rows without any, times the dropout factor.
-        Differentiable in query and key (the softmax's gradient; ``logsumexp`` counts as the function
-        of them that it is). On CPU; one [B, Lq, Lk] block of scores at a time is recomputed, so the
+        Differentiable in query, key and a float ``attn_mask`` (the softmax's gradient; ``logsumexp``
+        counts as the function of them that it is). On CPU; one [B, Lq, Lk] block of scores at a time is recomputed, so the
         [B, Hq, Lq, Lk] tensor exists only without ``average``.
     """
     return torch.ops.bigmodel.attention_weights(

@@ -40,7 +40,8 @@
 //   with no valid key, times the dropout factor (0, or 1 / (1 - dropout_p)) of the same hash.
 //   logsumexp must be the forward's for the same q, k and arguments. [B, Hq, Lq, Lk] in q's dtype,
 //   or with average its mean over the query heads, [B, Lq, Lk]. The gradient (Python) treats
-//   logsumexp as what it is, a function of q and k: it is the softmax's.
+//   logsumexp as what it is, a function of q and k: it is the softmax's (a float attn_mask that
+//   requires grad gets dS summed to its shape).
 #pragma once
 
 #include <ATen/core/Tensor.h>
