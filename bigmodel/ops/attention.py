@@ -78,8 +78,8 @@ def attention_weights(
         ``(B, Hq, Lq, Lk)`` in query's dtype (``(B, Lq, Lk)`` with ``average``): ``exp(s - logsumexp)``
         for the valid keys, 0 for masked keys and for rows without any, times the dropout factor.
         Differentiable in query, key and a float ``attn_mask`` (the softmax's gradient; ``logsumexp``
-        counts as the function of them that it is). On CPU; one [B, Lq, Lk] block of scores at a time is recomputed, so the
-        [B, Hq, Lq, Lk] tensor exists only without ``average``.
+        counts as the function of them that it is). On CPU; one [B, Lq, Lk] block of scores at a
+        time is recomputed, so the [B, Hq, Lq, Lk] tensor exists only without ``average``.
     """
     return torch.ops.bigmodel.attention_weights(
         query, key, logsumexp.detach(), attn_mask, key_lengths, is_causal, scale, dropout_p, seed, average
