@@ -302,17 +302,14 @@ void backward(const Problem<T>& p, const T* grad_out, const T* lse, const T* del
             for (int64_t r = 0; r < nq; ++r) {
               const Vectorized<T> D(delta[row0 + r]), sc(p.scale);
               T* ds = dS.data() + r * kBlockK;
-              if (grad_mask) {  // the scores' gradient before the scale (which may be 0)
+              if (grad_mask) {  // the scores' gradient before the scale (which may be 0), from dP in ds
                 T* gm = grad_mask + mg.offset(b, h, i0 + r) + j0;
                 at::vec::map3(
                     [&](Vectorized<T> pv, Vectorized<T> dp, Vectorized<T> acc) { return acc + pv * (dp - D); }, gm,
                     P.data() + r * kBlockK, ds, gm, nk);
-                at::vec::map2([&](Vectorized<T> pv, Vectorized<T> dp) { return pv * (dp - D) * sc; }, ds,
-                              P.data() + r * kBlockK, ds, nk);
-              } else {
-                at::vec::map2([&](Vectorized<T> pv, Vectorized<T> dp) { return pv * (dp - D) * sc; }, ds,
-                              P.data() + r * kBlockK, ds, nk);
               }
+              at::vec::map2([&](Vectorized<T> pv, Vectorized<T> dp) { return pv * (dp - D) * sc; }, ds,
+                            P.data() + r * kBlockK, ds, nk);
             }
             gemm::rowmajor<T>(false, false, nq, d.d, nk, T(1), dS.data(), kBlockK, kp, p.ks[2], T(1),
                               grad_q + row0 * d.d, d.d);

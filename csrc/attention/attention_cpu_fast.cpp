@@ -69,6 +69,16 @@ BM_ALWAYS_INLINE void for_each_column_chunk(int64_t cols, const F& f) {
     mk::with_vectors(std::min<int64_t>(4, (cols - c0 + 15) / 16), [&](auto nv) { f(c0, nv); });
 }
 
+// The first NV vectors of each row of a register tile copied into another (of another width): a
+// short key block's product runs on an NV-vector tile and its result goes back into the 4-vector one.
+template <int NV, int MR, int A, int B>
+BM_AVX512 BM_ALWAYS_INLINE void copy_vectors(const __m512 (&src)[MR][A], __m512 (&dst)[MR][B]) {
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) dst[r][j] = src[r][j];
+}
+
 // acc += A B over the first nk columns of a 64-key panel (rows of 64 floats), the other vectors left as
 // they are: a block of 20 keys (the tail of a short sequence) multiplies 2 vectors of 4.
 template <int MR>
@@ -78,15 +88,9 @@ BM_AVX512 BM_ALWAYS_INLINE void tile_keys(const float* a, int64_t lda, int64_t K
   mk::with_vectors((nk + 15) / 16, [&](auto nv) BM_AVX512 {
     constexpr int NV = decltype(nv)::value;
     __m512 part[MR][NV];
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) part[r][j] = acc[r][j];
+    copy_vectors<NV>(acc, part);
     mk::tile_f32_rows<MR, NV>(a, lda, K, panel, kKeys, part);
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) acc[r][j] = part[r][j];
+    copy_vectors<NV>(part, acc);
   });
 }
 
@@ -98,15 +102,9 @@ BM_AVX512_BF16 BM_ALWAYS_INLINE void tile_keys_bf16(const uint16_t* a, int64_t l
   mk::with_vectors((nk + 15) / 16, [&](auto nv) BM_AVX512_BF16 {
     constexpr int NV = decltype(nv)::value;
     __m512 part[MR][NV];
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) part[r][j] = acc[r][j];
+    copy_vectors<NV>(acc, part);
     mk::tile_bf16_rows<MR, NV>(a, lda, K2, panel, 2 * kKeys, part);
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) acc[r][j] = part[r][j];
+    copy_vectors<NV>(part, acc);
   });
 }
 
@@ -323,8 +321,8 @@ void forward(const Problem& p, int64_t t0, int64_t t1, float* out, float* lse) {
 
 namespace {
 
-// P = exp(scale S - lse) (the backward's, and the weights') for MR rows of the 64-key block from j0 into pf: zero past each
-// row's limit, and for rows that see no key (lse = -inf; they get no gradient).
+// P = exp(scale S - lse) (the backward's, and the weights') for MR rows of the 64-key block from j0
+// into pf: zero past each row's limit, and for rows that see no key (lse = -inf; they get no gradient).
 // With an additive mask (mrow: the rows' mask rows at stride ldm, or nullptr) P = exp(scale S + mask -
 // lse), exactly 0 where the mask is -inf.
 template <int MR>
@@ -1110,17 +1108,14 @@ BM_AMX __m512 softmax_block_t(const float (*st)[16], const float (*mt)[16], int6
       _mm512_mask_mov_ps(_mm512_set1_ps(1.f), live, mk::exp_scaled_ps<1>(_mm512_sub_ps(s.m, shift)));
   __m512 sum = _mm512_setzero_ps();
   for (int j = 0; j < kKeys; j += 2) {
-    const __m512 e0 =
-        _mm512_maskz_mov_ps(valid[j], mk::exp_scaled_ps<1>(_mm512_sub_ps(_mm512_load_ps(sv[j]), shift)));
-    const __m512 e1 =
+    __m512 e0 = _mm512_maskz_mov_ps(valid[j], mk::exp_scaled_ps<1>(_mm512_sub_ps(_mm512_load_ps(sv[j]), shift)));
+    __m512 e1 =
         _mm512_maskz_mov_ps(valid[j + 1], mk::exp_scaled_ps<1>(_mm512_sub_ps(_mm512_load_ps(sv[j + 1]), shift)));
     sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
     if (drop) {
       const __m512 kept = _mm512_set1_ps(static_cast<float>(drop->keep_scale()));
-      _mm512_store_si512(pt + (j / 2) * 16,
-                         mk::bf16_pairs(_mm512_maskz_mul_ps(dropout_keep_rows(*drop, rows, j0 + j), e0, kept),
-                                        _mm512_maskz_mul_ps(dropout_keep_rows(*drop, rows, j0 + j + 1), e1, kept)));
-      continue;
+      e0 = _mm512_maskz_mul_ps(dropout_keep_rows(*drop, rows, j0 + j), e0, kept);
+      e1 = _mm512_maskz_mul_ps(dropout_keep_rows(*drop, rows, j0 + j + 1), e1, kept);
     }
     _mm512_store_si512(pt + (j / 2) * 16, mk::bf16_pairs(e0, e1));
   }
