@@ -110,6 +110,15 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    """Tests set torch's process-wide thread count (and `bigmodel train --threads` does); each gets the
+    count it started with back afterwards."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "op(name): the bigmodel op a test module exercises (for CUDA skips)")
     config.addinivalue_line(

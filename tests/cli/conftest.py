@@ -6,21 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from bigmodel.cli.main import main
 from bigmodel.data import synthetic_reviews
 
 # A model small enough that an epoch over the small corpus takes well under a second.
 TINY = ["--embed-dim", "8", "--hidden-dim", "8", "--batch-size", "16", "--lr", "0.01", "--threads", "1"]
-
-
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    """`--threads` sets torch's process-wide thread count; give it back after each test."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -276,12 +276,8 @@ def test_backward_key_splits(cpu_kernel, threads, shape, masking):
         kw = {"attn_mask": _general_mask("bias-holes", B, Hq, Lq, Lk)}
     elif masking == "dropout":
         kw = {"dropout_p": 0.2, "seed": 3}
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        assert_matches_reference(q, k, v, **kw)
-    finally:
-        torch.set_num_threads(saved)
+    torch.set_num_threads(threads)  # restored by conftest's _keep_threads
+    assert_matches_reference(q, k, v, **kw)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -554,12 +550,8 @@ def test_bfloat16_backward_key_splits(cpu_kernel, threads, shape, is_causal, use
     each split's float32 dQ summed, then rounded; dK / dV rows past a key length exactly zero."""
     B, Lk = shape[0], shape[4]
     lengths = torch.tensor([Lk - 30, 70, 1][:B]) if use_lengths else None
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        assert_bf16_gradients_close(shape, is_causal, lengths)
-    finally:
-        torch.set_num_threads(saved)
+    torch.set_num_threads(threads)  # restored by conftest's _keep_threads
+    assert_bf16_gradients_close(shape, is_causal, lengths)
 
 
 def assert_bf16_gradients_close(shape, is_causal, lengths):
@@ -654,14 +646,11 @@ def test_mask_gradient(cpu_kernel, dtype, kind, extras):
         kw.update(dropout_p=0.3, seed=11)
     elif extras == "scale-0":
         kw["scale"] = 0.0
-    saved = torch.get_num_threads()
-    torch.set_num_threads(3 if extras == "key-splits" else saved)
-    try:
-        out, _ = attention(q, k, v, **kw)
-        seed = torch.randn_like(out)
-        got = grads(out, (q, k, v, mask), seed)
-    finally:
-        torch.set_num_threads(saved)
+    if extras == "key-splits":
+        torch.set_num_threads(3)  # restored by conftest's _keep_threads
+    out, _ = attention(q, k, v, **kw)
+    seed = torch.randn_like(out)
+    got = grads(out, (q, k, v, mask), seed)
     ref, _ = attention_reference(q, k, v, **kw)
     want = grads(ref, (q, k, v, mask), seed)
     for name, a, b in zip(["q", "k", "v", "mask"], got, want, strict=True):

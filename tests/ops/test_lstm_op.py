@@ -140,12 +140,8 @@ def test_input_without_grad(cpu_kernel, dtype, threads, T, B, IN, H):
     )
     _, seed_grads, want = outputs_and_grads(args, lengths, False, threads)
     args[0] = args[0].detach()
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        got = grads(lstm_layer(*args, lengths=lengths), args[1:], seed_grads)
-    finally:
-        torch.set_num_threads(saved)
+    torch.set_num_threads(threads)  # restored by conftest's _keep_threads
+    got = grads(lstm_layer(*args, lengths=lengths), args[1:], seed_grads)
     for g, w in zip(got, want[1:], strict=True):
         assert torch.equal(g, w)
 
