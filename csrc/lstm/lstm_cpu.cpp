@@ -21,7 +21,9 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <unistd.h>
 
 #include "common/checks.h"
@@ -455,6 +457,23 @@ Tensor last_states(const Tensor& hout, const PackPlan& p, bool reverse) {
   return hout.index_select(0, idx);
 }
 
+// Whether the AVX2 forward takes x W_ih^T + b from one GEMM before the loop (ForwardArgs::gx) rather
+// than streaming [W_hh; W_ih] every step, given the bytes of panels a worker would stream: where they
+// are over twice its L2 budget. Measured on Zen 3 (2 threads, NOTES v27): H = I = 1024, B = 8 / 32
+// inference 1.73x / 1.35x faster, training 1.22x / 1.05x; H = I = 512 1.12-1.27x / 1.07-1.10x; H = I =
+// 256 (2 MiB a worker) 1.05-1.16x; the seed shape (1 MiB) 0.96x, so it keeps its fused tiles. The
+// AVX-512 tiles have not been measured this way (no AVX-512 host in that session).
+// BIGMODEL_LSTM_INPUT_GEMM=on / off forces the choice either way (read on every call, for tests and
+// benchmarks), auto (or unset) decides as above.
+bool pre_x_wanted(int64_t worker_bytes) {
+  const char* e = std::getenv("BIGMODEL_LSTM_INPUT_GEMM");
+  const std::string mode = e != nullptr ? e : "auto";
+  TORCH_CHECK(mode == "auto" || mode == "on" || mode == "off",
+              "BIGMODEL_LSTM_INPUT_GEMM must be 'auto', 'on' or 'off', got '", mode, "'");
+  if (mode != "auto") return mode == "on";
+  return worker_bytes > 2 * l2_budget();
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fast(
     const Tensor& input, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
     const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh, const Dims& d, const PackPlan& p,
@@ -471,29 +490,46 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fast(
   const int64_t G = 4 * d.H;
   // bf16 reads k in pairs and AMX in blocks of 32: h and x rows are zero-padded to that length.
   const int64_t kq = amx ? 32 : bf16 ? 2 : 1;
-  const int64_t Kh = (d.H + kq - 1) / kq * kq, Kx = (d.I + kq - 1) / kq * kq;
-  const int64_t panel_bytes = (d.H + 15) / 16 * gemm::kPanel * (Kh + Kx) * (bf16 ? 2 : 4);
+  const int64_t Kh = (d.H + kq - 1) / kq * kq;
+  const int64_t col_panels = (d.H + 15) / 16;
   // AMX: row groups of 16 rows rather than column groups where B = 32 in training (long shape, bf16:
   // forward with gates 27 -> 20-23 ms); inference keeps 32-row blocks (13.7-15.0 against 15.3-15.7 ms).
   const int64_t amx_rows = train ? 16 : fast::kAmxRows;
-  const fast::Grid grid = choose_grid(d.B, (d.H + 15) / 16, panel_bytes, amx ? amx_rows : avx2 ? fast::kAvx2GateRows : 6,
-                                      !amx && !avx2, !amx && !avx2 && !bf16);
+  const auto grid_for = [&](int64_t bytes) {
+    return choose_grid(d.B, col_panels, bytes, amx ? amx_rows : avx2 ? fast::kAvx2GateRows : 6, !amx && !avx2,
+                       !amx && !avx2 && !bf16);
+  };
+  // The tiles multiply [h_{t-1}, x_t] by [W_hh; W_ih], so every step streams both weights. Where a
+  // worker's share of them is too big to stay in its caches (pre_x_wanted), the AVX2 tiles take
+  // x W_ih^T + b for all steps from one GEMM before the loop instead and stream W_hh alone.
+  const int64_t Kx_full = (d.I + kq - 1) / kq * kq;
+  const int64_t full_bytes = col_panels * gemm::kPanel * (Kh + Kx_full) * (bf16 ? 2 : 4);
+  const fast::Grid full_grid = grid_for(full_bytes);
+  const bool pre_x = pre_x_wanted(full_bytes / full_grid.C) && avx2;  // (a bad setting errors everywhere)
+  const int64_t Kx = pre_x ? 0 : Kx_full;
+  const int64_t panel_bytes = pre_x ? col_panels * gemm::kPanel * Kh * 4 : full_bytes;
+  const fast::Grid grid = pre_x ? grid_for(panel_bytes) : full_grid;
   // AMX tiles load whole 16-row blocks at a row stride of R: give x and h that many rows of slack.
   const int64_t slack = amx ? fast::kAmxRows * grid.R : 0;
 
   Tensor x = to_packed(input, p, st);
-  if (Kx != d.I || slack > 0) x = at::constant_pad_nd(x, {0, Kx - d.I, 0, slack});
+  if (!pre_x && (Kx != d.I || slack > 0)) x = at::constant_pad_nd(x, {0, Kx - d.I, 0, slack});
   // B = [W_hh, 0, W_ih, 0] as [4H, Kh + Kx]: one tile multiplies [h_{t-1}, x_t] by both weights.
   // float32 on AVX-512 runs a last panel of at most 8 units as a half-width tile (3.8% of the FMAs at
-  // H = 200). Cache kind: kq (1 float32 on AVX2, 2 bf16 pairs, 32 AMX), 4 float32 on AVX-512 (the
-  // half-width panel); 0 and -32 are the backward's packings.
+  // H = 200). Cache kind: kq (1 float32 on AVX2, strips; 2 bf16 pairs, 32 AMX), 4 float32 on AVX-512 (the
+  // half-width panel); W_hh alone (pre_x, AVX2) 5; 0 and -32 are the backward's packings.
   const bool half = !bf16 && !avx2;
   // K rows are h's H, then x's I (each zero-padded to Kh, Kx), packed part by part into zeroed panels:
   // float32 [np, Kh + Kx, 64], bf16 k pairs [np, (Kh + Kx) / 2, 64, 2].
-  const gemm::ColumnMap cols = gemm::gate_grouped_columns(d.H, half);
+  const gemm::ColumnMap cols = avx2 ? gemm::gate_half_grouped_columns(d.H) : gemm::gate_grouped_columns(d.H, half);
   const int64_t np = int64_t(cols.size()) / gemm::kPanel;
   const auto pack = [&](Tensor& out) {
-    if (bf16) {
+    if (avx2) {  // [np, K, 64] panels, then each panel's quarters as strips: [np, 4, K, 16]
+      Tensor panels = at::zeros({np, Kh + Kx, gemm::kPanel}, at::kFloat);
+      gemm::pack_f32_into(panels.data_ptr<float>(), Kh + Kx, 0, w_hh, true, cols);
+      if (!pre_x) gemm::pack_f32_into(panels.data_ptr<float>(), Kh + Kx, Kh, w_ih, true, cols);
+      out.view({np, 4, Kh + Kx, 16}).copy_(panels.view({np, Kh + Kx, 4, 16}).permute({0, 2, 1, 3}));
+    } else if (bf16) {
       gemm::pack_bf16_into(out.data_ptr<int16_t>(), (Kh + Kx) / 2, 0, w_hh, true, cols);
       gemm::pack_bf16_into(out.data_ptr<int16_t>(), (Kh + Kx) / 2, Kh, w_ih, true, cols);
     } else {
@@ -503,7 +539,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fast(
   };
   const std::vector<int64_t> sizes = bf16 ? std::vector<int64_t>{np, (Kh + Kx) / 2, gemm::kPanel, 2}
                                           : std::vector<int64_t>{np, Kh + Kx, gemm::kPanel};
-  Tensor panels = gemm::cached_pack({w_hh, w_ih}, half ? 4 : kq, sizes, bf16 ? at::kShort : at::kFloat, pack);
+  Tensor panels = pre_x ? gemm::cached_pack({w_hh}, /*kind=*/5, sizes, at::kFloat, pack)
+                        : gemm::cached_pack({w_hh, w_ih}, half ? 4 : kq, sizes, bf16 ? at::kShort : at::kFloat, pack);
   Tensor bias = d.bias ? (b_ih->to(at::kFloat) + b_hh->to(at::kFloat)).contiguous() : Tensor();
   // h and c in row-group-major order (fast::state_row); h has the AMX slack rows after them.
   const int64_t state_rows = (d.B + grid.R - 1) / grid.R;
@@ -518,6 +555,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fast(
   Tensor gates = train ? pooled_empty({d.T * d.B, G}, saved) : at::empty({0}, saved);
   Tensor cells = train ? pooled_empty({d.T * d.B, d.H}, saved) : at::empty({0}, saved);
   Tensor hout = pooled_empty({p.N, d.H}, out_st);
+  // x W_ih^T + b: in the float32 gate buffer where there is one (each row's gates overwrite its own
+  // pre-activations), else in a buffer of its own.
+  Tensor gx;
+  if (pre_x) {
+    gx = train && saved == at::kFloat ? gates.narrow(0, 0, p.N) : pooled_empty({p.N, G}, at::kFloat);
+    const Tensor w = w_ih.to(at::kFloat);
+    if (d.bias)
+      at::addmm_out(gx, bias, x, w.t());
+    else
+      at::mm_out(gx, x, w.t());
+  }
 
   fast::ForwardArgs a;
   a.steps = steps_of(p, d, reverse);
@@ -525,7 +573,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fast(
   a.half_panel = half ? gemm::half_width_panel(d.H) : -1;
   a.Kh = Kh;
   a.Kx = Kx;
-  a.bias = d.bias ? bias.const_data_ptr<float>() : nullptr;
+  a.bias = d.bias && !pre_x ? bias.const_data_ptr<float>() : nullptr;
+  a.gx = pre_x ? gx.const_data_ptr<float>() : nullptr;
   a.x = x.const_data_ptr();
   a.gates = train ? gates.data_ptr() : nullptr;
   a.cells = train ? cells.data_ptr() : nullptr;

@@ -303,11 +303,20 @@ BM_AMX void forward_loop_amx(const ForwardArgs& a, int64_t w0, int64_t w1) {
 
 // ---- forward on AVX2 ----
 //
-// Half h of panel p holds the i, f, g, o pre-activations of units 16 p + 8 h .. + 7: two gate-pair
-// tiles (i, f and g, o; m2::gate_pair_tile_f32) fill a [MR][32] buffer for the cell update.
+// Half h of panel p (gate_half_grouped_columns) holds the i, f, g, o columns of units 16 p + 8 h .. + 7,
+// stored as strips: the panel's four quarters one after another, each [Kh + Kx, 16]. Two gate-pair tiles
+// (strips 2 h and 2 h + 1: i, f, then g, o) fill a [MR][32] buffer for the cell update.
+
+// Gate g's pre-activation: the tile's columns plus the bias and, where the input's part was computed
+// before the loop (a.gx), the row's x W_ih^T + b (gx_g: nullptr otherwise).
+BM_AVX2 BM_ALWAYS_INLINE __m256 preactivation_avx2(const float* tile, __m256 bias, const float* gx_g,
+                                                   const m2::Lanes& m) {
+  const __m256 v = _mm256_add_ps(_mm256_load_ps(tile), bias);
+  return gx_g != nullptr ? _mm256_add_ps(v, m2::load_f32(gx_g, m)) : v;
+}
 
 // The cell update of rows r0, r0 + rstride, ... (mr of them) and hidden units u0 .. u0 + 7, from their
-// pre-activations in tile[i] (gates i, f, g, o at columns 0, 8, 16, 24), bias not yet added.
+// pre-activations in tile[i] (gates i, f, g, o at columns 0, 8, 16, 24), bias (and gx) not yet added.
 template <bool kTrain>
 BM_AVX2 BM_ALWAYS_INLINE void cell_update_avx2(const ForwardArgs& a, int64_t off, int64_t r0, int64_t mr,
                                                int64_t rstride, int64_t u0, const float (*tile)[32], void* hn) {
@@ -319,10 +328,12 @@ BM_AVX2 BM_ALWAYS_INLINE void cell_update_avx2(const ForwardArgs& a, int64_t off
     bias[g] = a.bias != nullptr ? m2::load_f32(a.bias + g * H + u0, m) : _mm256_setzero_ps();
   for (int64_t i = 0; i < mr; ++i) {
     const int64_t r = r0 + i * rstride, row = off + r;
-    const __m256 ig = m2::sigmoid_ps(_mm256_add_ps(_mm256_load_ps(tile[i]), bias[0]));
-    const __m256 fg = m2::sigmoid_ps(_mm256_add_ps(_mm256_load_ps(tile[i] + 8), bias[1]));
-    const __m256 gg = m2::tanh_ps(_mm256_add_ps(_mm256_load_ps(tile[i] + 16), bias[2]));
-    const __m256 og = m2::sigmoid_ps(_mm256_add_ps(_mm256_load_ps(tile[i] + 24), bias[3]));
+    const float* gx = a.gx != nullptr ? a.gx + row * G + u0 : nullptr;
+    const auto at_gate = [&](int g) { return gx != nullptr ? gx + g * H : nullptr; };
+    const __m256 ig = m2::sigmoid_ps(preactivation_avx2(tile[i], bias[0], at_gate(0), m));
+    const __m256 fg = m2::sigmoid_ps(preactivation_avx2(tile[i] + 8, bias[1], at_gate(1), m));
+    const __m256 gg = m2::tanh_ps(preactivation_avx2(tile[i] + 16, bias[2], at_gate(2), m));
+    const __m256 og = m2::sigmoid_ps(preactivation_avx2(tile[i] + 24, bias[3], at_gate(3), m));
     const int64_t sr = state_row(a, r);
     float* cp = a.c + sr * H + u0;
     const __m256 cn = _mm256_fmadd_ps(fg, m2::load_f32(cp, m), _mm256_mul_ps(ig, gg));
@@ -355,8 +366,9 @@ BM_AVX2 void forward_tile_avx2(const ForwardArgs& a, int64_t off, int64_t r0, in
     for (int g2 = 0; g2 < 2; ++g2) {  // gates i, f, then g, o
       __m256 acc[MR][2];
       m2::zero_tile<MR, 2>(acc);
-      m2::gate_pair_tile_f32<MR>(h_rows, Kh, Kh, panel, 32 * g2 + 8 * h, acc);
-      m2::gate_pair_tile_f32<MR>(x_rows, rstride * Kx, Kx, panel + Kh * m2::kNR, 32 * g2 + 8 * h, acc);
+      const float* strip = panel + (2 * h + g2) * (Kh + Kx) * 16;
+      m2::pair_tile_f32<MR>(h_rows, Kh, 1, Kh, strip, 16, acc);
+      m2::pair_tile_f32<MR>(x_rows, rstride * Kx, 1, Kx, strip + Kh * 16, 16, acc);
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) {
         _mm256_store_ps(tile[r] + 16 * g2, acc[r][0]);

@@ -47,6 +47,11 @@ struct ForwardArgs {
   int64_t Kh = 0;                // h's row length (H; rounded up to even on the bf16 path)
   int64_t Kx = 0;                // x's row length (I; rounded up to even on the bf16 path)
   const float* bias = nullptr;   // [4H] b_ih + b_hh, or nullptr
+  // [N, 4H] x W_ih^T + b_ih + b_hh in the layer's gate order (the AVX2 loop only), computed by one GEMM
+  // before the loop where streaming W_ih every step would cost more (lstm_cpu.cpp); then the panels
+  // hold W_hh alone, Kx = 0 and bias is nullptr. May alias `gates` (float32 training): the cell update
+  // reads a row's four pre-activations before it writes that row's gates.
+  const float* gx = nullptr;
   const void* x = nullptr;       // [N, Kx] packed input (float32, or bf16 bits on the bf16 path)
   // train: the activated gates [N, 4H] and c_t [N, H] that backward reads, float32, or bf16 bits on
   // the bf16 path (the layer's saved dtype, lstm.h)

@@ -456,6 +456,46 @@ def test_unknown_cpu_kernel_is_a_clear_error(monkeypatch):
         lstm_layer(*args)
 
 
+@pytest.mark.parametrize("mode", ["on", "off"])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("bias,has_lengths,reverse", [(True, True, False), (False, False, True), (True, False, True)])
+@pytest.mark.parametrize("H", [8, 21])
+def test_input_gemm_matches_reference(cpu_kernel, monkeypatch, mode, threads, bias, has_lengths, reverse, H):
+    """The forward with x W_ih^T + b taken from one GEMM before the time loop (the AVX2 loop's choice
+    where [W_hh; W_ih] would not stay in its caches; BIGMODEL_LSTM_INPUT_GEMM=on forces it at small
+    sizes) against the fused tiles and the reference: inference, training (its gates overwrite the
+    GEMM's output in place) and backward, with lengths, reversed, one or two workers."""
+    monkeypatch.setenv("BIGMODEL_LSTM_INPUT_GEMM", mode)
+    args, lengths = make_args(
+        6, 9, 13, H, 0, proj=False, bias=bias, has_lengths=has_lengths, dtype=torch.float32, device="cpu"
+    )
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = lstm_layer(*args, lengths=lengths, reverse=reverse)
+        with torch.no_grad():
+            inference = lstm_layer(*args, lengths=lengths, reverse=reverse)
+        seed_grads = [torch.randn_like(o) for o in out]
+        got = grads(out, args, seed_grads)
+    finally:
+        torch.set_num_threads(saved)
+    ref = lstm_layer_reference(*args, lengths=lengths, reverse=reverse)
+    for o, i, r in zip(out, inference, ref, strict=True):
+        torch.testing.assert_close(o, r, **TOL[torch.float32])
+        torch.testing.assert_close(i, r, **TOL[torch.float32])
+    for g, gr in zip(got, grads(ref, args, seed_grads), strict=True):
+        torch.testing.assert_close(g, gr, **TOL[torch.float32])
+
+
+def test_bad_input_gemm_setting_is_an_error(monkeypatch):
+    args, _ = make_args(
+        3, 2, 4, 5, 0, proj=False, bias=True, has_lengths=False, dtype=torch.float32, device="cpu"
+    )
+    monkeypatch.setenv("BIGMODEL_LSTM_INPUT_GEMM", "yes")
+    with pytest.raises(RuntimeError, match="BIGMODEL_LSTM_INPUT_GEMM must be 'auto', 'on' or 'off', got 'yes'"):
+        lstm_layer(*args)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_weight_cache_sees_every_update(cpu_kernel, dtype):
     """The CPU op caches its packed weights across calls; any change of their contents, including

@@ -2,15 +2,16 @@
 // over the same packed panels as microkernel.h (kNR = 64 float32 columns per panel row), for CPUs
 // without AVX-512. The register file is 16 ymm of 8 floats, so a tile covers part of a panel:
 //
-//   gate-pair tile  MR rows x 2 ymm at panel columns c0 and c0 + 16 with c0 = 8 h (gates i, f) or
-//                   32 + 8 h (gates g, o), h = 0, 1: two gates of 8 hidden units of a gate-grouped
-//                   panel. Two of them (one K pass each) give the i, f, g, o pre-activations the
-//                   LSTM's cell update needs. kGateMR = 6: 12 accumulators + 2 B + 1 broadcast.
-//                   (3 rows x all 4 gates, 12 accumulators + 3 broadcasts + 1 B, measured 1-8%
-//                   slower: each k then touches all four 64-byte lines of a panel row for half of
-//                   each, and two passes per panel read every line twice per 3 rows.)
-//   quarter tile    MR rows x 2 ymm at panel columns 16 q .. 16 q + 15 (q = 0 .. 3): plain GEMM over
-//                   contiguous-column panels. kQuarterMR = 6: 12 accumulators + 2 B + 1 broadcast.
+//   quarter tile    MR rows x 2 ymm at panel columns 16 q .. 16 q + 15 (q = 0 .. 3), one 64-byte
+//                   line of each panel row: plain GEMM over contiguous-column panels (kQuarterMR = 6:
+//                   12 accumulators + 2 B + 1 broadcast).
+//   gate-pair tile  the LSTM forward's: the same column-pair tile over strips of 16 columns stored
+//                   contiguously (K rows of 64 bytes; the forward's AVX2 packing splits each panel of
+//                   gate_half_grouped_columns into its four quarters), strip 2 h + g2 holding gates
+//                   2 g2 and 2 g2 + 1 of the 8 hidden units of half h: two of them (one K pass each)
+//                   give the i, f, g, o pre-activations the cell update needs (kGateMR = 6). (Gate-pair
+//                   tiles on the AVX-512 gate-grouped panels read half of two lines per k; 3 rows x
+//                   all 4 gates on them was slower still.)
 //
 // A is read in place as in microkernel.h. Everything here is compiled for AVX2 + FMA through function
 // attributes, whatever -march the build uses; call it only after cpu::has_avx2() said yes.
@@ -57,31 +58,13 @@ BM_AVX2 BM_ALWAYS_INLINE void zero_tile(__m256 (&acc)[MR][NV]) {
     for (int j = 0; j < NV; ++j) acc[r][j] = _mm256_setzero_ps();
 }
 
-// Gate-pair tile: acc[r][j] += sum_k A[r, k] * panel[k][c0 + 16 j .. c0 + 16 j + 7] (j = 0, 1): two
-// gates of 8 units (c0 = 8 h: i and f; c0 = 32 + 8 h: g and o).
+// Column-pair tile: acc[r][j] += sum_k A(r, k) * w[k * ldw + 8 j .. 8 j + 7], A(r, k) = a[r * lda + k *
+// kstride] (kstride = 1: rows in place; larger: A read transposed, as a weight gradient reads
+// dgates^T): 16 columns of B at row stride ldw.
 template <int MR>
-BM_AVX2 BM_ALWAYS_INLINE void gate_pair_tile_f32(const float* a, int64_t lda, int64_t K, const float* panel,
-                                                 int c0, __m256 (&acc)[MR][2]) {
-  const float* w = panel + c0;
-  for (int64_t k = 0; k < K; ++k, w += kNR) {
-    const __m256 w0 = _mm256_load_ps(w), w1 = _mm256_load_ps(w + 16);
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      const __m256 av = _mm256_broadcast_ss(a + r * lda + k);
-      acc[r][0] = _mm256_fmadd_ps(av, w0, acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(av, w1, acc[r][1]);
-    }
-  }
-}
-
-// Quarter tile: acc[r][j] += sum_k A(r, k) * panel[k][16 q + 8 j .. 16 q + 8 j + 7], A(r, k) =
-// a[r * lda + k * kstride] (kstride = 1: rows in place; larger: A read transposed, as a weight
-// gradient reads dgates^T).
-template <int MR>
-BM_AVX2 BM_ALWAYS_INLINE void quarter_tile_f32(const float* a, int64_t lda, int64_t kstride, int64_t K,
-                                               const float* panel, int q, __m256 (&acc)[MR][2]) {
-  const float* w = panel + 16 * q;
-  for (int64_t k = 0; k < K; ++k, w += kNR) {
+BM_AVX2 BM_ALWAYS_INLINE void pair_tile_f32(const float* a, int64_t lda, int64_t kstride, int64_t K, const float* w,
+                                            int64_t ldw, __m256 (&acc)[MR][2]) {
+  for (int64_t k = 0; k < K; ++k, w += ldw) {
     const __m256 w0 = _mm256_load_ps(w), w1 = _mm256_load_ps(w + 8);
     const float* ak = a + k * kstride;
 #pragma GCC unroll 8
@@ -91,6 +74,13 @@ BM_AVX2 BM_ALWAYS_INLINE void quarter_tile_f32(const float* a, int64_t lda, int6
       acc[r][1] = _mm256_fmadd_ps(av, w1, acc[r][1]);
     }
   }
+}
+
+// Quarter tile: the column-pair tile over panel columns 16 q .. 16 q + 15.
+template <int MR>
+BM_AVX2 BM_ALWAYS_INLINE void quarter_tile_f32(const float* a, int64_t lda, int64_t kstride, int64_t K,
+                                               const float* panel, int q, __m256 (&acc)[MR][2]) {
+  pair_tile_f32<MR>(a, lda, kstride, K, panel + 16 * q, kNR, acc);
 }
 
 // Loads / stores a quarter tile from / to rows of 16 floats at stride ldc.

@@ -47,6 +47,18 @@ ColumnMap gate_grouped_columns(int64_t H, bool half_last) {
   return cols;
 }
 
+ColumnMap gate_half_grouped_columns(int64_t H) {
+  constexpr int64_t U = kPanel / 4;
+  const int64_t np = (H + U - 1) / U;
+  ColumnMap cols(np * kPanel, -1);
+  for (int64_t p = 0; p < np; ++p)
+    for (int64_t h = 0; h < 2; ++h)
+      for (int64_t g = 0; g < 4; ++g)
+        for (int64_t j = 0; j < U / 2 && p * U + h * U / 2 + j < H; ++j)
+          cols[p * kPanel + h * 2 * U + g * U / 2 + j] = g * H + p * U + h * U / 2 + j;
+  return cols;
+}
+
 namespace {
 
 // A 64-bit digest of a tensor's bytes (position-dependent multiply-add over 8-byte words; the

@@ -30,6 +30,10 @@ ColumnMap contiguous_columns(int64_t N);
 ColumnMap gate_grouped_columns(int64_t H, bool half_last = false);
 // The panel gate_grouped_columns(H, true) made half-width, or -1.
 int64_t half_width_panel(int64_t H);
+// The same units per panel in halves of 8 units for 8-lane tiles (the AVX2 forward): columns 32 h + 8 g
+// + j of panel p hold gate g of unit 16 p + 8 h + j, so the two gates of a gate-pair tile (i, f or g, o of
+// one half) are 16 contiguous columns, one 64-byte line of each panel row.
+ColumnMap gate_half_grouped_columns(int64_t H);
 
 // B(k, n) is src[n, k] when src_is_nk (src is [N, K], e.g. a weight used as x W^T), else src[k, n];
 // src is a 2-D float32, float64 or bfloat16 tensor.
