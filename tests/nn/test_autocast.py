@@ -4,6 +4,7 @@ dtypes, results within that dtype's rounding of native's, float32 gradients for 
 from __future__ import annotations
 
 import copy
+
 import pytest
 import torch
 import torch.nn.functional as F

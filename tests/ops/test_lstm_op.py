@@ -458,7 +458,9 @@ def test_unknown_cpu_kernel_is_a_clear_error(monkeypatch):
 
 @pytest.mark.parametrize("mode", ["on", "off"])
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("bias,has_lengths,reverse", [(True, True, False), (False, False, True), (True, False, True)])
+@pytest.mark.parametrize(
+    "bias,has_lengths,reverse", [(True, True, False), (False, False, True), (True, False, True)]
+)
 @pytest.mark.parametrize("H", [8, 21])
 def test_input_gemm_matches_reference(cpu_kernel, monkeypatch, mode, threads, bias, has_lengths, reverse, H):
     """The forward with x W_ih^T + b taken from one GEMM before the time loop (the AVX2 loop's choice
@@ -492,7 +494,9 @@ def test_bad_input_gemm_setting_is_an_error(monkeypatch):
         3, 2, 4, 5, 0, proj=False, bias=True, has_lengths=False, dtype=torch.float32, device="cpu"
     )
     monkeypatch.setenv("BIGMODEL_LSTM_INPUT_GEMM", "yes")
-    with pytest.raises(RuntimeError, match="BIGMODEL_LSTM_INPUT_GEMM must be 'auto', 'on' or 'off', got 'yes'"):
+    with pytest.raises(
+        RuntimeError, match="BIGMODEL_LSTM_INPUT_GEMM must be 'auto', 'on' or 'off', got 'yes'"
+    ):
         lstm_layer(*args)
 
 
