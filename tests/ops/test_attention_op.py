@@ -208,6 +208,44 @@ def test_few_query_rows(cpu_kernel, threads, Lq, Lk, d, dv, is_causal, use_lengt
 
 
 @pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("Lq", [1, 3])
+@pytest.mark.parametrize("Lk,d,dv", [(1, 8, 8), (19, 13, 40), (700, 64, 20)])
+@pytest.mark.parametrize("masking", ["none", "causal+lengths", "mask"])
+def test_few_query_rows_bfloat16(cpu_kernel, threads, Lq, Lk, d, dv, masking):
+    """bf16 decoding rows (a bf16 KV cache) on every kernel set: on AVX-512 the bf16 lanes kernel, else
+    the few-rows kernel reading the bf16 keys and values in place (converted as read, not copied whole)
+    from permuted [B, L, H, d] views: output within bf16 rounding of the float64 reference on the same
+    bf16 values, logsumexp (float32) within float32 accumulation of it, GQA, head dims off the vector
+    width, key lengths down to 0, an additive mask."""
+    B, Hq, Hkv = 3, 4, 2
+
+    def bhld(L, H, n):  # a [B, L, H, n] projection seen as [B, H, L, n]: rows in place, heads strided
+        return torch.randn(B, L, H, n).to(torch.bfloat16).transpose(1, 2)
+
+    q, k, v = bhld(Lq, Hq, d), bhld(Lk, Hkv, d), bhld(Lk, Hkv, dv)
+    lengths = torch.tensor([Lk, 0, max(1, Lk // 3)]) if masking == "causal+lengths" else None
+    is_causal = masking == "causal+lengths"
+    mask = torch.randn(B, 1, Lq, Lk).to(torch.bfloat16) if masking == "mask" else None
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            out, lse = attention(q, k, v, attn_mask=mask, key_lengths=lengths, is_causal=is_causal)
+    finally:
+        torch.set_num_threads(saved)
+    wide = [t.double() for t in (q, k, v)]
+    ref, ref_lse = attention_reference(
+        *wide,
+        attn_mask=None if mask is None else mask.double(),
+        key_lengths=lengths,
+        is_causal=is_causal,
+    )
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize(
     "Hq,Hkv,Lq",
     [(4, 4, 3), (4, 4, 7), (4, 4, 16), (2, 2, 17), (2, 2, 33), (2, 2, 64), (2, 2, 65)]
