@@ -385,6 +385,22 @@ def test_few_query_rows_nan_like_native(where):
     assert out.isnan().any() and torch.equal(out.isnan(), ref.isnan())
 
 
+@pytest.mark.parametrize("where", ["q", "k", "v", "mask"])
+@pytest.mark.parametrize("Lq", [6, 20])
+def test_lanes_rows_nan_on_every_kernel(cpu_kernel, where, Lq):
+    """A NaN in a query row, a key, a value or the mask makes exactly the rows it reaches NaN, as in
+    PyTorch, on the kernels that hold several query rows as vector lanes (AVX-512 and AVX2; the other
+    lanes of the vector stay finite), over two key blocks."""
+    q, k, v = torch.randn(2, 3, Lq, 32), torch.randn(2, 3, 150, 32), torch.randn(2, 3, 150, 32)
+    mask = torch.randn(2, 3, Lq, 150)
+    {"q": q, "k": k, "v": v, "mask": mask}[where][1, 2, 3, 7] = float("nan")
+    out, _ = attention(q, k, v, attn_mask=mask)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert out.isnan().any() and torch.equal(out.isnan(), ref.isnan())
+    finite = ~ref.isnan()
+    torch.testing.assert_close(out[finite], ref[finite], **TOL[torch.float32])
+
+
 def _pattern_mask(kind, B, H, Lq, Lk):
     """(attn_mask, the (is_causal, key_lengths) it says or None) for the mask-pattern tests."""
     lengths = torch.tensor([Lk, 0, 23])
