@@ -732,8 +732,128 @@ BM_AVX2 void lanes_avx2_forward(const Problem<float>& p, int64_t t0, int64_t t1,
     }
   }
 }
+
+// dst[u][0 .. m) += sum_{lane < n} coef[u][lane] src[lane][0 .. m) for u < nk (dst rows at stride ldd):
+// the backward's dV rows (coef P, src dO) and dK rows (coef dS, src Q).
+BM_AVX2 void lanes_rows_update_avx2(const float* coef, int64_t nk, int64_t n, const float* const* src, int64_t m,
+                                    float* dst, int64_t ldd) {
+  for (int64_t u = 0; u < nk; ++u) {
+    const float* cu = coef + 8 * u;
+    float* du = dst + u * ldd;
+    for (int64_t c = 0; c < m; c += 8) {
+      const m2::Lanes lm = m2::lanes(m - c);
+      __m256 acc = m2::load_f32(du + c, lm);
+      for (int64_t ln = 0; ln < n; ++ln)
+        acc = _mm256_fmadd_ps(_mm256_broadcast_ss(cu + ln), m2::load_f32(src[ln] + c, lm), acc);
+      m2::store_f32(du + c, acc, lm);
+    }
+  }
+}
+
+// The backward of lanes_avx2_forward's rows: one task per (batch, kv head), which owns all its query rows
+// (at most kAvx2LanesMaxRows, 8 lanes at a time) and so is the only writer of that head's dK and dV
+// rows (zero-filled by the caller) and of its dQ rows. Per block of keys: the scores and dP = dO V^T
+// (the forward's score kernel, on q and on dO transposed), P = exp(S - lse), dS = P (dP - delta) scale,
+// dQ^T += dS K in registers (the forward's P V kernel), and dV += P^T dO, dK += dS^T Q row by row.
+// No mask gradient, no dropout (callers keep those on the blocked kernel).
+BM_AVX2 void lanes_avx2_backward(const Problem<float>& p, const float* grad_out, const float* lse,
+                                 const float* delta, float* grad_q, float* grad_k, float* grad_v, int64_t t0,
+                                 int64_t t1) {
+  constexpr int64_t W = 8;
+  const Dims& d = p.d;
+  const int64_t group = d.Hq / d.Hkv, rows = group * d.Lq;
+  const float ninf = -std::numeric_limits<float>::infinity();
+  const __m256 vninf = _mm256_set1_ps(ninf), zero = _mm256_setzero_ps();
+  const std::vector<float> zeros(std::max(d.d, d.dv), 0.f);  // the source row of a lane that saw no key
+  std::vector<float> buf((2 * d.d + d.dv + 3 * kAvx2BlockK) * W + 8);
+  float* const qt = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 31) & ~uintptr_t(31));
+  float* const dqt = qt + d.d * W;      // [d][8]
+  float* const got = dqt + d.d * W;     // [dv][8]
+  float* const pt = got + d.dv * W;     // [kAvx2BlockK][8] P
+  float* const dst = pt + kAvx2BlockK * W;   // dS
+  float* const dpt = dst + kAvx2BlockK * W;  // dP
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t b = t / d.Hkv, hk = t % d.Hkv;
+    float* gk = grad_k + (b * d.Hkv + hk) * d.Lk * d.d;
+    float* gv = grad_v + (b * d.Hkv + hk) * d.Lk * d.dv;
+    for (int64_t r0 = 0; r0 < rows; r0 += W) {
+      const int64_t n = std::min(W, rows - r0);
+      alignas(32) float limit[W], lse_l[W], delta_l[W];
+      const float* mrow[W];
+      const float* qrow[W];
+      const float* grow[W];
+      int64_t orow[W];
+      int64_t kend = 0;
+      std::fill(qt, qt + 2 * d.d * W, 0.f);  // qt and dqt
+      std::fill(got, got + d.dv * W, 0.f);
+      for (int64_t l = 0; l < W; ++l) {
+        limit[l] = 0.f;
+        lse_l[l] = ninf;
+        delta_l[l] = 0.f;
+        if (l >= n) continue;
+        const int64_t h = hk * group + (r0 + l) / d.Lq, i = (r0 + l) % d.Lq;
+        const int64_t valid = p.valid_keys(b);
+        const int64_t lim = p.causal ? std::min(valid, i + 1) : valid;
+        orow[l] = (b * d.Hq + h) * d.Lq + i;
+        lse_l[l] = lse[orow[l]];
+        if (lse_l[l] == ninf) continue;  // no key was visible: no gradient (limit 0)
+        limit[l] = static_cast<float>(lim);
+        kend = std::max(kend, lim);
+        delta_l[l] = delta[orow[l]];
+        qrow[l] = p.q_rows(b, h, i);
+        grow[l] = grad_out + orow[l] * d.dv;
+        for (int64_t c = 0; c < d.d; ++c) qt[c * W + l] = qrow[l][c] * p.scale;
+        for (int64_t c = 0; c < d.dv; ++c) got[c * W + l] = grow[l][c];
+        mrow[l] = p.mask ? p.mask + b * p.mask_stride[0] + h * p.mask_stride[1] + i * p.mask_stride[2] : nullptr;
+      }
+      // lanes whose row saw no key keep dQ = 0 and add nothing (P = dS = 0): give them a zero source row
+      for (int64_t l = 0; l < n; ++l)
+        if (limit[l] == 0.f) qrow[l] = grow[l] = zeros.data(), mrow[l] = nullptr;
+      const __m256 limv = _mm256_load_ps(limit), lsev = _mm256_load_ps(lse_l), deltav = _mm256_load_ps(delta_l);
+      const __m256 scalev = _mm256_set1_ps(p.scale);
+      for (int64_t j0 = 0; j0 < kend; j0 += kAvx2BlockK) {
+        const int64_t nk = std::min(kAvx2BlockK, kend - j0);
+        const float* kb = p.k_rows(b, hk, j0);
+        const float* vb = p.v_rows(b, hk, j0);
+        for (int64_t u0 = 0; u0 < nk; u0 += 8)
+          with_count8(std::min<int64_t>(8, nk - u0), [&](auto nu) {
+            constexpr int NU = decltype(nu)::value;
+            lanes_scores_avx2<NU>(qt, kb + u0 * p.ks[2], p.ks[2], d.d, pt + u0 * W);
+            lanes_scores_avx2<NU>(got, vb + u0 * p.vs[2], p.vs[2], d.dv, dpt + u0 * W);
+          });
+        if (p.mask)
+          for (int64_t u = 0; u < nk; ++u)
+            for (int64_t ln = 0; ln < n; ++ln)
+              if (mrow[ln]) pt[u * W + ln] += mrow[ln][(j0 + u) * p.mask_stride[3]];
+        for (int64_t u = 0; u < nk; ++u) {
+          const __m256 past = _mm256_cmp_ps(_mm256_set1_ps(static_cast<float>(j0 + u)), limv, _CMP_GE_OQ);
+          const __m256 s = _mm256_load_ps(pt + u * W);
+          // P = exp(s - lse); exactly 0 past a lane's limit and for excluded keys
+          const __m256 off = _mm256_or_ps(past, _mm256_cmp_ps(s, vninf, _CMP_EQ_OQ));
+          const __m256 pv = _mm256_blendv_ps(m2::exp_scaled_ps<1>(_mm256_sub_ps(s, lsev)), zero, off);
+          _mm256_store_ps(pt + u * W, pv);
+          const __m256 ds = _mm256_mul_ps(_mm256_mul_ps(pv, _mm256_sub_ps(_mm256_load_ps(dpt + u * W), deltav)), scalev);
+          _mm256_store_ps(dst + u * W, ds);
+        }
+        for (int64_t c0 = 0; c0 < d.d; c0 += 8)
+          with_count8(std::min<int64_t>(8, d.d - c0),
+                      [&](auto nc) { lanes_pv_avx2<decltype(nc)::value>(dst, nk, kb, p.ks[2], c0, dqt); });
+        lanes_rows_update_avx2(pt, nk, n, grow, d.dv, gv + j0 * d.dv, d.dv);
+        lanes_rows_update_avx2(dst, nk, n, qrow, d.d, gk + j0 * d.d, d.d);
+      }
+      for (int64_t ln = 0; ln < n; ++ln) {
+        float* g = grad_q + orow[ln] * d.d;
+        for (int64_t c = 0; c < d.d; ++c) g[c] = dqt[c * W + ln];
+      }
+    }
+  }
+}
 #else
 void lanes_avx2_forward(const Problem<float>&, int64_t, int64_t, float*, float*) { TORCH_INTERNAL_ASSERT(false); }
+void lanes_avx2_backward(const Problem<float>&, const float*, const float*, const float*, float*, float*, float*,
+                         int64_t, int64_t) {
+  TORCH_INTERNAL_ASSERT(false);
+}
 #endif
 
 // ---- attn_mask that says no more than (is_causal, key_lengths) ----
@@ -1003,6 +1123,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_backward_cpu(
   Tensor gv = at::zeros(v.sizes(), v.options());
   const MaskGradBuffer mg = mask_grad ? mask_grad_buffer(d, *attn_mask_arg, q.options()) : MaskGradBuffer();
   const auto mask_out = [&] { return mask_grad ? mask_grad_result(mg, *attn_mask_arg) : no_mask_grad; };
+  if (use_lanes_avx2(d, ct, dropout) && !mask_grad) {
+    const Problem<float> fp = make_problem<float>(d, q, k, v, lengths, mask, is_causal, scale, dropout);
+    const int64_t tasks = d.B * d.Hkv;
+    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+      lanes_avx2_backward(fp, go.const_data_ptr<float>(), lse.const_data_ptr<float>(), delta.const_data_ptr<float>(),
+                          gq.data_ptr<float>(), gk.data_ptr<float>(), gv.data_ptr<float>(), t0, t1);
+    });
+    const auto st = query.scalar_type();
+    return {gq.to(st), gk.to(st), gv.to(st), no_mask_grad};
+  }
   // The tiles keep dS times the scale; a mask's gradient at scale 0 comes from the loop below.
   if (use_fast_path(d, ct, mask) && !(mask_grad && scale.has_value() && *scale == 0.0)) {
     const fast::Problem fp = fast_tiles_problem(d, q, k, v, lengths, mask, is_causal, scale, dropout);
