@@ -222,6 +222,33 @@ def test_projections_match_native(monkeypatch, kdim, batch_first, bias, onednn):
     check(ref, ours, [q, kv, kv] if kdim else [q, q, q], need_weights=False)
 
 
+@pytest.mark.parametrize("bf16_gemm", [True, False], ids=["bf16-gemm", "widened"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_bf16_projections(monkeypatch, bf16_gemm, bias):
+    """A bf16 layer's projections where the CPU has no bf16 GEMM multiply in float32 and round to bf16
+    (forced either way here): output, parameter and input gradients in bf16, within bf16 rounding of
+    the float32 layer on the same bf16 values, as native's bf16 layer is."""
+    monkeypatch.setattr(bigmodel.nn.attention, "_cpu_bf16_gemm", lambda: bf16_gemm)
+    torch.manual_seed(0)
+    wide = nn.MultiheadAttention(32, 4, bias=bias, batch_first=True)
+    ours = bigmodel.nn.MultiheadAttention(32, 4, bias=bias, batch_first=True).to(torch.bfloat16)
+    ours.load_state_dict(wide.state_dict())
+    wide.load_state_dict(ours.state_dict())  # the bf16-rounded weights, in float32
+    x = torch.randn(3, 11, 32).to(torch.bfloat16).requires_grad_()
+    xw = x.detach().float().requires_grad_()
+    got, _ = ours(x, x, x, need_weights=False)
+    want, _ = wide(xw, xw, xw, need_weights=False)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=3e-2)
+    got.float().sum().backward()
+    want.sum().backward()
+    assert x.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(x.grad.float(), xw.grad, atol=5e-2, rtol=5e-2)
+    for p, pw in zip(ours.parameters(), wide.parameters(), strict=True):
+        assert p.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(p.grad.float(), pw.grad, atol=5e-2, rtol=5e-2)
+
+
 @pytest.mark.parametrize("need_weights", [False, True])
 def test_compiled_matches_eager(need_weights):
     """Under torch.compile(fullgraph=True) (inductor): eager's output, weights and gradients."""
