@@ -961,7 +961,10 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& query, const Tensor& key,
   const bool few = !bf16_lanes && !f32_lanes && use_few_queries(d, ct, dropout) &&
                    (query.scalar_type() == at::kFloat || query.scalar_type() == at::kBFloat16);
   // Small calls of those kernels run on this thread alone: no team to set the float mode on.
-  const bool vec_lanes = !bf16_lanes && !f32_lanes && use_lanes_avx2(d, ct, dropout) && !use_few_queries(d, ct, dropout);
+  // float32 rows of a kv head: the few-rows kernel for 1-3 (a decoding step without GQA), the lanes
+  // kernel from 4 (a GQA group's decoding rows share each K and V read there).
+  const bool vec_lanes = !bf16_lanes && !f32_lanes && use_lanes_avx2(d, ct, dropout) &&
+                         (!use_few_queries(d, ct, dropout) || (query.scalar_type() == at::kFloat && d.Hq / d.Hkv * d.Lq >= 4));
   const int64_t vec_lanes_bytes = lanes_avx2_tasks(d) * d.Lk * (d.d + d.dv) * int64_t(sizeof(float));
   const bool solo = ((bf16_lanes || f32_lanes) && lanes_bytes(d, query.element_size()) < kTeamBytes) ||
                     (few && few_bytes(d) < kTeamBytes) || (vec_lanes && vec_lanes_bytes < kTeamBytes);
