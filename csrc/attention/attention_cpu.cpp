@@ -623,19 +623,45 @@ BM_AVX2 BM_ALWAYS_INLINE void lanes_pv_avx2(const float* st, int64_t nk, const f
   for (int cc = 0; cc < NC; ++cc) _mm256_store_ps(ot + 8 * (c0 + cc), acc[cc]);
 }
 
-// f(std::integral_constant<int, n>{}) for n in 1 .. 8.
-template <typename F>
-inline void with_count8(int64_t n, const F& f) {
-  switch (n) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    case 6: f(std::integral_constant<int, 6>{}); break;
-    case 7: f(std::integral_constant<int, 7>{}); break;
-    default: f(std::integral_constant<int, 8>{}); break;
+// The query rows of lanes 0 .. n - 1: rows r0 .. r0 + n - 1 of kv head hk's group (query head
+// hk * group + r / Lq, row r % Lq) in batch b. Lanes from n on are idle (limit 0, no rows).
+struct LaneRows {
+  alignas(32) float limit[8];  // keys the lane sees (causal, key lengths)
+  const float* q[8];           // its query row
+  const float* mask[8];        // its additive mask row, or nullptr
+  int64_t row[8];              // its row of out, lse and dQ
+  int64_t kend = 0;            // the most keys any lane sees
+};
+
+// Fills r and qt ([d][8]: q transposed and scaled, zero in idle lanes).
+LaneRows lane_rows(const Problem<float>& p, int64_t b, int64_t hk, int64_t r0, int64_t n, float* qt) {
+  const Dims& d = p.d;
+  const int64_t group = d.Hq / d.Hkv, valid = p.valid_keys(b);
+  LaneRows r;
+  std::fill(qt, qt + d.d * 8, 0.f);
+  for (int64_t l = 0; l < 8; ++l) {
+    r.limit[l] = 0.f;
+    r.q[l] = r.mask[l] = nullptr;
+    r.row[l] = 0;
+    if (l >= n) continue;
+    const int64_t h = hk * group + (r0 + l) / d.Lq, i = (r0 + l) % d.Lq;
+    const int64_t lim = p.causal ? std::min(valid, i + 1) : valid;
+    r.limit[l] = static_cast<float>(lim);
+    r.kend = std::max(r.kend, lim);
+    r.q[l] = p.q_rows(b, h, i);
+    for (int64_t c = 0; c < d.d; ++c) qt[c * 8 + l] = r.q[l][c] * p.scale;
+    if (p.mask) r.mask[l] = p.mask + b * p.mask_stride[0] + h * p.mask_stride[1] + i * p.mask_stride[2];
+    r.row[l] = (b * d.Hq + h) * d.Lq + i;
   }
+  return r;
+}
+
+// st[u][lane] += the lane's mask at key j0 + u, for u < nk and the first n lanes (mask rows or nullptr).
+void add_lane_masks(const Problem<float>& p, const LaneRows& r, int64_t n, int64_t j0, int64_t nk, float* st) {
+  if (!p.mask) return;
+  for (int64_t u = 0; u < nk; ++u)
+    for (int64_t ln = 0; ln < n; ++ln)
+      if (r.mask[ln]) st[u * 8 + ln] += r.mask[ln][(j0 + u) * p.mask_stride[3]];
 }
 
 BM_AVX2 void lanes_avx2_forward(const Problem<float>& p, int64_t t0, int64_t t1, float* out, float* lse) {
@@ -651,39 +677,18 @@ BM_AVX2 void lanes_avx2_forward(const Problem<float>& p, int64_t t0, int64_t t1,
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t b = t / (d.Hkv * chunks), hk = t / chunks % d.Hkv, r0 = t % chunks * W;
     const int64_t n = std::min(W, rows - r0);
-    alignas(32) float limit[W];
-    const float* mrow[W];
-    int64_t orow[W];
-    int64_t kend = 0;
-    std::fill(qt, qt + d.d * W, 0.f);
+    const LaneRows lr = lane_rows(p, b, hk, r0, n, qt);
     std::fill(ot, ot + d.dv * W, 0.f);
-    for (int64_t l = 0; l < W; ++l) {
-      limit[l] = 0.f;
-      mrow[l] = nullptr;
-      orow[l] = 0;
-      if (l >= n) continue;
-      const int64_t h = hk * group + (r0 + l) / d.Lq, i = (r0 + l) % d.Lq;
-      const int64_t valid = p.valid_keys(b);
-      const int64_t lim = p.causal ? std::min(valid, i + 1) : valid;
-      limit[l] = static_cast<float>(lim);
-      kend = std::max(kend, lim);
-      const float* q = p.q_rows(b, h, i);
-      for (int64_t c = 0; c < d.d; ++c) qt[c * W + l] = q[c] * p.scale;
-      if (p.mask) mrow[l] = p.mask + b * p.mask_stride[0] + h * p.mask_stride[1] + i * p.mask_stride[2];
-      orow[l] = (b * d.Hq + h) * d.Lq + i;
-    }
-    const __m256 limv = _mm256_load_ps(limit);
+    const __m256 limv = _mm256_load_ps(lr.limit);
     __m256 m = vninf, l = _mm256_setzero_ps();
-    for (int64_t j0 = 0; j0 < kend; j0 += kAvx2BlockK) {
-      const int64_t nk = std::min(kAvx2BlockK, kend - j0);
+    for (int64_t j0 = 0; j0 < lr.kend; j0 += kAvx2BlockK) {
+      const int64_t nk = std::min(kAvx2BlockK, lr.kend - j0);
       const float* kb = p.k_rows(b, hk, j0);
       for (int64_t u0 = 0; u0 < nk; u0 += 8)
-        with_count8(std::min<int64_t>(8, nk - u0), [&](auto nu) {
+        m2::with_rows<8>(std::min<int64_t>(8, nk - u0), [&](auto nu) BM_AVX2 {
           lanes_scores_avx2<decltype(nu)::value>(qt, kb + u0 * p.ks[2], p.ks[2], d.d, st + u0 * W);
         });
-      if (p.mask)
-        for (int64_t u = 0; u < nk; ++u)
-          for (int64_t ln = 0; ln < n; ++ln) st[u * W + ln] += mrow[ln][(j0 + u) * p.mask_stride[3]];
+      add_lane_masks(p, lr, n, j0, nk, st);
       // keys past a lane's limit, the block's max, the rescale, and exp in place
       // vmaxps drops a NaN operand in one position or the other: NaN lanes are tracked apart (bad).
       __m256 bm = vninf, bad = _mm256_cmp_ps(m, m, _CMP_UNORD_Q);
@@ -710,24 +715,25 @@ BM_AVX2 void lanes_avx2_forward(const Problem<float>& p, int64_t t0, int64_t t1,
       m = mnew;
       const float* vb = p.v_rows(b, hk, j0);
       for (int64_t c0 = 0; c0 < d.dv; c0 += 8)
-        with_count8(std::min<int64_t>(8, d.dv - c0),
-                    [&](auto nc) { lanes_pv_avx2<decltype(nc)::value>(st, nk, vb, p.vs[2], c0, ot); });
+        m2::with_rows<8>(std::min<int64_t>(8, d.dv - c0),
+                    [&](auto nc) BM_AVX2 { lanes_pv_avx2<decltype(nc)::value>(st, nk, vb, p.vs[2], c0, ot); });
     }
     alignas(32) float ms[W], ls[W];
     _mm256_store_ps(ms, m);
     _mm256_store_ps(ls, l);
     for (int64_t ln = 0; ln < n; ++ln) {
-      float* o = out + orow[ln] * d.dv;
+      const int64_t row = lr.row[ln];
+      float* o = out + row * d.dv;
       if (std::isnan(ms[ln])) {  // a NaN score: the row is NaN, as PyTorch's softmax gives
         std::fill(o, o + d.dv, ms[ln]);
-        lse[orow[ln]] = ms[ln];
+        lse[row] = ms[ln];
       } else if (ms[ln] == ninf) {  // no key to attend to: zeros, as the blocked kernels give
         std::fill(o, o + d.dv, 0.f);
-        lse[orow[ln]] = ninf;
+        lse[row] = ninf;
       } else {
         const float inv = 1.f / ls[ln];
         for (int64_t c = 0; c < d.dv; ++c) o[c] = ot[c * W + ln] * inv;
-        lse[orow[ln]] = ms[ln] + std::log(ls[ln]);
+        lse[row] = ms[ln] + std::log(ls[ln]);
       }
     }
   }
@@ -778,53 +784,40 @@ BM_AVX2 void lanes_avx2_backward(const Problem<float>& p, const float* grad_out,
     float* gv = grad_v + (b * d.Hkv + hk) * d.Lk * d.dv;
     for (int64_t r0 = 0; r0 < rows; r0 += W) {
       const int64_t n = std::min(W, rows - r0);
-      alignas(32) float limit[W], lse_l[W], delta_l[W];
-      const float* mrow[W];
-      const float* qrow[W];
+      LaneRows lr = lane_rows(p, b, hk, r0, n, qt);
+      alignas(32) float lse_l[W], delta_l[W];
       const float* grow[W];
-      int64_t orow[W];
-      int64_t kend = 0;
-      std::fill(qt, qt + 2 * d.d * W, 0.f);  // qt and dqt
+      std::fill(dqt, dqt + d.d * W, 0.f);
       std::fill(got, got + d.dv * W, 0.f);
+      lr.kend = 0;
       for (int64_t l = 0; l < W; ++l) {
-        limit[l] = 0.f;
-        lse_l[l] = ninf;
-        delta_l[l] = 0.f;
-        if (l >= n) continue;
-        const int64_t h = hk * group + (r0 + l) / d.Lq, i = (r0 + l) % d.Lq;
-        const int64_t valid = p.valid_keys(b);
-        const int64_t lim = p.causal ? std::min(valid, i + 1) : valid;
-        orow[l] = (b * d.Hq + h) * d.Lq + i;
-        lse_l[l] = lse[orow[l]];
-        if (lse_l[l] == ninf) continue;  // no key was visible: no gradient (limit 0)
-        limit[l] = static_cast<float>(lim);
-        kend = std::max(kend, lim);
-        delta_l[l] = delta[orow[l]];
-        qrow[l] = p.q_rows(b, h, i);
-        grow[l] = grad_out + orow[l] * d.dv;
-        for (int64_t c = 0; c < d.d; ++c) qt[c * W + l] = qrow[l][c] * p.scale;
+        lse_l[l] = l < n ? lse[lr.row[l]] : ninf;
+        delta_l[l] = l < n ? delta[lr.row[l]] : 0.f;
+        grow[l] = l < n ? grad_out + lr.row[l] * d.dv : nullptr;
+        // a row that saw no key (lse -inf, or an idle lane) gets no gradient and adds nothing: limit 0,
+        // zero source rows (P = dS = 0)
+        if (lse_l[l] == ninf) {
+          lr.limit[l] = 0.f;
+          lr.q[l] = grow[l] = zeros.data();
+          lr.mask[l] = nullptr;
+          continue;
+        }
+        lr.kend = std::max(lr.kend, static_cast<int64_t>(lr.limit[l]));
         for (int64_t c = 0; c < d.dv; ++c) got[c * W + l] = grow[l][c];
-        mrow[l] = p.mask ? p.mask + b * p.mask_stride[0] + h * p.mask_stride[1] + i * p.mask_stride[2] : nullptr;
       }
-      // lanes whose row saw no key keep dQ = 0 and add nothing (P = dS = 0): give them a zero source row
-      for (int64_t l = 0; l < n; ++l)
-        if (limit[l] == 0.f) qrow[l] = grow[l] = zeros.data(), mrow[l] = nullptr;
-      const __m256 limv = _mm256_load_ps(limit), lsev = _mm256_load_ps(lse_l), deltav = _mm256_load_ps(delta_l);
+      const __m256 limv = _mm256_load_ps(lr.limit), lsev = _mm256_load_ps(lse_l), deltav = _mm256_load_ps(delta_l);
       const __m256 scalev = _mm256_set1_ps(p.scale);
-      for (int64_t j0 = 0; j0 < kend; j0 += kAvx2BlockK) {
-        const int64_t nk = std::min(kAvx2BlockK, kend - j0);
+      for (int64_t j0 = 0; j0 < lr.kend; j0 += kAvx2BlockK) {
+        const int64_t nk = std::min(kAvx2BlockK, lr.kend - j0);
         const float* kb = p.k_rows(b, hk, j0);
         const float* vb = p.v_rows(b, hk, j0);
         for (int64_t u0 = 0; u0 < nk; u0 += 8)
-          with_count8(std::min<int64_t>(8, nk - u0), [&](auto nu) {
+          m2::with_rows<8>(std::min<int64_t>(8, nk - u0), [&](auto nu) BM_AVX2 {
             constexpr int NU = decltype(nu)::value;
             lanes_scores_avx2<NU>(qt, kb + u0 * p.ks[2], p.ks[2], d.d, pt + u0 * W);
             lanes_scores_avx2<NU>(got, vb + u0 * p.vs[2], p.vs[2], d.dv, dpt + u0 * W);
           });
-        if (p.mask)
-          for (int64_t u = 0; u < nk; ++u)
-            for (int64_t ln = 0; ln < n; ++ln)
-              if (mrow[ln]) pt[u * W + ln] += mrow[ln][(j0 + u) * p.mask_stride[3]];
+        add_lane_masks(p, lr, n, j0, nk, pt);
         for (int64_t u = 0; u < nk; ++u) {
           const __m256 past = _mm256_cmp_ps(_mm256_set1_ps(static_cast<float>(j0 + u)), limv, _CMP_GE_OQ);
           const __m256 s = _mm256_load_ps(pt + u * W);
@@ -836,13 +829,13 @@ BM_AVX2 void lanes_avx2_backward(const Problem<float>& p, const float* grad_out,
           _mm256_store_ps(dst + u * W, ds);
         }
         for (int64_t c0 = 0; c0 < d.d; c0 += 8)
-          with_count8(std::min<int64_t>(8, d.d - c0),
-                      [&](auto nc) { lanes_pv_avx2<decltype(nc)::value>(dst, nk, kb, p.ks[2], c0, dqt); });
+          m2::with_rows<8>(std::min<int64_t>(8, d.d - c0),
+                      [&](auto nc) BM_AVX2 { lanes_pv_avx2<decltype(nc)::value>(dst, nk, kb, p.ks[2], c0, dqt); });
         lanes_rows_update_avx2(pt, nk, n, grow, d.dv, gv + j0 * d.dv, d.dv);
-        lanes_rows_update_avx2(dst, nk, n, qrow, d.d, gk + j0 * d.d, d.d);
+        lanes_rows_update_avx2(dst, nk, n, lr.q, d.d, gk + j0 * d.d, d.d);
       }
       for (int64_t ln = 0; ln < n; ++ln) {
-        float* g = grad_q + orow[ln] * d.d;
+        float* g = grad_q + lr.row[ln] * d.d;
         for (int64_t c = 0; c < d.d; ++c) g[c] = dqt[c * W + ln];
       }
     }

@@ -39,14 +39,16 @@ constexpr int kQuarterMR = 6;  // rows of a quarter tile
 // f(std::integral_constant<int, n>{}) for n = mr in 1 .. MAX (larger counts run as MAX).
 template <int MAX, typename F>
 inline void with_rows(int64_t mr, const F& f) {
-  static_assert(MAX >= 1 && MAX <= 6);
+  static_assert(MAX >= 1 && MAX <= 8);
   switch (mr < MAX ? mr : MAX) {
     case 1: f(std::integral_constant<int, 1>{}); break;
     case 2: if constexpr (MAX >= 2) f(std::integral_constant<int, 2>{}); break;
     case 3: if constexpr (MAX >= 3) f(std::integral_constant<int, 3>{}); break;
     case 4: if constexpr (MAX >= 4) f(std::integral_constant<int, 4>{}); break;
     case 5: if constexpr (MAX >= 5) f(std::integral_constant<int, 5>{}); break;
-    default: if constexpr (MAX >= 6) f(std::integral_constant<int, 6>{}); break;
+    case 6: if constexpr (MAX >= 6) f(std::integral_constant<int, 6>{}); break;
+    case 7: if constexpr (MAX >= 7) f(std::integral_constant<int, 7>{}); break;
+    default: if constexpr (MAX >= 8) f(std::integral_constant<int, 8>{}); break;
   }
 }
 
