@@ -443,10 +443,14 @@ fast::Problem fast_tiles_problem(const Dims& d, const Tensor& q, const Tensor& k
 // read: waking one costs more than reading that.
 constexpr int64_t kTeamBytes = int64_t(1) << 18;
 
-int64_t lanes_tasks(const Dims& d) {
-  return d.B * d.Hkv * ((d.Hq / d.Hkv * d.Lq + fast::kLanes - 1) / fast::kLanes);
+// Tasks of a lanes kernel (`lanes` query rows of a kv head each: 16 on AVX-512, 8 on AVX2), and the key
+// and value bytes they read.
+int64_t lanes_tasks(const Dims& d, int64_t lanes = fast::kLanes) {
+  return d.B * d.Hkv * ((d.Hq / d.Hkv * d.Lq + lanes - 1) / lanes);
 }
-int64_t lanes_bytes(const Dims& d, int64_t elem) { return lanes_tasks(d) * d.Lk * (d.d + d.dv) * elem; }
+int64_t lanes_bytes(const Dims& d, int64_t elem, int64_t lanes = fast::kLanes) {
+  return lanes_tasks(d, lanes) * d.Lk * (d.d + d.dv) * elem;
+}
 int64_t few_bytes(const Dims& d) { return d.B * d.Hkv * d.Lk * (d.d + d.dv) * int64_t(sizeof(float)); }
 
 template <typename T>
@@ -585,7 +589,7 @@ bool use_lanes_avx2(const Dims& d, at::ScalarType ct, const Dropout& dropout) {
 #endif
 }
 
-int64_t lanes_avx2_tasks(const Dims& d) { return d.B * d.Hkv * ((d.Hq / d.Hkv * d.Lq + 7) / 8); }
+constexpr int64_t kAvx2Lanes = 8;
 
 #ifdef BIGMODEL_HAS_AVX2_KERNELS
 namespace m2 = gemm::avx2;
@@ -621,6 +625,11 @@ BM_AVX2 BM_ALWAYS_INLINE void lanes_pv_avx2(const float* st, int64_t nk, const f
   }
 #pragma GCC unroll 8
   for (int cc = 0; cc < NC; ++cc) _mm256_store_ps(ot + 8 * (c0 + cc), acc[cc]);
+}
+
+// A 32-byte aligned start inside buf (sized 8 floats over what is used).
+float* aligned32(std::vector<float>& buf) {
+  return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 31) & ~uintptr_t(31));
 }
 
 // The query rows of lanes 0 .. n - 1: rows r0 .. r0 + n - 1 of kv head hk's group (query head
@@ -665,13 +674,13 @@ void add_lane_masks(const Problem<float>& p, const LaneRows& r, int64_t n, int64
 }
 
 BM_AVX2 void lanes_avx2_forward(const Problem<float>& p, int64_t t0, int64_t t1, float* out, float* lse) {
-  constexpr int64_t W = 8;
+  constexpr int64_t W = kAvx2Lanes;
   const Dims& d = p.d;
   const int64_t group = d.Hq / d.Hkv, rows = group * d.Lq, chunks = (rows + W - 1) / W;
   const float ninf = -std::numeric_limits<float>::infinity();
   const __m256 vninf = _mm256_set1_ps(ninf);
   std::vector<float> buf((d.d + d.dv + kAvx2BlockK) * W + 8);
-  float* const qt = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 31) & ~uintptr_t(31));  // [d][8]
+  float* const qt = aligned32(buf);  // [d][8]
   float* const ot = qt + d.d * W;       // [dv][8]
   float* const st = ot + d.dv * W;      // [kAvx2BlockK][8]
   for (int64_t t = t0; t < t1; ++t) {
@@ -765,14 +774,14 @@ BM_AVX2 void lanes_rows_update_avx2(const float* coef, int64_t nk, int64_t n, co
 BM_AVX2 void lanes_avx2_backward(const Problem<float>& p, const float* grad_out, const float* lse,
                                  const float* delta, float* grad_q, float* grad_k, float* grad_v, int64_t t0,
                                  int64_t t1) {
-  constexpr int64_t W = 8;
+  constexpr int64_t W = kAvx2Lanes;
   const Dims& d = p.d;
   const int64_t group = d.Hq / d.Hkv, rows = group * d.Lq;
   const float ninf = -std::numeric_limits<float>::infinity();
   const __m256 vninf = _mm256_set1_ps(ninf), zero = _mm256_setzero_ps();
   const std::vector<float> zeros(std::max(d.d, d.dv), 0.f);  // the source row of a lane that saw no key
   std::vector<float> buf((2 * d.d + d.dv + 3 * kAvx2BlockK) * W + 8);
-  float* const qt = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 31) & ~uintptr_t(31));
+  float* const qt = aligned32(buf);     // [d][8]
   float* const dqt = qt + d.d * W;      // [d][8]
   float* const got = dqt + d.d * W;     // [dv][8]
   float* const pt = got + d.dv * W;     // [kAvx2BlockK][8] P
@@ -958,7 +967,7 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& query, const Tensor& key,
   // kernel from 4 (a GQA group's decoding rows share each K and V read there).
   const bool vec_lanes = !bf16_lanes && !f32_lanes && use_lanes_avx2(d, ct, dropout) &&
                          (!use_few_queries(d, ct, dropout) || (query.scalar_type() == at::kFloat && d.Hq / d.Hkv * d.Lq >= 4));
-  const int64_t vec_lanes_bytes = lanes_avx2_tasks(d) * d.Lk * (d.d + d.dv) * int64_t(sizeof(float));
+  const int64_t vec_lanes_bytes = lanes_bytes(d, sizeof(float), kAvx2Lanes);
   const bool solo = ((bf16_lanes || f32_lanes) && lanes_bytes(d, query.element_size()) < kTeamBytes) ||
                     (few && few_bytes(d) < kTeamBytes) || (vec_lanes && vec_lanes_bytes < kTeamBytes);
   FlushDenormalsGuard ftz(!solo);
@@ -1020,7 +1029,7 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& query, const Tensor& key,
   }
   if (vec_lanes) {
     const Problem<float> fp = make_problem<float>(d, q, k, v, lengths, mask, is_causal, scale, dropout);
-    const int64_t tasks = lanes_avx2_tasks(d);
+    const int64_t tasks = lanes_tasks(d, kAvx2Lanes);
     float* o = out.data_ptr<float>();
     float* ls = lse.data_ptr<float>();
     at::parallel_for(0, tasks, vec_lanes_bytes < kTeamBytes ? tasks : 1,

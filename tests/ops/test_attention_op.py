@@ -226,13 +226,9 @@ def test_few_query_rows_bfloat16(cpu_kernel, threads, Lq, Lk, d, dv, masking):
     lengths = torch.tensor([Lk, 0, max(1, Lk // 3)]) if masking == "causal+lengths" else None
     is_causal = masking == "causal+lengths"
     mask = torch.randn(B, 1, Lq, Lk).to(torch.bfloat16) if masking == "mask" else None
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.no_grad():
-            out, lse = attention(q, k, v, attn_mask=mask, key_lengths=lengths, is_causal=is_causal)
-    finally:
-        torch.set_num_threads(saved)
+    torch.set_num_threads(threads)  # (the autouse _keep_threads fixture restores it)
+    with torch.no_grad():
+        out, lse = attention(q, k, v, attn_mask=mask, key_lengths=lengths, is_causal=is_causal)
     wide = [t.double() for t in (q, k, v)]
     ref, ref_lse = attention_reference(
         *wide,

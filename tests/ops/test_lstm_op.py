@@ -443,16 +443,29 @@ def test_single_steps_match_reference(cpu_kernel, threads, B, IN, H, bias, used)
         torch.testing.assert_close(g, gr, **TOL[torch.float32])
 
 
-def test_unknown_cpu_kernel_is_a_clear_error(monkeypatch):
+@pytest.mark.parametrize(
+    "variable,value,message",
+    [
+        (
+            "BIGMODEL_CPU_KERNEL",
+            "bogus",
+            "BIGMODEL_CPU_KERNEL must be 'auto', 'avx512', 'avx512-fp32', 'avx2' or 'generic' "
+            "\\(or unset\\), got 'bogus'",
+        ),
+        (
+            "BIGMODEL_LSTM_INPUT_GEMM",
+            "yes",
+            "BIGMODEL_LSTM_INPUT_GEMM must be 'auto', 'on' or 'off', got 'yes'",
+        ),
+    ],
+    ids=["cpu-kernel", "input-gemm"],
+)
+def test_bad_setting_is_a_clear_error(monkeypatch, variable, value, message):
     args, _ = make_args(
         3, 2, 4, 5, 0, proj=False, bias=True, has_lengths=False, dtype=torch.float32, device="cpu"
     )
-    monkeypatch.setenv("BIGMODEL_CPU_KERNEL", "bogus")
-    with pytest.raises(
-        RuntimeError,
-        match="BIGMODEL_CPU_KERNEL must be 'auto', 'avx512', 'avx512-fp32', 'avx2' or 'generic' "
-        "\\(or unset\\), got 'bogus'",
-    ):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(RuntimeError, match=message):
         lstm_layer(*args)
 
 
@@ -471,33 +484,18 @@ def test_input_gemm_matches_reference(cpu_kernel, monkeypatch, mode, threads, bi
     args, lengths = make_args(
         6, 9, 13, H, 0, proj=False, bias=bias, has_lengths=has_lengths, dtype=torch.float32, device="cpu"
     )
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        out = lstm_layer(*args, lengths=lengths, reverse=reverse)
-        with torch.no_grad():
-            inference = lstm_layer(*args, lengths=lengths, reverse=reverse)
-        seed_grads = [torch.randn_like(o) for o in out]
-        got = grads(out, args, seed_grads)
-    finally:
-        torch.set_num_threads(saved)
+    torch.set_num_threads(threads)  # (the autouse _keep_threads fixture restores it)
+    out = lstm_layer(*args, lengths=lengths, reverse=reverse)
+    with torch.no_grad():
+        inference = lstm_layer(*args, lengths=lengths, reverse=reverse)
+    seed_grads = [torch.randn_like(o) for o in out]
+    got = grads(out, args, seed_grads)
     ref = lstm_layer_reference(*args, lengths=lengths, reverse=reverse)
     for o, i, r in zip(out, inference, ref, strict=True):
         torch.testing.assert_close(o, r, **TOL[torch.float32])
         torch.testing.assert_close(i, r, **TOL[torch.float32])
     for g, gr in zip(got, grads(ref, args, seed_grads), strict=True):
         torch.testing.assert_close(g, gr, **TOL[torch.float32])
-
-
-def test_bad_input_gemm_setting_is_an_error(monkeypatch):
-    args, _ = make_args(
-        3, 2, 4, 5, 0, proj=False, bias=True, has_lengths=False, dtype=torch.float32, device="cpu"
-    )
-    monkeypatch.setenv("BIGMODEL_LSTM_INPUT_GEMM", "yes")
-    with pytest.raises(
-        RuntimeError, match="BIGMODEL_LSTM_INPUT_GEMM must be 'auto', 'on' or 'off', got 'yes'"
-    ):
-        lstm_layer(*args)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
