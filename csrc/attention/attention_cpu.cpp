@@ -563,68 +563,134 @@ void few_queries_forward(const Problem<float>& p, const KV* kp, const KV* vp, fl
   });
 }
 
-// ---- the lanes kernel on AVX2 (CPUs without the AVX-512 kernels) ----
+// ---- the lanes kernels on AVX2 (CPUs without the AVX-512 kernels) ----
 //
-// Up to 8 query rows of one kv head (a GQA group's heads together) are the lanes of one ymm vector,
-// against K and V read in place: a key's scores for every lane are d multiply-adds of q transposed
-// ([d][8], scaled) by the key's broadcast elements, 8 keys at a time (independent sums); an online
-// softmax per lane over blocks of kAvx2BlockK keys; and P V as multiply-adds of each key's
-// probabilities (a vector over the lanes) by its value row's broadcast elements, 8 output columns at a
-// time in registers. No horizontal sums, nothing packed or copied but q: where the blocked kernel pays
-// two BLAS calls per block (small calls: 0.3-0.8x native on Zen 3), this runs near the FMA rate.
-// float32, no dropout; an additive mask is added per score; a NaN score makes its row NaN.
+// 8 query rows of one kv head (a GQA group's heads together) are the lanes of one ymm vector (a
+// chunk), against K and V read in place: a key's scores for every lane are d multiply-adds of q
+// transposed ([d][8], scaled) by the key's broadcast elements, several keys at a time (independent
+// sums); an online softmax per lane over blocks of kAvx2BlockK keys; and P V as multiply-adds of each
+// key's probabilities (a vector over the lanes) by its value row's broadcast elements, several output
+// columns at a time in registers. Two chunks share each broadcast (12 sums in registers). No
+// horizontal sums, nothing packed or copied but q. Every float32 call without dropout or a mask's
+// gradient on AVX2 runs here: the blocked kernel (two BLAS calls per block) measured 0.3-0.8x native
+// on small calls on Zen 3 and at most parity on large ones; these 1.1-2.4x (NOTES v28).
+// An additive mask is added per score; a NaN score makes its row NaN.
 constexpr int64_t kAvx2BlockK = 64;
-constexpr int64_t kAvx2LanesMaxRows = 64;  // rows per kv head up to which it beats the blocked kernel
 
-bool use_lanes_avx2(const Dims& d, at::ScalarType ct, const Dropout& dropout) {
+bool use_lanes_avx2(at::ScalarType ct, const Dropout& dropout) {
 #ifdef BIGMODEL_HAS_AVX2_KERNELS
   using gemm::cpu::KernelChoice;
   const KernelChoice kc = gemm::cpu::kernel_choice();
   const bool avx512 = gemm::cpu::has_avx512() && gemm::cpu::microkernels_enabled();
-  return ct == at::kFloat && !dropout.active() && d.Hq / d.Hkv * d.Lq <= kAvx2LanesMaxRows &&
-         kc != KernelChoice::Generic && !avx512 && gemm::cpu::has_avx2();
+  return ct == at::kFloat && !dropout.active() && kc != KernelChoice::Generic && !avx512 && gemm::cpu::has_avx2();
 #else
-  (void)d, (void)ct, (void)dropout;
+  (void)ct, (void)dropout;
   return false;
 #endif
 }
 
 constexpr int64_t kAvx2Lanes = 8;
 
+// Rows are taken in blocks of up to kAvx2BlockChunks chunks of 8 lanes: each block of keys (and of
+// values) is multiplied by every chunk of the row block while it is in L1/L2 (one chunk at a time
+// read all of K and V per 8 rows: past L2 at L = 512, d = 128, 0.84x the blocked kernel).
+constexpr int64_t kAvx2BlockChunks = 8;
+
+// Chunks per forward task: kAvx2BlockChunks, fewer where that leaves under 4 tasks per thread.
+int64_t lanes_avx2_chunks(const Dims& d) {
+  const int64_t chunks = (d.Hq / d.Hkv * d.Lq + kAvx2Lanes - 1) / kAvx2Lanes, heads = d.B * d.Hkv;
+  const int64_t want = 4 * int64_t(at::get_num_threads());
+  int64_t cb = kAvx2BlockChunks;
+  while (cb > 1 && heads * ((chunks + cb - 1) / cb) < want) cb /= 2;
+  return cb;
+}
+int64_t lanes_avx2_tasks(const Dims& d, int64_t cb) {
+  const int64_t chunks = (d.Hq / d.Hkv * d.Lq + kAvx2Lanes - 1) / kAvx2Lanes;
+  return d.B * d.Hkv * ((chunks + cb - 1) / cb);
+}
+
+
 #ifdef BIGMODEL_HAS_AVX2_KERNELS
 namespace m2 = gemm::avx2;
 
-// st[u][lane] = sum_c qt[c][lane] k_u[c] for keys u < nu (<= 8) at kr, kr + ldk, ...
-template <int NU>
-BM_AVX2 BM_ALWAYS_INLINE void lanes_scores_avx2(const float* qt, const float* kr, int64_t ldk, int64_t d,
-                                                float* st) {
-  __m256 acc[NU];
+// st[u][lane] = sum_c qt[c][lane] k_u[c] for keys u < NU at kr, kr + ldk, ..., for NP chunks of 8
+// lanes at once (qt and st of chunk i at i * qs and i * ss floats): a key's broadcast elements serve
+// both chunks (NP = 2: 12 sums with NU = 6).
+template <int NU, int NP = 1>
+BM_AVX2 BM_ALWAYS_INLINE void lanes_scores_avx2(const float* qt, int64_t qs, const float* kr, int64_t ldk, int64_t d,
+                                                float* st, int64_t ss) {
+  static_assert(NP * NU <= 12 || NP == 1);
+  __m256 acc[NP][NU];
+#pragma GCC unroll 2
+  for (int i = 0; i < NP; ++i)
 #pragma GCC unroll 8
-  for (int u = 0; u < NU; ++u) acc[u] = _mm256_setzero_ps();
+    for (int u = 0; u < NU; ++u) acc[i][u] = _mm256_setzero_ps();
   for (int64_t c = 0; c < d; ++c) {
-    const __m256 qc = _mm256_load_ps(qt + 8 * c);
+    __m256 qc[NP];
+#pragma GCC unroll 2
+    for (int i = 0; i < NP; ++i) qc[i] = _mm256_load_ps(qt + i * qs + 8 * c);
 #pragma GCC unroll 8
-    for (int u = 0; u < NU; ++u) acc[u] = _mm256_fmadd_ps(qc, _mm256_broadcast_ss(kr + u * ldk + c), acc[u]);
+    for (int u = 0; u < NU; ++u) {
+      const __m256 kv = _mm256_broadcast_ss(kr + u * ldk + c);
+#pragma GCC unroll 2
+      for (int i = 0; i < NP; ++i) acc[i][u] = _mm256_fmadd_ps(qc[i], kv, acc[i][u]);
+    }
   }
+#pragma GCC unroll 2
+  for (int i = 0; i < NP; ++i)
 #pragma GCC unroll 8
-  for (int u = 0; u < NU; ++u) _mm256_store_ps(st + 8 * u, acc[u]);
+    for (int u = 0; u < NU; ++u) _mm256_store_ps(st + i * ss + 8 * u, acc[i][u]);
 }
 
-// ot[c][lane] += sum_u st[u][lane] v_u[c] for columns c0 .. c0 + NC - 1 (NC <= 8), keys u < nk.
-template <int NC>
-BM_AVX2 BM_ALWAYS_INLINE void lanes_pv_avx2(const float* st, int64_t nk, const float* vb, int64_t ldv, int64_t c0,
-                                            float* ot) {
-  __m256 acc[NC];
+// ot[c][lane] += sum_u st[u][lane] v_u[c] for columns c0 .. c0 + NC - 1, keys u < nk, for NP chunks
+// (st and ot of chunk i at i * ss and i * os floats).
+template <int NC, int NP = 1>
+BM_AVX2 BM_ALWAYS_INLINE void lanes_pv_avx2(const float* st, int64_t ss, int64_t nk, const float* vb, int64_t ldv,
+                                            int64_t c0, float* ot, int64_t os) {
+  static_assert(NP * NC <= 12 || NP == 1);
+  __m256 acc[NP][NC];
+#pragma GCC unroll 2
+  for (int i = 0; i < NP; ++i)
 #pragma GCC unroll 8
-  for (int cc = 0; cc < NC; ++cc) acc[cc] = _mm256_load_ps(ot + 8 * (c0 + cc));
+    for (int cc = 0; cc < NC; ++cc) acc[i][cc] = _mm256_load_ps(ot + i * os + 8 * (c0 + cc));
   for (int64_t u = 0; u < nk; ++u) {
-    const __m256 pu = _mm256_load_ps(st + 8 * u);
+    __m256 pu[NP];
+#pragma GCC unroll 2
+    for (int i = 0; i < NP; ++i) pu[i] = _mm256_load_ps(st + i * ss + 8 * u);
     const float* vr = vb + u * ldv + c0;
 #pragma GCC unroll 8
-    for (int cc = 0; cc < NC; ++cc) acc[cc] = _mm256_fmadd_ps(pu, _mm256_broadcast_ss(vr + cc), acc[cc]);
+    for (int cc = 0; cc < NC; ++cc) {
+      const __m256 vv = _mm256_broadcast_ss(vr + cc);
+#pragma GCC unroll 2
+      for (int i = 0; i < NP; ++i) acc[i][cc] = _mm256_fmadd_ps(pu[i], vv, acc[i][cc]);
+    }
   }
+#pragma GCC unroll 2
+  for (int i = 0; i < NP; ++i)
 #pragma GCC unroll 8
-  for (int cc = 0; cc < NC; ++cc) _mm256_store_ps(ot + 8 * (c0 + cc), acc[cc]);
+    for (int cc = 0; cc < NC; ++cc) _mm256_store_ps(ot + i * os + 8 * (c0 + cc), acc[i][cc]);
+}
+
+// The scores of keys [0, nk) of kb for NP chunks (see lanes_scores_avx2), 8 keys (one chunk) or 6 (two) at a time.
+template <int NP>
+BM_AVX2 void lanes_scores_block_avx2(const float* qt, int64_t qs, const float* kb, int64_t ldk, int64_t d, int64_t nk,
+                                     float* st, int64_t ss) {
+  constexpr int64_t U = NP == 1 ? 8 : 6;
+  for (int64_t u0 = 0; u0 < nk; u0 += U)
+    m2::with_rows<U>(std::min<int64_t>(U, nk - u0), [&](auto nu) BM_AVX2 {
+      lanes_scores_avx2<decltype(nu)::value, NP>(qt, qs, kb + u0 * ldk, ldk, d, st + 8 * u0, ss);
+    });
+}
+
+// ot += P V over keys [0, nk) and all m columns for NP chunks (see lanes_pv_avx2).
+template <int NP>
+BM_AVX2 void lanes_pv_block_avx2(const float* st, int64_t ss, int64_t nk, const float* vb, int64_t ldv, int64_t m,
+                                 float* ot, int64_t os) {
+  constexpr int64_t C = NP == 1 ? 8 : 6;
+  for (int64_t c0 = 0; c0 < m; c0 += C)
+    m2::with_rows<C>(std::min<int64_t>(C, m - c0), [&](auto nc) BM_AVX2 {
+      lanes_pv_avx2<decltype(nc)::value, NP>(st, ss, nk, vb, ldv, c0, ot, os);
+    });
 }
 
 // A 32-byte aligned start inside buf (sized 8 floats over what is used).
@@ -673,185 +739,283 @@ void add_lane_masks(const Problem<float>& p, const LaneRows& r, int64_t n, int64
       if (r.mask[ln]) st[u * 8 + ln] += r.mask[ln][(j0 + u) * p.mask_stride[3]];
 }
 
-BM_AVX2 void lanes_avx2_forward(const Problem<float>& p, int64_t t0, int64_t t1, float* out, float* lse) {
+BM_AVX2 void lanes_avx2_forward(const Problem<float>& p, int64_t cb, int64_t t0, int64_t t1, float* out,
+                                float* lse) {
   constexpr int64_t W = kAvx2Lanes;
   const Dims& d = p.d;
   const int64_t group = d.Hq / d.Hkv, rows = group * d.Lq, chunks = (rows + W - 1) / W;
+  const int64_t blocks = (chunks + cb - 1) / cb;
   const float ninf = -std::numeric_limits<float>::infinity();
   const __m256 vninf = _mm256_set1_ps(ninf);
-  std::vector<float> buf((d.d + d.dv + kAvx2BlockK) * W + 8);
-  float* const qt = aligned32(buf);  // [d][8]
-  float* const ot = qt + d.d * W;       // [dv][8]
-  float* const st = ot + d.dv * W;      // [kAvx2BlockK][8]
+  const int64_t per_chunk = (d.d + d.dv + 2) * W;  // qt [d][8], ot [dv][8], m, l
+  constexpr int64_t kStride = kAvx2BlockK * W;
+  std::vector<float> buf(cb * per_chunk + 2 * kStride + 8);
+  float* const st = aligned32(buf);  // [kAvx2BlockK][8] for each chunk of a pair
+  const auto qt = [&](int64_t c) { return st + 2 * kStride + c * per_chunk; };
+  const auto ot = [&](int64_t c) { return qt(c) + d.d * W; };
+  const auto ml = [&](int64_t c) { return ot(c) + d.dv * W; };  // m, then l
+  std::vector<LaneRows> lrs(cb);
+  std::vector<int64_t> ns(cb);
   for (int64_t t = t0; t < t1; ++t) {
-    const int64_t b = t / (d.Hkv * chunks), hk = t / chunks % d.Hkv, r0 = t % chunks * W;
-    const int64_t n = std::min(W, rows - r0);
-    const LaneRows lr = lane_rows(p, b, hk, r0, n, qt);
-    std::fill(ot, ot + d.dv * W, 0.f);
-    const __m256 limv = _mm256_load_ps(lr.limit);
-    __m256 m = vninf, l = _mm256_setzero_ps();
-    for (int64_t j0 = 0; j0 < lr.kend; j0 += kAvx2BlockK) {
-      const int64_t nk = std::min(kAvx2BlockK, lr.kend - j0);
+    const int64_t b = t / (d.Hkv * blocks), hk = t / blocks % d.Hkv, c0 = t % blocks * cb;
+    const int64_t nc = std::min(cb, chunks - c0);
+    int64_t kend = 0;
+    for (int64_t c = 0; c < nc; ++c) {
+      const int64_t r0 = (c0 + c) * W;
+      ns[c] = std::min(W, rows - r0);
+      lrs[c] = lane_rows(p, b, hk, r0, ns[c], qt(c));
+      kend = std::max(kend, lrs[c].kend);
+      std::fill(ot(c), ot(c) + d.dv * W, 0.f);
+      _mm256_store_ps(ml(c), vninf);
+      _mm256_store_ps(ml(c) + W, _mm256_setzero_ps());
+    }
+    for (int64_t j0 = 0; j0 < kend; j0 += kAvx2BlockK) {
       const float* kb = p.k_rows(b, hk, j0);
-      for (int64_t u0 = 0; u0 < nk; u0 += 8)
-        m2::with_rows<8>(std::min<int64_t>(8, nk - u0), [&](auto nu) BM_AVX2 {
-          lanes_scores_avx2<decltype(nu)::value>(qt, kb + u0 * p.ks[2], p.ks[2], d.d, st + u0 * W);
-        });
-      add_lane_masks(p, lr, n, j0, nk, st);
-      // keys past a lane's limit, the block's max, the rescale, and exp in place
-      // vmaxps drops a NaN operand in one position or the other: NaN lanes are tracked apart (bad).
-      __m256 bm = vninf, bad = _mm256_cmp_ps(m, m, _CMP_UNORD_Q);
-      for (int64_t u = 0; u < nk; ++u) {
-        const __m256 past = _mm256_cmp_ps(_mm256_set1_ps(static_cast<float>(j0 + u)), limv, _CMP_GE_OQ);
-        const __m256 s = _mm256_blendv_ps(_mm256_load_ps(st + u * W), vninf, past);
-        _mm256_store_ps(st + u * W, s);
-        bm = _mm256_max_ps(bm, s);
-        bad = _mm256_or_ps(bad, _mm256_cmp_ps(s, s, _CMP_UNORD_Q));
-      }
-      const __m256 mnew = _mm256_blendv_ps(_mm256_max_ps(bm, m), _mm256_set1_ps(std::numeric_limits<float>::quiet_NaN()), bad);
-      const __m256 shift = _mm256_blendv_ps(mnew, _mm256_setzero_ps(), _mm256_cmp_ps(mnew, vninf, _CMP_EQ_OQ));
-      const __m256 alpha = m2::exp_scaled_ps<1>(_mm256_sub_ps(m, shift));
-      l = _mm256_mul_ps(l, alpha);
-      for (int64_t c = 0; c < d.dv; ++c) _mm256_store_ps(ot + c * W, _mm256_mul_ps(_mm256_load_ps(ot + c * W), alpha));
-      for (int64_t u = 0; u < nk; ++u) {
-        const __m256 s = _mm256_load_ps(st + u * W);
-        // exactly 0 for excluded keys (exp_scaled_ps stops at e^-87)
-        const __m256 e = _mm256_blendv_ps(m2::exp_scaled_ps<1>(_mm256_sub_ps(s, shift)), _mm256_setzero_ps(),
-                                          _mm256_cmp_ps(s, vninf, _CMP_EQ_OQ));
-        _mm256_store_ps(st + u * W, e);
-        l = _mm256_add_ps(l, e);
-      }
-      m = mnew;
       const float* vb = p.v_rows(b, hk, j0);
-      for (int64_t c0 = 0; c0 < d.dv; c0 += 8)
-        m2::with_rows<8>(std::min<int64_t>(8, d.dv - c0),
-                    [&](auto nc) BM_AVX2 { lanes_pv_avx2<decltype(nc)::value>(st, nk, vb, p.vs[2], c0, ot); });
+      // chunks in pairs (one alone where its partner has no key left in this block); keys past a lane's
+      // limit up to the pair's count score -inf below
+      for (int64_t c = 0; c < nc; c += 2) {
+        const int64_t nk0 = std::clamp<int64_t>(lrs[c].kend - j0, 0, kAvx2BlockK);
+        const int64_t nk1 = c + 1 < nc ? std::clamp<int64_t>(lrs[c + 1].kend - j0, 0, kAvx2BlockK) : 0;
+        const int64_t nk = std::max(nk0, nk1), ca = nk0 > 0 ? c : c + 1, np = nk0 > 0 && nk1 > 0 ? 2 : 1;
+        if (nk == 0) continue;
+        if (np == 2)
+          lanes_scores_block_avx2<2>(qt(ca), per_chunk, kb, p.ks[2], d.d, nk, st, kStride);
+        else
+          lanes_scores_block_avx2<1>(qt(ca), 0, kb, p.ks[2], d.d, nk, st, 0);
+        for (int64_t i = 0; i < np; ++i) {
+          const LaneRows& lr = lrs[ca + i];
+          float* const si = st + i * kStride;
+          float* const o = ot(ca + i);
+          add_lane_masks(p, lr, ns[ca + i], j0, nk, si);
+          // keys past a lane's limit, the block's max, the rescale, and exp in place
+          // vmaxps drops a NaN operand in one position or the other: NaN lanes are tracked apart (bad).
+          const __m256 limv = _mm256_load_ps(lr.limit), m = _mm256_load_ps(ml(ca + i));
+          __m256 bm = vninf, bad = _mm256_cmp_ps(m, m, _CMP_UNORD_Q);
+          for (int64_t u = 0; u < nk; ++u) {
+            const __m256 past = _mm256_cmp_ps(_mm256_set1_ps(static_cast<float>(j0 + u)), limv, _CMP_GE_OQ);
+            const __m256 s = _mm256_blendv_ps(_mm256_load_ps(si + u * W), vninf, past);
+            _mm256_store_ps(si + u * W, s);
+            bm = _mm256_max_ps(bm, s);
+            bad = _mm256_or_ps(bad, _mm256_cmp_ps(s, s, _CMP_UNORD_Q));
+          }
+          const __m256 mnew =
+              _mm256_blendv_ps(_mm256_max_ps(bm, m), _mm256_set1_ps(std::numeric_limits<float>::quiet_NaN()), bad);
+          const __m256 shift = _mm256_blendv_ps(mnew, _mm256_setzero_ps(), _mm256_cmp_ps(mnew, vninf, _CMP_EQ_OQ));
+          const __m256 alpha = m2::exp_scaled_ps<1>(_mm256_sub_ps(m, shift));
+          __m256 l = _mm256_mul_ps(_mm256_load_ps(ml(ca + i) + W), alpha);
+          for (int64_t cc = 0; cc < d.dv; ++cc)
+            _mm256_store_ps(o + cc * W, _mm256_mul_ps(_mm256_load_ps(o + cc * W), alpha));
+          for (int64_t u = 0; u < nk; ++u) {
+            const __m256 s = _mm256_load_ps(si + u * W);
+            // exactly 0 for excluded keys (exp_scaled_ps stops at e^-87)
+            const __m256 e = _mm256_blendv_ps(m2::exp_scaled_ps<1>(_mm256_sub_ps(s, shift)), _mm256_setzero_ps(),
+                                              _mm256_cmp_ps(s, vninf, _CMP_EQ_OQ));
+            _mm256_store_ps(si + u * W, e);
+            l = _mm256_add_ps(l, e);
+          }
+          _mm256_store_ps(ml(ca + i), mnew);
+          _mm256_store_ps(ml(ca + i) + W, l);
+        }
+        if (np == 2)
+          lanes_pv_block_avx2<2>(st, kStride, nk, vb, p.vs[2], d.dv, ot(ca), per_chunk);
+        else
+          lanes_pv_block_avx2<1>(st, 0, nk, vb, p.vs[2], d.dv, ot(ca), 0);
+      }
     }
-    alignas(32) float ms[W], ls[W];
-    _mm256_store_ps(ms, m);
-    _mm256_store_ps(ls, l);
-    for (int64_t ln = 0; ln < n; ++ln) {
-      const int64_t row = lr.row[ln];
-      float* o = out + row * d.dv;
-      if (std::isnan(ms[ln])) {  // a NaN score: the row is NaN, as PyTorch's softmax gives
-        std::fill(o, o + d.dv, ms[ln]);
-        lse[row] = ms[ln];
-      } else if (ms[ln] == ninf) {  // no key to attend to: zeros, as the blocked kernels give
-        std::fill(o, o + d.dv, 0.f);
-        lse[row] = ninf;
-      } else {
-        const float inv = 1.f / ls[ln];
-        for (int64_t c = 0; c < d.dv; ++c) o[c] = ot[c * W + ln] * inv;
-        lse[row] = ms[ln] + std::log(ls[ln]);
+    for (int64_t c = 0; c < nc; ++c) {
+      const float* ms = ml(c);
+      const float* ls = ms + W;
+      for (int64_t ln = 0; ln < ns[c]; ++ln) {
+        const int64_t row = lrs[c].row[ln];
+        float* o = out + row * d.dv;
+        if (std::isnan(ms[ln])) {  // a NaN score: the row is NaN, as PyTorch's softmax gives
+          std::fill(o, o + d.dv, ms[ln]);
+          lse[row] = ms[ln];
+        } else if (ms[ln] == ninf) {  // no key to attend to: zeros, as the blocked kernels give
+          std::fill(o, o + d.dv, 0.f);
+          lse[row] = ninf;
+        } else {
+          const float inv = 1.f / ls[ln];
+          for (int64_t cc = 0; cc < d.dv; ++cc) o[cc] = ot(c)[cc * W + ln] * inv;
+          lse[row] = ms[ln] + std::log(ls[ln]);
+        }
       }
     }
   }
 }
 
-// dst[u][0 .. m) += sum_{lane < n} coef[u][lane] src[lane][0 .. m) for u < nk (dst rows at stride ldd):
-// the backward's dV rows (coef P, src dO) and dK rows (coef dS, src Q).
-BM_AVX2 void lanes_rows_update_avx2(const float* coef, int64_t nk, int64_t n, const float* const* src, int64_t m,
-                                    float* dst, int64_t ldd) {
-  for (int64_t u = 0; u < nk; ++u) {
-    const float* cu = coef + 8 * u;
-    float* du = dst + u * ldd;
-    for (int64_t c = 0; c < m; c += 8) {
-      const m2::Lanes lm = m2::lanes(m - c);
-      __m256 acc = m2::load_f32(du + c, lm);
-      for (int64_t ln = 0; ln < n; ++ln)
-        acc = _mm256_fmadd_ps(_mm256_broadcast_ss(cu + ln), m2::load_f32(src[ln] + c, lm), acc);
-      m2::store_f32(du + c, acc, lm);
+// dst[u][0 .. m) += sum_{R < nr} coef(R, u) src[R][0 .. m) for u < NU, coef(R, u) = coef[R / 8 * cs +
+// u * 8 + R % 8] (a row block's chunks of [keys][8] lanes, cs floats apart): the backward's dV rows
+// (coef P, src dO) and dK rows (coef dS, src Q), NU keys by 16 columns in registers over all nr rows.
+template <int NU>
+BM_AVX2 BM_ALWAYS_INLINE void lanes_rows_tile_avx2(const float* coef, int64_t cs, int64_t nr, const float* const* src,
+                                                   int64_t c, int64_t m, float* dst, int64_t ldd) {
+  const m2::Lanes l0 = m2::lanes(m - c), l1 = m2::lanes(m - c - 8);
+  const bool two = m - c > 8;
+  __m256 acc[NU][2];
+#pragma GCC unroll 4
+  for (int u = 0; u < NU; ++u) acc[u][0] = acc[u][1] = _mm256_setzero_ps();
+  for (int64_t r = 0; r < nr; ++r) {
+    const float* cr = coef + (r >> 3) * cs + (r & 7);
+    const __m256 s0 = m2::load_f32(src[r] + c, l0);
+    if (two) {
+      const __m256 s1 = m2::load_f32(src[r] + c + 8, l1);
+#pragma GCC unroll 4
+      for (int u = 0; u < NU; ++u) {
+        const __m256 w = _mm256_broadcast_ss(cr + 8 * u);
+        acc[u][0] = _mm256_fmadd_ps(w, s0, acc[u][0]);
+        acc[u][1] = _mm256_fmadd_ps(w, s1, acc[u][1]);
+      }
+    } else {
+#pragma GCC unroll 4
+      for (int u = 0; u < NU; ++u) acc[u][0] = _mm256_fmadd_ps(_mm256_broadcast_ss(cr + 8 * u), s0, acc[u][0]);
     }
+  }
+#pragma GCC unroll 4
+  for (int u = 0; u < NU; ++u) {
+    float* du = dst + u * ldd + c;
+    m2::store_f32(du, _mm256_add_ps(m2::load_f32(du, l0), acc[u][0]), l0);
+    if (two) m2::store_f32(du + 8, _mm256_add_ps(m2::load_f32(du + 8, l1), acc[u][1]), l1);
   }
 }
 
-// The backward of lanes_avx2_forward's rows: one task per (batch, kv head), which owns all its query rows
-// (at most kAvx2LanesMaxRows, 8 lanes at a time) and so is the only writer of that head's dK and dV
-// rows (zero-filled by the caller) and of its dQ rows. Per block of keys: the scores and dP = dO V^T
-// (the forward's score kernel, on q and on dO transposed), P = exp(S - lse), dS = P (dP - delta) scale,
-// dQ^T += dS K in registers (the forward's P V kernel), and dV += P^T dO, dK += dS^T Q row by row.
-// No mask gradient, no dropout (callers keep those on the blocked kernel).
+BM_AVX2 void lanes_rows_update_avx2(const float* coef, int64_t cs, int64_t nk, int64_t nr, const float* const* src,
+                                    int64_t m, float* dst, int64_t ldd) {
+  for (int64_t u0 = 0; u0 < nk; u0 += 4)
+    for (int64_t c = 0; c < m; c += 16)
+      m2::with_rows<4>(std::min<int64_t>(4, nk - u0), [&](auto nu) BM_AVX2 {
+        lanes_rows_tile_avx2<decltype(nu)::value>(coef + 8 * u0, cs, nr, src, c, m, dst + u0 * ldd, ldd);
+      });
+}
+
+// The backward of lanes_avx2_forward's rows: one task per (batch, kv head), which owns all its query
+// rows and so is the only writer of that head's dK and dV rows (zero-filled by the caller) and of its
+// dQ rows. Rows go in blocks of up to kAvx2BlockChunks chunks of 8 lanes. Per block of keys and per
+// chunk: the scores and dP = dO V^T (the forward's score kernel, on q and on dO transposed),
+// P = exp(S - lse), dS = P (dP - delta) scale, and dQ^T += dS K in registers (the forward's P V
+// kernel); then, over the row block's rows at once, dV += P^T dO and dK += dS^T Q (4 keys by 16
+// columns in registers). No mask gradient, no dropout (callers keep those on the blocked kernel).
 BM_AVX2 void lanes_avx2_backward(const Problem<float>& p, const float* grad_out, const float* lse,
                                  const float* delta, float* grad_q, float* grad_k, float* grad_v, int64_t t0,
                                  int64_t t1) {
-  constexpr int64_t W = kAvx2Lanes;
+  constexpr int64_t W = kAvx2Lanes, CB = kAvx2BlockChunks;
   const Dims& d = p.d;
   const int64_t group = d.Hq / d.Hkv, rows = group * d.Lq;
   const float ninf = -std::numeric_limits<float>::infinity();
   const __m256 vninf = _mm256_set1_ps(ninf), zero = _mm256_setzero_ps();
   const std::vector<float> zeros(std::max(d.d, d.dv), 0.f);  // the source row of a lane that saw no key
-  std::vector<float> buf((2 * d.d + d.dv + 3 * kAvx2BlockK) * W + 8);
-  float* const qt = aligned32(buf);     // [d][8]
-  float* const dqt = qt + d.d * W;      // [d][8]
-  float* const got = dqt + d.d * W;     // [dv][8]
-  float* const pt = got + d.dv * W;     // [kAvx2BlockK][8] P
-  float* const dst = pt + kAvx2BlockK * W;   // dS
-  float* const dpt = dst + kAvx2BlockK * W;  // dP
+  // per chunk: qt, dqt [d][8], got [dv][8], lse, delta [8]; P and dS of a key block [kAvx2BlockK][8]
+  const int64_t per_chunk = (2 * d.d + d.dv + 2) * W, cs = kAvx2BlockK * W;
+  std::vector<float> buf(CB * (per_chunk + 2 * cs) + 2 * cs + 8);
+  float* const dpt = aligned32(buf);  // dP of a pair of chunks, the second at cs
+  float* const pts = dpt + 2 * cs;    // P, chunk c at c * cs
+  float* const dsts = pts + CB * cs;  // dS, chunk c at c * cs
+  float* const chunk0 = dsts + CB * cs;
+  const auto qt = [&](int64_t c) { return chunk0 + c * per_chunk; };
+  const auto dqt = [&](int64_t c) { return qt(c) + d.d * W; };
+  const auto got = [&](int64_t c) { return dqt(c) + d.d * W; };
+  const auto lsedelta = [&](int64_t c) { return got(c) + d.dv * W; };
+  std::vector<LaneRows> lrs(CB);
+  const float* qsrc[CB * W];  // the block's rows of Q and dO (zeros for rows without gradient)
+  const float* gsrc[CB * W];
+  const __m256 scalev = _mm256_set1_ps(p.scale);
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t b = t / d.Hkv, hk = t % d.Hkv;
     float* gk = grad_k + (b * d.Hkv + hk) * d.Lk * d.d;
     float* gv = grad_v + (b * d.Hkv + hk) * d.Lk * d.dv;
-    for (int64_t r0 = 0; r0 < rows; r0 += W) {
-      const int64_t n = std::min(W, rows - r0);
-      LaneRows lr = lane_rows(p, b, hk, r0, n, qt);
-      alignas(32) float lse_l[W], delta_l[W];
-      const float* grow[W];
-      std::fill(dqt, dqt + d.d * W, 0.f);
-      std::fill(got, got + d.dv * W, 0.f);
-      lr.kend = 0;
-      for (int64_t l = 0; l < W; ++l) {
-        lse_l[l] = l < n ? lse[lr.row[l]] : ninf;
-        delta_l[l] = l < n ? delta[lr.row[l]] : 0.f;
-        grow[l] = l < n ? grad_out + lr.row[l] * d.dv : nullptr;
-        // a row that saw no key (lse -inf, or an idle lane) gets no gradient and adds nothing: limit 0,
-        // zero source rows (P = dS = 0)
-        if (lse_l[l] == ninf) {
-          lr.limit[l] = 0.f;
-          lr.q[l] = grow[l] = zeros.data();
-          lr.mask[l] = nullptr;
-          continue;
+    for (int64_t rb0 = 0; rb0 < rows; rb0 += CB * W) {
+      const int64_t nr = std::min(CB * W, rows - rb0), nc = (nr + W - 1) / W;
+      int64_t kend = 0;
+      for (int64_t c = 0; c < nc; ++c) {
+        const int64_t n = std::min(W, nr - c * W);
+        LaneRows& lr = lrs[c];
+        lr = lane_rows(p, b, hk, rb0 + c * W, n, qt(c));
+        float* const ld = lsedelta(c);
+        std::fill(dqt(c), dqt(c) + d.d * W, 0.f);
+        std::fill(got(c), got(c) + d.dv * W, 0.f);
+        lr.kend = 0;
+        for (int64_t l = 0; l < W; ++l) {
+          ld[l] = l < n ? lse[lr.row[l]] : ninf;
+          ld[W + l] = l < n ? delta[lr.row[l]] : 0.f;
+          const float* g = l < n ? grad_out + lr.row[l] * d.dv : nullptr;
+          // a row that saw no key (lse -inf, or an idle lane) gets no gradient and adds nothing: limit 0,
+          // zero source rows (P = dS = 0)
+          if (ld[l] == ninf) {
+            lr.limit[l] = 0.f;
+            lr.q[l] = g = zeros.data();
+            lr.mask[l] = nullptr;
+          } else {
+            lr.kend = std::max(lr.kend, static_cast<int64_t>(lr.limit[l]));
+            for (int64_t cc = 0; cc < d.dv; ++cc) got(c)[cc * W + l] = g[cc];
+          }
+          qsrc[c * W + l] = lr.q[l];
+          gsrc[c * W + l] = g;
         }
-        lr.kend = std::max(lr.kend, static_cast<int64_t>(lr.limit[l]));
-        for (int64_t c = 0; c < d.dv; ++c) got[c * W + l] = grow[l][c];
+        kend = std::max(kend, lr.kend);
       }
-      const __m256 limv = _mm256_load_ps(lr.limit), lsev = _mm256_load_ps(lse_l), deltav = _mm256_load_ps(delta_l);
-      const __m256 scalev = _mm256_set1_ps(p.scale);
-      for (int64_t j0 = 0; j0 < lr.kend; j0 += kAvx2BlockK) {
-        const int64_t nk = std::min(kAvx2BlockK, lr.kend - j0);
+      for (int64_t j0 = 0; j0 < kend; j0 += kAvx2BlockK) {
+        const int64_t nkb = std::min(kAvx2BlockK, kend - j0);
         const float* kb = p.k_rows(b, hk, j0);
         const float* vb = p.v_rows(b, hk, j0);
-        for (int64_t u0 = 0; u0 < nk; u0 += 8)
-          m2::with_rows<8>(std::min<int64_t>(8, nk - u0), [&](auto nu) BM_AVX2 {
-            constexpr int NU = decltype(nu)::value;
-            lanes_scores_avx2<NU>(qt, kb + u0 * p.ks[2], p.ks[2], d.d, pt + u0 * W);
-            lanes_scores_avx2<NU>(got, vb + u0 * p.vs[2], p.vs[2], d.dv, dpt + u0 * W);
-          });
-        add_lane_masks(p, lr, n, j0, nk, pt);
-        for (int64_t u = 0; u < nk; ++u) {
-          const __m256 past = _mm256_cmp_ps(_mm256_set1_ps(static_cast<float>(j0 + u)), limv, _CMP_GE_OQ);
-          const __m256 s = _mm256_load_ps(pt + u * W);
-          // P = exp(s - lse); exactly 0 past a lane's limit and for excluded keys
-          const __m256 off = _mm256_or_ps(past, _mm256_cmp_ps(s, vninf, _CMP_EQ_OQ));
-          const __m256 pv = _mm256_blendv_ps(m2::exp_scaled_ps<1>(_mm256_sub_ps(s, lsev)), zero, off);
-          _mm256_store_ps(pt + u * W, pv);
-          const __m256 ds = _mm256_mul_ps(_mm256_mul_ps(pv, _mm256_sub_ps(_mm256_load_ps(dpt + u * W), deltav)), scalev);
-          _mm256_store_ps(dst + u * W, ds);
+        // chunks in pairs, as in the forward; P and dS stay 0 for keys no lane of a chunk sees
+        for (int64_t c = 0; c < nc; c += 2) {
+          const int64_t nk0 = std::clamp<int64_t>(lrs[c].kend - j0, 0, nkb);
+          const int64_t nk1 = c + 1 < nc ? std::clamp<int64_t>(lrs[c + 1].kend - j0, 0, nkb) : 0;
+          const int64_t nk = std::max(nk0, nk1), ca = nk0 > 0 ? c : c + 1, np = nk0 > 0 && nk1 > 0 ? 2 : 1;
+          for (int64_t i = c; i < std::min(c + 2, nc); ++i) {
+            const int64_t from = nk > 0 && i >= ca && i < ca + np ? nk : 0;
+            std::fill(pts + i * cs + from * W, pts + (i * cs + nkb * W), 0.f);
+            std::fill(dsts + i * cs + from * W, dsts + (i * cs + nkb * W), 0.f);
+          }
+          if (nk == 0) continue;
+          if (np == 2) {
+            lanes_scores_block_avx2<2>(qt(ca), per_chunk, kb, p.ks[2], d.d, nk, pts + ca * cs, cs);
+            lanes_scores_block_avx2<2>(got(ca), per_chunk, vb, p.vs[2], d.dv, nk, dpt, cs);
+          } else {
+            lanes_scores_block_avx2<1>(qt(ca), 0, kb, p.ks[2], d.d, nk, pts + ca * cs, 0);
+            lanes_scores_block_avx2<1>(got(ca), 0, vb, p.vs[2], d.dv, nk, dpt, 0);
+          }
+          for (int64_t i = 0; i < np; ++i) {
+            const LaneRows& lr = lrs[ca + i];
+            float* const pt = pts + (ca + i) * cs;
+            float* const dst = dsts + (ca + i) * cs;
+            const float* const dp = dpt + i * cs;
+            add_lane_masks(p, lr, W, j0, nk, pt);
+            const __m256 limv = _mm256_load_ps(lr.limit), lsev = _mm256_load_ps(lsedelta(ca + i));
+            const __m256 deltav = _mm256_load_ps(lsedelta(ca + i) + W);
+            for (int64_t u = 0; u < nk; ++u) {
+              const __m256 past = _mm256_cmp_ps(_mm256_set1_ps(static_cast<float>(j0 + u)), limv, _CMP_GE_OQ);
+              const __m256 s = _mm256_load_ps(pt + u * W);
+              // P = exp(s - lse); exactly 0 past a lane's limit and for excluded keys
+              const __m256 off = _mm256_or_ps(past, _mm256_cmp_ps(s, vninf, _CMP_EQ_OQ));
+              const __m256 pv = _mm256_blendv_ps(m2::exp_scaled_ps<1>(_mm256_sub_ps(s, lsev)), zero, off);
+              _mm256_store_ps(pt + u * W, pv);
+              const __m256 ds =
+                  _mm256_mul_ps(_mm256_mul_ps(pv, _mm256_sub_ps(_mm256_load_ps(dp + u * W), deltav)), scalev);
+              _mm256_store_ps(dst + u * W, ds);
+            }
+          }
+          if (np == 2)
+            lanes_pv_block_avx2<2>(dsts + ca * cs, cs, nk, kb, p.ks[2], d.d, dqt(ca), per_chunk);
+          else
+            lanes_pv_block_avx2<1>(dsts + ca * cs, 0, nk, kb, p.ks[2], d.d, dqt(ca), 0);
         }
-        for (int64_t c0 = 0; c0 < d.d; c0 += 8)
-          m2::with_rows<8>(std::min<int64_t>(8, d.d - c0),
-                      [&](auto nc) BM_AVX2 { lanes_pv_avx2<decltype(nc)::value>(dst, nk, kb, p.ks[2], c0, dqt); });
-        lanes_rows_update_avx2(pt, nk, n, grow, d.dv, gv + j0 * d.dv, d.dv);
-        lanes_rows_update_avx2(dst, nk, n, lr.q, d.d, gk + j0 * d.d, d.d);
+        lanes_rows_update_avx2(pts, cs, nkb, nr, gsrc, d.dv, gv + j0 * d.dv, d.dv);
+        lanes_rows_update_avx2(dsts, cs, nkb, nr, qsrc, d.d, gk + j0 * d.d, d.d);
       }
-      for (int64_t ln = 0; ln < n; ++ln) {
-        float* g = grad_q + lr.row[ln] * d.d;
-        for (int64_t c = 0; c < d.d; ++c) g[c] = dqt[c * W + ln];
-      }
+      for (int64_t c = 0; c < nc; ++c)
+        for (int64_t ln = 0; ln < std::min(W, nr - c * W); ++ln) {
+          float* g = grad_q + lrs[c].row[ln] * d.d;
+          for (int64_t cc = 0; cc < d.d; ++cc) g[cc] = dqt(c)[cc * W + ln];
+        }
     }
   }
 }
 #else
-void lanes_avx2_forward(const Problem<float>&, int64_t, int64_t, float*, float*) { TORCH_INTERNAL_ASSERT(false); }
+void lanes_avx2_forward(const Problem<float>&, int64_t, int64_t, int64_t, float*, float*) {
+  TORCH_INTERNAL_ASSERT(false);
+}
 void lanes_avx2_backward(const Problem<float>&, const float*, const float*, const float*, float*, float*, float*,
                          int64_t, int64_t) {
   TORCH_INTERNAL_ASSERT(false);
@@ -965,7 +1129,7 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& query, const Tensor& key,
   // Small calls of those kernels run on this thread alone: no team to set the float mode on.
   // float32 rows of a kv head: the few-rows kernel for 1-3 (a decoding step without GQA), the lanes
   // kernel from 4 (a GQA group's decoding rows share each K and V read there).
-  const bool vec_lanes = !bf16_lanes && !f32_lanes && use_lanes_avx2(d, ct, dropout) &&
+  const bool vec_lanes = !bf16_lanes && !f32_lanes && use_lanes_avx2(ct, dropout) &&
                          (!use_few_queries(d, ct, dropout) || (query.scalar_type() == at::kFloat && d.Hq / d.Hkv * d.Lq >= 4));
   const int64_t vec_lanes_bytes = lanes_bytes(d, sizeof(float), kAvx2Lanes);
   const bool solo = ((bf16_lanes || f32_lanes) && lanes_bytes(d, query.element_size()) < kTeamBytes) ||
@@ -1029,11 +1193,11 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& query, const Tensor& key,
   }
   if (vec_lanes) {
     const Problem<float> fp = make_problem<float>(d, q, k, v, lengths, mask, is_causal, scale, dropout);
-    const int64_t tasks = lanes_tasks(d, kAvx2Lanes);
+    const int64_t cb = lanes_avx2_chunks(d), tasks = lanes_avx2_tasks(d, cb);
     float* o = out.data_ptr<float>();
     float* ls = lse.data_ptr<float>();
     at::parallel_for(0, tasks, vec_lanes_bytes < kTeamBytes ? tasks : 1,
-                     [&](int64_t t0, int64_t t1) { lanes_avx2_forward(fp, t0, t1, o, ls); });
+                     [&](int64_t t0, int64_t t1) { lanes_avx2_forward(fp, cb, t0, t1, o, ls); });
     return {out.to(query.scalar_type()), lse};
   }
   if (use_few_queries(d, ct, dropout)) {  // also bf16 inputs that took no bf16 kernel above
@@ -1128,7 +1292,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_backward_cpu(
   Tensor gv = at::zeros(v.sizes(), v.options());
   const MaskGradBuffer mg = mask_grad ? mask_grad_buffer(d, *attn_mask_arg, q.options()) : MaskGradBuffer();
   const auto mask_out = [&] { return mask_grad ? mask_grad_result(mg, *attn_mask_arg) : no_mask_grad; };
-  if (use_lanes_avx2(d, ct, dropout) && !mask_grad) {
+  if (use_lanes_avx2(ct, dropout) && !mask_grad) {
     const Problem<float> fp = make_problem<float>(d, q, k, v, lengths, mask, is_causal, scale, dropout);
     const int64_t tasks = d.B * d.Hkv;
     at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {

@@ -263,6 +263,34 @@ def test_lanes_rows(cpu_kernel, threads, Hq, Hkv, Lq, d, dv, is_causal, use_leng
     assert_matches_on_threads(q, k, v, lengths, is_causal, threads)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize(
+    "B,Hq,Hkv,Lq,Lk,d,dv",
+    [
+        (1, 1, 1, 200, 200, 32, 32),  # one head: forward tasks of fewer chunks to feed the threads
+        (2, 6, 2, 45, 150, 40, 24),  # GQA: 135 rows per kv head, chunks across a head's boundary
+        (1, 2, 2, 129, 70, 16, 16),  # a row block of one chunk of one row after two full blocks
+        (2, 2, 1, 300, 97, 128, 72),  # wide heads, five row blocks, key blocks with a tail
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("use_lengths", [False, True])
+def test_lanes_row_blocks(cpu_kernel, threads, B, Hq, Hkv, Lq, Lk, d, dv, is_causal, use_lengths):
+    """More than 64 query rows per kv head: on AVX2 the lanes kernels take them in row blocks of 8
+    chunks of 8 lanes, two chunks at a time, each block of keys against every chunk of the block (a
+    pair's second chunk with no key left in a block runs alone, the backward's dK and dV sum over the
+    whole row block). Causal, key lengths down to 0, partial pairs and blocks, 1 or 3 threads:
+    output, logsumexp and gradients against the reference."""
+    q, k, v = qkv(B, Hq, Hkv, Lq, Lk, d, dv)
+    lengths = (
+        torch.tensor([Lk, 0][:B])
+        if use_lengths and B == 2
+        else (torch.tensor([Lk // 3]) if use_lengths else None)
+    )
+    assert_matches_on_threads(q, k, v, lengths, is_causal, threads)
+
+
 @pytest.mark.parametrize(
     "d,dv", [(1, 1), (5, 13), (24, 40), (40, 40), (50, 50), (72, 100), (100, 72), (200, 250), (250, 7)]
 )
