@@ -571,20 +571,21 @@ void few_queries_forward(const Problem<float>& p, const KV* kp, const KV* vp, fl
 // sums); an online softmax per lane over blocks of kAvx2BlockK keys; and P V as multiply-adds of each
 // key's probabilities (a vector over the lanes) by its value row's broadcast elements, several output
 // columns at a time in registers. Two chunks share each broadcast (12 sums in registers). No
-// horizontal sums, nothing packed or copied but q. Every float32 call without dropout or a mask's
-// gradient on AVX2 runs here: the blocked kernel (two BLAS calls per block) measured 0.3-0.8x native
+// horizontal sums, nothing packed or copied but q. Every float32 call without a mask's gradient on
+// AVX2 runs here: the blocked kernel (two BLAS calls per block) measured 0.3-0.8x native
 // on small calls on Zen 3 and at most parity on large ones; these 1.1-2.4x (NOTES v28).
-// An additive mask is added per score; a NaN score makes its row NaN.
+// An additive mask is added per score; dropout's keep bits are hashed 8 lanes at a time (the
+// Dropout's mix32 in vector integer ops); a NaN score makes its row NaN.
 constexpr int64_t kAvx2BlockK = 64;
 
-bool use_lanes_avx2(at::ScalarType ct, const Dropout& dropout) {
+bool use_lanes_avx2(at::ScalarType ct) {
 #ifdef BIGMODEL_HAS_AVX2_KERNELS
   using gemm::cpu::KernelChoice;
   const KernelChoice kc = gemm::cpu::kernel_choice();
   const bool avx512 = gemm::cpu::has_avx512() && gemm::cpu::microkernels_enabled();
-  return ct == at::kFloat && !dropout.active() && kc != KernelChoice::Generic && !avx512 && gemm::cpu::has_avx2();
+  return ct == at::kFloat && kc != KernelChoice::Generic && !avx512 && gemm::cpu::has_avx2();
 #else
-  (void)ct, (void)dropout;
+  (void)ct;
   return false;
 #endif
 }
@@ -705,6 +706,7 @@ struct LaneRows {
   const float* q[8];           // its query row
   const float* mask[8];        // its additive mask row, or nullptr
   int64_t row[8];              // its row of out, lse and dQ
+  alignas(32) uint32_t drop_key[8];  // its dropout row key (Dropout::row_key), 0 without dropout
   int64_t kend = 0;            // the most keys any lane sees
 };
 
@@ -718,6 +720,7 @@ LaneRows lane_rows(const Problem<float>& p, int64_t b, int64_t hk, int64_t r0, i
     r.limit[l] = 0.f;
     r.q[l] = r.mask[l] = nullptr;
     r.row[l] = 0;
+    r.drop_key[l] = 0;
     if (l >= n) continue;
     const int64_t h = hk * group + (r0 + l) / d.Lq, i = (r0 + l) % d.Lq;
     const int64_t lim = p.causal ? std::min(valid, i + 1) : valid;
@@ -727,8 +730,22 @@ LaneRows lane_rows(const Problem<float>& p, int64_t b, int64_t hk, int64_t r0, i
     for (int64_t c = 0; c < d.d; ++c) qt[c * 8 + l] = r.q[l][c] * p.scale;
     if (p.mask) r.mask[l] = p.mask + b * p.mask_stride[0] + h * p.mask_stride[1] + i * p.mask_stride[2];
     r.row[l] = (b * d.Hq + h) * d.Lq + i;
+    if (p.dropout.active()) r.drop_key[l] = p.dropout.row_key(b, h, i);
   }
   return r;
+}
+
+// The dropout factors Z of key j for the lanes with row keys `keys`: keep_scale where Dropout::keep
+// holds (mix32(key ^ j) >= threshold, unsigned), 0 where the key is dropped.
+BM_AVX2 BM_ALWAYS_INLINE __m256 lanes_dropout_avx2(__m256i keys, int64_t j, __m256i threshold, __m256 kept) {
+  __m256i x = _mm256_xor_si256(keys, _mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(j))));
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x7feb352d));
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
+  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int32_t>(0x846ca68bU)));
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+  const __m256i keep = _mm256_cmpeq_epi32(_mm256_max_epu32(x, threshold), x);
+  return _mm256_and_ps(_mm256_castsi256_ps(keep), kept);
 }
 
 // st[u][lane] += the lane's mask at key j0 + u, for u < nk and the first n lanes (mask rows or nullptr).
@@ -747,6 +764,9 @@ BM_AVX2 void lanes_avx2_forward(const Problem<float>& p, int64_t cb, int64_t t0,
   const int64_t blocks = (chunks + cb - 1) / cb;
   const float ninf = -std::numeric_limits<float>::infinity();
   const __m256 vninf = _mm256_set1_ps(ninf);
+  const bool drop = p.dropout.active();
+  const __m256i thr = _mm256_set1_epi32(static_cast<int32_t>(p.dropout.threshold));
+  const __m256 kept = _mm256_set1_ps(static_cast<float>(p.dropout.keep_scale()));
   const int64_t per_chunk = (d.d + d.dv + 2) * W;  // qt [d][8], ot [dv][8], m, l
   constexpr int64_t kStride = kAvx2BlockK * W;
   std::vector<float> buf(cb * per_chunk + 2 * kStride + 8);
@@ -806,12 +826,14 @@ BM_AVX2 void lanes_avx2_forward(const Problem<float>& p, int64_t cb, int64_t t0,
           __m256 l = _mm256_mul_ps(_mm256_load_ps(ml(ca + i) + W), alpha);
           for (int64_t cc = 0; cc < d.dv; ++cc)
             _mm256_store_ps(o + cc * W, _mm256_mul_ps(_mm256_load_ps(o + cc * W), alpha));
+          // the normalizer l counts every key; only the values see dropout (P Z)
+          const __m256i dkeys = _mm256_load_si256(reinterpret_cast<const __m256i*>(lr.drop_key));
           for (int64_t u = 0; u < nk; ++u) {
             const __m256 s = _mm256_load_ps(si + u * W);
             // exactly 0 for excluded keys (exp_scaled_ps stops at e^-87)
             const __m256 e = _mm256_blendv_ps(m2::exp_scaled_ps<1>(_mm256_sub_ps(s, shift)), _mm256_setzero_ps(),
                                               _mm256_cmp_ps(s, vninf, _CMP_EQ_OQ));
-            _mm256_store_ps(si + u * W, e);
+            _mm256_store_ps(si + u * W, drop ? _mm256_mul_ps(e, lanes_dropout_avx2(dkeys, j0 + u, thr, kept)) : e);
             l = _mm256_add_ps(l, e);
           }
           _mm256_store_ps(ml(ca + i), mnew);
@@ -895,7 +917,7 @@ BM_AVX2 void lanes_rows_update_avx2(const float* coef, int64_t cs, int64_t nk, i
 // chunk: the scores and dP = dO V^T (the forward's score kernel, on q and on dO transposed),
 // P = exp(S - lse), dS = P (dP - delta) scale, and dQ^T += dS K in registers (the forward's P V
 // kernel); then, over the row block's rows at once, dV += P^T dO and dK += dS^T Q (4 keys by 16
-// columns in registers). No mask gradient, no dropout (callers keep those on the blocked kernel).
+// columns in registers). No mask gradient (callers keep that on the blocked kernel).
 BM_AVX2 void lanes_avx2_backward(const Problem<float>& p, const float* grad_out, const float* lse,
                                  const float* delta, float* grad_q, float* grad_k, float* grad_v, int64_t t0,
                                  int64_t t1) {
@@ -904,6 +926,9 @@ BM_AVX2 void lanes_avx2_backward(const Problem<float>& p, const float* grad_out,
   const int64_t group = d.Hq / d.Hkv, rows = group * d.Lq;
   const float ninf = -std::numeric_limits<float>::infinity();
   const __m256 vninf = _mm256_set1_ps(ninf), zero = _mm256_setzero_ps();
+  const bool drop = p.dropout.active();
+  const __m256i thr = _mm256_set1_epi32(static_cast<int32_t>(p.dropout.threshold));
+  const __m256 kept = _mm256_set1_ps(static_cast<float>(p.dropout.keep_scale()));
   const std::vector<float> zeros(std::max(d.d, d.dv), 0.f);  // the source row of a lane that saw no key
   // per chunk: qt, dqt [d][8], got [dv][8], lse, delta [8]; P and dS of a key block [kAvx2BlockK][8]
   const int64_t per_chunk = (2 * d.d + d.dv + 2) * W, cs = kAvx2BlockK * W;
@@ -984,16 +1009,22 @@ BM_AVX2 void lanes_avx2_backward(const Problem<float>& p, const float* grad_out,
             add_lane_masks(p, lr, W, j0, nk, pt);
             const __m256 limv = _mm256_load_ps(lr.limit), lsev = _mm256_load_ps(lsedelta(ca + i));
             const __m256 deltav = _mm256_load_ps(lsedelta(ca + i) + W);
+            const __m256i dkeys = _mm256_load_si256(reinterpret_cast<const __m256i*>(lr.drop_key));
             for (int64_t u = 0; u < nk; ++u) {
               const __m256 past = _mm256_cmp_ps(_mm256_set1_ps(static_cast<float>(j0 + u)), limv, _CMP_GE_OQ);
               const __m256 s = _mm256_load_ps(pt + u * W);
               // P = exp(s - lse); exactly 0 past a lane's limit and for excluded keys
               const __m256 off = _mm256_or_ps(past, _mm256_cmp_ps(s, vninf, _CMP_EQ_OQ));
               const __m256 pv = _mm256_blendv_ps(m2::exp_scaled_ps<1>(_mm256_sub_ps(s, lsev)), zero, off);
-              _mm256_store_ps(pt + u * W, pv);
-              const __m256 ds =
-                  _mm256_mul_ps(_mm256_mul_ps(pv, _mm256_sub_ps(_mm256_load_ps(dp + u * W), deltav)), scalev);
-              _mm256_store_ps(dst + u * W, ds);
+              __m256 dpu = _mm256_load_ps(dp + u * W);
+              if (drop) {  // dV takes P Z; dS = P (Z dP - delta)
+                const __m256 z = lanes_dropout_avx2(dkeys, j0 + u, thr, kept);
+                _mm256_store_ps(pt + u * W, _mm256_mul_ps(pv, z));
+                dpu = _mm256_mul_ps(dpu, z);
+              } else {
+                _mm256_store_ps(pt + u * W, pv);
+              }
+              _mm256_store_ps(dst + u * W, _mm256_mul_ps(_mm256_mul_ps(pv, _mm256_sub_ps(dpu, deltav)), scalev));
             }
           }
           if (np == 2)
@@ -1129,7 +1160,7 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& query, const Tensor& key,
   // Small calls of those kernels run on this thread alone: no team to set the float mode on.
   // float32 rows of a kv head: the few-rows kernel for 1-3 (a decoding step without GQA), the lanes
   // kernel from 4 (a GQA group's decoding rows share each K and V read there).
-  const bool vec_lanes = !bf16_lanes && !f32_lanes && use_lanes_avx2(ct, dropout) &&
+  const bool vec_lanes = !bf16_lanes && !f32_lanes && use_lanes_avx2(ct) &&
                          (!use_few_queries(d, ct, dropout) || (query.scalar_type() == at::kFloat && d.Hq / d.Hkv * d.Lq >= 4));
   const int64_t vec_lanes_bytes = lanes_bytes(d, sizeof(float), kAvx2Lanes);
   const bool solo = ((bf16_lanes || f32_lanes) && lanes_bytes(d, query.element_size()) < kTeamBytes) ||
@@ -1292,7 +1323,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_backward_cpu(
   Tensor gv = at::zeros(v.sizes(), v.options());
   const MaskGradBuffer mg = mask_grad ? mask_grad_buffer(d, *attn_mask_arg, q.options()) : MaskGradBuffer();
   const auto mask_out = [&] { return mask_grad ? mask_grad_result(mg, *attn_mask_arg) : no_mask_grad; };
-  if (use_lanes_avx2(ct, dropout) && !mask_grad) {
+  if (use_lanes_avx2(ct) && !mask_grad) {
     const Problem<float> fp = make_problem<float>(d, q, k, v, lengths, mask, is_causal, scale, dropout);
     const int64_t tasks = d.B * d.Hkv;
     at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {

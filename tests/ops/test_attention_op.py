@@ -864,9 +864,10 @@ def test_dropout_gradcheck(device):
 @pytest.mark.parametrize("use_lengths", [False, True])
 @pytest.mark.parametrize("p", [0.3, 0.9])
 def test_dropout_float32_tiles(cpu_kernel, shape, is_causal, use_lengths, p):
-    """float32 dropout on the register-tile kernels and (3-64 rows per kv head) the lanes kernel: the
-    reference's keep bits (the hash computed 16 keys of a row, or 16 rows of a key, at a time), P V
-    on the kept probabilities, the normalizer on all of them; gradients through the same mask."""
+    """float32 dropout on the register-tile kernels and (3-64 rows per kv head) the lanes kernel, and
+    on AVX2 the lanes kernels at every row count: the reference's keep bits (the hash computed 16
+    keys of a row, or 16 (AVX2: 8) rows of a key, at a time), P V on the kept probabilities, the
+    normalizer on all of them; gradients through the same mask."""
     B, Hq, Hkv, Lq, Lk, d, dv = shape
     q, k, v = qkv(*shape)
     lengths = torch.randint(1, Lk + 1, (B,)) if use_lengths else None
