@@ -911,16 +911,18 @@ BM_AVX2 void lanes_rows_update_avx2(const float* coef, int64_t cs, int64_t nk, i
       });
 }
 
-// The backward of lanes_avx2_forward's rows: one task per (batch, kv head), which owns all its query
-// rows and so is the only writer of that head's dK and dV rows (zero-filled by the caller) and of its
-// dQ rows. Rows go in blocks of up to kAvx2BlockChunks chunks of 8 lanes. Per block of keys and per
+// The backward of lanes_avx2_forward's rows: one task per (batch, kv head, key split), which owns the
+// 64-key blocks fast::KeySplit deals it and so is the only writer of their dK and dV rows
+// (zero-filled by the caller); it writes its query heads' dQ rows, split c > 0 into its own copy
+// (gq_parts + (c - 1) * B Hq Lq d, summed by the caller): B = 1 with one kv head (MQA, unbatched
+// calls) would otherwise run on one thread. Rows go in blocks of up to kAvx2BlockChunks chunks of 8 lanes. Per block of keys and per
 // chunk: the scores and dP = dO V^T (the forward's score kernel, on q and on dO transposed),
 // P = exp(S - lse), dS = P (dP - delta) scale, and dQ^T += dS K in registers (the forward's P V
 // kernel); then, over the row block's rows at once, dV += P^T dO and dK += dS^T Q (4 keys by 16
 // columns in registers). No mask gradient (callers keep that on the blocked kernel).
 BM_AVX2 void lanes_avx2_backward(const Problem<float>& p, const float* grad_out, const float* lse,
-                                 const float* delta, float* grad_q, float* grad_k, float* grad_v, int64_t t0,
-                                 int64_t t1) {
+                                 const float* delta, float* grad_q, float* grad_k, float* grad_v, int64_t splits,
+                                 float* gq_parts, int64_t t0, int64_t t1) {
   constexpr int64_t W = kAvx2Lanes, CB = kAvx2BlockChunks;
   const Dims& d = p.d;
   const int64_t group = d.Hq / d.Hkv, rows = group * d.Lq;
@@ -946,7 +948,9 @@ BM_AVX2 void lanes_avx2_backward(const Problem<float>& p, const float* grad_out,
   const float* gsrc[CB * W];
   const __m256 scalev = _mm256_set1_ps(p.scale);
   for (int64_t t = t0; t < t1; ++t) {
-    const int64_t b = t / d.Hkv, hk = t % d.Hkv;
+    const int64_t b = t / (d.Hkv * splits), hk = t / splits % d.Hkv;
+    const fast::KeySplit split{splits, t % splits};
+    float* const gq = split.c == 0 ? grad_q : gq_parts + (split.c - 1) * d.B * d.Hq * d.Lq * d.d;
     float* gk = grad_k + (b * d.Hkv + hk) * d.Lk * d.d;
     float* gv = grad_v + (b * d.Hkv + hk) * d.Lk * d.dv;
     for (int64_t rb0 = 0; rb0 < rows; rb0 += CB * W) {
@@ -980,6 +984,7 @@ BM_AVX2 void lanes_avx2_backward(const Problem<float>& p, const float* grad_out,
         kend = std::max(kend, lr.kend);
       }
       for (int64_t j0 = 0; j0 < kend; j0 += kAvx2BlockK) {
+        if (!split.owns(j0 / kAvx2BlockK)) continue;
         const int64_t nkb = std::min(kAvx2BlockK, kend - j0);
         const float* kb = p.k_rows(b, hk, j0);
         const float* vb = p.v_rows(b, hk, j0);
@@ -1037,7 +1042,7 @@ BM_AVX2 void lanes_avx2_backward(const Problem<float>& p, const float* grad_out,
       }
       for (int64_t c = 0; c < nc; ++c)
         for (int64_t ln = 0; ln < std::min(W, nr - c * W); ++ln) {
-          float* g = grad_q + lrs[c].row[ln] * d.d;
+          float* g = gq + lrs[c].row[ln] * d.d;
           for (int64_t cc = 0; cc < d.d; ++cc) g[cc] = dqt(c)[cc * W + ln];
         }
     }
@@ -1048,7 +1053,7 @@ void lanes_avx2_forward(const Problem<float>&, int64_t, int64_t, int64_t, float*
   TORCH_INTERNAL_ASSERT(false);
 }
 void lanes_avx2_backward(const Problem<float>&, const float*, const float*, const float*, float*, float*, float*,
-                         int64_t, int64_t) {
+                         int64_t, float*, int64_t, int64_t) {
   TORCH_INTERNAL_ASSERT(false);
 }
 #endif
@@ -1325,11 +1330,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_backward_cpu(
   const auto mask_out = [&] { return mask_grad ? mask_grad_result(mg, *attn_mask_arg) : no_mask_grad; };
   if (use_lanes_avx2(ct) && !mask_grad) {
     const Problem<float> fp = make_problem<float>(d, q, k, v, lengths, mask, is_causal, scale, dropout);
-    const int64_t tasks = d.B * d.Hkv;
-    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    const int64_t splits = key_splits(d);
+    Tensor parts;
+    if (splits > 1) parts = at::zeros({splits - 1, d.B, d.Hq, d.Lq, d.d}, q.options());
+    float* const pp = splits > 1 ? parts.data_ptr<float>() : nullptr;
+    at::parallel_for(0, d.B * d.Hkv * splits, 1, [&](int64_t t0, int64_t t1) {
       lanes_avx2_backward(fp, go.const_data_ptr<float>(), lse.const_data_ptr<float>(), delta.const_data_ptr<float>(),
-                          gq.data_ptr<float>(), gk.data_ptr<float>(), gv.data_ptr<float>(), t0, t1);
+                          gq.data_ptr<float>(), gk.data_ptr<float>(), gv.data_ptr<float>(), splits, pp, t0, t1);
     });
+    if (splits > 1) gq.add_(splits == 2 ? parts[0] : parts.sum(0));
     const auto st = query.scalar_type();
     return {gq.to(st), gk.to(st), gv.to(st), no_mask_grad};
   }
