@@ -919,10 +919,10 @@ BM_AVX2 void lanes_rows_update_avx2(const float* coef, int64_t cs, int64_t nk, i
 // chunk: the scores and dP = dO V^T (the forward's score kernel, on q and on dO transposed),
 // P = exp(S - lse), dS = P (dP - delta) scale, and dQ^T += dS K in registers (the forward's P V
 // kernel); then, over the row block's rows at once, dV += P^T dO and dK += dS^T Q (4 keys by 16
-// columns in registers). No mask gradient (callers keep that on the blocked kernel).
+// columns in registers). A mask's gradient (mg) is added per lane row from the same P and dP.
 BM_AVX2 void lanes_avx2_backward(const Problem<float>& p, const float* grad_out, const float* lse,
                                  const float* delta, float* grad_q, float* grad_k, float* grad_v, int64_t splits,
-                                 float* gq_parts, int64_t t0, int64_t t1) {
+                                 float* gq_parts, const MaskGradBuffer* mg, int64_t t0, int64_t t1) {
   constexpr int64_t W = kAvx2Lanes, CB = kAvx2BlockChunks;
   const Dims& d = p.d;
   const int64_t group = d.Hq / d.Hkv, rows = group * d.Lq;
@@ -946,6 +946,10 @@ BM_AVX2 void lanes_avx2_backward(const Problem<float>& p, const float* grad_out,
   std::vector<LaneRows> lrs(CB);
   const float* qsrc[CB * W];  // the block's rows of Q and dO (zeros for rows without gradient)
   const float* gsrc[CB * W];
+  // A mask's gradient: the scores' gradient before the scale, P (Z dP - delta), added into this
+  // thread's slot of the buffer at each lane's row offset (-1: a lane with no gradient).
+  float* const gmask = mg != nullptr ? mg->buf.data_ptr<float>() + at::get_thread_num() * mg->slot : nullptr;
+  int64_t goff[CB * W];
   const __m256 scalev = _mm256_set1_ps(p.scale);
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t b = t / (d.Hkv * splits), hk = t / splits % d.Hkv;
@@ -980,6 +984,8 @@ BM_AVX2 void lanes_avx2_backward(const Problem<float>& p, const float* grad_out,
           }
           qsrc[c * W + l] = lr.q[l];
           gsrc[c * W + l] = g;
+          const int64_t row = lr.row[l];
+          goff[c * W + l] = gmask != nullptr && l < n && ld[l] != ninf ? mg->offset(b, row / d.Lq % d.Hq, row % d.Lq) : -1;
         }
         kend = std::max(kend, lr.kend);
       }
@@ -1010,7 +1016,7 @@ BM_AVX2 void lanes_avx2_backward(const Problem<float>& p, const float* grad_out,
             const LaneRows& lr = lrs[ca + i];
             float* const pt = pts + (ca + i) * cs;
             float* const dst = dsts + (ca + i) * cs;
-            const float* const dp = dpt + i * cs;
+            float* const dp = dpt + i * cs;
             add_lane_masks(p, lr, W, j0, nk, pt);
             const __m256 limv = _mm256_load_ps(lr.limit), lsev = _mm256_load_ps(lsedelta(ca + i));
             const __m256 deltav = _mm256_load_ps(lsedelta(ca + i) + W);
@@ -1029,8 +1035,17 @@ BM_AVX2 void lanes_avx2_backward(const Problem<float>& p, const float* grad_out,
               } else {
                 _mm256_store_ps(pt + u * W, pv);
               }
-              _mm256_store_ps(dst + u * W, _mm256_mul_ps(_mm256_mul_ps(pv, _mm256_sub_ps(dpu, deltav)), scalev));
+              const __m256 gs = _mm256_mul_ps(pv, _mm256_sub_ps(dpu, deltav));
+              _mm256_store_ps(dst + u * W, _mm256_mul_ps(gs, scalev));
+              if (gmask != nullptr) _mm256_store_ps(dp + u * W, gs);  // dP of key u is used up
             }
+            if (gmask != nullptr)
+              for (int64_t l = 0; l < W; ++l) {
+                const int64_t off = goff[(ca + i) * W + l];
+                if (off < 0) continue;
+                float* const gr = gmask + off + j0;
+                for (int64_t u = 0; u < nk; ++u) gr[u] += dp[u * W + l];
+              }
           }
           if (np == 2)
             lanes_pv_block_avx2<2>(dsts + ca * cs, cs, nk, kb, p.ks[2], d.d, dqt(ca), per_chunk);
@@ -1053,7 +1068,7 @@ void lanes_avx2_forward(const Problem<float>&, int64_t, int64_t, int64_t, float*
   TORCH_INTERNAL_ASSERT(false);
 }
 void lanes_avx2_backward(const Problem<float>&, const float*, const float*, const float*, float*, float*, float*,
-                         int64_t, float*, int64_t, int64_t) {
+                         int64_t, float*, const MaskGradBuffer*, int64_t, int64_t) {
   TORCH_INTERNAL_ASSERT(false);
 }
 #endif
@@ -1328,7 +1343,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_backward_cpu(
   Tensor gv = at::zeros(v.sizes(), v.options());
   const MaskGradBuffer mg = mask_grad ? mask_grad_buffer(d, *attn_mask_arg, q.options()) : MaskGradBuffer();
   const auto mask_out = [&] { return mask_grad ? mask_grad_result(mg, *attn_mask_arg) : no_mask_grad; };
-  if (use_lanes_avx2(ct) && !mask_grad) {
+  if (use_lanes_avx2(ct)) {
     const Problem<float> fp = make_problem<float>(d, q, k, v, lengths, mask, is_causal, scale, dropout);
     const int64_t splits = key_splits(d);
     Tensor parts;
@@ -1336,11 +1351,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_backward_cpu(
     float* const pp = splits > 1 ? parts.data_ptr<float>() : nullptr;
     at::parallel_for(0, d.B * d.Hkv * splits, 1, [&](int64_t t0, int64_t t1) {
       lanes_avx2_backward(fp, go.const_data_ptr<float>(), lse.const_data_ptr<float>(), delta.const_data_ptr<float>(),
-                          gq.data_ptr<float>(), gk.data_ptr<float>(), gv.data_ptr<float>(), splits, pp, t0, t1);
+                          gq.data_ptr<float>(), gk.data_ptr<float>(), gv.data_ptr<float>(), splits, pp,
+                          mask_grad ? &mg : nullptr, t0, t1);
     });
     if (splits > 1) gq.add_(splits == 2 ? parts[0] : parts.sum(0));
     const auto st = query.scalar_type();
-    return {gq.to(st), gk.to(st), gv.to(st), no_mask_grad};
+    return {gq.to(st), gk.to(st), gv.to(st), mask_out()};
   }
   // The tiles keep dS times the scale; a mask's gradient at scale 0 comes from the loop below.
   if (use_fast_path(d, ct, mask) && !(mask_grad && scale.has_value() && *scale == 0.0)) {
