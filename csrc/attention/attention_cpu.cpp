@@ -748,12 +748,48 @@ BM_AVX2 BM_ALWAYS_INLINE __m256 lanes_dropout_avx2(__m256i keys, int64_t j, __m2
   return _mm256_and_ps(_mm256_castsi256_ps(keep), kept);
 }
 
-// st[u][lane] += the lane's mask at key j0 + u, for u < nk and the first n lanes (mask rows or nullptr).
-void add_lane_masks(const Problem<float>& p, const LaneRows& r, int64_t n, int64_t j0, int64_t nk, float* st) {
+// r[j] <- element j of r[0 .. 7] (an 8 x 8 transpose).
+BM_AVX2 BM_ALWAYS_INLINE void transpose8_ps(__m256 (&r)[8]) {
+  __m256 t[8], s[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    s[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    s[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    s[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    s[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(s[i], s[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(s[i], s[i + 4], 0x31);
+  }
+}
+
+// st[u][lane] += the lane's mask at key j0 + u, for u < nk (<= kAvx2BlockK) and the first n lanes
+// (mask rows or nullptr). Keys contiguous in the mask: 8 lanes' rows of 8 keys loaded and transposed
+// (a mask score by score cost ~3 ms of a 25 ms seed-shape forward); other strides one by one.
+BM_AVX2 void add_lane_masks(const Problem<float>& p, const LaneRows& r, int64_t n, int64_t j0, int64_t nk,
+                            float* st) {
   if (!p.mask) return;
-  for (int64_t u = 0; u < nk; ++u)
-    for (int64_t ln = 0; ln < n; ++ln)
-      if (r.mask[ln]) st[u * 8 + ln] += r.mask[ln][(j0 + u) * p.mask_stride[3]];
+  if (p.mask_stride[3] != 1) {
+    for (int64_t u = 0; u < nk; ++u)
+      for (int64_t ln = 0; ln < n; ++ln)
+        if (r.mask[ln]) st[u * 8 + ln] += r.mask[ln][(j0 + u) * p.mask_stride[3]];
+    return;
+  }
+  alignas(32) static const float zeros[kAvx2BlockK] = {};
+  const float* rows[8];
+  for (int64_t ln = 0; ln < 8; ++ln) rows[ln] = ln < n && r.mask[ln] ? r.mask[ln] + j0 : zeros;
+  for (int64_t u0 = 0; u0 < nk; u0 += 8) {
+    const m2::Lanes keys = m2::lanes(nk - u0);
+    __m256 v[8];
+    for (int ln = 0; ln < 8; ++ln) v[ln] = m2::load_f32(rows[ln] + u0, keys);
+    transpose8_ps(v);
+    for (int64_t u = 0; u < std::min<int64_t>(8, nk - u0); ++u)
+      _mm256_store_ps(st + (u0 + u) * 8, _mm256_add_ps(_mm256_load_ps(st + (u0 + u) * 8), v[u]));
+  }
 }
 
 BM_AVX2 void lanes_avx2_forward(const Problem<float>& p, int64_t cb, int64_t t0, int64_t t1, float* out,
