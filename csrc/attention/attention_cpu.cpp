@@ -1147,14 +1147,15 @@ std::optional<MaskPattern> mask_pattern(const Tensor& attn_mask, const Dims& d) 
   m = m.expand({m.size(0), m.size(1), d.Lq, d.Lk});  // batch and head dims stay as given (1 or full)
   if (m.scalar_type() != at::kBool && m.scalar_type() != at::kFloat) m = m.to(at::kFloat);
   const int64_t nb = m.size(0), nh = m.size(1);
+  const int64_t s0 = m.stride(0), s1 = m.stride(1), s2 = m.stride(2), s3 = m.stride(3);
+  const bool* const mb = m.scalar_type() == at::kBool ? m.const_data_ptr<bool>() : nullptr;
+  const float* const mf = mb == nullptr ? m.const_data_ptr<float>() : nullptr;
   std::vector<int64_t> cnt(nb * nh * d.Lq);
   for (int64_t b = 0; b < nb; ++b)
     for (int64_t h = 0; h < nh; ++h)
       for (int64_t i = 0; i < d.Lq; ++i) {
-        const int64_t at = b * m.stride(0) + h * m.stride(1) + i * m.stride(2);
-        const int64_t c = m.scalar_type() == at::kBool
-                              ? allowed_prefix(m.const_data_ptr<bool>() + at, d.Lk, m.stride(3))
-                              : allowed_prefix(m.const_data_ptr<float>() + at, d.Lk, m.stride(3));
+        const int64_t at = b * s0 + h * s1 + i * s2;
+        const int64_t c = mb != nullptr ? allowed_prefix(mb + at, d.Lk, s3) : allowed_prefix(mf + at, d.Lk, s3);
         if (c < 0) return std::nullopt;
         cnt[(b * nh + h) * d.Lq + i] = c;
       }
@@ -1179,7 +1180,8 @@ std::optional<MaskPattern> mask_pattern(const Tensor& attn_mask, const Dims& d) 
   const std::vector<int64_t>& len = pad ? pad_len : causal_len;
   if (std::any_of(len.begin(), len.end(), [&](int64_t x) { return x != d.Lk; })) {
     p.lengths = at::empty({d.B}, at::kLong);
-    for (int64_t b = 0; b < d.B; ++b) p.lengths.data_ptr<int64_t>()[b] = len[nb == 1 ? 0 : b];
+    int64_t* const pl = p.lengths.data_ptr<int64_t>();
+    for (int64_t b = 0; b < d.B; ++b) pl[b] = len[nb == 1 ? 0 : b];
   }
   return p;
 }
