@@ -672,7 +672,8 @@ BM_AVX2 BM_ALWAYS_INLINE void lanes_pv_avx2(const float* st, int64_t ss, int64_t
     for (int cc = 0; cc < NC; ++cc) _mm256_store_ps(ot + i * os + 8 * (c0 + cc), acc[i][cc]);
 }
 
-// The scores of keys [0, nk) of kb for NP chunks (see lanes_scores_avx2), 8 keys (one chunk) or 6 (two) at a time.
+// The scores of keys [0, nk) of kb for NP chunks (see lanes_scores_avx2), 8 keys (one chunk) or 6
+// (two) at a time.
 template <int NP>
 BM_AVX2 void lanes_scores_block_avx2(const float* qt, int64_t qs, const float* kb, int64_t ldk, int64_t d, int64_t nk,
                                      float* st, int64_t ss) {
@@ -951,11 +952,12 @@ BM_AVX2 void lanes_rows_update_avx2(const float* coef, int64_t cs, int64_t nk, i
 // 64-key blocks fast::KeySplit deals it and so is the only writer of their dK and dV rows
 // (zero-filled by the caller); it writes its query heads' dQ rows, split c > 0 into its own copy
 // (gq_parts + (c - 1) * B Hq Lq d, summed by the caller): B = 1 with one kv head (MQA, unbatched
-// calls) would otherwise run on one thread. Rows go in blocks of up to kAvx2BlockChunks chunks of 8 lanes. Per block of keys and per
-// chunk: the scores and dP = dO V^T (the forward's score kernel, on q and on dO transposed),
-// P = exp(S - lse), dS = P (dP - delta) scale, and dQ^T += dS K in registers (the forward's P V
-// kernel); then, over the row block's rows at once, dV += P^T dO and dK += dS^T Q (4 keys by 16
-// columns in registers). A mask's gradient (mg) is added per lane row from the same P and dP.
+// calls) would otherwise run on one thread. Rows go in blocks of up to kAvx2BlockChunks chunks of 8
+// lanes. Per block of keys and per chunk: the scores and dP = dO V^T (the forward's score kernel, on
+// q and on dO transposed), P = exp(S - lse), dS = P (dP - delta) scale, and dQ^T += dS K in registers
+// (the forward's P V kernel); then, over the row block's rows at once, dV += P^T dO and dK += dS^T Q
+// (4 keys by 16 columns in registers). A mask's gradient (mg) is added per lane row from the same P
+// and dP.
 BM_AVX2 void lanes_avx2_backward(const Problem<float>& p, const float* grad_out, const float* lse,
                                  const float* delta, float* grad_q, float* grad_k, float* grad_v, int64_t splits,
                                  float* gq_parts, const MaskGradBuffer* mg, int64_t t0, int64_t t1) {
@@ -1021,7 +1023,8 @@ BM_AVX2 void lanes_avx2_backward(const Problem<float>& p, const float* grad_out,
           qsrc[c * W + l] = lr.q[l];
           gsrc[c * W + l] = g;
           const int64_t row = lr.row[l];
-          goff[c * W + l] = gmask != nullptr && l < n && ld[l] != ninf ? mg->offset(b, row / d.Lq % d.Hq, row % d.Lq) : -1;
+          const bool has_grad = gmask != nullptr && l < n && ld[l] != ninf;
+          goff[c * W + l] = has_grad ? mg->offset(b, row / d.Lq % d.Hq, row % d.Lq) : -1;
         }
         kend = std::max(kend, lr.kend);
       }

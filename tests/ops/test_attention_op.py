@@ -254,7 +254,8 @@ def test_few_query_rows_bfloat16(cpu_kernel, threads, Lq, Lk, d, dv, masking):
 def test_lanes_rows(cpu_kernel, threads, Hq, Hkv, Lq, d, dv, is_causal, use_lengths):
     """3 to 64 query rows per kv head (a GQA group's heads together) run as the lanes of one vector
     against K and V read in place (V copied per block, padded, for a dv that is no multiple of 16):
-    partial lane sets, several 16-row chunks, 65 rows (past it), key blocks with tails (150 keys),
+    partial lane sets, several 16-row chunks, 65 rows (past it on AVX-512; on AVX2 the lanes kernels
+    take every row count, a second row block there), key blocks with tails (150 keys),
     causal with more keys than queries, key lengths down to 0, one thread or two. Output, logsumexp
     (against the reference), native's output, and the gradients."""
     B, Lk = 3, 150
