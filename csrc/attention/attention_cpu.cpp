@@ -571,8 +571,8 @@ void few_queries_forward(const Problem<float>& p, const KV* kp, const KV* vp, fl
 // sums); an online softmax per lane over blocks of kAvx2BlockK keys; and P V as multiply-adds of each
 // key's probabilities (a vector over the lanes) by its value row's broadcast elements, several output
 // columns at a time in registers. Two chunks share each broadcast (12 sums in registers). No
-// horizontal sums, nothing packed or copied but q. Every float32 call without a mask's gradient on
-// AVX2 runs here: the blocked kernel (two BLAS calls per block) measured 0.3-0.8x native
+// horizontal sums, nothing packed or copied but q. Every float32 call on AVX2 runs here (dropout
+// and a mask's gradient too): the blocked kernel (two BLAS calls per block) measured 0.3-0.8x native
 // on small calls on Zen 3 and at most parity on large ones; these 1.1-2.4x (NOTES v28).
 // An additive mask is added per score; dropout's keep bits are hashed 8 lanes at a time (the
 // Dropout's mix32 in vector integer ops); a NaN score makes its row NaN.
@@ -597,17 +597,13 @@ constexpr int64_t kAvx2Lanes = 8;
 // read all of K and V per 8 rows: past L2 at L = 512, d = 128, 0.84x the blocked kernel).
 constexpr int64_t kAvx2BlockChunks = 8;
 
-// Chunks per forward task: kAvx2BlockChunks, fewer where that leaves under 4 tasks per thread.
+// Chunks per forward task: kAvx2BlockChunks, fewer where that leaves under 4 tasks per thread. A
+// task of cb chunks holds cb * kAvx2Lanes rows: lanes_tasks(d, cb * kAvx2Lanes) tasks.
 int64_t lanes_avx2_chunks(const Dims& d) {
-  const int64_t chunks = (d.Hq / d.Hkv * d.Lq + kAvx2Lanes - 1) / kAvx2Lanes, heads = d.B * d.Hkv;
   const int64_t want = 4 * int64_t(at::get_num_threads());
   int64_t cb = kAvx2BlockChunks;
-  while (cb > 1 && heads * ((chunks + cb - 1) / cb) < want) cb /= 2;
+  while (cb > 1 && lanes_tasks(d, cb * kAvx2Lanes) < want) cb /= 2;
   return cb;
-}
-int64_t lanes_avx2_tasks(const Dims& d, int64_t cb) {
-  const int64_t chunks = (d.Hq / d.Hkv * d.Lq + kAvx2Lanes - 1) / kAvx2Lanes;
-  return d.B * d.Hkv * ((chunks + cb - 1) / cb);
 }
 
 
@@ -793,6 +789,34 @@ BM_AVX2 void add_lane_masks(const Problem<float>& p, const LaneRows& r, int64_t 
   }
 }
 
+// The chunks of a pair that have keys left in the block at j0: chunk `first` and, with n == 2, the
+// next; nk keys for both (the pair's most; a lane's keys past its limit score -inf), 0 if neither.
+// A chunk whose partner has no key left runs alone.
+struct ChunkPair {
+  int64_t first, n, nk;
+};
+ChunkPair chunk_pair(const std::vector<LaneRows>& lrs, int64_t c, int64_t nc, int64_t j0) {
+  const int64_t nk0 = std::clamp<int64_t>(lrs[c].kend - j0, 0, kAvx2BlockK);
+  const int64_t nk1 = c + 1 < nc ? std::clamp<int64_t>(lrs[c + 1].kend - j0, 0, kAvx2BlockK) : 0;
+  return {nk0 > 0 ? c : c + 1, nk0 > 0 && nk1 > 0 ? 2 : 1, std::max(nk0, nk1)};
+}
+
+// The block helpers for the pair's chunk count: strides qs, ss, os apart for a second chunk.
+BM_AVX2 void lanes_scores_pair_avx2(const ChunkPair& cp, const float* qt, int64_t qs, const float* kb, int64_t ldk,
+                                    int64_t d, float* st, int64_t ss) {
+  if (cp.n == 2)
+    lanes_scores_block_avx2<2>(qt, qs, kb, ldk, d, cp.nk, st, ss);
+  else
+    lanes_scores_block_avx2<1>(qt, qs, kb, ldk, d, cp.nk, st, ss);
+}
+BM_AVX2 void lanes_pv_pair_avx2(const ChunkPair& cp, const float* st, int64_t ss, const float* vb, int64_t ldv,
+                                int64_t m, float* ot, int64_t os) {
+  if (cp.n == 2)
+    lanes_pv_block_avx2<2>(st, ss, cp.nk, vb, ldv, m, ot, os);
+  else
+    lanes_pv_block_avx2<1>(st, ss, cp.nk, vb, ldv, m, ot, os);
+}
+
 BM_AVX2 void lanes_avx2_forward(const Problem<float>& p, int64_t cb, int64_t t0, int64_t t1, float* out,
                                 float* lse) {
   constexpr int64_t W = kAvx2Lanes;
@@ -829,17 +853,12 @@ BM_AVX2 void lanes_avx2_forward(const Problem<float>& p, int64_t cb, int64_t t0,
     for (int64_t j0 = 0; j0 < kend; j0 += kAvx2BlockK) {
       const float* kb = p.k_rows(b, hk, j0);
       const float* vb = p.v_rows(b, hk, j0);
-      // chunks in pairs (one alone where its partner has no key left in this block); keys past a lane's
-      // limit up to the pair's count score -inf below
+      // chunks in pairs (chunk_pair); keys past a lane's limit up to the pair's count score -inf below
       for (int64_t c = 0; c < nc; c += 2) {
-        const int64_t nk0 = std::clamp<int64_t>(lrs[c].kend - j0, 0, kAvx2BlockK);
-        const int64_t nk1 = c + 1 < nc ? std::clamp<int64_t>(lrs[c + 1].kend - j0, 0, kAvx2BlockK) : 0;
-        const int64_t nk = std::max(nk0, nk1), ca = nk0 > 0 ? c : c + 1, np = nk0 > 0 && nk1 > 0 ? 2 : 1;
+        const ChunkPair cp = chunk_pair(lrs, c, nc, j0);
+        const int64_t nk = cp.nk, ca = cp.first, np = cp.n;
         if (nk == 0) continue;
-        if (np == 2)
-          lanes_scores_block_avx2<2>(qt(ca), per_chunk, kb, p.ks[2], d.d, nk, st, kStride);
-        else
-          lanes_scores_block_avx2<1>(qt(ca), 0, kb, p.ks[2], d.d, nk, st, 0);
+        lanes_scores_pair_avx2(cp, qt(ca), per_chunk, kb, p.ks[2], d.d, st, kStride);
         for (int64_t i = 0; i < np; ++i) {
           const LaneRows& lr = lrs[ca + i];
           float* const si = st + i * kStride;
@@ -876,10 +895,7 @@ BM_AVX2 void lanes_avx2_forward(const Problem<float>& p, int64_t cb, int64_t t0,
           _mm256_store_ps(ml(ca + i), mnew);
           _mm256_store_ps(ml(ca + i) + W, l);
         }
-        if (np == 2)
-          lanes_pv_block_avx2<2>(st, kStride, nk, vb, p.vs[2], d.dv, ot(ca), per_chunk);
-        else
-          lanes_pv_block_avx2<1>(st, 0, nk, vb, p.vs[2], d.dv, ot(ca), 0);
+        lanes_pv_pair_avx2(cp, st, kStride, vb, p.vs[2], d.dv, ot(ca), per_chunk);
       }
     }
     for (int64_t c = 0; c < nc; ++c) {
@@ -1035,22 +1051,16 @@ BM_AVX2 void lanes_avx2_backward(const Problem<float>& p, const float* grad_out,
         const float* vb = p.v_rows(b, hk, j0);
         // chunks in pairs, as in the forward; P and dS stay 0 for keys no lane of a chunk sees
         for (int64_t c = 0; c < nc; c += 2) {
-          const int64_t nk0 = std::clamp<int64_t>(lrs[c].kend - j0, 0, nkb);
-          const int64_t nk1 = c + 1 < nc ? std::clamp<int64_t>(lrs[c + 1].kend - j0, 0, nkb) : 0;
-          const int64_t nk = std::max(nk0, nk1), ca = nk0 > 0 ? c : c + 1, np = nk0 > 0 && nk1 > 0 ? 2 : 1;
+          const ChunkPair cp = chunk_pair(lrs, c, nc, j0);  // cp.nk <= nkb: each chunk's kend <= kend
+          const int64_t nk = cp.nk, ca = cp.first, np = cp.n;
           for (int64_t i = c; i < std::min(c + 2, nc); ++i) {
             const int64_t from = nk > 0 && i >= ca && i < ca + np ? nk : 0;
             std::fill(pts + i * cs + from * W, pts + (i * cs + nkb * W), 0.f);
             std::fill(dsts + i * cs + from * W, dsts + (i * cs + nkb * W), 0.f);
           }
           if (nk == 0) continue;
-          if (np == 2) {
-            lanes_scores_block_avx2<2>(qt(ca), per_chunk, kb, p.ks[2], d.d, nk, pts + ca * cs, cs);
-            lanes_scores_block_avx2<2>(got(ca), per_chunk, vb, p.vs[2], d.dv, nk, dpt, cs);
-          } else {
-            lanes_scores_block_avx2<1>(qt(ca), 0, kb, p.ks[2], d.d, nk, pts + ca * cs, 0);
-            lanes_scores_block_avx2<1>(got(ca), 0, vb, p.vs[2], d.dv, nk, dpt, 0);
-          }
+          lanes_scores_pair_avx2(cp, qt(ca), per_chunk, kb, p.ks[2], d.d, pts + ca * cs, cs);
+          lanes_scores_pair_avx2(cp, got(ca), per_chunk, vb, p.vs[2], d.dv, dpt, cs);
           for (int64_t i = 0; i < np; ++i) {
             const LaneRows& lr = lrs[ca + i];
             float* const pt = pts + (ca + i) * cs;
@@ -1086,10 +1096,7 @@ BM_AVX2 void lanes_avx2_backward(const Problem<float>& p, const float* grad_out,
                 for (int64_t u = 0; u < nk; ++u) gr[u] += dp[u * W + l];
               }
           }
-          if (np == 2)
-            lanes_pv_block_avx2<2>(dsts + ca * cs, cs, nk, kb, p.ks[2], d.d, dqt(ca), per_chunk);
-          else
-            lanes_pv_block_avx2<1>(dsts + ca * cs, 0, nk, kb, p.ks[2], d.d, dqt(ca), 0);
+          lanes_pv_pair_avx2(cp, dsts + ca * cs, cs, kb, p.ks[2], d.d, dqt(ca), per_chunk);
         }
         lanes_rows_update_avx2(pts, cs, nkb, nr, gsrc, d.dv, gv + j0 * d.dv, d.dv);
         lanes_rows_update_avx2(dsts, cs, nkb, nr, qsrc, d.d, gk + j0 * d.d, d.d);
@@ -1285,7 +1292,7 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& query, const Tensor& key,
   }
   if (vec_lanes) {
     const Problem<float> fp = make_problem<float>(d, q, k, v, lengths, mask, is_causal, scale, dropout);
-    const int64_t cb = lanes_avx2_chunks(d), tasks = lanes_avx2_tasks(d, cb);
+    const int64_t cb = lanes_avx2_chunks(d), tasks = lanes_tasks(d, cb * kAvx2Lanes);
     float* o = out.data_ptr<float>();
     float* ls = lse.data_ptr<float>();
     at::parallel_for(0, tasks, vec_lanes_bytes < kTeamBytes ? tasks : 1,

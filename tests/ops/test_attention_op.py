@@ -284,11 +284,7 @@ def test_lanes_row_blocks(cpu_kernel, threads, B, Hq, Hkv, Lq, Lk, d, dv, is_cau
     whole row block). Causal, key lengths down to 0, partial pairs and blocks, 1 or 3 threads:
     output, logsumexp and gradients against the reference."""
     q, k, v = qkv(B, Hq, Hkv, Lq, Lk, d, dv)
-    lengths = (
-        torch.tensor([Lk, 0][:B])
-        if use_lengths and B == 2
-        else (torch.tensor([Lk // 3]) if use_lengths else None)
-    )
+    lengths = torch.tensor([Lk, 0] if B == 2 else [Lk // 3]) if use_lengths else None
     assert_matches_on_threads(q, k, v, lengths, is_causal, threads)
 
 
