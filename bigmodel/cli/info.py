@@ -69,6 +69,11 @@ def run_info() -> int:
             f"bf16 LSTM and attention, forward and backward, without AMX: {tiles} tiles "
             f"(measured per thread: FMA {fma:.0f} GFLOP/s, vdpbf16ps {dot:.0f} GFLOP/s)"
         )
+    elif info.get("cpu_avx2") == "1" and info.get("cpu_avx512") != "1":
+        print(
+            "bf16 without AVX-512: LSTM layers on the AVX2 float32 tiles over bf16 storage, "
+            "attention on float32 copies (decoding reads bf16 K and V in place)"
+        )
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none visible"
     print(f"GPU: {gpu}")
     print("kernels:")

@@ -299,9 +299,10 @@ Tensor rows_original(const Tensor& t, const PackPlan& p, at::ScalarType dtype) {
 // AVX-512, else AVX2; bf16 layers on AMX tiles, else on AVX-512: vdpbf16ps tiles (Avx512) where the
 // CPU has AVX512-BF16 and that instruction pays, else float32 FMA tiles over bf16 storage
 // (Avx512Fp32: CPUs whose vdpbf16ps is slow, gemm::cpu::bf16_dot_pays, and AVX-512 CPUs without
-// AVX512-BF16); an AVX2 CPU runs bf16 on the portable path (the bf16 choice is gemm::cpu::bf16_kernel,
-// shared with the attention). BIGMODEL_CPU_KERNEL=avx512 and avx512-fp32 pick one of the two bf16
-// loops (off AMX); avx2 picks the AVX2 loop (or none for bf16) as an AVX2-only CPU would.
+// AVX512-BF16); an AVX2 CPU runs bf16 on its float32 tiles too, the output and saved gates and cells
+// stored as bf16 (the bf16 choice is gemm::cpu::bf16_kernel, shared with the attention).
+// BIGMODEL_CPU_KERNEL=avx512 and avx512-fp32 pick one of the two bf16 loops (off AMX); avx2 picks the
+// AVX2 loop as an AVX2-only CPU would.
 enum class FastKernels { None, Amx, Avx512, Avx512Fp32, Avx2 };
 
 FastKernels fast_kernels(const Dims& d, at::ScalarType input_dtype, at::ScalarType ct) {
@@ -314,8 +315,10 @@ FastKernels fast_kernels(const Dims& d, at::ScalarType input_dtype, at::ScalarTy
         return FastKernels::Avx512;
       case gemm::cpu::Bf16Kernel::Fp32Tiles:
         return FastKernels::Avx512Fp32;
-      case gemm::cpu::Bf16Kernel::None:
-        return FastKernels::None;
+      case gemm::cpu::Bf16Kernel::None:  // no AVX-512: the AVX2 float32 tiles over bf16 storage
+        return gemm::cpu::kernel_choice() != gemm::cpu::KernelChoice::Generic && gemm::cpu::has_avx2()
+                   ? FastKernels::Avx2
+                   : FastKernels::None;
     }
   }
   switch (gemm::cpu::kernel_choice()) {
@@ -478,13 +481,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fast(
     const Tensor& input, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
     const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh, const Dims& d, const PackPlan& p,
     bool reverse, bool train, FastKernels kernels) {
-  const bool avx2 = kernels == FastKernels::Avx2;  // float32 only
+  const bool avx2 = kernels == FastKernels::Avx2;  // float32 tiles (a bf16 layer's output stored as bf16)
   const bool amx = kernels == FastKernels::Amx;  // bf16 only
   // A bf16 layer on float32 FMA tiles: x, h and the weights widened to float32 (once per call), the
   // output and the saved gates and cells stored as bf16 by the epilogue. Everything below that
   // concerns the tiles' operands follows `bf16` (bf16 tiles: vdpbf16ps or AMX).
   const bool wide = kernels == FastKernels::Avx512Fp32;
-  const bool bf16 = input.scalar_type() == at::kBFloat16 && !wide;
+  const bool bf16 = input.scalar_type() == at::kBFloat16 && !wide && !avx2;
   const at::ScalarType st = bf16 ? at::kBFloat16 : at::kFloat;  // storage of x and h
   const at::ScalarType out_st = input.scalar_type() == at::kBFloat16 ? at::kBFloat16 : at::kFloat;  // of the output
   const int64_t G = 4 * d.H;
@@ -594,6 +597,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fast(
       fast::forward_bf16(a, train, w0, w1);
     else if (wide)
       fast::forward_f32_bf16_out(a, train, w0, w1);
+    else if (avx2 && out_st == at::kBFloat16)
+      fast::forward_f32_avx2_bf16_out(a, train, w0, w1);
     else if (avx2)
       fast::forward_f32_avx2(a, train, w0, w1);
     else
@@ -664,14 +669,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   a.steps = steps_of(p, d, reverse);
   a.I = d.I;
   a.panels = bf16_tiles ? nullptr : panels.const_data_ptr<float>();
-  // Saved gates and cells: bf16 from a bf16 layer's forward, read as such by the AVX-512 pointwise
-  // pass; the AVX2 one reads float32.
-  const bool saved_bf16 = gates.scalar_type() == at::kBFloat16;
-  const Tensor gates_f = saved_bf16 && avx2 ? gates.to(f32) : gates;
-  const Tensor cells_f = saved_bf16 && avx2 ? cells.to(f32) : cells;
-  a.saved_bf16 = saved_bf16 && !avx2;
-  a.gates = gates_f.const_data_ptr();
-  a.cells = cells_f.const_data_ptr();
+  // Saved gates and cells: bf16 from a bf16 layer's forward, read as such by the pointwise pass.
+  a.saved_bf16 = gates.scalar_type() == at::kBFloat16;
+  a.gates = gates.const_data_ptr();
+  a.cells = cells.const_data_ptr();
   a.c0 = c0s.const_data_ptr<float>();
   a.h0 = h0s.const_data_ptr<float>();
   a.hout = hout.const_data_ptr<float>();

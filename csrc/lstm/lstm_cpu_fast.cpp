@@ -317,7 +317,9 @@ BM_AVX2 BM_ALWAYS_INLINE __m256 preactivation_avx2(const float* tile, __m256 bia
 
 // The cell update of rows r0, r0 + rstride, ... (mr of them) and hidden units u0 .. u0 + 7, from their
 // pre-activations in tile[i] (gates i, f, g, o at columns 0, 8, 16, 24), bias (and gx) not yet added.
-template <bool kTrain>
+// kOutBf16 (a bf16 layer): the output and the saved gates and cells stored as bf16 bits; h and c stay
+// float32.
+template <bool kTrain, bool kOutBf16>
 BM_AVX2 BM_ALWAYS_INLINE void cell_update_avx2(const ForwardArgs& a, int64_t off, int64_t r0, int64_t mr,
                                                int64_t rstride, int64_t u0, const float (*tile)[32], void* hn) {
   const int64_t H = a.steps.H, G = 4 * H, Kh = a.Kh;
@@ -340,21 +342,28 @@ BM_AVX2 BM_ALWAYS_INLINE void cell_update_avx2(const ForwardArgs& a, int64_t off
     const __m256 hv = _mm256_mul_ps(og, m2::tanh_ps(cn));
     m2::store_f32(cp, cn, m);
     m2::store_f32(static_cast<float*>(hn) + sr * Kh + u0, hv, m);
-    m2::store_f32(static_cast<float*>(a.hout) + row * H + u0, hv, m);
+    using Out = std::conditional_t<kOutBf16, uint16_t, float>;
+    const auto store = [&](void* base, int64_t at, __m256 v) {
+      if constexpr (kOutBf16)
+        m2::store_bf16(static_cast<Out*>(base) + at, v, m);
+      else
+        m2::store_f32(static_cast<Out*>(base) + at, v, m);
+    };
+    store(a.hout, row * H + u0, hv);
     if constexpr (kTrain) {
-      float* gp = static_cast<float*>(a.gates) + row * G + u0;
-      m2::store_f32(gp, ig, m);
-      m2::store_f32(gp + H, fg, m);
-      m2::store_f32(gp + 2 * H, gg, m);
-      m2::store_f32(gp + 3 * H, og, m);
-      m2::store_f32(static_cast<float*>(a.cells) + row * H + u0, cn, m);
+      const int64_t g0 = row * G + u0;
+      store(a.gates, g0, ig);
+      store(a.gates, g0 + H, fg);
+      store(a.gates, g0 + 2 * H, gg);
+      store(a.gates, g0 + 3 * H, og);
+      store(a.cells, row * H + u0, cn);
     }
   }
 }
 
 // Panel p for MR rows: both halves and their cell updates (the second half is absent when the last
 // panel holds 8 units or fewer).
-template <bool kTrain, int MR>
+template <bool kTrain, bool kOutBf16, int MR>
 BM_AVX2 void forward_tile_avx2(const ForwardArgs& a, int64_t off, int64_t r0, int64_t rstride, int64_t p,
                                const void* hp, void* hn) {
   const int64_t Kh = a.Kh, Kx = a.Kx;
@@ -375,16 +384,16 @@ BM_AVX2 void forward_tile_avx2(const ForwardArgs& a, int64_t off, int64_t r0, in
         _mm256_store_ps(tile[r] + 16 * g2 + 8, acc[r][1]);
       }
     }
-    cell_update_avx2<kTrain>(a, off, r0, MR, rstride, u0, tile, hn);
+    cell_update_avx2<kTrain, kOutBf16>(a, off, r0, MR, rstride, u0, tile, hn);
   }
 }
 
-template <bool kTrain>
+template <bool kTrain, bool kOutBf16>
 void forward_loop_avx2(const ForwardArgs& a, int64_t w0, int64_t w1) {
   forward_steps(a, w0, w1, kAvx2GateRows, a.panels_outer,
                 [&](int64_t off, int64_t r0, int64_t mr, int64_t p, const void* hp, void* hn) {
                   m2::with_rows<m2::kGateMR>(mr, [&](auto rows) {
-                    forward_tile_avx2<kTrain, decltype(rows)::value>(a, off, r0, a.grid.R, p, hp, hn);
+                    forward_tile_avx2<kTrain, kOutBf16, decltype(rows)::value>(a, off, r0, a.grid.R, p, hp, hn);
                   });
                 });
 }
@@ -562,28 +571,37 @@ BM_AVX512 void gather_hx(const BackwardArgs& a, const WorkerScratch& ws, int64_t
 
 // ---- backward on AVX2: the same steps as above, 8 lanes wide ----
 
+// S: the saved gates' and cells' storage, float or uint16_t (a bf16 layer's bf16 bits).
+template <typename S>
 BM_AVX2 void pointwise_row_avx2(const BackwardArgs& a, int64_t t, int64_t r, int64_t row, float* dg, float* dbias,
                                 int64_t u_begin, int64_t u_end) {
   const Steps& st = a.steps;
   const int64_t H = st.H, G = 4 * H;
   const int64_t pr = prev_row(st, t, r);
-  const float* cells = static_cast<const float*>(a.cells);  // AVX2 runs float32 layers only
-  const float* cprev = pr >= 0 ? cells + pr * H : a.c0 + r * H;
-  const float* g = static_cast<const float*>(a.gates) + row * G;
+  const S* cells = static_cast<const S*>(a.cells);
+  const S* g = static_cast<const S*>(a.gates) + row * G;
+  const auto saved = [](const S* p, const m2::Lanes& m) {
+    if constexpr (std::is_same_v<S, float>)
+      return m2::load_f32(p, m);
+    else
+      return m2::load_bf16(p, m);
+  };
   const int64_t sr = state_row(a, r);
   const __m256 one = _mm256_set1_ps(1.f);
   for (int64_t u = u_begin; u < u_end; u += 8) {
     const m2::Lanes m = m2::lanes(u_end - u);
-    const __m256 ig = m2::load_f32(g + u, m), fg = m2::load_f32(g + H + u, m);
-    const __m256 gg = m2::load_f32(g + 2 * H + u, m), og = m2::load_f32(g + 3 * H + u, m);
-    const __m256 tc = m2::tanh_ps(m2::load_f32(cells + row * H + u, m));
+    const __m256 ig = saved(g + u, m), fg = saved(g + H + u, m);
+    const __m256 gg = saved(g + 2 * H + u, m), og = saved(g + 3 * H + u, m);
+    const __m256 tc = m2::tanh_ps(saved(cells + row * H + u, m));
+    // c_{t-1}: a saved cell, or c0 (float32) where the row starts at this step
+    const __m256 cp = pr >= 0 ? saved(cells + pr * H + u, m) : m2::load_f32(a.c0 + r * H + u, m);
     __m256 dh = m2::load_f32(a.dh + sr * H + u, m);
     if (a.grad_out != nullptr) dh = _mm256_add_ps(dh, m2::load_f32(a.grad_out + row * H + u, m));
     const __m256 dc =
         _mm256_fmadd_ps(_mm256_mul_ps(dh, og), _mm256_fnmadd_ps(tc, tc, one), m2::load_f32(a.dc + sr * H + u, m));
     __m256 d[4];
     d[0] = _mm256_mul_ps(_mm256_mul_ps(dc, gg), _mm256_mul_ps(ig, _mm256_sub_ps(one, ig)));
-    d[1] = _mm256_mul_ps(_mm256_mul_ps(dc, m2::load_f32(cprev + u, m)), _mm256_mul_ps(fg, _mm256_sub_ps(one, fg)));
+    d[1] = _mm256_mul_ps(_mm256_mul_ps(dc, cp), _mm256_mul_ps(fg, _mm256_sub_ps(one, fg)));
     d[2] = _mm256_mul_ps(_mm256_mul_ps(dc, ig), _mm256_fnmadd_ps(gg, gg, one));
     d[3] = _mm256_mul_ps(_mm256_mul_ps(dh, tc), _mm256_mul_ps(og, _mm256_sub_ps(one, og)));
 #pragma GCC unroll 4
@@ -927,7 +945,10 @@ struct Avx2Backward {
   static constexpr int64_t kTall = 0;
   static void pointwise(const BackwardArgs& a, int64_t t, int64_t r, int64_t row, float* dg, float* dbias,
                         int64_t u_begin, int64_t u_end) {
-    pointwise_row_avx2(a, t, r, row, dg, dbias, u_begin, u_end);
+    if (a.saved_bf16)
+      pointwise_row_avx2<uint16_t>(a, t, r, row, dg, dbias, u_begin, u_end);
+    else
+      pointwise_row_avx2<float>(a, t, r, row, dg, dbias, u_begin, u_end);
   }
   static void state_tiles(const BackwardArgs& a, const float* dg, int64_t lda, int64_t off, int64_t r0, int64_t mr,
                           int64_t rstride, int64_t p0, int64_t p1) {
@@ -1051,9 +1072,16 @@ void forward_f32_bf16_out(const ForwardArgs& a, bool train, int64_t w0, int64_t 
 
 void forward_f32_avx2(const ForwardArgs& a, bool train, int64_t w0, int64_t w1) {
   if (train)
-    forward_loop_avx2<true>(a, w0, w1);
+    forward_loop_avx2<true, false>(a, w0, w1);
   else
-    forward_loop_avx2<false>(a, w0, w1);
+    forward_loop_avx2<false, false>(a, w0, w1);
+}
+
+void forward_f32_avx2_bf16_out(const ForwardArgs& a, bool train, int64_t w0, int64_t w1) {
+  if (train)
+    forward_loop_avx2<true, true>(a, w0, w1);
+  else
+    forward_loop_avx2<false, true>(a, w0, w1);
 }
 
 void forward_amx(const ForwardArgs& a, bool train, int64_t w0, int64_t w1) {
@@ -1090,6 +1118,7 @@ void backward_f32(const BackwardArgs&, int64_t, int64_t) { TORCH_INTERNAL_ASSERT
 void backward_bf16(const BackwardArgs&, int64_t, int64_t) { TORCH_INTERNAL_ASSERT(false); }
 void backward_amx(const BackwardArgs&, int64_t, int64_t) { TORCH_INTERNAL_ASSERT(false); }
 void forward_f32_avx2(const ForwardArgs&, bool, int64_t, int64_t) { TORCH_INTERNAL_ASSERT(false); }
+void forward_f32_avx2_bf16_out(const ForwardArgs&, bool, int64_t, int64_t) { TORCH_INTERNAL_ASSERT(false); }
 void backward_f32_avx2(const BackwardArgs&, int64_t, int64_t) { TORCH_INTERNAL_ASSERT(false); }
 }  // namespace bigmodel::lstm::fast
 

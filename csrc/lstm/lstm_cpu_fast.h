@@ -146,6 +146,9 @@ void backward_bf16(const BackwardArgs& a, int64_t w0, int64_t w1);
 constexpr int64_t kAvx2GateRows = 6;
 constexpr int64_t kAvx2BackwardRows = 6;
 void forward_f32_avx2(const ForwardArgs& a, bool train, int64_t w0, int64_t w1);
+// A bf16 layer on the AVX2 tiles (no bf16 arithmetic there): as forward_f32_bf16_out, panels, x and h
+// float32, the output and the saved gates and cells bf16 bits.
+void forward_f32_avx2_bf16_out(const ForwardArgs& a, bool train, int64_t w0, int64_t w1);
 void backward_f32_avx2(const BackwardArgs& a, int64_t w0, int64_t w1);
 
 // bf16 on AMX tiles: blocks of up to kAmxRows rows (two 16-row tile blocks sharing each weight

@@ -284,20 +284,23 @@ def test_bfloat16_layer_saves_bf16_gates(cpu_kernel, proj):
         torch.ops.bigmodel.lstm_layer_backward(*backward_args, gates.float(), cells.float(), False, True)
 
 
+@pytest.mark.parametrize("H", [40, 21])
 @pytest.mark.parametrize("B", [1, 5, 8, 64])
-def test_bfloat16_on_float32_tiles_is_the_float32_layer_rounded(monkeypatch, B):
+@pytest.mark.parametrize("kernel", ["avx512-fp32", "avx2"])
+def test_bfloat16_on_float32_tiles_is_the_float32_layer_rounded(monkeypatch, kernel, B, H):
     """A bf16 layer on the float32 FMA tiles (BIGMODEL_CPU_KERNEL=avx512-fp32; 'auto' where vdpbf16ps
-    does not pay, or without AVX512-BF16) computes exactly what the float32 layer computes on the same
-    bf16 values and rounds its output and saved gates and cells to nearest even, as
-    Tensor.to(torch.bfloat16) does: bit for bit, NaN rows included."""
-    if torch.ops.bigmodel.build_info().find("cpu_avx512=1") < 0:
-        pytest.skip("this CPU (or build) has no AVX-512 kernels")
-    monkeypatch.setenv("BIGMODEL_CPU_KERNEL", "avx512-fp32")
+    does not pay, or without AVX512-BF16; the AVX2 tiles on a CPU without AVX-512) computes exactly what
+    the float32 layer computes on the same bf16 values and rounds its output and saved gates and cells
+    to nearest even, as Tensor.to(torch.bfloat16) does: bit for bit, NaN rows included (H = 21: a last
+    group of 5 hidden units, stored through lane masks)."""
+    if torch.ops.bigmodel.build_info().find(f"cpu_{kernel.split('-')[0]}=1") < 0:
+        pytest.skip(f"this CPU (or build) has no {kernel} kernels")
+    monkeypatch.setenv("BIGMODEL_CPU_KERNEL", kernel)
     args, lengths = make_args(
         9,
         B,
         100,
-        40,
+        H,
         0,
         proj=False,
         bias=True,
@@ -317,6 +320,45 @@ def test_bfloat16_on_float32_tiles_is_the_float32_layer_rounded(monkeypatch, B):
             torch.equal(w.isnan(), r.isnan()) and torch.equal(w[~w.isnan()], r[~r.isnan()])
         ), name
     assert wide[0][2:, B - 1].isnan().all() and not wide[0][:, : B - 1].isnan().any()
+
+
+@pytest.mark.parametrize("H", [40, 21])
+@pytest.mark.parametrize("B", [1, 5, 64])
+def test_bfloat16_backward_on_avx2_reads_saved_bf16(monkeypatch, B, H):
+    """The AVX2 backward reads a bf16 layer's saved gates and cells as bf16 in its pointwise pass: its
+    gradients are, bit for bit, the float32 backward's on the same (bf16-valued) arguments and saved
+    tensors, rounded to bf16."""
+    if torch.ops.bigmodel.build_info().find("cpu_avx2=1") < 0:
+        pytest.skip("this CPU (or build) has no AVX2 + FMA kernels")
+    monkeypatch.setenv("BIGMODEL_CPU_KERNEL", "avx2")
+    args, lengths = make_args(
+        7,
+        B,
+        30,
+        H,
+        0,
+        proj=False,
+        bias=True,
+        has_lengths=B > 1,
+        dtype=torch.bfloat16,
+        device="cpu",
+        requires_grad=False,
+    )
+    out, h_n, c_n, gates, cells = torch.ops.bigmodel.lstm_layer(*args, lengths, False, True)
+    x, h0, c0, w_ih, w_hh, _, _, w_hr = args
+    seeds = [torch.randn_like(t) for t in (out, h_n, c_n)]
+
+    def backward(dtype, saved):
+        a = [t.to(dtype) for t in (*seeds, x, h0, c0, w_ih, w_hh)]
+        return torch.ops.bigmodel.lstm_layer_backward(
+            *a, w_hr, lengths, out.to(dtype), *(t.to(saved) for t in (gates, cells)), False, True, True
+        )
+
+    got = backward(torch.bfloat16, torch.bfloat16)
+    ref = backward(torch.float32, torch.float32)
+    for g, r in zip(got, ref, strict=True):
+        assert g.dtype == torch.bfloat16
+        assert torch.equal(g.view(torch.int16), r.to(torch.bfloat16).view(torch.int16))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])

@@ -182,6 +182,41 @@ BM_AVX2 BM_ALWAYS_INLINE void store_f32(float* p, __m256 v, const Lanes& m) {
 // an array as long as the active lanes are inside it).
 BM_AVX2 BM_ALWAYS_INLINE void store_f32(float* p, __m256 v, __m256i mask) { _mm256_maskstore_ps(p, mask, v); }
 
+// bfloat16 bits -> float32, the lanes of m (0 elsewhere).
+BM_AVX2 BM_ALWAYS_INLINE __m256 load_bf16(const uint16_t* p, const Lanes& m) {
+  __m128i bits;
+  if (m.full) {
+    bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  } else {
+    alignas(16) uint16_t tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    const int n = __builtin_popcount(unsigned(_mm256_movemask_ps(_mm256_castsi256_ps(m.mask))));
+    for (int i = 0; i < n; ++i) tmp[i] = p[i];
+    bits = _mm_load_si128(reinterpret_cast<const __m128i*>(tmp));
+  }
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+
+// float32 -> bfloat16 bits with integer operations, rounded to nearest even as c10::BFloat16 and
+// Tensor.to(torch.bfloat16) do, NaNs kept NaN (quieted); the lanes of m only.
+BM_AVX2 BM_ALWAYS_INLINE void store_bf16(uint16_t* p, __m256 v, const Lanes& m) {
+  const __m256i x = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_add_epi32(x, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF)));
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_or_si256(x, _mm256_set1_epi32(0x00400000)), nan);
+  r = _mm256_srli_epi32(r, 16);
+  // 8 x 32-bit -> 8 x 16-bit: packus works per 128-bit half, so gather the halves first.
+  const __m128i bits = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+  if (m.full) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), bits);
+  } else {
+    alignas(16) uint16_t tmp[8];
+    _mm_store_si128(reinterpret_cast<__m128i*>(tmp), bits);
+    const int n = __builtin_popcount(unsigned(_mm256_movemask_ps(_mm256_castsi256_ps(m.mask))));
+    for (int i = 0; i < n; ++i) p[i] = tmp[i];
+  }
+}
+
 }  // namespace bigmodel::gemm::avx2
 
 #endif  // x86-64 with GCC or Clang
