@@ -348,8 +348,6 @@ Problem<T> make_problem(const Dims& d, const Tensor& q, const Tensor& k, const T
   return p;
 }
 
-// q, k or v as the kernel reads it: in the compute dtype with contiguous rows; any batch, head and
-// row strides are kept (no copy for permuted projections).
 // delta = rowsum(dO ∘ O) for the backward, without the [.., Lq, dv] product tensor in between.
 Tensor row_dots(const Tensor& a, const Tensor& b) {
   const int64_t n = a.size(-1), rows = n ? a.numel() / n : 0;
@@ -370,6 +368,8 @@ Tensor row_dots(const Tensor& a, const Tensor& b) {
   return r;
 }
 
+// q, k or v as the kernel reads it: in the compute dtype with contiguous rows; any batch, head and
+// row strides are kept (no copy for permuted projections).
 Tensor rows_ready(const Tensor& t, at::ScalarType ct) {
   if (t.scalar_type() == ct && (t.size(3) <= 1 || t.stride(3) == 1)) return t;
   return dense(t, ct);

@@ -371,10 +371,13 @@ int64_t stream_budget() {
 // from L3), or when the batch is too small to give every thread a row block. Column groups need
 // at::parallel_for to run its invocations concurrently (OpenMP); elsewhere a barrier could wait on
 // a queued task, so there the grid is rows only.
-// fill_blocks (the AVX-512 forward): also column groups when row groups would leave each worker's
-// rows in blocks of under block_rows - 1 that one group's full-batch blocks fill better (B = 16 on
-// two threads: 4 + 4 rows per worker against 6 + 5 + 5; inference 1.11-1.34x faster at B = 14-26, NOTES
-// v20). The backward keeps row groups there: its fused weight gradients need them.
+// fill_blocks (the AVX-512 and AVX2 forwards, the AVX2 backward): also column groups when row groups
+// would leave each worker's rows in blocks of under block_rows - 1 that one group's full-batch blocks
+// fill better (B = 16 on two threads: 4 + 4 rows per worker against 6 + 5 + 5; AVX-512 inference
+// 1.11-1.34x faster at B = 14-26, NOTES v20; AVX2 on Zen 3, T = 128, I = H = 128: inference B = 16
+// 5.28 -> 3.81 ms, B = 26 7.86 -> 6.13, training with the backward on column groups too (its weight
+// gradients by BLAS after the loop) B = 16 14.55 -> 11.77, B = 26 21.81 -> 18.92, NOTES v29). The
+// AVX-512 backward keeps row groups there (fused weight gradients; not measured the other way).
 // tall (the float32 AVX-512 forward): where blocks would still average under block_rows - 1 rows,
 // blocks of up to kTallRows rows (forward_tile_tall, two passes per panel) when that makes them larger
 // than block_rows: B = 7, 8 as one block (column groups), B = 13, 14 as one block per row group. The
@@ -499,7 +502,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fast(
   // forward with gates 27 -> 20-23 ms); inference keeps 32-row blocks (13.7-15.0 against 15.3-15.7 ms).
   const int64_t amx_rows = train ? 16 : fast::kAmxRows;
   const auto grid_for = [&](int64_t bytes) {
-    return choose_grid(d.B, col_panels, bytes, amx ? amx_rows : avx2 ? fast::kAvx2GateRows : 6, !amx && !avx2,
+    return choose_grid(d.B, col_panels, bytes, amx ? amx_rows : avx2 ? fast::kAvx2GateRows : 6, !amx,
                        !amx && !avx2 && !bf16);
   };
   // The tiles multiply [h_{t-1}, x_t] by [W_hh; W_ih], so every step streams both weights. Where a
@@ -686,7 +689,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   // AMX: 16-row blocks in the grid choice, so B = 32 splits into two row groups with fused weight
   // gradients on AMX instead of column groups and float32 BLAS (long shape, bf16: 118 -> 53 ms).
   a.grid = choose_grid(d.B, (H + gemm::kPanel - 1) / gemm::kPanel, panel_bytes,
-                       amx ? 16 : avx2 ? fast::kAvx2BackwardRows : 6);
+                       amx ? 16 : avx2 ? fast::kAvx2BackwardRows : 6, /*fill_blocks=*/avx2);
   a.state_rows = (d.B + a.grid.R - 1) / a.grid.R;
   const Tensor perm = state_order(d.B, a.grid, a.state_rows);
   const int64_t srows = a.grid.R * a.state_rows;

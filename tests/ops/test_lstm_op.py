@@ -105,8 +105,9 @@ def test_matches_reference(device, cpu_kernel, dtype, size, has_lengths, reverse
 def test_work_splits_match_reference(cpu_kernel, threads, T, B, IN, H, reverse):
     """The CPU time loop splits batch rows (no synchronisation) or, for small batches and for
     weights larger than a core's L2, hidden units (one barrier per step) over threads: every split
-    gives the reference's outputs and gradients, with lengths. B = 16 on two threads: the forward takes
-    column groups (two row groups would run 4-row blocks), the backward row groups. The float32
+    gives the reference's outputs and gradients, with lengths. B = 14, 16 on two threads: the forward
+    takes column groups (two row groups would run 4-row blocks), the backward row groups (column
+    groups on the AVX2 kernels, for the same reason). The float32
     AVX-512 forward runs blocks of 7 and 8 rows as two-pass tall tiles: B = 7, 8 in one block (column
     groups on two threads; the lengths shrink it to short tiles), B = 14 in one block per row group
     on two threads; so do the backward's [dh, dx] tiles (B = 14 on two threads, B = 8 and 14 on one).
