@@ -464,20 +464,23 @@ Tensor last_states(const Tensor& hout, const PackPlan& p, bool reverse) {
 }
 
 // Whether the AVX2 forward takes x W_ih^T + b from one GEMM before the loop (ForwardArgs::gx) rather
-// than streaming [W_hh; W_ih] every step, given the bytes of panels a worker would stream: where they
-// are over twice its L2 budget. Measured on Zen 3 (2 threads, NOTES v27): H = I = 1024, B = 8 / 32
+// than streaming [W_hh; W_ih] every step, given the bytes of panels a worker would stream and the batch
+// rows it multiplies them by: where they are over twice its L2 budget and over a quarter of it per row
+// (the GEMM's [N, 4H] output, written once and read once, costs bytes per row; the stream it saves is
+// shared by the worker's rows). Measured on Zen 3 (2 threads, NOTES v27, v29): H = I = 1024, B = 8 / 32
 // inference 1.73x / 1.35x faster, training 1.22x / 1.05x; H = I = 512 1.12-1.27x / 1.07-1.10x; H = I =
-// 256 (2 MiB a worker) 1.05-1.16x; the seed shape (1 MiB) 0.96x, so it keeps its fused tiles. The
-// AVX-512 tiles have not been measured this way (no AVX-512 host in that session).
+// 256 (2 MiB a worker) B = 8 1.16x, B = 32 (16 rows a worker) 1.05x, but B = 64 (32 rows) 0.96x; the
+// seed shape (1 MiB, 32 rows) inference 0.92x, training 0.98x, B = 32 0.96-0.99x: those keep the fused
+// tiles. The AVX-512 tiles have not been measured this way (no AVX-512 host in those sessions).
 // BIGMODEL_LSTM_INPUT_GEMM=on / off forces the choice either way (read on every call, for tests and
 // benchmarks), auto (or unset) decides as above.
-bool pre_x_wanted(int64_t worker_bytes) {
+bool pre_x_wanted(int64_t worker_bytes, int64_t worker_rows) {
   const char* e = std::getenv("BIGMODEL_LSTM_INPUT_GEMM");
   const std::string mode = e != nullptr ? e : "auto";
   TORCH_CHECK(mode == "auto" || mode == "on" || mode == "off",
               "BIGMODEL_LSTM_INPUT_GEMM must be 'auto', 'on' or 'off', got '", mode, "'");
   if (mode != "auto") return mode == "on";
-  return worker_bytes > 2 * l2_budget();
+  return worker_bytes > 2 * l2_budget() && 4 * worker_bytes > worker_rows * l2_budget();
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fast(
@@ -511,7 +514,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fast(
   const int64_t Kx_full = (d.I + kq - 1) / kq * kq;
   const int64_t full_bytes = col_panels * gemm::kPanel * (Kh + Kx_full) * (bf16 ? 2 : 4);
   const fast::Grid full_grid = grid_for(full_bytes);
-  const bool pre_x = pre_x_wanted(full_bytes / full_grid.C) && avx2;  // (a bad setting errors everywhere)
+  const bool pre_x =  // (a bad setting errors everywhere)
+      pre_x_wanted(full_bytes / full_grid.C, (d.B + full_grid.R - 1) / full_grid.R) && avx2;
   const int64_t Kx = pre_x ? 0 : Kx_full;
   const int64_t panel_bytes = pre_x ? col_panels * gemm::kPanel * Kh * 4 : full_bytes;
   const fast::Grid grid = pre_x ? grid_for(panel_bytes) : full_grid;
