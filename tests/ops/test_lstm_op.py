@@ -285,6 +285,23 @@ def test_bfloat16_layer_saves_bf16_gates(cpu_kernel, proj):
         torch.ops.bigmodel.lstm_layer_backward(*backward_args, gates.float(), cells.float(), False, True)
 
 
+def bf16_layer_args(T, B, IN, H):
+    """A bf16 layer's op arguments with bias, no projection, lengths where B > 1, no gradients."""
+    return make_args(
+        T,
+        B,
+        IN,
+        H,
+        0,
+        proj=False,
+        bias=True,
+        has_lengths=B > 1,
+        dtype=torch.bfloat16,
+        device="cpu",
+        requires_grad=False,
+    )
+
+
 @pytest.mark.parametrize("H", [40, 21])
 @pytest.mark.parametrize("B", [1, 5, 8, 64])
 @pytest.mark.parametrize("kernel", ["avx512-fp32", "avx2"])
@@ -297,19 +314,7 @@ def test_bfloat16_on_float32_tiles_is_the_float32_layer_rounded(monkeypatch, ker
     if torch.ops.bigmodel.build_info().find(f"cpu_{kernel.split('-')[0]}=1") < 0:
         pytest.skip(f"this CPU (or build) has no {kernel} kernels")
     monkeypatch.setenv("BIGMODEL_CPU_KERNEL", kernel)
-    args, lengths = make_args(
-        9,
-        B,
-        100,
-        H,
-        0,
-        proj=False,
-        bias=True,
-        has_lengths=B > 1,
-        dtype=torch.bfloat16,
-        device="cpu",
-        requires_grad=False,
-    )
+    args, lengths = bf16_layer_args(9, B, 100, H)
     args[0][2, B - 1, 3] = float("nan")  # the last row (length T) goes NaN from step 2 on
     wide = torch.ops.bigmodel.lstm_layer(*args, lengths, False, True)
     f32_args = [a.float() if a is not None else None for a in args]
@@ -332,19 +337,7 @@ def test_bfloat16_backward_on_avx2_reads_saved_bf16(monkeypatch, B, H):
     if torch.ops.bigmodel.build_info().find("cpu_avx2=1") < 0:
         pytest.skip("this CPU (or build) has no AVX2 + FMA kernels")
     monkeypatch.setenv("BIGMODEL_CPU_KERNEL", "avx2")
-    args, lengths = make_args(
-        7,
-        B,
-        30,
-        H,
-        0,
-        proj=False,
-        bias=True,
-        has_lengths=B > 1,
-        dtype=torch.bfloat16,
-        device="cpu",
-        requires_grad=False,
-    )
+    args, lengths = bf16_layer_args(7, B, 30, H)
     out, h_n, c_n, gates, cells = torch.ops.bigmodel.lstm_layer(*args, lengths, False, True)
     x, h0, c0, w_ih, w_hh, _, _, w_hr = args
     seeds = [torch.randn_like(t) for t in (out, h_n, c_n)]
