@@ -315,6 +315,12 @@ BM_AVX2 BM_ALWAYS_INLINE __m256 preactivation_avx2(const float* tile, __m256 bia
   return gx_g != nullptr ? _mm256_add_ps(v, m2::load_f32(gx_g, m)) : v;
 }
 
+// Saved gates, cells and the output as float32 or bf16 bits (a bf16 layer's), 8 lanes.
+BM_AVX2 BM_ALWAYS_INLINE __m256 load_avx2(const float* p, const m2::Lanes& m) { return m2::load_f32(p, m); }
+BM_AVX2 BM_ALWAYS_INLINE __m256 load_avx2(const uint16_t* p, const m2::Lanes& m) { return m2::load_bf16(p, m); }
+BM_AVX2 BM_ALWAYS_INLINE void store_avx2(float* p, __m256 v, const m2::Lanes& m) { m2::store_f32(p, v, m); }
+BM_AVX2 BM_ALWAYS_INLINE void store_avx2(uint16_t* p, __m256 v, const m2::Lanes& m) { m2::store_bf16(p, v, m); }
+
 // The cell update of rows r0, r0 + rstride, ... (mr of them) and hidden units u0 .. u0 + 7, from their
 // pre-activations in tile[i] (gates i, f, g, o at columns 0, 8, 16, 24), bias (and gx) not yet added.
 // kOutBf16 (a bf16 layer): the output and the saved gates and cells stored as bf16 bits; h and c stay
@@ -343,20 +349,14 @@ BM_AVX2 BM_ALWAYS_INLINE void cell_update_avx2(const ForwardArgs& a, int64_t off
     m2::store_f32(cp, cn, m);
     m2::store_f32(static_cast<float*>(hn) + sr * Kh + u0, hv, m);
     using Out = std::conditional_t<kOutBf16, uint16_t, float>;
-    const auto store = [&](void* base, int64_t at, __m256 v) {
-      if constexpr (kOutBf16)
-        m2::store_bf16(static_cast<Out*>(base) + at, v, m);
-      else
-        m2::store_f32(static_cast<Out*>(base) + at, v, m);
-    };
-    store(a.hout, row * H + u0, hv);
+    store_avx2(static_cast<Out*>(a.hout) + row * H + u0, hv, m);
     if constexpr (kTrain) {
-      const int64_t g0 = row * G + u0;
-      store(a.gates, g0, ig);
-      store(a.gates, g0 + H, fg);
-      store(a.gates, g0 + 2 * H, gg);
-      store(a.gates, g0 + 3 * H, og);
-      store(a.cells, row * H + u0, cn);
+      Out* gp = static_cast<Out*>(a.gates) + row * G + u0;
+      store_avx2(gp, ig, m);
+      store_avx2(gp + H, fg, m);
+      store_avx2(gp + 2 * H, gg, m);
+      store_avx2(gp + 3 * H, og, m);
+      store_avx2(static_cast<Out*>(a.cells) + row * H + u0, cn, m);
     }
   }
 }
@@ -580,21 +580,15 @@ BM_AVX2 void pointwise_row_avx2(const BackwardArgs& a, int64_t t, int64_t r, int
   const int64_t pr = prev_row(st, t, r);
   const S* cells = static_cast<const S*>(a.cells);
   const S* g = static_cast<const S*>(a.gates) + row * G;
-  const auto saved = [](const S* p, const m2::Lanes& m) {
-    if constexpr (std::is_same_v<S, float>)
-      return m2::load_f32(p, m);
-    else
-      return m2::load_bf16(p, m);
-  };
   const int64_t sr = state_row(a, r);
   const __m256 one = _mm256_set1_ps(1.f);
   for (int64_t u = u_begin; u < u_end; u += 8) {
     const m2::Lanes m = m2::lanes(u_end - u);
-    const __m256 ig = saved(g + u, m), fg = saved(g + H + u, m);
-    const __m256 gg = saved(g + 2 * H + u, m), og = saved(g + 3 * H + u, m);
-    const __m256 tc = m2::tanh_ps(saved(cells + row * H + u, m));
+    const __m256 ig = load_avx2(g + u, m), fg = load_avx2(g + H + u, m);
+    const __m256 gg = load_avx2(g + 2 * H + u, m), og = load_avx2(g + 3 * H + u, m);
+    const __m256 tc = m2::tanh_ps(load_avx2(cells + row * H + u, m));
     // c_{t-1}: a saved cell, or c0 (float32) where the row starts at this step
-    const __m256 cp = pr >= 0 ? saved(cells + pr * H + u, m) : m2::load_f32(a.c0 + r * H + u, m);
+    const __m256 cp = pr >= 0 ? load_avx2(cells + pr * H + u, m) : m2::load_f32(a.c0 + r * H + u, m);
     __m256 dh = m2::load_f32(a.dh + sr * H + u, m);
     if (a.grad_out != nullptr) dh = _mm256_add_ps(dh, m2::load_f32(a.grad_out + row * H + u, m));
     const __m256 dc =
