@@ -223,19 +223,18 @@ struct MaskGradBuffer {
   }
 };
 
-// Per-call outputs, gradients and copies come from bigmodel's buffer cache (common/pool.h), as the
-// LSTM's do: a freed block serves the next call, where glibc's default thresholds may hand it back to
-// the kernel and fault every page in again.
-Tensor buffer(at::IntArrayRef sizes, at::ScalarType st) { return pooled_empty(sizes, st); }
+// Per-call outputs, gradients and copies come from bigmodel's buffer cache (pooled_empty,
+// common/pool.h), as the LSTM's do: a freed block serves the next call, where glibc's default
+// thresholds may hand it back to the kernel and fault every page in again.
 Tensor zeroed(at::IntArrayRef sizes, at::ScalarType st) { return pooled_empty(sizes, st).zero_(); }
 
 // t in dtype st and contiguous, copied into a cached buffer where it is not already.
 Tensor dense(const Tensor& t, at::ScalarType st) {
   if (t.scalar_type() == st && t.is_contiguous()) return t;
-  return buffer(t.sizes(), st).copy_(t);
+  return pooled_empty(t.sizes(), st).copy_(t);
 }
 
-MaskGradBuffer mask_grad_buffer(const Dims& d, const Tensor& attn_mask, const at::TensorOptions& options) {
+MaskGradBuffer mask_grad_buffer(const Dims& d, const Tensor& attn_mask, at::ScalarType st) {
   int64_t m[3] = {1, 1, 1};
   for (int64_t i = 0; i < attn_mask.dim() && i < 4; ++i) {
     const int64_t dim = 4 - attn_mask.dim() + i;
@@ -248,7 +247,7 @@ MaskGradBuffer mask_grad_buffer(const Dims& d, const Tensor& attn_mask, const at
   } else {
     m[0] = d.B, m[1] = d.Hq, m[2] = d.Lq;
   }
-  g.buf = zeroed({g.slot ? threads : 1, m[0], m[1], m[2], d.Lk}, options.dtype().toScalarType());
+  g.buf = zeroed({g.slot ? threads : 1, m[0], m[1], m[2], d.Lk}, st);
   g.strides[0] = m[0] > 1 ? m[1] * m[2] * d.Lk : 0;
   g.strides[1] = m[1] > 1 ? m[2] * d.Lk : 0;
   g.strides[2] = m[2] > 1 ? d.Lk : 0;
@@ -1272,8 +1271,8 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& query, const Tensor& key,
   if (bf16_lanes) {
     const Tensor q = rows_ready(query, at::kBFloat16), k = rows_ready(key, at::kBFloat16);
     const Tensor v = rows_ready(value, at::kBFloat16);
-    Tensor out = buffer({d.B, d.Hq, d.Lq, d.dv}, q.scalar_type());
-    Tensor lse = buffer({d.B, d.Hq, d.Lq}, at::kFloat);
+    Tensor out = pooled_empty({d.B, d.Hq, d.Lq, d.dv}, q.scalar_type());
+    Tensor lse = pooled_empty({d.B, d.Hq, d.Lq}, at::kFloat);
     lanes_forward(d, fast_problem<uint16_t>(d, q, k, v, lengths, is_causal, scale, mask, dropout),
                   reinterpret_cast<uint16_t*>(out.data_ptr()), lse.data_ptr<float>());
     return {out, lse};
@@ -1285,8 +1284,8 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& query, const Tensor& key,
       (!dropout.active() || bf16_kernel == Bf16Kernel::Dot)) {
     const Tensor q = rows_ready(query, at::kBFloat16), k = rows_ready(key, at::kBFloat16);
     const Tensor v = rows_ready(value, at::kBFloat16);
-    Tensor out = buffer({d.B, d.Hq, d.Lq, d.dv}, q.scalar_type());
-    Tensor lse = buffer({d.B, d.Hq, d.Lq}, at::kFloat);
+    Tensor out = pooled_empty({d.B, d.Hq, d.Lq, d.dv}, q.scalar_type());
+    Tensor lse = pooled_empty({d.B, d.Hq, d.Lq}, at::kFloat);
     const fast::ProblemBf16 fp = fast_problem<uint16_t>(d, q, k, v, lengths, is_causal, scale, mask, dropout);
     const int64_t tasks = d.B * d.Hq * ((d.Lq + fast::kBlockQAmx - 1) / fast::kBlockQAmx);
     uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr());
@@ -1303,8 +1302,8 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& query, const Tensor& key,
       value.scalar_type() == at::kBFloat16) {
     // bf16 decoding without a bf16 kernel for it: K and V read in place (rows contiguous), q in float32.
     const Tensor q = rows_ready(query, ct), k = rows_ready(key, at::kBFloat16), v = rows_ready(value, at::kBFloat16);
-    Tensor out = buffer({d.B, d.Hq, d.Lq, d.dv}, q.scalar_type());
-    Tensor lse = buffer({d.B, d.Hq, d.Lq}, q.scalar_type());
+    Tensor out = pooled_empty({d.B, d.Hq, d.Lq, d.dv}, q.scalar_type());
+    Tensor lse = pooled_empty({d.B, d.Hq, d.Lq}, q.scalar_type());
     Problem<float> fp = make_problem<float>(d, q, q, q, lengths, mask, is_causal, scale, dropout);
     fp.k = fp.v = nullptr;  // read through the bf16 pointers below, at k's and v's strides
     for (int i = 0; i < 3; ++i) {
@@ -1316,8 +1315,8 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& query, const Tensor& key,
     return {out.to(query.scalar_type()), lse};
   }
   const Tensor q = rows_ready(query, ct), k = rows_ready(key, ct), v = rows_ready(value, ct);
-  Tensor out = buffer({d.B, d.Hq, d.Lq, d.dv}, q.scalar_type());
-  Tensor lse = buffer({d.B, d.Hq, d.Lq}, q.scalar_type());
+  Tensor out = pooled_empty({d.B, d.Hq, d.Lq, d.dv}, q.scalar_type());
+  Tensor lse = pooled_empty({d.B, d.Hq, d.Lq}, q.scalar_type());
   if (f32_lanes) {
     lanes_forward(d, fast_problem<float>(d, q, k, v, lengths, is_causal, scale, mask, dropout),
                   out.data_ptr<float>(), lse.data_ptr<float>());
@@ -1395,8 +1394,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_backward_cpu(
     const Tensor v = rows_ready(value, at::kBFloat16);
     const Tensor go = dense(grad_out, at::kBFloat16), o = dense(out, at::kBFloat16);
     const Tensor lse = dense(logsumexp, at::kFloat);
-    Tensor gq = buffer(q.sizes(), q.scalar_type()), gk = buffer(k.sizes(), k.scalar_type());
-    Tensor gv = buffer(v.sizes(), v.scalar_type());
+    Tensor gq = pooled_empty(q.sizes(), q.scalar_type()), gk = pooled_empty(k.sizes(), k.scalar_type());
+    Tensor gv = pooled_empty(v.sizes(), v.scalar_type());
     const fast::ProblemBf16 fp = fast_problem<uint16_t>(d, q, k, v, lengths, is_causal, scale, mask, dropout);
     const auto bits = [](const Tensor& t) { return reinterpret_cast<const uint16_t*>(t.const_data_ptr()); };
     fast::GradsBf16 g;
@@ -1409,7 +1408,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_backward_cpu(
     g.splits = key_splits(d);
     Tensor parts;
     if (g.splits > 1) {
-      parts = buffer({g.splits, d.B, d.Hq, d.Lq, d.d}, at::kFloat);
+      parts = pooled_empty({g.splits, d.B, d.Hq, d.Lq, d.d}, at::kFloat);
       g.gq_parts = parts.data_ptr<float>();
     }
     at::parallel_for(0, d.B * d.Hkv * g.splits, 1,
@@ -1421,7 +1420,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_backward_cpu(
   const Tensor go = dense(grad_out, ct), lse = logsumexp.contiguous();
   const Tensor delta = row_dots(go, dense(out, ct));
   Tensor gq = zeroed(q.sizes(), ct), gk = zeroed(k.sizes(), ct), gv = zeroed(v.sizes(), ct);
-  const MaskGradBuffer mg = mask_grad ? mask_grad_buffer(d, *attn_mask_arg, q.options()) : MaskGradBuffer();
+  const MaskGradBuffer mg = mask_grad ? mask_grad_buffer(d, *attn_mask_arg, ct) : MaskGradBuffer();
   const auto mask_out = [&] { return mask_grad ? mask_grad_result(mg, *attn_mask_arg) : no_mask_grad; };
   if (use_lanes_avx2(ct)) {
     const Problem<float> fp = make_problem<float>(d, q, k, v, lengths, mask, is_causal, scale, dropout);
@@ -1553,7 +1552,7 @@ Tensor attention_weights_cpu(const Tensor& query, const Tensor& key, const Tenso
   FlushDenormalsGuard ftz(!solo);
   const Tensor lengths = lengths_int64(key_lengths), mask = additive_mask(attn_mask, d, ct);
   const Tensor q = rows_ready(query, ct), k = rows_ready(key, ct), lse = logsumexp.contiguous();
-  Tensor w = average ? buffer({d.B, d.Lq, d.Lk}, ct) : buffer({d.B, d.Hq, d.Lq, d.Lk}, ct);
+  Tensor w = average ? pooled_empty({d.B, d.Lq, d.Lk}, ct) : pooled_empty({d.B, d.Hq, d.Lq, d.Lk}, ct);
   if (average && d.Hq == 0) return w.fill_(std::numeric_limits<double>::quiet_NaN()).to(query.scalar_type());
   if (use_fast_path(d, ct, mask)) {  // d.dv is key's d here
     const fast::Problem fp = fast_tiles_problem(d, q, k, k, lengths, mask, is_causal, scale, dropout);
@@ -1565,7 +1564,7 @@ Tensor attention_weights_cpu(const Tensor& query, const Tensor& key, const Tenso
       block = std::clamp<int64_t>(d.Lq * groups / want / 6 * 6, 6, block);
     const int64_t tasks = groups * ((d.Lq + block - 1) / block);
     // Every kv head's K^T packed once, before the tasks that share it (each used to pack its own).
-    Tensor panels = buffer({d.B * d.Hkv, (d.Lk + 63) / 64 * d.d * 64}, ct);
+    Tensor panels = pooled_empty({d.B * d.Hkv, (d.Lk + 63) / 64 * d.d * 64}, ct);
     float* pp = panels.data_ptr<float>();
     at::parallel_for(0, d.B * d.Hkv, solo ? d.B * d.Hkv : 1,
                      [&](int64_t t0, int64_t t1) { fast::weights_pack(fp, t0, t1, pp); });

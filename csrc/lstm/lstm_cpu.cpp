@@ -489,9 +489,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fast(
     bool reverse, bool train, FastKernels kernels) {
   const bool avx2 = kernels == FastKernels::Avx2;  // float32 tiles (a bf16 layer's output stored as bf16)
   const bool amx = kernels == FastKernels::Amx;  // bf16 only
-  // A bf16 layer on float32 FMA tiles: x, h and the weights widened to float32 (once per call), the
-  // output and the saved gates and cells stored as bf16 by the epilogue. Everything below that
-  // concerns the tiles' operands follows `bf16` (bf16 tiles: vdpbf16ps or AMX).
+  // A bf16 layer on float32 FMA tiles (wide, or the AVX2 tiles): x, h and the weights widened to
+  // float32 (once per call), the output and the saved gates and cells stored as bf16 by the epilogue.
+  // Everything below that concerns the tiles' operands follows `bf16` (bf16 tiles: vdpbf16ps or AMX).
   const bool wide = kernels == FastKernels::Avx512Fp32;
   const bool bf16 = input.scalar_type() == at::kBFloat16 && !wide && !avx2;
   const at::ScalarType st = bf16 ? at::kBFloat16 : at::kFloat;  // storage of x and h
