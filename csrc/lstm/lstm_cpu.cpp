@@ -288,6 +288,12 @@ Tensor rows_sorted(const Tensor& t, const PackPlan& p, at::ScalarType ct) {
   return p.identity ? r.contiguous().clone() : r.index_select(0, order_tensor(p)).contiguous();
 }
 
+// `t` in compute dtype with rows in sorted order, for reading only: `t` itself where it already is.
+Tensor rows_sorted_readonly(const Tensor& t, const PackPlan& p, at::ScalarType ct) {
+  Tensor r = t.to(ct);
+  return p.identity ? r.contiguous() : r.index_select(0, order_tensor(p));
+}
+
 Tensor rows_original(const Tensor& t, const PackPlan& p, at::ScalarType dtype) {
   if (p.identity) return t.to(dtype);
   return at::empty_like(t).index_copy_(0, order_tensor(p), t).to(dtype);
@@ -432,35 +438,77 @@ fast::Steps steps_of(const PackPlan& p, const Dims& d, bool reverse) {
 }
 
 // The running state of the fast loops is kept in row-group-major order (fast::state_row): sorted row j
-// lives at row perm[j] of a [R * ceil(B / R), F] buffer. Returns perm.
-Tensor state_order(int64_t B, const fast::Grid& g, int64_t state_rows) {
+// lives at row perm[j] of a [R * ceil(B / R), F] buffer. The conversions below are plain row copies,
+// not index tensors and index_copy_ / index_select: a T = 1 call (nn.LSTMCell) made ~15 ATen calls of
+// 3-8 us each around ~190 us of math (NOTES v30).
+std::vector<int64_t> state_order(int64_t B, const fast::Grid& g, int64_t state_rows) {
   std::vector<int64_t> perm(B);
   for (int64_t j = 0; j < B; ++j) perm[j] = fast::state_row(j, g, state_rows);
-  return at::from_blob(perm.data(), {B}, at::kLong).clone();
+  return perm;
 }
 
-// A zeroed [R * state_rows, F] state buffer holding the sorted rows `sorted` (or zeros) at perm.
-Tensor to_state_order(const std::optional<Tensor>& sorted, const Tensor& perm, int64_t rows, int64_t F,
-                      at::ScalarType dtype) {
-  Tensor out = at::zeros({rows, F}, dtype);
-  if (sorted.has_value()) out.narrow(1, 0, sorted->size(1)).index_copy_(0, perm, *sorted);
+// Fills `out` ([rows, F], contiguous) as a state buffer: row perm[j] holds row order[j] of src ([B, n],
+// original batch order, n <= F) in its first n columns, converted to out's dtype; every other element
+// is zero (no src: all zero).
+void fill_state_order(const Tensor& out, const std::optional<Tensor>& src, const PackPlan& p,
+                      const std::vector<int64_t>& perm) {
+  const int64_t rows = out.size(0), F = out.size(1), es = out.element_size();
+  char* o = static_cast<char*>(out.data_ptr());
+  if (!src.has_value()) {
+    std::memset(o, 0, rows * F * es);
+    return;
+  }
+  const Tensor s = src->to(out.scalar_type()).contiguous();
+  const int64_t n = s.size(1);
+  std::vector<int64_t> from(rows, -1);
+  for (int64_t j = 0; j < p.B; ++j) from[perm[j]] = p.order[j];
+  const char* sp = static_cast<const char*>(s.const_data_ptr());
+  for (int64_t r = 0; r < rows; ++r) {
+    char* d = o + r * F * es;
+    const int64_t copied = from[r] >= 0 ? n : 0;
+    if (copied > 0) std::memcpy(d, sp + from[r] * n * es, copied * es);
+    std::memset(d + copied * es, 0, (F - copied) * es);
+  }
+}
+
+Tensor to_state_order(const std::optional<Tensor>& src, const PackPlan& p, const std::vector<int64_t>& perm,
+                      int64_t rows, int64_t F, at::ScalarType dtype) {
+  Tensor out = at::empty({rows, F}, dtype);
+  fill_state_order(out, src, p, perm);
   return out;
 }
 
-// h_n from the packed output: sorted row j's state after its last processed step.
-Tensor last_states(const Tensor& hout, const PackPlan& p, bool reverse) {
-  std::vector<int64_t> rows(p.B);
-  for (int64_t j = 0; j < p.B; ++j) {
+// [B, F] in original batch order and `dtype` from rows of `rows_of` ([*, >= F]): row order[j] is
+// row src_row(j)'s first F columns.
+template <typename SrcRow>
+Tensor gather_original(const Tensor& rows_of, const PackPlan& p, int64_t F, at::ScalarType dtype,
+                       const SrcRow& src_row) {
+  Tensor out = at::empty({p.B, F}, rows_of.scalar_type());
+  const int64_t es = out.element_size(), ld = rows_of.size(1);
+  const char* sp = static_cast<const char*>(rows_of.const_data_ptr());
+  char* o = static_cast<char*>(out.data_ptr());
+  for (int64_t j = 0; j < p.B; ++j) std::memcpy(o + p.order[j] * F * es, sp + src_row(j) * ld * es, F * es);
+  return out.to(dtype);
+}
+
+// A running state ([rows, >= F] at perm) back in original batch order.
+Tensor from_state_order(const Tensor& state, const PackPlan& p, const std::vector<int64_t>& perm, int64_t F,
+                        at::ScalarType dtype) {
+  return gather_original(state, p, F, dtype, [&](int64_t j) { return perm[j]; });
+}
+
+// h_n from the packed output, in original batch order: sorted row j's state after its last processed
+// step.
+Tensor last_states(const Tensor& hout, const PackPlan& p, bool reverse, at::ScalarType dtype) {
+  return gather_original(hout, p, hout.size(1), dtype, [&](int64_t j) {
     int64_t t = 0;  // reverse: every sequence ends at step 0
     if (!reverse) {
       int64_t len = 0;
       while (len < p.T && p.batch_sizes[len] > j) ++len;
       t = len - 1;
     }
-    rows[j] = p.offsets[t] + j;
-  }
-  Tensor idx = at::from_blob(rows.data(), {p.B}, at::kLong).clone();
-  return hout.index_select(0, idx);
+    return p.offsets[t] + j;
+  });
 }
 
 // Whether the AVX2 forward takes x W_ih^T + b from one GEMM before the loop (ForwardArgs::gx) rather
@@ -554,12 +602,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fast(
   Tensor bias = d.bias ? (b_ih->to(at::kFloat) + b_hh->to(at::kFloat)).contiguous() : Tensor();
   // h and c in row-group-major order (fast::state_row); h has the AMX slack rows after them.
   const int64_t state_rows = (d.B + grid.R - 1) / grid.R;
-  const Tensor perm = state_order(d.B, grid, state_rows);
-  Tensor h = at::zeros({2, grid.R * state_rows + slack, Kh}, st);
-  Tensor h0s = rows_sorted(h0, p, st);
-  h.select(0, 0).narrow(1, 0, d.H).index_copy_(0, perm, h0s);
-  h.select(0, 1).narrow(1, 0, d.H).index_copy_(0, perm, h0s);
-  Tensor c = to_state_order(rows_sorted(c0, p, at::kFloat), perm, grid.R * state_rows, d.H, at::kFloat);
+  const std::vector<int64_t> perm = state_order(d.B, grid, state_rows);
+  const int64_t hrows = grid.R * state_rows + slack;
+  Tensor h = at::empty({2, hrows, Kh}, st);  // both halves start as h0
+  fill_state_order(h.select(0, 0), h0, p, perm);
+  std::memcpy(h.select(0, 1).data_ptr(), h.select(0, 0).const_data_ptr(), hrows * Kh * h.element_size());
+  Tensor c = to_state_order(c0, p, perm, grid.R * state_rows, d.H, at::kFloat);
   // Saved for backward in the layer's saved dtype: bf16 on the bf16 path (cell_update stores them so).
   const at::ScalarType saved = cpu_saved_dtype(input.scalar_type());
   Tensor gates = train ? pooled_empty({d.T * d.B, G}, saved) : at::empty({0}, saved);
@@ -614,8 +662,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fast(
 
   const at::ScalarType dt = input.scalar_type();
   Tensor output = from_packed(hout, p, dt);
-  Tensor h_n = rows_original(last_states(hout, p, reverse), p, dt);
-  Tensor c_n = rows_original(c.index_select(0, perm), p, dt);
+  Tensor h_n = last_states(hout, p, reverse, dt);
+  Tensor c_n = from_state_order(c, p, perm, d.H, dt);
   if (train && p.N < d.T * d.B) {  // rows past N are capacity, not data; keep the op deterministic
     gates.narrow(0, p.N, d.T * d.B - p.N).zero_();
     cells.narrow(0, p.N, d.T * d.B - p.N).zero_();
@@ -641,7 +689,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   Tensor x = to_packed(input, p, f32);
   Tensor hout = to_packed(output, p, f32);
   Tensor gout = grad_output.has_value() ? to_packed(*grad_output, p, f32) : Tensor();
-  Tensor h0s = rows_sorted(h0, p, f32), c0s = rows_sorted(c0, p, f32);
+  const Tensor h0s = rows_sorted_readonly(h0, p, f32), c0s = rows_sorted_readonly(c0, p, f32);
   // Without input_grad no dx is formed: the tiles skip the panels past dh (dx columns that share dh's
   // last panel are computed and dropped).
   Tensor dx = input_grad ? pooled_empty({p.N, d.I}, f32) : Tensor();
@@ -695,14 +743,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   a.grid = choose_grid(d.B, (H + gemm::kPanel - 1) / gemm::kPanel, panel_bytes,
                        amx ? 16 : avx2 ? fast::kAvx2BackwardRows : 6, /*fill_blocks=*/avx2);
   a.state_rows = (d.B + a.grid.R - 1) / a.grid.R;
-  const Tensor perm = state_order(d.B, a.grid, a.state_rows);
+  const std::vector<int64_t> perm = state_order(d.B, a.grid, a.state_rows);
   const int64_t srows = a.grid.R * a.state_rows;
-  auto sorted_or_none = [&](const std::optional<Tensor>& t) -> std::optional<Tensor> {
-    if (!t.has_value()) return std::nullopt;
-    return rows_sorted(*t, p, f32);
-  };
-  Tensor dh = to_state_order(sorted_or_none(grad_h_n), perm, srows, H, f32);
-  Tensor dc = to_state_order(sorted_or_none(grad_c_n), perm, srows, H, f32);
+  Tensor dh = to_state_order(grad_h_n, p, perm, srows, H, f32);
+  Tensor dc = to_state_order(grad_c_n, p, perm, srows, H, f32);
   a.dh = dh.data_ptr<float>();
   a.dc = dc.data_ptr<float>();
   // Fused weight gradients keep per-worker [4H, H + I] sums that are written, then reduced, once per
@@ -800,8 +844,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   const auto wt = w_ih.scalar_type();
   const at::ScalarType dt = input.scalar_type();
   return {input_grad ? from_packed(dx, p, dt) : at::empty({0}, input.options()),
-          rows_original(dh.index_select(0, perm), p, dt),
-          rows_original(dc.index_select(0, perm), p, dt),
+          from_state_order(dh, p, perm, H, dt),
+          from_state_order(dc, p, perm, H, dt),
           dw_ih.to(wt).contiguous(),
           dw_hh.to(wt).contiguous(),
           has_bias ? dbias.to(wt) : at::empty({0}, w_ih.options()),

@@ -571,6 +571,49 @@ def test_packed_weight_cache_sees_every_update(cpu_kernel, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("H", [9, 40])
+def test_packed_weight_cache_sees_one_element(cpu_kernel, dtype, H):
+    """The cache's digest of the weights notices a change of one element anywhere (first, last, an
+    odd bf16 element that shares its 4-byte word, one past a 16-word block) and two elements
+    swapped, each made through .data so that no version counter moves."""
+    args, _ = make_args(
+        3,
+        8,
+        7,
+        H,
+        0,
+        proj=False,
+        bias=True,
+        has_lengths=False,
+        dtype=dtype,
+        device="cpu",
+        requires_grad=False,
+    )
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, _ = args
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.05, rtol=0.05)
+
+    def check():
+        ref = lstm_layer_reference(*[a.double() for a in (x, h0, c0, w_ih, w_hh, b_ih, b_hh)], None)
+        for _ in range(2):  # the first call after a change, then a cache hit
+            out = lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, None)
+            for o, r in zip(out[:3], ref[:3], strict=True):
+                torch.testing.assert_close(o.double(), r, **tol)
+
+    check()
+    for w in (w_hh, w_ih):
+        flat = w.data.view(-1)
+        for i in (0, 1, 16, 17, flat.numel() // 2 + 1, flat.numel() - 1):
+            flat[i] += 0.5
+            check()
+        a, b = flat.numel() // 3, flat.numel() // 3 + 32  # 32 elements: the same digest lane
+        flat[a] += 1.0
+        check()
+        va, vb = flat[a].item(), flat[b].item()
+        flat[a], flat[b] = vb, va
+        check()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B", [8, 70])
 def test_packed_weight_cache_repacks_in_place(cpu_kernel, B, dtype):
     """Training steps whose weights an optimizer updates in place: each step's forward and backward
