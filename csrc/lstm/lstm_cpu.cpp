@@ -583,7 +583,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fast(
   const int64_t np = int64_t(cols.size()) / gemm::kPanel;
   const auto pack = [&](Tensor& out) {
     if (avx2) {  // [np, K, 64] panels, then each panel's quarters as strips: [np, 4, K, 16]
-      Tensor panels = at::zeros({np, Kh + Kx, gemm::kPanel}, at::kFloat);
+      // (a scratch from the buffer cache: a fresh MiB would page-fault on every repack of a training step)
+      Tensor panels = pooled_empty({np, Kh + Kx, gemm::kPanel}, at::kFloat).zero_();
       gemm::pack_f32_into(panels.data_ptr<float>(), Kh + Kx, 0, w_hh, true, cols);
       if (!pre_x) gemm::pack_f32_into(panels.data_ptr<float>(), Kh + Kx, Kh, w_ih, true, cols);
       out.view({np, 4, Kh + Kx, 16}).copy_(panels.view({np, Kh + Kx, 4, 16}).permute({0, 2, 1, 3}));
@@ -702,13 +703,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
     if (all[c] >= 0 && all[c] < H) from_hh[c] = all[c];
     if (all[c] >= H) from_ih[c] = all[c] - H;
   }
-  const auto pack_panels = [&](Tensor& out) {
-    gemm::pack_f32_into(out.data_ptr<float>(), G, 0, w_hh, false, from_hh);
-    gemm::pack_f32_into(out.data_ptr<float>(), G, 0, w_ih, false, from_ih);
-  };
   const int64_t np = int64_t(all.size()) / gemm::kPanel;
+  // AVX2: each panel's four 16-column quarters as contiguous [4H, 16] strips ([np, 4, 4H, 16], cache
+  // kind 6), so that a quarter tile streams one strip instead of a quarter of every 256-byte panel row
+  // (the forward's strips, NOTES v27; seed training's [dh, dx] tiles NOTES v30).
+  const auto pack_panels = [&](Tensor& out) {
+    Tensor panels = avx2 ? pooled_empty({np, G, gemm::kPanel}, f32).zero_() : out;
+    gemm::pack_f32_into(panels.data_ptr<float>(), G, 0, w_hh, false, from_hh);
+    gemm::pack_f32_into(panels.data_ptr<float>(), G, 0, w_ih, false, from_ih);
+    if (avx2) out.view({np, 4, G, 16}).copy_(panels.view({np, G, 4, 16}).permute({0, 2, 1, 3}));
+  };
   Tensor panels = bf16_tiles ? Tensor()
-                            : gemm::cached_pack({w_hh, w_ih}, /*kind=*/0, {np, G, gemm::kPanel}, f32, pack_panels);
+                             : gemm::cached_pack({w_hh, w_ih}, /*kind=*/avx2 ? 6 : 0, {np, G, gemm::kPanel}, f32,
+                                                 pack_panels);
 
   fast::BackwardArgs a;
   Tensor panels_bf16;

@@ -608,7 +608,8 @@ BM_AVX2 void pointwise_row_avx2(const BackwardArgs& a, int64_t t, int64_t r, int
   }
 }
 
-// [dh, dx] for MR rows and panel p, a quarter (16 columns) at a time.
+// [dh, dx] for MR rows and panel p, a quarter (16 columns) at a time; the AVX2 backward's panels are
+// strips, [np, 4, 4H, 16].
 template <int MR>
 BM_AVX2 void grad_state_tile_avx2(const BackwardArgs& a, const float* dg, int64_t lda, int64_t off, int64_t r0,
                                   int64_t rstride, int64_t p) {
@@ -618,7 +619,7 @@ BM_AVX2 void grad_state_tile_avx2(const BackwardArgs& a, const float* dg, int64_
     if (p * m2::kNR + 16 * q >= F) break;
     __m256 acc[MR][2];
     m2::zero_tile<MR, 2>(acc);
-    m2::quarter_tile_f32<MR>(dg, lda, 1, G, panel, q, acc);
+    m2::pair_tile_f32<MR>(dg, lda, 1, G, panel + q * G * 16, 16, acc);
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       const int64_t r = r0 + i * rstride, sr = state_row(a, r);
@@ -648,7 +649,8 @@ void grad_state_tiles_avx2(const BackwardArgs& a, const float* dg, int64_t lda, 
   });
 }
 
-// at: dgates^T rows m0 .. m0 + MR - 1 over the n collected rows, k-major ([n][kQuarterMR]).
+// at: dgates^T rows m0 .. m0 + MR - 1 over the n collected rows, k-major ([n][kQuarterMR]). The AVX2
+// scratch hx holds each panel's quarters as strips: [F / 64, 4, rows_cap, 16] (gather_hx_avx2).
 template <int MR>
 BM_AVX2 void grad_weight_tile_avx2(const WorkerScratch& ws, const float* at, int64_t F, int64_t ldw, int64_t rows_cap,
                                    int64_t n, int64_t m0, int64_t p) {
@@ -661,7 +663,7 @@ BM_AVX2 void grad_weight_tile_avx2(const WorkerScratch& ws, const float* at, int
       m2::zero_tile<MR, 2>(acc);
     else
       m2::load_quarter<MR>(c, ldw, acc);
-    m2::quarter_tile_f32<MR>(at, 1, m2::kQuarterMR, n, panel, q, acc);
+    m2::pair_tile_f32<MR>(at, 1, m2::kQuarterMR, n, panel + q * rows_cap * 16, 16, acc);
     m2::store_quarter<MR>(acc, c, ldw);
   }
 }
@@ -705,7 +707,8 @@ BM_AVX2 void gather_hx_avx2(const BackwardArgs& a, const WorkerScratch& ws, int6
       } else if (f < H + I) {
         v = m2::load_f32(xr + f - H, m2::lanes(H + I - f));
       }
-      _mm256_store_ps(ws.hx + ((f / m2::kNR) * a.rows_cap + k0 + k) * m2::kNR + f % m2::kNR, v);
+      // strip f % 64 / 16 of panel f / 64, row k0 + k
+      _mm256_store_ps(ws.hx + ((f / m2::kNR * 4 + f % m2::kNR / 16) * a.rows_cap + k0 + k) * 16 + f % 16, v);
     }
   }
 }

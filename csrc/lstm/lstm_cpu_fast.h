@@ -81,6 +81,7 @@ inline int64_t state_row(const ForwardArgs& a, int64_t r) { return state_row(r, 
 struct WorkerScratch {
   float* dg = nullptr;     // [rows_cap, 4H] dgates of the worker's rows of the collected steps
   float* hx = nullptr;     // [F / 64, rows_cap, 64] their [h_{t-1}, x_t] as B panels, F = H + I padded
+                           // (AVX2: each panel as four [rows_cap, 16] strips)
   float* dw = nullptr;     // [4H, F] running sum of dgates^T [h_{t-1}, x_t]: grad [W_hh, W_ih]
                            // (backward_amx: its transpose, [F, 4H rounded up to 32])
   float* dbias = nullptr;  // [4H] running sum of dgates
@@ -91,7 +92,7 @@ struct WorkerScratch {
 struct BackwardArgs {
   Steps steps;
   int64_t I = 0;
-  const float* panels = nullptr;  // [W_hh, W_ih] as a [4H, H + I] B matrix, contiguous columns
+  const float* panels = nullptr;  // [W_hh, W_ih] as a [4H, H + I] B matrix, contiguous columns (AVX2: strips)
   // bf16 layers on AMX or vdpbf16ps: the same B matrix as bf16 panels with K = 4H zero-padded to Gp (a
   // multiple of 32); the [dh, dx] tiles then multiply dgates rounded to bf16 (backward_amx, _bf16).
   const uint16_t* panels_bf16 = nullptr;

@@ -2,9 +2,10 @@
 // over the same packed panels as microkernel.h (kNR = 64 float32 columns per panel row), for CPUs
 // without AVX-512. The register file is 16 ymm of 8 floats, so a tile covers part of a panel:
 //
-//   quarter tile    MR rows x 2 ymm at panel columns 16 q .. 16 q + 15 (q = 0 .. 3), one 64-byte
-//                   line of each panel row: plain GEMM over contiguous-column panels (kQuarterMR = 6:
-//                   12 accumulators + 2 B + 1 broadcast).
+//   quarter tile    MR rows x 2 ymm at panel columns 16 q .. 16 q + 15 (q = 0 .. 3): plain GEMM over
+//                   contiguous-column panels whose quarters the AVX2 backward stores as contiguous
+//                   [K, 16] strips (a quarter of every 256-byte panel row streamed 4-5% slower, NOTES
+//                   v30) (kQuarterMR = 6: 12 accumulators + 2 B + 1 broadcast).
 //   gate-pair tile  the LSTM forward's: the same column-pair tile over strips of 16 columns stored
 //                   contiguously (K rows of 64 bytes; the forward's AVX2 packing splits each panel of
 //                   gate_half_grouped_columns into its four quarters), strip 2 h + g2 holding gates
@@ -76,13 +77,6 @@ BM_AVX2 BM_ALWAYS_INLINE void pair_tile_f32(const float* a, int64_t lda, int64_t
       acc[r][1] = _mm256_fmadd_ps(av, w1, acc[r][1]);
     }
   }
-}
-
-// Quarter tile: the column-pair tile over panel columns 16 q .. 16 q + 15.
-template <int MR>
-BM_AVX2 BM_ALWAYS_INLINE void quarter_tile_f32(const float* a, int64_t lda, int64_t kstride, int64_t K,
-                                               const float* panel, int q, __m256 (&acc)[MR][2]) {
-  pair_tile_f32<MR>(a, lda, kstride, K, panel + 16 * q, kNR, acc);
 }
 
 // Loads / stores a quarter tile from / to rows of 16 floats at stride ldc.
