@@ -534,16 +534,13 @@ def test_input_gemm_matches_reference(cpu_kernel, monkeypatch, mode, threads, bi
         torch.testing.assert_close(g, gr, **TOL[torch.float32])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_weight_cache_sees_every_update(cpu_kernel, dtype):
-    """The CPU op caches its packed weights across calls; any change of their contents, including
-    one through .data (which bumps no version counter) and a new tensor of the same shape, must
-    give the new weights' result."""
+def _cache_test_args(T, B, IN, H, dtype):
+    """Arguments of one CPU call without lengths or gradients, for the packed-weight cache's tests."""
     args, _ = make_args(
-        5,
-        8,
-        6,
-        9,
+        T,
+        B,
+        IN,
+        H,
         0,
         proj=False,
         bias=True,
@@ -552,7 +549,15 @@ def test_packed_weight_cache_sees_every_update(cpu_kernel, dtype):
         device="cpu",
         requires_grad=False,
     )
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh, _ = args
+    return args
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_weight_cache_sees_every_update(cpu_kernel, dtype):
+    """The CPU op caches its packed weights across calls; any change of their contents, including
+    one through .data (which bumps no version counter) and a new tensor of the same shape, must
+    give the new weights' result."""
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, _ = _cache_test_args(5, 8, 6, 9, dtype)
 
     def check():
         out = lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, None)
@@ -576,20 +581,7 @@ def test_packed_weight_cache_sees_one_element(cpu_kernel, dtype, H):
     """The cache's digest of the weights notices a change of one element anywhere (first, last, an
     odd bf16 element that shares its 4-byte word, one past a 16-word block) and two elements
     swapped, each made through .data so that no version counter moves."""
-    args, _ = make_args(
-        3,
-        8,
-        7,
-        H,
-        0,
-        proj=False,
-        bias=True,
-        has_lengths=False,
-        dtype=dtype,
-        device="cpu",
-        requires_grad=False,
-    )
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh, _ = args
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, _ = _cache_test_args(3, 8, 7, H, dtype)
     tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.05, rtol=0.05)
 
     def check():
