@@ -282,16 +282,16 @@ Tensor order_tensor(const PackPlan& p) {
   return at::from_blob(const_cast<int64_t*>(p.order.data()), {p.B}, at::kLong).clone();
 }
 
-// A fresh [B, F] copy of `t` in compute dtype with rows in sorted order (safe to update in place).
-Tensor rows_sorted(const Tensor& t, const PackPlan& p, at::ScalarType ct) {
-  Tensor r = t.to(ct);
-  return p.identity ? r.contiguous().clone() : r.index_select(0, order_tensor(p)).contiguous();
-}
-
 // `t` in compute dtype with rows in sorted order, for reading only: `t` itself where it already is.
 Tensor rows_sorted_readonly(const Tensor& t, const PackPlan& p, at::ScalarType ct) {
   Tensor r = t.to(ct);
   return p.identity ? r.contiguous() : r.index_select(0, order_tensor(p));
+}
+
+// A fresh [B, F] copy of `t` in compute dtype with rows in sorted order (safe to update in place).
+Tensor rows_sorted(const Tensor& t, const PackPlan& p, at::ScalarType ct) {
+  Tensor r = rows_sorted_readonly(t, p, ct);  // index_select already made a copy
+  return p.identity ? r.clone() : r;
 }
 
 Tensor rows_original(const Tensor& t, const PackPlan& p, at::ScalarType dtype) {
@@ -531,6 +531,17 @@ bool pre_x_wanted(int64_t worker_bytes, int64_t worker_rows) {
   return worker_bytes > 2 * l2_budget() && 4 * worker_bytes > worker_rows * l2_budget();
 }
 
+// The AVX2 tiles' panels: `pack` writes [np, K, 64] panels into a zeroed scratch (from the buffer
+// cache: a fresh MiB would page-fault on every repack of a training step), whose four 16-column
+// quarters per panel then go to `out` as contiguous [K, 16] strips ([np, 4, K, 16]), so that a
+// quarter tile streams one strip rather than a quarter of every 256-byte panel row (NOTES v27, v30).
+template <typename Pack>
+void pack_as_strips(const Tensor& out, int64_t np, int64_t K, const Pack& pack) {
+  Tensor panels = pooled_empty({np, K, gemm::kPanel}, at::kFloat).zero_();
+  pack(panels.data_ptr<float>());
+  out.view({np, 4, K, 16}).copy_(panels.view({np, K, 4, 16}).permute({0, 2, 1, 3}));
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fast(
     const Tensor& input, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
     const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh, const Dims& d, const PackPlan& p,
@@ -582,12 +593,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_fast(
   const gemm::ColumnMap cols = avx2 ? gemm::gate_half_grouped_columns(d.H) : gemm::gate_grouped_columns(d.H, half);
   const int64_t np = int64_t(cols.size()) / gemm::kPanel;
   const auto pack = [&](Tensor& out) {
-    if (avx2) {  // [np, K, 64] panels, then each panel's quarters as strips: [np, 4, K, 16]
-      // (a scratch from the buffer cache: a fresh MiB would page-fault on every repack of a training step)
-      Tensor panels = pooled_empty({np, Kh + Kx, gemm::kPanel}, at::kFloat).zero_();
-      gemm::pack_f32_into(panels.data_ptr<float>(), Kh + Kx, 0, w_hh, true, cols);
-      if (!pre_x) gemm::pack_f32_into(panels.data_ptr<float>(), Kh + Kx, Kh, w_ih, true, cols);
-      out.view({np, 4, Kh + Kx, 16}).copy_(panels.view({np, Kh + Kx, 4, 16}).permute({0, 2, 1, 3}));
+    if (avx2) {
+      pack_as_strips(out, np, Kh + Kx, [&](float* panels) {
+        gemm::pack_f32_into(panels, Kh + Kx, 0, w_hh, true, cols);
+        if (!pre_x) gemm::pack_f32_into(panels, Kh + Kx, Kh, w_ih, true, cols);
+      });
     } else if (bf16) {
       gemm::pack_bf16_into(out.data_ptr<int16_t>(), (Kh + Kx) / 2, 0, w_hh, true, cols);
       gemm::pack_bf16_into(out.data_ptr<int16_t>(), (Kh + Kx) / 2, Kh, w_ih, true, cols);
@@ -704,14 +714,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
     if (all[c] >= H) from_ih[c] = all[c] - H;
   }
   const int64_t np = int64_t(all.size()) / gemm::kPanel;
-  // AVX2: each panel's four 16-column quarters as contiguous [4H, 16] strips ([np, 4, 4H, 16], cache
-  // kind 6), so that a quarter tile streams one strip instead of a quarter of every 256-byte panel row
-  // (the forward's strips, NOTES v27; seed training's [dh, dx] tiles NOTES v30).
+  // AVX2: as strips, [np, 4, 4H, 16] (cache kind 6).
+  const auto pack_into = [&](float* panels) {
+    gemm::pack_f32_into(panels, G, 0, w_hh, false, from_hh);
+    gemm::pack_f32_into(panels, G, 0, w_ih, false, from_ih);
+  };
   const auto pack_panels = [&](Tensor& out) {
-    Tensor panels = avx2 ? pooled_empty({np, G, gemm::kPanel}, f32).zero_() : out;
-    gemm::pack_f32_into(panels.data_ptr<float>(), G, 0, w_hh, false, from_hh);
-    gemm::pack_f32_into(panels.data_ptr<float>(), G, 0, w_ih, false, from_ih);
-    if (avx2) out.view({np, 4, G, 16}).copy_(panels.view({np, G, 4, 16}).permute({0, 2, 1, 3}));
+    if (avx2)
+      pack_as_strips(out, np, G, pack_into);
+    else
+      pack_into(out.data_ptr<float>());
   };
   Tensor panels = bf16_tiles ? Tensor()
                              : gemm::cached_pack({w_hh, w_ih}, /*kind=*/avx2 ? 6 : 0, {np, G, gemm::kPanel}, f32,
