@@ -644,10 +644,11 @@ namespace m2 = gemm::avx2;
 
 // st[u][lane] = sum_c qt[c][lane] k_u[c] for keys u < NU at kr, kr + ldk, ..., for NP chunks of 8
 // lanes at once (qt and st of chunk i at i * qs and i * ss floats): a key's broadcast elements serve
-// both chunks (NP = 2: 12 sums with NU = 6).
+// both chunks (NP = 2: 12 sums with NU = 6). With bm (32-byte aligned [NP][8], or nullptr), each
+// chunk's lanes also keep their running max of the scores there, taken from the registers.
 template <int NU, int NP = 1>
 BM_AVX2 BM_ALWAYS_INLINE void lanes_scores_avx2(const float* qt, int64_t qs, const float* kr, int64_t ldk, int64_t d,
-                                                float* st, int64_t ss) {
+                                                float* st, int64_t ss, float* bm) {
   static_assert(NP * NU <= 12 || NP == 1);
   __m256 acc[NP][NU];
 #pragma GCC unroll 2
@@ -669,6 +670,14 @@ BM_AVX2 BM_ALWAYS_INLINE void lanes_scores_avx2(const float* qt, int64_t qs, con
   for (int i = 0; i < NP; ++i)
 #pragma GCC unroll 8
     for (int u = 0; u < NU; ++u) _mm256_store_ps(st + i * ss + 8 * u, acc[i][u]);
+  if (bm == nullptr) return;
+#pragma GCC unroll 2
+  for (int i = 0; i < NP; ++i) {
+    __m256 m = _mm256_load_ps(bm + 8 * i);
+#pragma GCC unroll 8
+    for (int u = 0; u < NU; ++u) m = _mm256_max_ps(m, acc[i][u]);
+    _mm256_store_ps(bm + 8 * i, m);
+  }
 }
 
 // ot[c][lane] += sum_u st[u][lane] v_u[c] for columns c0 .. c0 + NC - 1, keys u < nk, for NP chunks
@@ -700,15 +709,15 @@ BM_AVX2 BM_ALWAYS_INLINE void lanes_pv_avx2(const float* st, int64_t ss, int64_t
     for (int cc = 0; cc < NC; ++cc) _mm256_store_ps(ot + i * os + 8 * (c0 + cc), acc[i][cc]);
 }
 
-// The scores of keys [0, nk) of kb for NP chunks (see lanes_scores_avx2), 8 keys (one chunk) or 6
-// (two) at a time.
+// The scores of keys [0, nk) of kb for NP chunks (see lanes_scores_avx2; bm their running max or
+// nullptr), 8 keys (one chunk) or 6 (two) at a time.
 template <int NP>
 BM_AVX2 void lanes_scores_block_avx2(const float* qt, int64_t qs, const float* kb, int64_t ldk, int64_t d, int64_t nk,
-                                     float* st, int64_t ss) {
+                                     float* st, int64_t ss, float* bm = nullptr) {
   constexpr int64_t U = NP == 1 ? 8 : 6;
   for (int64_t u0 = 0; u0 < nk; u0 += U)
     m2::with_rows<U>(std::min<int64_t>(U, nk - u0), [&](auto nu) BM_AVX2 {
-      lanes_scores_avx2<decltype(nu)::value, NP>(qt, qs, kb + u0 * ldk, ldk, d, st + 8 * u0, ss);
+      lanes_scores_avx2<decltype(nu)::value, NP>(qt, qs, kb + u0 * ldk, ldk, d, st + 8 * u0, ss, bm);
     });
 }
 
@@ -737,6 +746,7 @@ struct LaneRows {
   int64_t row[8];              // its row of out, lse and dQ
   alignas(32) uint32_t drop_key[8];  // its dropout row key (Dropout::row_key), 0 without dropout
   int64_t kend = 0;            // the most keys any lane sees
+  int64_t kmin = 0;            // the fewest keys any of lanes 0 .. n - 1 sees
 };
 
 // Fills r and qt ([d][8]: q transposed and scaled, zero in idle lanes).
@@ -744,6 +754,7 @@ LaneRows lane_rows(const Problem<float>& p, int64_t b, int64_t hk, int64_t r0, i
   const Dims& d = p.d;
   const int64_t group = d.Hq / d.Hkv, valid = p.valid_keys(b);
   LaneRows r;
+  r.kmin = valid;
   std::fill(qt, qt + d.d * 8, 0.f);
   for (int64_t l = 0; l < 8; ++l) {
     r.limit[l] = 0.f;
@@ -755,6 +766,7 @@ LaneRows lane_rows(const Problem<float>& p, int64_t b, int64_t hk, int64_t r0, i
     const int64_t lim = p.causal ? std::min(valid, i + 1) : valid;
     r.limit[l] = static_cast<float>(lim);
     r.kend = std::max(r.kend, lim);
+    r.kmin = std::min(r.kmin, lim);
     r.q[l] = p.q_rows(b, h, i);
     for (int64_t c = 0; c < d.d; ++c) qt[c * 8 + l] = r.q[l][c] * p.scale;
     if (p.mask) r.mask[l] = p.mask + b * p.mask_stride[0] + h * p.mask_stride[1] + i * p.mask_stride[2];
@@ -835,11 +847,11 @@ ChunkPair chunk_pair(const std::vector<LaneRows>& lrs, int64_t c, int64_t nc, in
 
 // The block helpers for the pair's chunk count: strides qs, ss, os apart for a second chunk.
 BM_AVX2 void lanes_scores_pair_avx2(const ChunkPair& cp, const float* qt, int64_t qs, const float* kb, int64_t ldk,
-                                    int64_t d, float* st, int64_t ss) {
+                                    int64_t d, float* st, int64_t ss, float* bm = nullptr) {
   if (cp.n == 2)
-    lanes_scores_block_avx2<2>(qt, qs, kb, ldk, d, cp.nk, st, ss);
+    lanes_scores_block_avx2<2>(qt, qs, kb, ldk, d, cp.nk, st, ss, bm);
   else
-    lanes_scores_block_avx2<1>(qt, qs, kb, ldk, d, cp.nk, st, ss);
+    lanes_scores_block_avx2<1>(qt, qs, kb, ldk, d, cp.nk, st, ss, bm);
 }
 BM_AVX2 void lanes_pv_pair_avx2(const ChunkPair& cp, const float* st, int64_t ss, const float* vb, int64_t ldv,
                                 int64_t m, float* ot, int64_t os) {
@@ -890,40 +902,55 @@ BM_AVX2 void lanes_avx2_forward(const Problem<float>& p, int64_t cb, int64_t t0,
         const ChunkPair cp = chunk_pair(lrs, c, nc, j0);
         const int64_t nk = cp.nk, ca = cp.first, np = cp.n;
         if (nk == 0) continue;
-        lanes_scores_pair_avx2(cp, qt(ca), per_chunk, kb, p.ks[2], d.d, st, kStride);
+        // Where every lane of the pair sees all nk keys and no mask is added, the scores kernel keeps
+        // the block's max from its registers; else a pass below sets keys past a lane's limit to -inf
+        // and takes it. No NaN is tracked: a NaN score makes its lane's l NaN (exp keeps NaN).
+        const bool whole = !p.mask && lrs[ca].kmin >= j0 + nk && (np == 1 || lrs[ca + 1].kmin >= j0 + nk);
+        alignas(32) float bms[2][W];
+        _mm256_store_ps(bms[0], vninf);
+        _mm256_store_ps(bms[1], vninf);
+        lanes_scores_pair_avx2(cp, qt(ca), per_chunk, kb, p.ks[2], d.d, st, kStride, whole ? bms[0] : nullptr);
         for (int64_t i = 0; i < np; ++i) {
           const LaneRows& lr = lrs[ca + i];
           float* const si = st + i * kStride;
           float* const o = ot(ca + i);
-          add_lane_masks(p, lr, ns[ca + i], j0, nk, si);
-          // keys past a lane's limit, the block's max, the rescale, and exp in place
-          // vmaxps drops a NaN operand in one position or the other: NaN lanes are tracked apart (bad).
-          const __m256 limv = _mm256_load_ps(lr.limit), m = _mm256_load_ps(ml(ca + i));
-          __m256 bm = vninf, bad = _mm256_cmp_ps(m, m, _CMP_UNORD_Q);
-          for (int64_t u = 0; u < nk; ++u) {
-            const __m256 past = _mm256_cmp_ps(_mm256_set1_ps(static_cast<float>(j0 + u)), limv, _CMP_GE_OQ);
-            const __m256 s = _mm256_blendv_ps(_mm256_load_ps(si + u * W), vninf, past);
-            _mm256_store_ps(si + u * W, s);
-            bm = _mm256_max_ps(bm, s);
-            bad = _mm256_or_ps(bad, _mm256_cmp_ps(s, s, _CMP_UNORD_Q));
+          __m256 bm = _mm256_load_ps(bms[i]);
+          if (!whole) {
+            add_lane_masks(p, lr, ns[ca + i], j0, nk, si);
+            const __m256 limv = _mm256_load_ps(lr.limit);
+            for (int64_t u = 0; u < nk; ++u) {
+              const __m256 past = _mm256_cmp_ps(_mm256_set1_ps(static_cast<float>(j0 + u)), limv, _CMP_GE_OQ);
+              const __m256 s = _mm256_blendv_ps(_mm256_load_ps(si + u * W), vninf, past);
+              _mm256_store_ps(si + u * W, s);
+              bm = _mm256_max_ps(bm, s);
+            }
           }
-          const __m256 mnew =
-              _mm256_blendv_ps(_mm256_max_ps(bm, m), _mm256_set1_ps(std::numeric_limits<float>::quiet_NaN()), bad);
+          // the rescale, and exp in place (exactly 0 for -inf: exp_softmax_ps_n)
+          const __m256 m = _mm256_load_ps(ml(ca + i)), mnew = _mm256_max_ps(bm, m);
           const __m256 shift = _mm256_blendv_ps(mnew, _mm256_setzero_ps(), _mm256_cmp_ps(mnew, vninf, _CMP_EQ_OQ));
-          const __m256 alpha = m2::exp_scaled_ps<1>(_mm256_sub_ps(m, shift));
-          __m256 l = _mm256_mul_ps(_mm256_load_ps(ml(ca + i) + W), alpha);
+          __m256 alpha[1] = {_mm256_sub_ps(m, shift)};
+          m2::exp_softmax_ps_n(alpha);
+          __m256 l = _mm256_mul_ps(_mm256_load_ps(ml(ca + i) + W), alpha[0]);
           for (int64_t cc = 0; cc < d.dv; ++cc)
-            _mm256_store_ps(o + cc * W, _mm256_mul_ps(_mm256_load_ps(o + cc * W), alpha));
+            _mm256_store_ps(o + cc * W, _mm256_mul_ps(_mm256_load_ps(o + cc * W), alpha[0]));
           // the normalizer l counts every key; only the values see dropout (P Z)
           const __m256i dkeys = _mm256_load_si256(reinterpret_cast<const __m256i*>(lr.drop_key));
-          for (int64_t u = 0; u < nk; ++u) {
-            const __m256 s = _mm256_load_ps(si + u * W);
-            // exactly 0 for excluded keys (exp_scaled_ps stops at e^-87)
-            const __m256 e = _mm256_blendv_ps(m2::exp_scaled_ps<1>(_mm256_sub_ps(s, shift)), _mm256_setzero_ps(),
-                                              _mm256_cmp_ps(s, vninf, _CMP_EQ_OQ));
-            _mm256_store_ps(si + u * W, drop ? _mm256_mul_ps(e, lanes_dropout_avx2(dkeys, j0 + u, thr, kept)) : e);
-            l = _mm256_add_ps(l, e);
-          }
+          const auto exps = [&](auto n, int64_t u0) BM_AVX2 {
+            constexpr int N = decltype(n)::value;
+            __m256 e[N];
+#pragma GCC unroll 4
+            for (int u = 0; u < N; ++u) e[u] = _mm256_sub_ps(_mm256_load_ps(si + (u0 + u) * W), shift);
+            m2::exp_softmax_ps_n(e);
+#pragma GCC unroll 4
+            for (int u = 0; u < N; ++u) {
+              _mm256_store_ps(si + (u0 + u) * W,
+                              drop ? _mm256_mul_ps(e[u], lanes_dropout_avx2(dkeys, j0 + u0 + u, thr, kept)) : e[u]);
+              l = _mm256_add_ps(l, e[u]);
+            }
+          };
+          int64_t u = 0;
+          for (; u + 4 <= nk; u += 4) exps(std::integral_constant<int, 4>{}, u);
+          for (; u < nk; ++u) exps(std::integral_constant<int, 1>{}, u);
           _mm256_store_ps(ml(ca + i), mnew);
           _mm256_store_ps(ml(ca + i) + W, l);
         }
@@ -936,9 +963,10 @@ BM_AVX2 void lanes_avx2_forward(const Problem<float>& p, int64_t cb, int64_t t0,
       for (int64_t ln = 0; ln < ns[c]; ++ln) {
         const int64_t row = lrs[c].row[ln];
         float* o = out + row * d.dv;
-        if (std::isnan(ms[ln])) {  // a NaN score: the row is NaN, as PyTorch's softmax gives
-          std::fill(o, o + d.dv, ms[ln]);
-          lse[row] = ms[ln];
+        if (std::isnan(ms[ln]) || std::isnan(ls[ln])) {  // a NaN score: the row is NaN, as PyTorch's softmax gives
+          const float nan = std::numeric_limits<float>::quiet_NaN();
+          std::fill(o, o + d.dv, nan);
+          lse[row] = nan;
         } else if (ms[ln] == ninf) {  // no key to attend to: zeros, as the blocked kernels give
           std::fill(o, o + d.dv, 0.f);
           lse[row] = ninf;
@@ -1013,7 +1041,7 @@ BM_AVX2 void lanes_avx2_backward(const Problem<float>& p, const float* grad_out,
   const Dims& d = p.d;
   const int64_t group = d.Hq / d.Hkv, rows = group * d.Lq;
   const float ninf = -std::numeric_limits<float>::infinity();
-  const __m256 vninf = _mm256_set1_ps(ninf), zero = _mm256_setzero_ps();
+  const __m256 zero = _mm256_setzero_ps();
   const bool drop = p.dropout.active();
   const __m256i thr = _mm256_set1_epi32(static_cast<int32_t>(p.dropout.threshold));
   const __m256 kept = _mm256_set1_ps(static_cast<float>(p.dropout.keep_scale()));
@@ -1074,6 +1102,7 @@ BM_AVX2 void lanes_avx2_backward(const Problem<float>& p, const float* grad_out,
           const bool has_grad = gmask != nullptr && l < n && ld[l] != ninf;
           goff[c * W + l] = has_grad ? mg->offset(b, row / d.Lq % d.Hq, row % d.Lq) : -1;
         }
+        lr.kmin = static_cast<int64_t>(*std::min_element(lr.limit, lr.limit + W));
         kend = std::max(kend, lr.kend);
       }
       for (int64_t j0 = 0; j0 < kend; j0 += kAvx2BlockK) {
@@ -1102,24 +1131,38 @@ BM_AVX2 void lanes_avx2_backward(const Problem<float>& p, const float* grad_out,
             const __m256 limv = _mm256_load_ps(lr.limit), lsev = _mm256_load_ps(lsedelta(ca + i));
             const __m256 deltav = _mm256_load_ps(lsedelta(ca + i) + W);
             const __m256i dkeys = _mm256_load_si256(reinterpret_cast<const __m256i*>(lr.drop_key));
-            for (int64_t u = 0; u < nk; ++u) {
-              const __m256 past = _mm256_cmp_ps(_mm256_set1_ps(static_cast<float>(j0 + u)), limv, _CMP_GE_OQ);
-              const __m256 s = _mm256_load_ps(pt + u * W);
-              // P = exp(s - lse); exactly 0 past a lane's limit and for excluded keys
-              const __m256 off = _mm256_or_ps(past, _mm256_cmp_ps(s, vninf, _CMP_EQ_OQ));
-              const __m256 pv = _mm256_blendv_ps(m2::exp_scaled_ps<1>(_mm256_sub_ps(s, lsev)), zero, off);
-              __m256 dpu = _mm256_load_ps(dp + u * W);
-              if (drop) {  // dV takes P Z; dS = P (Z dP - delta)
-                const __m256 z = lanes_dropout_avx2(dkeys, j0 + u, thr, kept);
-                _mm256_store_ps(pt + u * W, _mm256_mul_ps(pv, z));
-                dpu = _mm256_mul_ps(dpu, z);
-              } else {
-                _mm256_store_ps(pt + u * W, pv);
+            // P = exp(s - lse), exactly 0 for excluded keys (exp_softmax_ps_n) and, unless every lane
+            // sees all nk keys (lanes without a key have limit 0), past a lane's limit
+            const bool whole = !p.mask && lr.kmin >= j0 + nk;
+            const auto rows = [&](auto n, int64_t u0) BM_AVX2 {
+              constexpr int N = decltype(n)::value;
+              __m256 pv[N];
+#pragma GCC unroll 4
+              for (int u = 0; u < N; ++u) pv[u] = _mm256_sub_ps(_mm256_load_ps(pt + (u0 + u) * W), lsev);
+              m2::exp_softmax_ps_n(pv);
+#pragma GCC unroll 4
+              for (int u = 0; u < N; ++u) {
+                const int64_t j = u0 + u;
+                if (!whole) {
+                  const __m256 past = _mm256_cmp_ps(_mm256_set1_ps(static_cast<float>(j0 + j)), limv, _CMP_GE_OQ);
+                  pv[u] = _mm256_blendv_ps(pv[u], zero, past);
+                }
+                __m256 dpu = _mm256_load_ps(dp + j * W);
+                if (drop) {  // dV takes P Z; dS = P (Z dP - delta)
+                  const __m256 z = lanes_dropout_avx2(dkeys, j0 + j, thr, kept);
+                  _mm256_store_ps(pt + j * W, _mm256_mul_ps(pv[u], z));
+                  dpu = _mm256_mul_ps(dpu, z);
+                } else {
+                  _mm256_store_ps(pt + j * W, pv[u]);
+                }
+                const __m256 gs = _mm256_mul_ps(pv[u], _mm256_sub_ps(dpu, deltav));
+                _mm256_store_ps(dst + j * W, _mm256_mul_ps(gs, scalev));
+                if (gmask != nullptr) _mm256_store_ps(dp + j * W, gs);  // dP of key j is used up
               }
-              const __m256 gs = _mm256_mul_ps(pv, _mm256_sub_ps(dpu, deltav));
-              _mm256_store_ps(dst + u * W, _mm256_mul_ps(gs, scalev));
-              if (gmask != nullptr) _mm256_store_ps(dp + u * W, gs);  // dP of key u is used up
-            }
+            };
+            int64_t u = 0;
+            for (; u + 4 <= nk; u += 4) rows(std::integral_constant<int, 4>{}, u);
+            for (; u < nk; ++u) rows(std::integral_constant<int, 1>{}, u);
             if (gmask != nullptr)
               for (int64_t l = 0; l < W; ++l) {
                 const int64_t off = goff[(ca + i) * W + l];

@@ -126,6 +126,37 @@ BM_AVX2 BM_ALWAYS_INLINE __m256 exp_scaled_ps(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
+// e^x for softmax arguments, x <= 0 (a score minus its row's max or logsumexp; up to rounding), -inf
+// or NaN, on N vectors at once (each step over all N before the next, so that the N chains interleave
+// in program order): exp_scaled_ps's polynomial, with cheaper edges than it needs for any x.
+// round(x / ln2) + 127 comes out of the low mantissa bits of x / ln2 + (1.5 * 2^23 + 127) (no
+// vroundps, vcvtps2dq, vpaddd), and x is clamped below at -127 ln2, where that biased exponent is 0:
+// 2^n is then +0.0, so -inf and every x under about -87.7 give exactly 0 (no compare and blend for
+// excluded keys, whose values may hold anything). NaN stays NaN (constant first in vmaxps).
+template <int N>
+BM_AVX2 BM_ALWAYS_INLINE void exp_softmax_ps_n(__m256 (&x)[N]) {
+  constexpr float magic = 12582912.f + 127.f;  // 1.5 * 2^23: its ulp is 1, and the bias
+  __m256 nm[N], t[N], p[N];
+#pragma GCC unroll 8
+  for (int i = 0; i < N; ++i) {
+    x[i] = _mm256_max_ps(_mm256_set1_ps(-88.0296919311f), x[i]);
+    nm[i] = _mm256_fmadd_ps(x[i], _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(magic));
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < N; ++i)
+    t[i] = _mm256_fnmadd_ps(_mm256_sub_ps(nm[i], _mm256_set1_ps(magic)), _mm256_set1_ps(0.693147180559945309f), x[i]);
+#pragma GCC unroll 8
+  for (int i = 0; i < N; ++i) p[i] = _mm256_fmadd_ps(_mm256_set1_ps(1.f / 720), t[i], _mm256_set1_ps(1.f / 120));
+  constexpr float c[5] = {1.f / 24, 1.f / 6, 1.f / 2, 1.f, 1.f};
+#pragma GCC unroll 8
+  for (int k = 0; k < 5; ++k)
+#pragma GCC unroll 8
+    for (int i = 0; i < N; ++i) p[i] = _mm256_fmadd_ps(p[i], t[i], _mm256_set1_ps(c[k]));
+#pragma GCC unroll 8
+  for (int i = 0; i < N; ++i)
+    x[i] = _mm256_mul_ps(p[i], _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(nm[i]), 23)));
+}
+
 // 1 / d for d >= 1: vrcpps (relative error < 3.7e-4) and two Newton steps (one leaves 1.4e-7, two
 // the float32 rounding of microkernel.h's vrcp14ps + one step).
 BM_AVX2 BM_ALWAYS_INLINE __m256 recip_ps(__m256 d) {
