@@ -732,6 +732,55 @@ BM_AVX2 void lanes_pv_block_avx2(const float* st, int64_t ss, int64_t nk, const 
     });
 }
 
+// r[j] <- element j of r[0 .. 7] (an 8 x 8 transpose).
+BM_AVX2 BM_ALWAYS_INLINE void transpose8_ps(__m256 (&r)[8]) {
+  __m256 t[8], s[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    s[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    s[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    s[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    s[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(s[i], s[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(s[i], s[i + 4], 0x31);
+  }
+}
+
+// t[c][lane] = scale * rows[lane][c] for c < m, lanes < 8 (t: [m][8], 32-byte aligned; a lane whose
+// row is nullptr gets zeros): q (scaled) and dO into the lanes' layout, 8 x 8 blocks through registers.
+BM_AVX2 void rows_to_lanes(const float* const* rows, int64_t m, float scale, float* t) {
+  const __m256 sv = _mm256_set1_ps(scale);
+  for (int64_t c0 = 0; c0 < m; c0 += 8) {
+    const m2::Lanes cols = m2::lanes(m - c0);
+    __m256 v[8];
+#pragma GCC unroll 8
+    for (int l = 0; l < 8; ++l) v[l] = rows[l] ? m2::load_f32(rows[l] + c0, cols) : _mm256_setzero_ps();
+    transpose8_ps(v);
+    for (int64_t j = 0; j < std::min<int64_t>(8, m - c0); ++j) _mm256_store_ps(t + (c0 + j) * 8, _mm256_mul_ps(v[j], sv));
+  }
+}
+
+// rows[lane][c] = factor[lane] * t[c][lane] for c < m and the lanes whose row is not nullptr (factor
+// nullptr: 1): the lanes' outputs back into rows, as rows_to_lanes in reverse.
+BM_AVX2 void lanes_to_rows(const float* t, int64_t m, const float* factor, float* const* rows) {
+  for (int64_t c0 = 0; c0 < m; c0 += 8) {
+    const int64_t n = std::min<int64_t>(8, m - c0);
+    const m2::Lanes cols = m2::lanes(n);
+    __m256 v[8];
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) v[j] = j < n ? _mm256_load_ps(t + (c0 + j) * 8) : _mm256_setzero_ps();
+    transpose8_ps(v);
+#pragma GCC unroll 8
+    for (int l = 0; l < 8; ++l)
+      if (rows[l]) m2::store_f32(rows[l] + c0, factor ? _mm256_mul_ps(v[l], _mm256_set1_ps(factor[l])) : v[l], cols);
+  }
+}
+
 // A 32-byte aligned start inside buf (sized 8 floats over what is used).
 float* aligned32(std::vector<float>& buf) {
   return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 31) & ~uintptr_t(31));
@@ -750,12 +799,11 @@ struct LaneRows {
 };
 
 // Fills r and qt ([d][8]: q transposed and scaled, zero in idle lanes).
-LaneRows lane_rows(const Problem<float>& p, int64_t b, int64_t hk, int64_t r0, int64_t n, float* qt) {
+BM_AVX2 LaneRows lane_rows(const Problem<float>& p, int64_t b, int64_t hk, int64_t r0, int64_t n, float* qt) {
   const Dims& d = p.d;
   const int64_t group = d.Hq / d.Hkv, valid = p.valid_keys(b);
   LaneRows r;
   r.kmin = valid;
-  std::fill(qt, qt + d.d * 8, 0.f);
   for (int64_t l = 0; l < 8; ++l) {
     r.limit[l] = 0.f;
     r.q[l] = r.mask[l] = nullptr;
@@ -768,11 +816,11 @@ LaneRows lane_rows(const Problem<float>& p, int64_t b, int64_t hk, int64_t r0, i
     r.kend = std::max(r.kend, lim);
     r.kmin = std::min(r.kmin, lim);
     r.q[l] = p.q_rows(b, h, i);
-    for (int64_t c = 0; c < d.d; ++c) qt[c * 8 + l] = r.q[l][c] * p.scale;
     if (p.mask) r.mask[l] = p.mask + b * p.mask_stride[0] + h * p.mask_stride[1] + i * p.mask_stride[2];
     r.row[l] = (b * d.Hq + h) * d.Lq + i;
     if (p.dropout.active()) r.drop_key[l] = p.dropout.row_key(b, h, i);
   }
+  rows_to_lanes(r.q, d.d, p.scale, qt);
   return r;
 }
 
@@ -787,25 +835,6 @@ BM_AVX2 BM_ALWAYS_INLINE __m256 lanes_dropout_avx2(__m256i keys, int64_t j, __m2
   x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
   const __m256i keep = _mm256_cmpeq_epi32(_mm256_max_epu32(x, threshold), x);
   return _mm256_and_ps(_mm256_castsi256_ps(keep), kept);
-}
-
-// r[j] <- element j of r[0 .. 7] (an 8 x 8 transpose).
-BM_AVX2 BM_ALWAYS_INLINE void transpose8_ps(__m256 (&r)[8]) {
-  __m256 t[8], s[8];
-  for (int i = 0; i < 4; ++i) {
-    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 2; ++i) {
-    s[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
-    s[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
-    s[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
-    s[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[i] = _mm256_permute2f128_ps(s[i], s[i + 4], 0x20);
-    r[i + 4] = _mm256_permute2f128_ps(s[i], s[i + 4], 0x31);
-  }
 }
 
 // st[u][lane] += the lane's mask at key j0 + u, for u < nk (<= kAvx2BlockK) and the first n lanes
@@ -960,6 +989,8 @@ BM_AVX2 void lanes_avx2_forward(const Problem<float>& p, int64_t cb, int64_t t0,
     for (int64_t c = 0; c < nc; ++c) {
       const float* ms = ml(c);
       const float* ls = ms + W;
+      float* rows[W] = {};  // the lanes whose output is ot / l
+      float inv[W];
       for (int64_t ln = 0; ln < ns[c]; ++ln) {
         const int64_t row = lrs[c].row[ln];
         float* o = out + row * d.dv;
@@ -971,11 +1002,12 @@ BM_AVX2 void lanes_avx2_forward(const Problem<float>& p, int64_t cb, int64_t t0,
           std::fill(o, o + d.dv, 0.f);
           lse[row] = ninf;
         } else {
-          const float inv = 1.f / ls[ln];
-          for (int64_t cc = 0; cc < d.dv; ++cc) o[cc] = ot(c)[cc * W + ln] * inv;
+          rows[ln] = o;
+          inv[ln] = 1.f / ls[ln];
           lse[row] = ms[ln] + std::log(ls[ln]);
         }
       }
+      lanes_to_rows(ot(c), d.dv, inv, rows);
     }
   }
 }
@@ -1080,7 +1112,6 @@ BM_AVX2 void lanes_avx2_backward(const Problem<float>& p, const float* grad_out,
         lr = lane_rows(p, b, hk, rb0 + c * W, n, qt(c));
         float* const ld = lsedelta(c);
         std::fill(dqt(c), dqt(c) + d.d * W, 0.f);
-        std::fill(got(c), got(c) + d.dv * W, 0.f);
         lr.kend = 0;
         for (int64_t l = 0; l < W; ++l) {
           ld[l] = l < n ? lse[lr.row[l]] : ninf;
@@ -1094,7 +1125,6 @@ BM_AVX2 void lanes_avx2_backward(const Problem<float>& p, const float* grad_out,
             lr.mask[l] = nullptr;
           } else {
             lr.kend = std::max(lr.kend, static_cast<int64_t>(lr.limit[l]));
-            for (int64_t cc = 0; cc < d.dv; ++cc) got(c)[cc * W + l] = g[cc];
           }
           qsrc[c * W + l] = lr.q[l];
           gsrc[c * W + l] = g;
@@ -1103,6 +1133,7 @@ BM_AVX2 void lanes_avx2_backward(const Problem<float>& p, const float* grad_out,
           goff[c * W + l] = has_grad ? mg->offset(b, row / d.Lq % d.Hq, row % d.Lq) : -1;
         }
         lr.kmin = static_cast<int64_t>(*std::min_element(lr.limit, lr.limit + W));
+        rows_to_lanes(gsrc + c * W, d.dv, 1.f, got(c));
         kend = std::max(kend, lr.kend);
       }
       for (int64_t j0 = 0; j0 < kend; j0 += kAvx2BlockK) {
@@ -1176,11 +1207,11 @@ BM_AVX2 void lanes_avx2_backward(const Problem<float>& p, const float* grad_out,
         lanes_rows_update_avx2(pts, cs, nkb, nr, gsrc, d.dv, gv + j0 * d.dv, d.dv);
         lanes_rows_update_avx2(dsts, cs, nkb, nr, qsrc, d.d, gk + j0 * d.d, d.d);
       }
-      for (int64_t c = 0; c < nc; ++c)
-        for (int64_t ln = 0; ln < std::min(W, nr - c * W); ++ln) {
-          float* g = gq + lrs[c].row[ln] * d.d;
-          for (int64_t cc = 0; cc < d.d; ++cc) g[cc] = dqt(c)[cc * W + ln];
-        }
+      for (int64_t c = 0; c < nc; ++c) {
+        float* rows[W] = {};
+        for (int64_t ln = 0; ln < std::min(W, nr - c * W); ++ln) rows[ln] = gq + lrs[c].row[ln] * d.d;
+        lanes_to_rows(dqt(c), d.d, nullptr, rows);
+      }
     }
   }
 }
