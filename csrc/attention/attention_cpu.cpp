@@ -334,16 +334,35 @@ void backward(const Problem<T>& p, const T* grad_out, const T* lse, const T* del
   });
 }
 
+// Everything of a Problem but the q, k and v pointers (nullptr): q, k, v of any dtype (their strides).
+template <typename T>
+Problem<T> problem_frame(const Dims& d, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& lengths,
+                         const Tensor& mask, bool is_causal, std::optional<double> scale, const Dropout& dropout) {
+  Problem<T> p{d,
+               static_cast<T>(scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(d.d))),
+               is_causal,
+               nullptr,
+               nullptr,
+               nullptr,
+               {q.stride(0), q.stride(1), q.stride(2)},
+               {k.stride(0), k.stride(1), k.stride(2)},
+               {v.stride(0), v.stride(1), v.stride(2)},
+               lengths.defined() ? lengths.const_data_ptr<int64_t>() : nullptr,
+               mask.defined() ? mask.const_data_ptr<T>() : nullptr,
+               {0, 0, 0, 0},
+               dropout};
+  if (mask.defined())
+    for (int i = 0; i < 4; ++i) p.mask_stride[i] = mask.stride(i);
+  return p;
+}
+
 template <typename T>
 Problem<T> make_problem(const Dims& d, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& lengths,
                         const Tensor& mask, bool is_causal, std::optional<double> scale, const Dropout& dropout) {
-  Problem<T> p{d, static_cast<T>(scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(d.d))),
-               is_causal, q.const_data_ptr<T>(), k.const_data_ptr<T>(), v.const_data_ptr<T>(),
-               {q.stride(0), q.stride(1), q.stride(2)}, {k.stride(0), k.stride(1), k.stride(2)},
-               {v.stride(0), v.stride(1), v.stride(2)}, lengths.defined() ? lengths.const_data_ptr<int64_t>() : nullptr,
-               mask.defined() ? mask.const_data_ptr<T>() : nullptr, {0, 0, 0, 0}, dropout};
-  if (mask.defined())
-    for (int i = 0; i < 4; ++i) p.mask_stride[i] = mask.stride(i);
+  Problem<T> p = problem_frame<T>(d, q, k, v, lengths, mask, is_causal, scale, dropout);
+  p.q = q.const_data_ptr<T>();
+  p.k = k.const_data_ptr<T>();
+  p.v = v.const_data_ptr<T>();
   return p;
 }
 
@@ -751,23 +770,32 @@ BM_AVX2 BM_ALWAYS_INLINE void transpose8_ps(__m256 (&r)[8]) {
   }
 }
 
+// 8 elements of a float32 or bf16 (uint16_t bits) row as float32, and back: the lanes of m.
+BM_AVX2 BM_ALWAYS_INLINE __m256 load_row8(const float* p, const m2::Lanes& m) { return m2::load_f32(p, m); }
+BM_AVX2 BM_ALWAYS_INLINE __m256 load_row8(const uint16_t* p, const m2::Lanes& m) { return m2::load_bf16(p, m); }
+BM_AVX2 BM_ALWAYS_INLINE void store_row8(float* p, __m256 v, const m2::Lanes& m) { m2::store_f32(p, v, m); }
+BM_AVX2 BM_ALWAYS_INLINE void store_row8(uint16_t* p, __m256 v, const m2::Lanes& m) { m2::store_bf16(p, v, m); }
+
 // t[c][lane] = scale * rows[lane][c] for c < m, lanes < 8 (t: [m][8], 32-byte aligned; a lane whose
 // row is nullptr gets zeros): q (scaled) and dO into the lanes' layout, 8 x 8 blocks through registers.
-BM_AVX2 void rows_to_lanes(const float* const* rows, int64_t m, float scale, float* t) {
+// T: float, or bf16 bits (uint16_t).
+template <typename T>
+BM_AVX2 void rows_to_lanes(const T* const* rows, int64_t m, float scale, float* t) {
   const __m256 sv = _mm256_set1_ps(scale);
   for (int64_t c0 = 0; c0 < m; c0 += 8) {
     const m2::Lanes cols = m2::lanes(m - c0);
     __m256 v[8];
 #pragma GCC unroll 8
-    for (int l = 0; l < 8; ++l) v[l] = rows[l] ? m2::load_f32(rows[l] + c0, cols) : _mm256_setzero_ps();
+    for (int l = 0; l < 8; ++l) v[l] = rows[l] ? load_row8(rows[l] + c0, cols) : _mm256_setzero_ps();
     transpose8_ps(v);
     for (int64_t j = 0; j < std::min<int64_t>(8, m - c0); ++j) _mm256_store_ps(t + (c0 + j) * 8, _mm256_mul_ps(v[j], sv));
   }
 }
 
 // rows[lane][c] = factor[lane] * t[c][lane] for c < m and the lanes whose row is not nullptr (factor
-// nullptr: 1): the lanes' outputs back into rows, as rows_to_lanes in reverse.
-BM_AVX2 void lanes_to_rows(const float* t, int64_t m, const float* factor, float* const* rows) {
+// nullptr: 1): the lanes' outputs back into rows, as rows_to_lanes in reverse (bf16 rows rounded once).
+template <typename T>
+BM_AVX2 void lanes_to_rows(const float* t, int64_t m, const float* factor, T* const* rows) {
   for (int64_t c0 = 0; c0 < m; c0 += 8) {
     const int64_t n = std::min<int64_t>(8, m - c0);
     const m2::Lanes cols = m2::lanes(n);
@@ -777,7 +805,7 @@ BM_AVX2 void lanes_to_rows(const float* t, int64_t m, const float* factor, float
     transpose8_ps(v);
 #pragma GCC unroll 8
     for (int l = 0; l < 8; ++l)
-      if (rows[l]) m2::store_f32(rows[l] + c0, factor ? _mm256_mul_ps(v[l], _mm256_set1_ps(factor[l])) : v[l], cols);
+      if (rows[l]) store_row8(rows[l] + c0, factor ? _mm256_mul_ps(v[l], _mm256_set1_ps(factor[l])) : v[l], cols);
   }
 }
 
@@ -798,11 +826,15 @@ struct LaneRows {
   int64_t kmin = 0;            // the fewest keys any of lanes 0 .. n - 1 sees
 };
 
-// Fills r and qt ([d][8]: q transposed and scaled, zero in idle lanes).
-BM_AVX2 LaneRows lane_rows(const Problem<float>& p, int64_t b, int64_t hk, int64_t r0, int64_t n, float* qt) {
+// Fills r and qt ([d][8]: q transposed and scaled, zero in idle lanes) from q at qbase (p's strides;
+// float32, or bf16 bits: then r.q stays nullptr).
+template <typename T>
+BM_AVX2 LaneRows lane_rows(const Problem<float>& p, const T* qbase, int64_t b, int64_t hk, int64_t r0, int64_t n,
+                           float* qt) {
   const Dims& d = p.d;
   const int64_t group = d.Hq / d.Hkv, valid = p.valid_keys(b);
   LaneRows r;
+  const T* qrows[8] = {};
   r.kmin = valid;
   for (int64_t l = 0; l < 8; ++l) {
     r.limit[l] = 0.f;
@@ -815,12 +847,13 @@ BM_AVX2 LaneRows lane_rows(const Problem<float>& p, int64_t b, int64_t hk, int64
     r.limit[l] = static_cast<float>(lim);
     r.kend = std::max(r.kend, lim);
     r.kmin = std::min(r.kmin, lim);
-    r.q[l] = p.q_rows(b, h, i);
+    qrows[l] = qbase + b * p.qs[0] + h * p.qs[1] + i * p.qs[2];
+    if constexpr (std::is_same_v<T, float>) r.q[l] = qrows[l];
     if (p.mask) r.mask[l] = p.mask + b * p.mask_stride[0] + h * p.mask_stride[1] + i * p.mask_stride[2];
     r.row[l] = (b * d.Hq + h) * d.Lq + i;
     if (p.dropout.active()) r.drop_key[l] = p.dropout.row_key(b, h, i);
   }
-  rows_to_lanes(r.q, d.d, p.scale, qt);
+  rows_to_lanes(qrows, d.d, p.scale, qt);
   return r;
 }
 
@@ -890,9 +923,24 @@ BM_AVX2 void lanes_pv_pair_avx2(const ChunkPair& cp, const float* st, int64_t ss
     lanes_pv_block_avx2<1>(st, ss, cp.nk, vb, ldv, m, ot, os);
 }
 
-BM_AVX2 void lanes_avx2_forward(const Problem<float>& p, int64_t cb, int64_t t0, int64_t t1, float* out,
-                                float* lse) {
+// dst[u][0 .. m) = rows u < n of bf16 bits at src, stride apart, as float32 (dst rows m floats apart).
+BM_AVX2 void widen_rows(const uint16_t* src, int64_t stride, int64_t n, int64_t m, float* dst) {
+  for (int64_t u = 0; u < n; ++u)
+    for (int64_t c = 0; c < m; c += 8) {
+      const m2::Lanes cols = m2::lanes(m - c);
+      m2::store_f32(dst + u * m + c, m2::load_bf16(src + u * stride + c, cols), cols);
+    }
+}
+
+// T: float32, or bf16 bits (uint16_t): q, k and v read at p's strides from the pointers given (p.q, p.k
+// and p.v are not read), each 64-key block of K and V widened to float32 once per task (L1) and shared by
+// its chunks, q widened as it is transposed, the output rounded to bf16 once; the softmax and both
+// products run in float32 (P is not rounded), as forward_lanes' bf16 form on AVX-512.
+template <typename T>
+BM_AVX2 void lanes_avx2_forward(const Problem<float>& p, const T* q, const T* k, const T* v, int64_t cb, int64_t t0,
+                                int64_t t1, T* out, float* lse) {
   constexpr int64_t W = kAvx2Lanes;
+  constexpr bool bf16 = std::is_same_v<T, uint16_t>;
   const Dims& d = p.d;
   const int64_t group = d.Hq / d.Hkv, rows = group * d.Lq, chunks = (rows + W - 1) / W;
   const int64_t blocks = (chunks + cb - 1) / cb;
@@ -910,6 +958,7 @@ BM_AVX2 void lanes_avx2_forward(const Problem<float>& p, int64_t cb, int64_t t0,
   const auto ml = [&](int64_t c) { return ot(c) + d.dv * W; };  // m, then l
   std::vector<LaneRows> lrs(cb);
   std::vector<int64_t> ns(cb);
+  std::vector<float> widened(bf16 ? kAvx2BlockK * (d.d + d.dv) : 0);  // a block's K rows, then V rows
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t b = t / (d.Hkv * blocks), hk = t / blocks % d.Hkv, c0 = t % blocks * cb;
     const int64_t nc = std::min(cb, chunks - c0);
@@ -917,15 +966,32 @@ BM_AVX2 void lanes_avx2_forward(const Problem<float>& p, int64_t cb, int64_t t0,
     for (int64_t c = 0; c < nc; ++c) {
       const int64_t r0 = (c0 + c) * W;
       ns[c] = std::min(W, rows - r0);
-      lrs[c] = lane_rows(p, b, hk, r0, ns[c], qt(c));
+      lrs[c] = lane_rows(p, q, b, hk, r0, ns[c], qt(c));
       kend = std::max(kend, lrs[c].kend);
       std::fill(ot(c), ot(c) + d.dv * W, 0.f);
       _mm256_store_ps(ml(c), vninf);
       _mm256_store_ps(ml(c) + W, _mm256_setzero_ps());
     }
     for (int64_t j0 = 0; j0 < kend; j0 += kAvx2BlockK) {
-      const float* kb = p.k_rows(b, hk, j0);
-      const float* vb = p.v_rows(b, hk, j0);
+      const T* const kr = k + b * p.ks[0] + hk * p.ks[1] + j0 * p.ks[2];
+      const T* const vr = v + b * p.vs[0] + hk * p.vs[1] + j0 * p.vs[2];
+      const float* kb;
+      const float* vb;
+      int64_t ldk, ldv;
+      if constexpr (bf16) {
+        const int64_t nkb = std::min(kAvx2BlockK, kend - j0);
+        kb = widened.data();
+        vb = kb + kAvx2BlockK * d.d;
+        widen_rows(kr, p.ks[2], nkb, d.d, widened.data());
+        widen_rows(vr, p.vs[2], nkb, d.dv, widened.data() + kAvx2BlockK * d.d);
+        ldk = d.d;
+        ldv = d.dv;
+      } else {
+        kb = kr;
+        vb = vr;
+        ldk = p.ks[2];
+        ldv = p.vs[2];
+      }
       // chunks in pairs (chunk_pair); keys past a lane's limit up to the pair's count score -inf below
       for (int64_t c = 0; c < nc; c += 2) {
         const ChunkPair cp = chunk_pair(lrs, c, nc, j0);
@@ -938,7 +1004,7 @@ BM_AVX2 void lanes_avx2_forward(const Problem<float>& p, int64_t cb, int64_t t0,
         alignas(32) float bms[2][W];
         _mm256_store_ps(bms[0], vninf);
         _mm256_store_ps(bms[1], vninf);
-        lanes_scores_pair_avx2(cp, qt(ca), per_chunk, kb, p.ks[2], d.d, st, kStride, whole ? bms[0] : nullptr);
+        lanes_scores_pair_avx2(cp, qt(ca), per_chunk, kb, ldk, d.d, st, kStride, whole ? bms[0] : nullptr);
         for (int64_t i = 0; i < np; ++i) {
           const LaneRows& lr = lrs[ca + i];
           float* const si = st + i * kStride;
@@ -983,23 +1049,26 @@ BM_AVX2 void lanes_avx2_forward(const Problem<float>& p, int64_t cb, int64_t t0,
           _mm256_store_ps(ml(ca + i), mnew);
           _mm256_store_ps(ml(ca + i) + W, l);
         }
-        lanes_pv_pair_avx2(cp, st, kStride, vb, p.vs[2], d.dv, ot(ca), per_chunk);
+        lanes_pv_pair_avx2(cp, st, kStride, vb, ldv, d.dv, ot(ca), per_chunk);
       }
     }
     for (int64_t c = 0; c < nc; ++c) {
       const float* ms = ml(c);
       const float* ls = ms + W;
-      float* rows[W] = {};  // the lanes whose output is ot / l
+      T* rows[W] = {};  // the lanes whose output is ot / l
       float inv[W];
       for (int64_t ln = 0; ln < ns[c]; ++ln) {
         const int64_t row = lrs[c].row[ln];
-        float* o = out + row * d.dv;
+        T* o = out + row * d.dv;
         if (std::isnan(ms[ln]) || std::isnan(ls[ln])) {  // a NaN score: the row is NaN, as PyTorch's softmax gives
           const float nan = std::numeric_limits<float>::quiet_NaN();
-          std::fill(o, o + d.dv, nan);
+          if constexpr (bf16)
+            std::fill(o, o + d.dv, T(0x7FC0));  // bf16 quiet NaN
+          else
+            std::fill(o, o + d.dv, nan);
           lse[row] = nan;
         } else if (ms[ln] == ninf) {  // no key to attend to: zeros, as the blocked kernels give
-          std::fill(o, o + d.dv, 0.f);
+          std::fill(o, o + d.dv, T(0));
           lse[row] = ninf;
         } else {
           rows[ln] = o;
@@ -1109,7 +1178,7 @@ BM_AVX2 void lanes_avx2_backward(const Problem<float>& p, const float* grad_out,
       for (int64_t c = 0; c < nc; ++c) {
         const int64_t n = std::min(W, nr - c * W);
         LaneRows& lr = lrs[c];
-        lr = lane_rows(p, b, hk, rb0 + c * W, n, qt(c));
+        lr = lane_rows(p, p.q, b, hk, rb0 + c * W, n, qt(c));
         float* const ld = lsedelta(c);
         std::fill(dqt(c), dqt(c) + d.d * W, 0.f);
         lr.kend = 0;
@@ -1216,7 +1285,8 @@ BM_AVX2 void lanes_avx2_backward(const Problem<float>& p, const float* grad_out,
   }
 }
 #else
-void lanes_avx2_forward(const Problem<float>&, int64_t, int64_t, int64_t, float*, float*) {
+template <typename T>
+void lanes_avx2_forward(const Problem<float>&, const T*, const T*, const T*, int64_t, int64_t, int64_t, T*, float*) {
   TORCH_INTERNAL_ASSERT(false);
 }
 void lanes_avx2_backward(const Problem<float>&, const float*, const float*, const float*, float*, float*, float*,
@@ -1372,8 +1442,26 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& query, const Tensor& key,
     });
     return {out, lse};
   }
-  if (few && query.scalar_type() == at::kBFloat16 && key.scalar_type() == at::kBFloat16 &&
-      value.scalar_type() == at::kBFloat16) {
+  const bool all_bf16 = query.scalar_type() == at::kBFloat16 && key.scalar_type() == at::kBFloat16 &&
+                        value.scalar_type() == at::kBFloat16;
+  if (vec_lanes && all_bf16) {
+    // the AVX2 lanes kernel reading bf16 q, k, v in place (no float32 copies), writing bf16
+    const Tensor q = rows_ready(query, at::kBFloat16), k = rows_ready(key, at::kBFloat16);
+    const Tensor v = rows_ready(value, at::kBFloat16);
+    Tensor out = pooled_empty({d.B, d.Hq, d.Lq, d.dv}, at::kBFloat16);
+    Tensor lse = pooled_empty({d.B, d.Hq, d.Lq}, at::kFloat);
+    const Problem<float> fp = problem_frame<float>(d, q, k, v, lengths, mask, is_causal, scale, dropout);
+    const auto* qp = reinterpret_cast<const uint16_t*>(q.const_data_ptr());
+    const auto* kp = reinterpret_cast<const uint16_t*>(k.const_data_ptr());
+    const auto* vp = reinterpret_cast<const uint16_t*>(v.const_data_ptr());
+    auto* o = reinterpret_cast<uint16_t*>(out.data_ptr());
+    float* ls = lse.data_ptr<float>();
+    const int64_t cb = lanes_avx2_chunks(d), tasks = lanes_tasks(d, cb * kAvx2Lanes);
+    at::parallel_for(0, tasks, vec_lanes_bytes < kTeamBytes ? tasks : 1,
+                     [&](int64_t t0, int64_t t1) { lanes_avx2_forward(fp, qp, kp, vp, cb, t0, t1, o, ls); });
+    return {out, lse};
+  }
+  if (few && all_bf16) {
     // bf16 decoding without a bf16 kernel for it: K and V read in place (rows contiguous), q in float32.
     const Tensor q = rows_ready(query, ct), k = rows_ready(key, at::kBFloat16), v = rows_ready(value, at::kBFloat16);
     Tensor out = pooled_empty({d.B, d.Hq, d.Lq, d.dv}, q.scalar_type());
@@ -1401,8 +1489,9 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& query, const Tensor& key,
     const int64_t cb = lanes_avx2_chunks(d), tasks = lanes_tasks(d, cb * kAvx2Lanes);
     float* o = out.data_ptr<float>();
     float* ls = lse.data_ptr<float>();
-    at::parallel_for(0, tasks, vec_lanes_bytes < kTeamBytes ? tasks : 1,
-                     [&](int64_t t0, int64_t t1) { lanes_avx2_forward(fp, cb, t0, t1, o, ls); });
+    at::parallel_for(0, tasks, vec_lanes_bytes < kTeamBytes ? tasks : 1, [&](int64_t t0, int64_t t1) {
+      lanes_avx2_forward(fp, fp.q, fp.k, fp.v, cb, t0, t1, o, ls);
+    });
     return {out.to(query.scalar_type()), lse};
   }
   if (use_few_queries(d, ct, dropout)) {  // also bf16 inputs that took no bf16 kernel above
