@@ -600,28 +600,34 @@ def test_bfloat16_forward_paths(cpu_kernel, shape, is_causal, use_lengths):
 @pytest.mark.parametrize("use_lengths", [False, True])
 @pytest.mark.parametrize("permuted", [False, True])
 def test_bfloat16_any_head_dims(cpu_kernel, shape, is_causal, use_lengths, permuted):
-    """bf16 q, k, v with head dims that are no multiple of 8 or 16 (the AVX2 lanes kernel reads bf16
+    """bf16 q, k, v with head dims that are no multiple of 8 or 16 (the AVX2 lanes kernels read bf16
     rows in place, tails through partial loads and stores; elsewhere float32 copies), GQA, key blocks
-    with tails, and q, k, v as permuted projection views ([B, L, H, d] seen as [B, H, L, d]): within
-    twice PyTorch's own bf16 error of the float64 result."""
+    with tails, and q, k, v as permuted projection views ([B, L, H, d] seen as [B, H, L, d]): output
+    and gradients within twice PyTorch's own bf16 error of the float64 result (rows without a key:
+    zero output; gradients where rows see 8 keys or more)."""
     B, Hq, Hkv, Lq, Lk, d, dv = shape
 
     def rand(H, L, e):
         if permuted:
-            return torch.randn(B, L, H, e).bfloat16().transpose(1, 2)
-        return torch.randn(B, H, L, e).bfloat16()
+            return torch.randn(B, L, H, e).bfloat16().transpose(1, 2).requires_grad_()
+        return torch.randn(B, H, L, e).bfloat16().requires_grad_()
 
     q, k, v = rand(Hq, Lq, d), rand(Hkv, Lk, d), rand(Hkv, Lk, dv)
     lengths = torch.randint(0, Lk + 1, (B,)) if use_lengths else None
     out, lse = attention(q, k, v, is_causal=is_causal, key_lengths=lengths)
     assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
     kw = native_masking(lengths, Lq, Lk, is_causal)
-    exact = native(*(t.double() for t in (q, k, v)), **kw)
-    ok = ~exact.isnan()  # rows without a visible key: ours gives 0, PyTorch NaN; compare the rest
-    assert torch.equal(out[~ok], torch.zeros_like(out[~ok]))
-    if ok.any():
-        native_err = (native(q, k, v, **kw).double() - exact)[ok].abs().max()
-        assert (out.double() - exact)[ok].abs().max() <= 2 * native_err + 1e-6
+    with torch.no_grad():
+        exact = native(*(t.double() for t in (q, k, v)), **kw)
+        ok = ~exact.isnan()  # rows without a visible key: ours gives 0, PyTorch NaN; compare the rest
+        assert torch.equal(out[~ok], torch.zeros_like(out[~ok]))
+        if ok.any():
+            native_err = (native(q, k, v, **kw).double() - exact)[ok].abs().max()
+            assert (out.double() - exact)[ok].abs().max() <= 2 * native_err + 1e-6
+    # Gradients where every row sees 8 keys or more (at 2-4 keys, delta = rowsum(dO O) from the bf16-rounded
+    # output costs ~3x PyTorch's error on every CPU path: NOTES v31, not fixed).
+    lengths = lengths.clamp(min=min(8, Lk)) if lengths is not None else None
+    assert_bf16_gradients_close(shape, is_causal, lengths, inputs=(q, k, v))
 
 
 @pytest.mark.parametrize(
@@ -662,11 +668,11 @@ def test_bfloat16_backward_key_splits(cpu_kernel, threads, shape, is_causal, use
     assert_bf16_gradients_close(shape, is_causal, lengths)
 
 
-def assert_bf16_gradients_close(shape, is_causal, lengths):
+def assert_bf16_gradients_close(shape, is_causal, lengths, inputs=None):
     """bf16 gradients of the op within twice PyTorch's bf16 error of the float64 gradient of the same
-    inputs (plus a quarter of a bf16 step at the largest value)."""
+    inputs (given, requiring grad, or made here; plus a quarter of a bf16 step at the largest value)."""
     B, Hq, Hkv, Lq, Lk, d, dv = shape
-    q, k, v = qkv(*shape, dtype=torch.bfloat16)
+    q, k, v = inputs if inputs is not None else qkv(*shape, dtype=torch.bfloat16)
     kw = native_masking(lengths, Lq, Lk, is_causal)
     out, _ = attention(q, k, v, is_causal=is_causal, key_lengths=lengths)
     seed = torch.randn_like(out)
