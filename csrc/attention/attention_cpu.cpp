@@ -1234,6 +1234,13 @@ BM_AVX2 void lanes_avx2_backward(const Problem<float>& p, const float* grad_out,
             // P = exp(s - lse), exactly 0 for excluded keys (exp_softmax_ps_n) and, unless every lane
             // sees all nk keys (lanes without a key have limit 0), past a lane's limit
             const bool whole = !p.mask && lr.kmin >= j0 + nk;
+            // Rows whose keys all lie in this one block (kend <= kAvx2BlockK) take delta as sum(P Z dP)
+            // over them (two passes in L1: P to dst, Z dP to dp, then dS) rather than rowsum(dO O): the
+            // same sum, but free of the output's rounding. A bf16 output's rounding, ~2^-9 of |dO| |O|,
+            // was ~3x PyTorch's math-path error in dQ and dK on rows of a few keys (NOTES v31); longer
+            // rows average it out over many keys' P.
+            const bool single = kend <= kAvx2BlockK;
+            __m256 dsum = zero;
             const auto rows = [&](auto n, int64_t u0) BM_AVX2 {
               constexpr int N = decltype(n)::value;
               __m256 pv[N];
@@ -1255,6 +1262,12 @@ BM_AVX2 void lanes_avx2_backward(const Problem<float>& p, const float* grad_out,
                 } else {
                   _mm256_store_ps(pt + j * W, pv[u]);
                 }
+                if (single) {
+                  _mm256_store_ps(dst + j * W, pv[u]);
+                  _mm256_store_ps(dp + j * W, dpu);
+                  dsum = _mm256_fmadd_ps(pv[u], dpu, dsum);
+                  continue;
+                }
                 const __m256 gs = _mm256_mul_ps(pv[u], _mm256_sub_ps(dpu, deltav));
                 _mm256_store_ps(dst + j * W, _mm256_mul_ps(gs, scalev));
                 if (gmask != nullptr) _mm256_store_ps(dp + j * W, gs);  // dP of key j is used up
@@ -1263,6 +1276,12 @@ BM_AVX2 void lanes_avx2_backward(const Problem<float>& p, const float* grad_out,
             int64_t u = 0;
             for (; u + 4 <= nk; u += 4) rows(std::integral_constant<int, 4>{}, u);
             for (; u < nk; ++u) rows(std::integral_constant<int, 1>{}, u);
+            if (single)
+              for (int64_t j = 0; j < nk; ++j) {
+                const __m256 gs = _mm256_mul_ps(_mm256_load_ps(dst + j * W), _mm256_sub_ps(_mm256_load_ps(dp + j * W), dsum));
+                _mm256_store_ps(dst + j * W, _mm256_mul_ps(gs, scalev));
+                if (gmask != nullptr) _mm256_store_ps(dp + j * W, gs);
+              }
             if (gmask != nullptr)
               for (int64_t l = 0; l < W; ++l) {
                 const int64_t off = goff[(ca + i) * W + l];

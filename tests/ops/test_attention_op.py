@@ -604,7 +604,7 @@ def test_bfloat16_any_head_dims(cpu_kernel, shape, is_causal, use_lengths, permu
     rows in place, tails through partial loads and stores; elsewhere float32 copies), GQA, key blocks
     with tails, and q, k, v as permuted projection views ([B, L, H, d] seen as [B, H, L, d]): output
     and gradients within twice PyTorch's own bf16 error of the float64 result (rows without a key:
-    zero output; gradients where rows see 8 keys or more)."""
+    zero output; gradients with one bf16 step of slack, see below)."""
     B, Hq, Hkv, Lq, Lk, d, dv = shape
 
     def rand(H, L, e):
@@ -624,10 +624,49 @@ def test_bfloat16_any_head_dims(cpu_kernel, shape, is_causal, use_lengths, permu
         if ok.any():
             native_err = (native(q, k, v, **kw).double() - exact)[ok].abs().max()
             assert (out.double() - exact)[ok].abs().max() <= 2 * native_err + 1e-6
-    # Gradients where every row sees 8 keys or more (at 2-4 keys, delta = rowsum(dO O) from the bf16-rounded
-    # output costs ~3x PyTorch's error on every CPU path: NOTES v31, not fixed).
-    lengths = lengths.clamp(min=min(8, Lk)) if lengths is not None else None
-    assert_bf16_gradients_close(shape, is_causal, lengths, inputs=(q, k, v))
+    # Gradients (rows with a key; PyTorch's are NaN for the others) with 1.5 bf16 steps of slack: where
+    # d != dv PyTorch runs its math path, whose softmax backward takes sum(P dP) from the rounded P; rows
+    # over several key blocks take delta = rowsum(dO O) from the bf16 output here (as PyTorch's flash
+    # kernel does), up to ~1 step over the usual bound at d = 5 (60 seeds; NOTES v31).
+    lengths = lengths.clamp(min=1) if lengths is not None else None
+    assert_bf16_gradients_close(shape, is_causal, lengths, inputs=(q, k, v), steps=1.5)
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize(
+    "shape,is_causal,lengths",
+    [
+        ((1, 3, 1, 4, 200, 8, 3), True, None),
+        ((2, 2, 2, 7, 9, 24, 40), False, [2, 3]),
+        ((2, 4, 2, 16, 60, 24, 40), False, [2, 4]),
+        ((1, 4, 1, 8, 50, 16, 8), True, None),
+    ],
+    ids=str,
+)
+@pytest.mark.skipif(
+    "cpu_avx2=1" not in torch.ops.bigmodel.build_info().splitlines(),
+    reason="this CPU (or build) has no AVX2 + FMA kernels",
+)
+def test_bfloat16_gradients_of_short_rows(monkeypatch, seed, shape, is_causal, lengths):
+    """Rows that see 1-4 keys (within one key block): the AVX2 backward takes delta = sum(P Z dP) over
+    the block, not rowsum(dO O) of the bf16-rounded output, whose rounding put dQ and dK at up to 3.7x
+    PyTorch's error (its math path, d != dv) in these cases (NOTES v31). Now within 1.5x of it
+    (measured at most 0.94x over these seeds)."""
+    monkeypatch.setenv("BIGMODEL_CPU_KERNEL", "avx2")  # the other CPU paths take rowsum(dO O) throughout
+    torch.manual_seed(seed)
+    B, Hq, Hkv, Lq, Lk, d, dv = shape
+    q, k, v = qkv(*shape, dtype=torch.bfloat16)
+    lengths = torch.tensor(lengths) if lengths is not None else None
+    kw = native_masking(lengths, Lq, Lk, is_causal)
+    out, _ = attention(q, k, v, is_causal=is_causal, key_lengths=lengths)
+    seed_grad = torch.randn_like(out)
+    ours = grads(out, (q, k, v), seed_grad)
+    theirs = grads(native(q, k, v, **kw), (q, k, v), seed_grad)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    exact = grads(native(q64, k64, v64, **kw), (q64, k64, v64), seed_grad.double())
+    for name, g, gn, ge in zip("qkv", ours, theirs, exact, strict=True):
+        err, native_err = (g.double() - ge).abs().max(), (gn.double() - ge).abs().max()
+        assert err <= 1.5 * native_err + 2**-12 * ge.abs().max() + 1e-6, (name, err.item(), native_err.item())
 
 
 @pytest.mark.parametrize(
@@ -668,9 +707,10 @@ def test_bfloat16_backward_key_splits(cpu_kernel, threads, shape, is_causal, use
     assert_bf16_gradients_close(shape, is_causal, lengths)
 
 
-def assert_bf16_gradients_close(shape, is_causal, lengths, inputs=None):
+def assert_bf16_gradients_close(shape, is_causal, lengths, inputs=None, steps=0.25):
     """bf16 gradients of the op within twice PyTorch's bf16 error of the float64 gradient of the same
-    inputs (given, requiring grad, or made here; plus a quarter of a bf16 step at the largest value)."""
+    inputs (given, requiring grad, or made here; plus `steps` bf16 steps at the largest value and 1e-6:
+    a gradient that is exactly 0 may come out as rounding noise)."""
     B, Hq, Hkv, Lq, Lk, d, dv = shape
     q, k, v = inputs if inputs is not None else qkv(*shape, dtype=torch.bfloat16)
     kw = native_masking(lengths, Lq, Lk, is_causal)
@@ -683,7 +723,8 @@ def assert_bf16_gradients_close(shape, is_causal, lengths, inputs=None):
     for name, g, gn, ge in zip("qkv", ours, theirs, exact, strict=True):
         assert g.dtype == torch.bfloat16, name
         err, native_err = (g.double() - ge).abs().max(), (gn.double() - ge).abs().max()
-        assert err <= 2 * native_err + 2**-10 * ge.abs().max(), (name, err.item(), native_err.item())
+        bound = 2 * native_err + steps * 2**-8 * ge.abs().max() + 1e-6
+        assert err <= bound, (name, err.item(), native_err.item())
 
 
 @pytest.mark.parametrize("kind", ["bias-holes", "bool", "finfo-min", "key-bias"])
