@@ -923,6 +923,15 @@ BM_AVX2 void lanes_pv_pair_avx2(const ChunkPair& cp, const float* st, int64_t ss
     lanes_pv_block_avx2<1>(st, ss, cp.nk, vb, ldv, m, ot, os);
 }
 
+// e[u] = exp(s[u] - shift) for N keys' 8 lanes at s ([N][8], 32-byte aligned), shift <= s up to rounding:
+// exactly 0 for -inf (exp_softmax_ps_n).
+template <int N>
+BM_AVX2 BM_ALWAYS_INLINE void lanes_exps(const float* s, __m256 shift, __m256 (&e)[N]) {
+#pragma GCC unroll 4
+  for (int u = 0; u < N; ++u) e[u] = _mm256_sub_ps(_mm256_load_ps(s + u * 8), shift);
+  m2::exp_softmax_ps_n(e);
+}
+
 // dst[u][0 .. m) = rows u < n of bf16 bits at src, stride apart, as float32 (dst rows m floats apart).
 BM_AVX2 void widen_rows(const uint16_t* src, int64_t stride, int64_t n, int64_t m, float* dst) {
   for (int64_t u = 0; u < n; ++u)
@@ -1033,9 +1042,7 @@ BM_AVX2 void lanes_avx2_forward(const Problem<float>& p, const T* q, const T* k,
           const auto exps = [&](auto n, int64_t u0) BM_AVX2 {
             constexpr int N = decltype(n)::value;
             __m256 e[N];
-#pragma GCC unroll 4
-            for (int u = 0; u < N; ++u) e[u] = _mm256_sub_ps(_mm256_load_ps(si + (u0 + u) * W), shift);
-            m2::exp_softmax_ps_n(e);
+            lanes_exps(si + u0 * W, shift, e);
 #pragma GCC unroll 4
             for (int u = 0; u < N; ++u) {
               _mm256_store_ps(si + (u0 + u) * W,
@@ -1244,9 +1251,7 @@ BM_AVX2 void lanes_avx2_backward(const Problem<float>& p, const float* grad_out,
             const auto rows = [&](auto n, int64_t u0) BM_AVX2 {
               constexpr int N = decltype(n)::value;
               __m256 pv[N];
-#pragma GCC unroll 4
-              for (int u = 0; u < N; ++u) pv[u] = _mm256_sub_ps(_mm256_load_ps(pt + (u0 + u) * W), lsev);
-              m2::exp_softmax_ps_n(pv);
+              lanes_exps(pt + u0 * W, lsev, pv);
 #pragma GCC unroll 4
               for (int u = 0; u < N; ++u) {
                 const int64_t j = u0 + u;

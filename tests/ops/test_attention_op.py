@@ -654,19 +654,10 @@ def test_bfloat16_gradients_of_short_rows(monkeypatch, seed, shape, is_causal, l
     (measured at most 0.94x over these seeds)."""
     monkeypatch.setenv("BIGMODEL_CPU_KERNEL", "avx2")  # the other CPU paths take rowsum(dO O) throughout
     torch.manual_seed(seed)
-    B, Hq, Hkv, Lq, Lk, d, dv = shape
     q, k, v = qkv(*shape, dtype=torch.bfloat16)
     lengths = torch.tensor(lengths) if lengths is not None else None
-    kw = native_masking(lengths, Lq, Lk, is_causal)
-    out, _ = attention(q, k, v, is_causal=is_causal, key_lengths=lengths)
-    seed_grad = torch.randn_like(out)
-    ours = grads(out, (q, k, v), seed_grad)
-    theirs = grads(native(q, k, v, **kw), (q, k, v), seed_grad)
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    exact = grads(native(q64, k64, v64, **kw), (q64, k64, v64), seed_grad.double())
-    for name, g, gn, ge in zip("qkv", ours, theirs, exact, strict=True):
-        err, native_err = (g.double() - ge).abs().max(), (gn.double() - ge).abs().max()
-        assert err <= 1.5 * native_err + 2**-12 * ge.abs().max() + 1e-6, (name, err.item(), native_err.item())
+    for name, err, native_err, scale in bf16_gradient_errors(shape, is_causal, lengths, (q, k, v)):
+        assert err <= 1.5 * native_err + 2**-12 * scale + 1e-6, (name, err.item(), native_err.item())
 
 
 @pytest.mark.parametrize(
@@ -707,12 +698,11 @@ def test_bfloat16_backward_key_splits(cpu_kernel, threads, shape, is_causal, use
     assert_bf16_gradients_close(shape, is_causal, lengths)
 
 
-def assert_bf16_gradients_close(shape, is_causal, lengths, inputs=None, steps=0.25):
-    """bf16 gradients of the op within twice PyTorch's bf16 error of the float64 gradient of the same
-    inputs (given, requiring grad, or made here; plus `steps` bf16 steps at the largest value and 1e-6:
-    a gradient that is exactly 0 may come out as rounding noise)."""
+def bf16_gradient_errors(shape, is_causal, lengths, inputs):
+    """(name, error, PyTorch's error, largest exact value) of each bf16 gradient of the op against the
+    float64 gradient of the same inputs (bf16, requiring grad)."""
     B, Hq, Hkv, Lq, Lk, d, dv = shape
-    q, k, v = inputs if inputs is not None else qkv(*shape, dtype=torch.bfloat16)
+    q, k, v = inputs
     kw = native_masking(lengths, Lq, Lk, is_causal)
     out, _ = attention(q, k, v, is_causal=is_causal, key_lengths=lengths)
     seed = torch.randn_like(out)
@@ -720,10 +710,20 @@ def assert_bf16_gradients_close(shape, is_causal, lengths, inputs=None, steps=0.
     theirs = grads(native(q, k, v, **kw), (q, k, v), seed)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     exact = grads(native(q64, k64, v64, **kw), (q64, k64, v64), seed.double())
+    result = []
     for name, g, gn, ge in zip("qkv", ours, theirs, exact, strict=True):
         assert g.dtype == torch.bfloat16, name
-        err, native_err = (g.double() - ge).abs().max(), (gn.double() - ge).abs().max()
-        bound = 2 * native_err + steps * 2**-8 * ge.abs().max() + 1e-6
+        result.append((name, (g.double() - ge).abs().max(), (gn.double() - ge).abs().max(), ge.abs().max()))
+    return result
+
+
+def assert_bf16_gradients_close(shape, is_causal, lengths, inputs=None, steps=0.25):
+    """bf16 gradients of the op within twice PyTorch's bf16 error of the float64 gradient of the same
+    inputs (given, requiring grad, or made here; plus `steps` bf16 steps at the largest value and 1e-6:
+    a gradient that is exactly 0 may come out as rounding noise)."""
+    inputs = inputs if inputs is not None else qkv(*shape, dtype=torch.bfloat16)
+    for name, err, native_err, scale in bf16_gradient_errors(shape, is_causal, lengths, inputs):
+        bound = 2 * native_err + steps * 2**-8 * scale + 1e-6
         assert err <= bound, (name, err.item(), native_err.item())
 
 
