@@ -923,6 +923,14 @@ BM_AVX2 void lanes_pv_pair_avx2(const ChunkPair& cp, const float* st, int64_t ss
     lanes_pv_block_avx2<1>(st, ss, cp.nk, vb, ldv, m, ot, os);
 }
 
+// f(std::integral_constant<int, N>, u0) over keys [0, n): groups of N = 4 keys, then single keys.
+template <typename F>
+BM_AVX2 BM_ALWAYS_INLINE void in_fours(int64_t n, const F& f) {
+  int64_t u = 0;
+  for (; u + 4 <= n; u += 4) f(std::integral_constant<int, 4>{}, u);
+  for (; u < n; ++u) f(std::integral_constant<int, 1>{}, u);
+}
+
 // e[u] = exp(s[u] - shift) for N keys' 8 lanes at s ([N][8], 32-byte aligned), shift <= s up to rounding:
 // exactly 0 for -inf (exp_softmax_ps_n).
 template <int N>
@@ -1050,9 +1058,7 @@ BM_AVX2 void lanes_avx2_forward(const Problem<float>& p, const T* q, const T* k,
               l = _mm256_add_ps(l, e[u]);
             }
           };
-          int64_t u = 0;
-          for (; u + 4 <= nk; u += 4) exps(std::integral_constant<int, 4>{}, u);
-          for (; u < nk; ++u) exps(std::integral_constant<int, 1>{}, u);
+          in_fours(nk, exps);
           _mm256_store_ps(ml(ca + i), mnew);
           _mm256_store_ps(ml(ca + i) + W, l);
         }
@@ -1212,6 +1218,12 @@ BM_AVX2 void lanes_avx2_backward(const Problem<float>& p, const float* grad_out,
         rows_to_lanes(gsrc + c * W, d.dv, 1.f, got(c));
         kend = std::max(kend, lr.kend);
       }
+      // Rows whose keys all lie in one block (kend <= kAvx2BlockK) take delta as sum(P Z dP) over it (two
+      // passes in L1: P to dS's buffer, Z dP to dP's, then dS) rather than rowsum(dO O): the same sum, but
+      // free of the output's rounding. A bf16 output's rounding, ~2^-9 of |dO| |O|, was ~3x PyTorch's
+      // math-path error in dQ and dK on rows of a few keys (NOTES v31); longer rows average it out over
+      // many keys' P.
+      const bool single = kend <= kAvx2BlockK;
       for (int64_t j0 = 0; j0 < kend; j0 += kAvx2BlockK) {
         if (!split.owns(j0 / kAvx2BlockK)) continue;
         const int64_t nkb = std::min(kAvx2BlockK, kend - j0);
@@ -1241,13 +1253,7 @@ BM_AVX2 void lanes_avx2_backward(const Problem<float>& p, const float* grad_out,
             // P = exp(s - lse), exactly 0 for excluded keys (exp_softmax_ps_n) and, unless every lane
             // sees all nk keys (lanes without a key have limit 0), past a lane's limit
             const bool whole = !p.mask && lr.kmin >= j0 + nk;
-            // Rows whose keys all lie in this one block (kend <= kAvx2BlockK) take delta as sum(P Z dP)
-            // over them (two passes in L1: P to dst, Z dP to dp, then dS) rather than rowsum(dO O): the
-            // same sum, but free of the output's rounding. A bf16 output's rounding, ~2^-9 of |dO| |O|,
-            // was ~3x PyTorch's math-path error in dQ and dK on rows of a few keys (NOTES v31); longer
-            // rows average it out over many keys' P.
-            const bool single = kend <= kAvx2BlockK;
-            __m256 dsum = zero;
+            __m256 dsum = zero;  // delta of a single block's rows (below)
             const auto rows = [&](auto n, int64_t u0) BM_AVX2 {
               constexpr int N = decltype(n)::value;
               __m256 pv[N];
@@ -1278,9 +1284,7 @@ BM_AVX2 void lanes_avx2_backward(const Problem<float>& p, const float* grad_out,
                 if (gmask != nullptr) _mm256_store_ps(dp + j * W, gs);  // dP of key j is used up
               }
             };
-            int64_t u = 0;
-            for (; u + 4 <= nk; u += 4) rows(std::integral_constant<int, 4>{}, u);
-            for (; u < nk; ++u) rows(std::integral_constant<int, 1>{}, u);
+            in_fours(nk, rows);
             if (single)
               for (int64_t j = 0; j < nk; ++j) {
                 const __m256 gs = _mm256_mul_ps(_mm256_load_ps(dst + j * W), _mm256_sub_ps(_mm256_load_ps(dp + j * W), dsum));
@@ -1411,6 +1415,15 @@ Masking simplify_masking(const Dims& d, const std::optional<Tensor>& attn_mask,
   return {attn_mask, key_lengths, is_causal};
 }
 
+// lanes_avx2_forward over all of a call's tasks; `solo` (a small call): on this thread alone.
+template <typename T>
+void run_lanes_avx2_forward(const Dims& d, const Problem<float>& fp, const T* q, const T* k, const T* v, T* out,
+                            float* lse, bool solo) {
+  const int64_t cb = lanes_avx2_chunks(d), tasks = lanes_tasks(d, cb * kAvx2Lanes);
+  at::parallel_for(0, tasks, solo ? tasks : 1,
+                   [&](int64_t t0, int64_t t1) { lanes_avx2_forward(fp, q, k, v, cb, t0, t1, out, lse); });
+}
+
 std::tuple<Tensor, Tensor> attention_cpu(const Tensor& query, const Tensor& key, const Tensor& value,
                                          const std::optional<Tensor>& attn_mask_arg,
                                          const std::optional<Tensor>& key_lengths_arg, bool is_causal_arg,
@@ -1474,15 +1487,10 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& query, const Tensor& key,
     const Tensor v = rows_ready(value, at::kBFloat16);
     Tensor out = pooled_empty({d.B, d.Hq, d.Lq, d.dv}, at::kBFloat16);
     Tensor lse = pooled_empty({d.B, d.Hq, d.Lq}, at::kFloat);
-    const Problem<float> fp = problem_frame<float>(d, q, k, v, lengths, mask, is_causal, scale, dropout);
-    const auto* qp = reinterpret_cast<const uint16_t*>(q.const_data_ptr());
-    const auto* kp = reinterpret_cast<const uint16_t*>(k.const_data_ptr());
-    const auto* vp = reinterpret_cast<const uint16_t*>(v.const_data_ptr());
-    auto* o = reinterpret_cast<uint16_t*>(out.data_ptr());
-    float* ls = lse.data_ptr<float>();
-    const int64_t cb = lanes_avx2_chunks(d), tasks = lanes_tasks(d, cb * kAvx2Lanes);
-    at::parallel_for(0, tasks, vec_lanes_bytes < kTeamBytes ? tasks : 1,
-                     [&](int64_t t0, int64_t t1) { lanes_avx2_forward(fp, qp, kp, vp, cb, t0, t1, o, ls); });
+    const auto bits = [](const Tensor& t) { return reinterpret_cast<const uint16_t*>(t.const_data_ptr()); };
+    run_lanes_avx2_forward(d, problem_frame<float>(d, q, k, v, lengths, mask, is_causal, scale, dropout), bits(q),
+                           bits(k), bits(v), reinterpret_cast<uint16_t*>(out.data_ptr()), lse.data_ptr<float>(),
+                           vec_lanes_bytes < kTeamBytes);
     return {out, lse};
   }
   if (few && all_bf16) {
@@ -1490,12 +1498,9 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& query, const Tensor& key,
     const Tensor q = rows_ready(query, ct), k = rows_ready(key, at::kBFloat16), v = rows_ready(value, at::kBFloat16);
     Tensor out = pooled_empty({d.B, d.Hq, d.Lq, d.dv}, q.scalar_type());
     Tensor lse = pooled_empty({d.B, d.Hq, d.Lq}, q.scalar_type());
-    Problem<float> fp = make_problem<float>(d, q, q, q, lengths, mask, is_causal, scale, dropout);
-    fp.k = fp.v = nullptr;  // read through the bf16 pointers below, at k's and v's strides
-    for (int i = 0; i < 3; ++i) {
-      fp.ks[i] = k.stride(i);
-      fp.vs[i] = v.stride(i);
-    }
+    // k and v read through the bf16 pointers below (fp.k, fp.v stay nullptr), at their own strides
+    Problem<float> fp = problem_frame<float>(d, q, k, v, lengths, mask, is_causal, scale, dropout);
+    fp.q = q.const_data_ptr<float>();
     few_queries_forward(fp, k.const_data_ptr<at::BFloat16>(), v.const_data_ptr<at::BFloat16>(),
                         out.data_ptr<float>(), lse.data_ptr<float>());
     return {out.to(query.scalar_type()), lse};
@@ -1510,12 +1515,8 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& query, const Tensor& key,
   }
   if (vec_lanes) {
     const Problem<float> fp = make_problem<float>(d, q, k, v, lengths, mask, is_causal, scale, dropout);
-    const int64_t cb = lanes_avx2_chunks(d), tasks = lanes_tasks(d, cb * kAvx2Lanes);
-    float* o = out.data_ptr<float>();
-    float* ls = lse.data_ptr<float>();
-    at::parallel_for(0, tasks, vec_lanes_bytes < kTeamBytes ? tasks : 1, [&](int64_t t0, int64_t t1) {
-      lanes_avx2_forward(fp, fp.q, fp.k, fp.v, cb, t0, t1, o, ls);
-    });
+    run_lanes_avx2_forward(d, fp, fp.q, fp.k, fp.v, out.data_ptr<float>(), lse.data_ptr<float>(),
+                           vec_lanes_bytes < kTeamBytes);
     return {out.to(query.scalar_type()), lse};
   }
   if (use_few_queries(d, ct, dropout)) {  // also bf16 inputs that took no bf16 kernel above
