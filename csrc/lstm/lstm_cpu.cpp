@@ -528,7 +528,7 @@ bool pre_x_wanted(int64_t worker_bytes, int64_t worker_rows) {
   TORCH_CHECK(mode == "auto" || mode == "on" || mode == "off",
               "BIGMODEL_LSTM_INPUT_GEMM must be 'auto', 'on' or 'off', got '", mode, "'");
   if (mode != "auto") return mode == "on";
-  return worker_bytes > 2 * l2_budget() && 4 * worker_bytes > worker_rows * l2_budget();
+  return worker_bytes > l2_budget() / 2 && 4 * worker_bytes > worker_rows * l2_budget();
 }
 
 // The AVX2 tiles' panels: `pack` writes [np, K, 64] panels into a zeroed scratch (from the buffer

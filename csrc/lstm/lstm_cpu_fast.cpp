@@ -362,30 +362,34 @@ BM_AVX2 BM_ALWAYS_INLINE void cell_update_avx2(const ForwardArgs& a, int64_t off
 }
 
 // Panel p for MR rows: both halves and their cell updates (the second half is absent when the last
-// panel holds 8 units or fewer).
+// panel holds 8 units or fewer). Strip q = 2 h + g2; few rows multiply several strips per K pass
+// (kStripsFor), each column's sum in the same order whatever the grouping.
 template <bool kTrain, bool kOutBf16, int MR>
 BM_AVX2 void forward_tile_avx2(const ForwardArgs& a, int64_t off, int64_t r0, int64_t rstride, int64_t p,
                                const void* hp, void* hn) {
-  const int64_t Kh = a.Kh, Kx = a.Kx;
+  const int64_t Kh = a.Kh, Kx = a.Kx, lds = (Kh + Kx) * 16;
   const auto [panel, h_rows, x_rows] = tile_operands<float>(a, off, r0, p, hp);  // m2::kNR == mk::kNR
-  for (int h = 0; h < 2; ++h) {
-    const int64_t u0 = p * kUnits + 8 * h;
-    if (u0 >= a.steps.H) break;
-    alignas(32) float tile[MR][32];
-    for (int g2 = 0; g2 < 2; ++g2) {  // gates i, f, then g, o
-      __m256 acc[MR][2];
-      m2::zero_tile<MR, 2>(acc);
-      const float* strip = panel + (2 * h + g2) * (Kh + Kx) * 16;
-      m2::pair_tile_f32<MR>(h_rows, Kh, 1, Kh, strip, 16, acc);
-      m2::pair_tile_f32<MR>(x_rows, rstride * Kx, 1, Kx, strip + Kh * 16, 16, acc);
+  const int halves = p * kUnits + 8 < a.steps.H ? 2 : 1;
+  alignas(32) float tile[2][MR][32];
+  m2::in_strip_groups<m2::kStripsFor<MR>>(2 * halves, [&](int q0, auto strips) {
+    constexpr int S = decltype(strips)::value;
+    __m256 acc[MR][2 * S];
+    m2::zero_tile<MR, 2 * S>(acc);
+    const float* strip = panel + q0 * lds;
+    m2::strips_tile_f32<MR, S>(h_rows, Kh, 1, Kh, strip, 16, lds, acc);
+    m2::strips_tile_f32<MR, S>(x_rows, rstride * Kx, 1, Kx, strip + Kh * 16, 16, lds, acc);
+#pragma GCC unroll 4
+    for (int s = 0; s < S; ++s) {
+      const int q = q0 + s;  // gates i, f (g2 = 0), then g, o of half q / 2
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) {
-        _mm256_store_ps(tile[r] + 16 * g2, acc[r][0]);
-        _mm256_store_ps(tile[r] + 16 * g2 + 8, acc[r][1]);
+        _mm256_store_ps(tile[q / 2][r] + 16 * (q % 2), acc[r][2 * s]);
+        _mm256_store_ps(tile[q / 2][r] + 16 * (q % 2) + 8, acc[r][2 * s + 1]);
       }
     }
-    cell_update_avx2<kTrain, kOutBf16>(a, off, r0, MR, rstride, u0, tile, hn);
-  }
+  });
+  for (int h = 0; h < halves; ++h)
+    cell_update_avx2<kTrain, kOutBf16>(a, off, r0, MR, rstride, p * kUnits + 8 * h, tile[h], hn);
 }
 
 template <bool kTrain, bool kOutBf16>
@@ -608,24 +612,25 @@ BM_AVX2 void pointwise_row_avx2(const BackwardArgs& a, int64_t t, int64_t r, int
   }
 }
 
-// [dh, dx] for MR rows and panel p, a quarter (16 columns) at a time; the AVX2 backward's panels are
-// strips, [np, 4, 4H, 16].
+// [dh, dx] for MR rows and panel p, by quarters (16 columns; kStripsFor of them per K pass); the
+// AVX2 backward's panels are strips, [np, 4, 4H, 16].
 template <int MR>
 BM_AVX2 void grad_state_tile_avx2(const BackwardArgs& a, const float* dg, int64_t lda, int64_t off, int64_t r0,
                                   int64_t rstride, int64_t p) {
   const int64_t H = a.steps.H, G = 4 * H, F = H + a.I;
   const float* panel = a.panels + p * G * m2::kNR;
-  for (int q = 0; q < 4; ++q) {
-    if (p * m2::kNR + 16 * q >= F) break;
-    __m256 acc[MR][2];
-    m2::zero_tile<MR, 2>(acc);
-    m2::pair_tile_f32<MR>(dg, lda, 1, G, panel + q * G * 16, 16, acc);
+  const int nq = int(std::min<int64_t>(4, (F - p * m2::kNR + 15) / 16));  // quarters with columns < F
+  m2::in_strip_groups<m2::kStripsFor<MR>>(nq, [&](int q0, auto strips) {
+    constexpr int S = decltype(strips)::value;
+    __m256 acc[MR][2 * S];
+    m2::zero_tile<MR, 2 * S>(acc);
+    m2::strips_tile_f32<MR, S>(dg, lda, 1, G, panel + q0 * G * 16, 16, G * 16, acc);
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       const int64_t r = r0 + i * rstride, sr = state_row(a, r);
-#pragma GCC unroll 2
-      for (int j = 0; j < 2; ++j) {
-        const int64_t col = p * m2::kNR + 16 * q + 8 * j;
+#pragma GCC unroll 8
+      for (int j = 0; j < 2 * S; ++j) {
+        const int64_t col = p * m2::kNR + 16 * q0 + 8 * j;
         if (col >= F) break;
         if (col + 8 <= H) {
           _mm256_storeu_ps(a.dh + sr * H + col, acc[i][j]);
@@ -638,7 +643,7 @@ BM_AVX2 void grad_state_tile_avx2(const BackwardArgs& a, const float* dg, int64_
         }
       }
     }
-  }
+  });
 }
 
 void grad_state_tiles_avx2(const BackwardArgs& a, const float* dg, int64_t lda, int64_t off, int64_t r0,

@@ -125,6 +125,27 @@ def test_work_splits_match_reference(cpu_kernel, threads, T, B, IN, H, reverse):
         torch.testing.assert_close(g, gr, **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("input_gemm", ["on", "off"])
+@pytest.mark.parametrize("B", [1, 2, 3, 4])
+@pytest.mark.parametrize("T,IN,H", [(4, 32, 32), (3, 48, 64), (5, 10, 37)], ids=["F64", "F112", "F47"])
+def test_few_rows_match_reference(cpu_kernel, monkeypatch, threads, input_gemm, B, T, IN, H):
+    """Blocks of one to three rows multiply several 16-column strips per K pass (four at one row:
+    both halves of a forward panel, a whole backward panel; two at two or three rows), falling back
+    to fewer where a panel has fewer (H = 37: a last panel of 5 units; F = H + IN = 47: a backward
+    panel of three quarters). Without lengths every step runs the batch's own block size."""
+    monkeypatch.setenv("BIGMODEL_LSTM_INPUT_GEMM", input_gemm)
+    args, _ = make_args(
+        T, B, IN, H, 0, proj=False, bias=True, has_lengths=False, dtype=torch.float32, device="cpu"
+    )
+    out, seed_grads, got = outputs_and_grads(args, None, False, threads)
+    ref = lstm_layer_reference(*args)
+    for o, r in zip(out, ref, strict=True):
+        torch.testing.assert_close(o, r, **TOL[torch.float32])
+    for g, gr in zip(got, grads(ref, args, seed_grads), strict=True):
+        torch.testing.assert_close(g, gr, **TOL[torch.float32])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize(

@@ -61,22 +61,54 @@ BM_AVX2 BM_ALWAYS_INLINE void zero_tile(__m256 (&acc)[MR][NV]) {
     for (int j = 0; j < NV; ++j) acc[r][j] = _mm256_setzero_ps();
 }
 
-// Column-pair tile: acc[r][j] += sum_k A(r, k) * w[k * ldw + 8 j .. 8 j + 7], A(r, k) = a[r * lda + k *
-// kstride] (kstride = 1: rows in place; larger: A read transposed, as a weight gradient reads
-// dgates^T): 16 columns of B at row stride ldw.
-template <int MR>
-BM_AVX2 BM_ALWAYS_INLINE void pair_tile_f32(const float* a, int64_t lda, int64_t kstride, int64_t K, const float* w,
-                                            int64_t ldw, __m256 (&acc)[MR][2]) {
+// Strips tile: acc[r][2 s + j] += sum_k A(r, k) * w[s * lds + k * ldw + 8 j .. 8 j + 7] for S strips of
+// 16 columns (s = 0 .. S - 1) at stride lds, A(r, k) = a[r * lda + k * kstride] (kstride = 1: rows in
+// place; larger: A read transposed, as a weight gradient reads dgates^T), one K pass for all S.
+// Few rows take several strips (kStripsFor): a 1-row tile over one strip had 2 FMA chains, a quarter
+// of the 8 that Zen 3's two 4-cycle FMA pipes need to stay busy.
+template <int MR, int S>
+BM_AVX2 BM_ALWAYS_INLINE void strips_tile_f32(const float* a, int64_t lda, int64_t kstride, int64_t K, const float* w,
+                                              int64_t ldw, int64_t lds, __m256 (&acc)[MR][2 * S]) {
   for (int64_t k = 0; k < K; ++k, w += ldw) {
-    const __m256 w0 = _mm256_load_ps(w), w1 = _mm256_load_ps(w + 8);
+    __m256 wv[2 * S];
+#pragma GCC unroll 4
+    for (int s = 0; s < S; ++s) {
+      wv[2 * s] = _mm256_load_ps(w + s * lds);
+      wv[2 * s + 1] = _mm256_load_ps(w + s * lds + 8);
+    }
     const float* ak = a + k * kstride;
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       const __m256 av = _mm256_broadcast_ss(ak + r * lda);
-      acc[r][0] = _mm256_fmadd_ps(av, w0, acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(av, w1, acc[r][1]);
+#pragma GCC unroll 8
+      for (int j = 0; j < 2 * S; ++j) acc[r][j] = _mm256_fmadd_ps(av, wv[j], acc[r][j]);
     }
   }
+}
+
+// Column-pair tile: strips_tile_f32 over one strip of 16 columns at row stride ldw.
+template <int MR>
+BM_AVX2 BM_ALWAYS_INLINE void pair_tile_f32(const float* a, int64_t lda, int64_t kstride, int64_t K, const float* w,
+                                            int64_t ldw, __m256 (&acc)[MR][2]) {
+  strips_tile_f32<MR, 1>(a, lda, kstride, K, w, ldw, 0, acc);
+}
+
+// Strips per K pass for an MR-row tile: at least 8 accumulators where the registers allow (1 row: 4
+// strips, 8 accumulators; 2 and 3 rows: 2 strips, 8 and 12).
+template <int MR>
+constexpr int kStripsFor = MR == 1 ? 4 : MR <= 3 ? 2 : 1;
+
+// f(q, std::integral_constant<int, S>{}) over strips q .. q + S - 1 covering 0 .. n - 1: groups of
+// MAXS (1, 2 or 4) first, then smaller ones.
+template <int MAXS, typename F>
+BM_ALWAYS_INLINE void in_strip_groups(int n, const F& f) {
+  static_assert(MAXS == 1 || MAXS == 2 || MAXS == 4);
+  int q = 0;
+  if constexpr (MAXS >= 4)
+    for (; q + 4 <= n; q += 4) f(q, std::integral_constant<int, 4>{});
+  if constexpr (MAXS >= 2)
+    for (; q + 2 <= n; q += 2) f(q, std::integral_constant<int, 2>{});
+  for (; q < n; ++q) f(q, std::integral_constant<int, 1>{});
 }
 
 // Loads / stores a quarter tile from / to rows of 16 floats at stride ldc.
