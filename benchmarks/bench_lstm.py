@@ -20,6 +20,8 @@ SHAPES = [
     ("seed", 256, 64, 100, 200, 1, False),
     ("long", 512, 32, 256, 256, 1, False),
     ("small", 128, 16, 128, 128, 1, False),
+    # one sequence at a time, as a server answering single requests runs it
+    ("serve", 256, 1, 100, 200, 1, False),
     ("2L-bidir", 256, 32, 256, 256, 2, True),
 ]
 # train-features: training with an input that needs no gradient (raw features: audio frames, sensor

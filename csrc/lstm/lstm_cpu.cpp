@@ -513,13 +513,16 @@ Tensor last_states(const Tensor& hout, const PackPlan& p, bool reverse, at::Scal
 
 // Whether the AVX2 forward takes x W_ih^T + b from one GEMM before the loop (ForwardArgs::gx) rather
 // than streaming [W_hh; W_ih] every step, given the bytes of panels a worker would stream and the batch
-// rows it multiplies them by: where they are over twice its L2 budget and over a quarter of it per row
+// rows it multiplies them by: where they are over half its L2 budget and over a quarter of it per row
 // (the GEMM's [N, 4H] output, written once and read once, costs bytes per row; the stream it saves is
 // shared by the worker's rows). Measured on Zen 3 (2 threads, NOTES v27, v29): H = I = 1024, B = 8 / 32
 // inference 1.73x / 1.35x faster, training 1.22x / 1.05x; H = I = 512 1.12-1.27x / 1.07-1.10x; H = I =
 // 256 (2 MiB a worker) B = 8 1.16x, B = 32 (16 rows a worker) 1.05x, but B = 64 (32 rows) 0.96x; the
 // seed shape (1 MiB, 32 rows) inference 0.92x, training 0.98x, B = 32 0.96-0.99x: those keep the fused
-// tiles. The AVX-512 tiles have not been measured this way (no AVX-512 host in those sessions).
+// tiles. Few rows at the seed's I and H (column groups, 0.5 MiB a worker, where W_hh's 0.33 MiB alone
+// fits the L2; v32): B = 1 inference 1.29x, B = 2-4 1.07-1.09x, B = 6 0.99x (off), training 1.00-1.06x;
+// I = 32, H = 64 (50 KiB) 0.91x, so tiny weights keep the tiles. The AVX-512 tiles have not been
+// measured this way (no AVX-512 host in those sessions).
 // BIGMODEL_LSTM_INPUT_GEMM=on / off forces the choice either way (read on every call, for tests and
 // benchmarks), auto (or unset) decides as above.
 bool pre_x_wanted(int64_t worker_bytes, int64_t worker_rows) {
