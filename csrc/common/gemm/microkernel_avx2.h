@@ -23,6 +23,7 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -76,14 +77,15 @@ BM_AVX2 BM_ALWAYS_INLINE void strips_tile_f32(const float* a, int64_t lda, int64
       wv[2 * s] = _mm256_load_ps(w + s * lds);
       wv[2 * s + 1] = _mm256_load_ps(w + s * lds + 8);
     }
-    // Keep B in registers where the tile's accumulators leave room (2 to 4 rows, one strip; 2 rows,
-    // two strips): GCC otherwise folds the loads into every row's FMA (4 rows: 12 loads per 8 FMAs,
-    // more than two load ports give; B = 4 inference 4.56 -> 3.55 ms, NOTES v32). At 3 rows x 2
-    // strips they would not fit (spills: 3.06 -> 4.62 ms); at 5 and 6 rows GCC keeps them anyway,
-    // and forcing it slowed the weight-gradient tiles (seed training 144 -> 158 ms, one thread).
-    if constexpr (MR > 1 && MR <= 4 && 2 * S * (MR + 1) + 1 <= 16) {
+    // Keep B in the registers the accumulators leave (one for the broadcast), at 2 to 4 rows: GCC
+    // otherwise folds the loads into every row's FMA (4 rows: 12 loads per 8 FMAs, more than two
+    // load ports give; B = 4 inference 4.56 -> 3.55 ms, NOTES v32); 3 rows x 2 strips pin 3 of their
+    // 4 B vectors (all 4 spilled). At 5 and 6 rows GCC keeps them anyway, and forcing it slowed the
+    // weight-gradient tiles (seed training 144 -> 158 ms, one thread).
+    if constexpr (MR > 1 && MR <= 4) {
+      constexpr int kPinned = std::min(2 * S, 15 - 2 * S * MR);
 #pragma GCC unroll 8
-      for (int j = 0; j < 2 * S; ++j) asm("" : "+x"(wv[j]));
+      for (int j = 0; j < kPinned; ++j) asm("" : "+x"(wv[j]));
     }
     const float* ak = a + k * kstride;
 #pragma GCC unroll 8
