@@ -371,7 +371,7 @@ BM_AVX2 void forward_tile_avx2(const ForwardArgs& a, int64_t off, int64_t r0, in
   const auto [panel, h_rows, x_rows] = tile_operands<float>(a, off, r0, p, hp);  // m2::kNR == mk::kNR
   const int halves = p * kUnits + 8 < a.steps.H ? 2 : 1;
   alignas(32) float tile[2][MR][32];
-  m2::in_strip_groups<m2::kStripsFor<MR>>(2 * halves, [&](int q0, auto strips) {
+  m2::in_strip_groups<m2::kStripsFor<MR>>(2 * halves, [&](int q0, auto strips) BM_AVX2 {
     constexpr int S = decltype(strips)::value;
     __m256 acc[MR][2 * S];
     m2::zero_tile<MR, 2 * S>(acc);
@@ -620,7 +620,7 @@ BM_AVX2 void grad_state_tile_avx2(const BackwardArgs& a, const float* dg, int64_
   const int64_t H = a.steps.H, G = 4 * H, F = H + a.I;
   const float* panel = a.panels + p * G * m2::kNR;
   const int nq = int(std::min<int64_t>(4, (F - p * m2::kNR + 15) / 16));  // quarters with columns < F
-  m2::in_strip_groups<m2::kStripsFor<MR>>(nq, [&](int q0, auto strips) {
+  m2::in_strip_groups<m2::kStripsFor<MR>>(nq, [&](int q0, auto strips) BM_AVX2 {
     constexpr int S = decltype(strips)::value;
     __m256 acc[MR][2 * S];
     m2::zero_tile<MR, 2 * S>(acc);

@@ -112,7 +112,7 @@ constexpr int kStripsFor = MR == 1 ? 4 : MR <= 3 ? 2 : 1;
 // f(q, std::integral_constant<int, S>{}) over strips q .. q + S - 1 covering 0 .. n - 1: groups of
 // MAXS (1, 2 or 4) first, then smaller ones.
 template <int MAXS, typename F>
-BM_ALWAYS_INLINE void in_strip_groups(int n, const F& f) {
+BM_AVX2 BM_ALWAYS_INLINE void in_strip_groups(int n, const F& f) {
   static_assert(MAXS == 1 || MAXS == 2 || MAXS == 4);
   int q = 0;
   if constexpr (MAXS >= 4)
