@@ -1,4 +1,5 @@
-"""A portable build (-march=x86-64-v3) on a CPU without AVX-512: .ci/run runs this under
+"""A portable build (-march=x86-64-v2: SSE4.2, the AVX2 and AVX-512 kernels reached only through their
+target attributes) on a CPU without AVX-512: .ci/run runs this under
 `qemu-x86_64 -cpu Haswell` against the CMake build's ops library. It checks that the library loads
 and reports AVX2 only, and that the LSTM (AVX2 tiles, forward and backward through its C++
 autograd; a single step on the step kernels) and the attention op (portable path) give PyTorch's
