@@ -54,9 +54,14 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_info()
     if args.command == "train":
-        from .train import run_train
+        import os
 
-        return run_train(args)
+        from .train import run_train, torchrun_worker_exit
+
+        code = run_train(args)
+        if argv is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            torchrun_worker_exit(code)  # a torchrun worker process: no finalization
+        return code
     if args.command == "bench":
         from .bench import run_bench
 

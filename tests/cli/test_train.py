@@ -152,6 +152,35 @@ def test_torchrun_two_processes_end_with_identical_weights(small_corpus, tmp_pat
     assert weights_digest(model) == first
 
 
+def test_torchrun_worker_keeps_its_exit_code(tmp_path, tiny):
+    """torchrun workers of `bigmodel train` end without the interpreter's finalization (gloo's
+    teardown aborted a rank there, rarely): a data error must still reach torchrun as exit code 2
+    from every rank, with the rank-prefixed one-line message."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "bigmodel",
+        "train",
+        "--data",
+        str(tmp_path / "missing"),
+        *tiny,
+        "--out",
+        str(tmp_path / "run"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0, out
+    for rank in (0, 1):
+        assert f"[rank {rank}] bigmodel train: error:" in out, out
+    assert "exitcode  : 2" in out, out
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("scale", [0.01, 1.0, 100.0, float("nan")], ids=["small", "near", "clipped", "nan"])
 def test_clip_gradients_is_clip_grad_norm(scale):
     """The loop's clipping skips the multiply only where clip_grad_norm_'s is by exactly 1: the same
