@@ -115,29 +115,19 @@ def test_checkpoint_loads_weights_only_into_a_classifier(small_corpus, tmp_path,
     assert [p.name for p in out.iterdir()] == [CHECKPOINT_NAME]  # no temporary files left
 
 
+def _torchrun_train(*args) -> subprocess.CompletedProcess:
+    """`bigmodel train ARGS` as two torchrun workers (gloo, one thread each)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["-m", "bigmodel", "train", *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
 def test_torchrun_two_processes_end_with_identical_weights(small_corpus, tmp_path, train, tiny, read_json):
     out = tmp_path / "result.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "bigmodel",
-        "train",
-        "--data",
-        str(small_corpus),
-        *tiny,
-        "--epochs",
-        "2",
-        "--out",
-        str(tmp_path / "run"),
-        "--json",
-        str(out),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    res = _torchrun_train(
+        "--data", small_corpus, *tiny, "--epochs", "2", "--out", tmp_path / "run", "--json", out
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     result = read_json(out)
     assert result["world_size"] == 2
@@ -156,23 +146,7 @@ def test_torchrun_worker_keeps_its_exit_code(tmp_path, tiny):
     """torchrun workers of `bigmodel train` end without the interpreter's finalization (gloo's
     teardown aborted a rank there, rarely): a data error must still reach torchrun as exit code 2
     from every rank, with the rank-prefixed one-line message."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "bigmodel",
-        "train",
-        "--data",
-        str(tmp_path / "missing"),
-        *tiny,
-        "--out",
-        str(tmp_path / "run"),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    res = _torchrun_train("--data", tmp_path / "missing", *tiny, "--out", tmp_path / "run")
     out = res.stdout + res.stderr
     assert res.returncode != 0, out
     for rank in (0, 1):
