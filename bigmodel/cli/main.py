@@ -54,12 +54,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_info()
     if args.command == "train":
-        import os
-
-        from .train import run_train, torchrun_worker_exit
+        from .train import launched_world_size, run_train, torchrun_worker_exit
 
         code = run_train(args)
-        if argv is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if argv is None and launched_world_size() > 1:
             torchrun_worker_exit(code)  # a torchrun worker process: no finalization
         return code
     if args.command == "bench":

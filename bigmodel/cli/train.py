@@ -163,9 +163,14 @@ def _pick_device(choice: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def launched_world_size() -> int:
+    """The number of processes torchrun started for this run (WORLD_SIZE; 1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def _start_processes(device_choice: str) -> Ranks:
     """The rank and device of this process; joins the process group when started by torchrun."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launched_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = _pick_device(device_choice, local_rank)
     if world_size == 1:

@@ -923,14 +923,6 @@ BM_AVX2 void lanes_pv_pair_avx2(const ChunkPair& cp, const float* st, int64_t ss
     lanes_pv_block_avx2<1>(st, ss, cp.nk, vb, ldv, m, ot, os);
 }
 
-// f(std::integral_constant<int, N>, u0) over keys [0, n): groups of N = 4 keys, then single keys.
-template <typename F>
-BM_AVX2 BM_ALWAYS_INLINE void in_fours(int64_t n, const F& f) {
-  int64_t u = 0;
-  for (; u + 4 <= n; u += 4) f(std::integral_constant<int, 4>{}, u);
-  for (; u < n; ++u) f(std::integral_constant<int, 1>{}, u);
-}
-
 // e[u] = exp(s[u] - shift) for N keys' 8 lanes at s ([N][8], 32-byte aligned), shift <= s up to rounding:
 // exactly 0 for -inf (exp_softmax_ps_n).
 template <int N>
@@ -1047,7 +1039,7 @@ BM_AVX2 void lanes_avx2_forward(const Problem<float>& p, const T* q, const T* k,
             _mm256_store_ps(o + cc * W, _mm256_mul_ps(_mm256_load_ps(o + cc * W), alpha[0]));
           // the normalizer l counts every key; only the values see dropout (P Z)
           const __m256i dkeys = _mm256_load_si256(reinterpret_cast<const __m256i*>(lr.drop_key));
-          const auto exps = [&](auto n, int64_t u0) BM_AVX2 {
+          const auto exps = [&](int64_t u0, auto n) BM_AVX2 {
             constexpr int N = decltype(n)::value;
             __m256 e[N];
             lanes_exps(si + u0 * W, shift, e);
@@ -1058,7 +1050,7 @@ BM_AVX2 void lanes_avx2_forward(const Problem<float>& p, const T* q, const T* k,
               l = _mm256_add_ps(l, e[u]);
             }
           };
-          in_fours(nk, exps);
+          m2::in_groups<4, 1>(nk, exps);  // four keys' exps interleaved, then single keys
           _mm256_store_ps(ml(ca + i), mnew);
           _mm256_store_ps(ml(ca + i) + W, l);
         }
@@ -1254,7 +1246,7 @@ BM_AVX2 void lanes_avx2_backward(const Problem<float>& p, const float* grad_out,
             // sees all nk keys (lanes without a key have limit 0), past a lane's limit
             const bool whole = !p.mask && lr.kmin >= j0 + nk;
             __m256 dsum = zero;  // delta of a single block's rows (below)
-            const auto rows = [&](auto n, int64_t u0) BM_AVX2 {
+            const auto rows = [&](int64_t u0, auto n) BM_AVX2 {
               constexpr int N = decltype(n)::value;
               __m256 pv[N];
               lanes_exps(pt + u0 * W, lsev, pv);
@@ -1284,7 +1276,7 @@ BM_AVX2 void lanes_avx2_backward(const Problem<float>& p, const float* grad_out,
                 if (gmask != nullptr) _mm256_store_ps(dp + j * W, gs);  // dP of key j is used up
               }
             };
-            in_fours(nk, rows);
+            m2::in_groups<4, 1>(nk, rows);
             if (single)
               for (int64_t j = 0; j < nk; ++j) {
                 const __m256 gs = _mm256_mul_ps(_mm256_load_ps(dst + j * W), _mm256_sub_ps(_mm256_load_ps(dp + j * W), dsum));

@@ -363,7 +363,7 @@ BM_AVX2 BM_ALWAYS_INLINE void cell_update_avx2(const ForwardArgs& a, int64_t off
 
 // Panel p for MR rows: both halves and their cell updates (the second half is absent when the last
 // panel holds 8 units or fewer). Strip q = 2 h + g2; few rows multiply several strips per K pass
-// (kStripsFor), each column's sum in the same order whatever the grouping.
+// (in_strip_groups), each column's sum in the same order whatever the grouping.
 template <bool kTrain, bool kOutBf16, int MR>
 BM_AVX2 void forward_tile_avx2(const ForwardArgs& a, int64_t off, int64_t r0, int64_t rstride, int64_t p,
                                const void* hp, void* hn) {
@@ -371,7 +371,7 @@ BM_AVX2 void forward_tile_avx2(const ForwardArgs& a, int64_t off, int64_t r0, in
   const auto [panel, h_rows, x_rows] = tile_operands<float>(a, off, r0, p, hp);  // m2::kNR == mk::kNR
   const int halves = p * kUnits + 8 < a.steps.H ? 2 : 1;
   alignas(32) float tile[2][MR][32];
-  m2::in_strip_groups<m2::kStripsFor<MR>>(2 * halves, [&](int q0, auto strips) BM_AVX2 {
+  m2::in_strip_groups<MR>(2 * halves, [&](int64_t q0, auto strips) BM_AVX2 {
     constexpr int S = decltype(strips)::value;
     __m256 acc[MR][2 * S];
     m2::zero_tile<MR, 2 * S>(acc);
@@ -380,7 +380,7 @@ BM_AVX2 void forward_tile_avx2(const ForwardArgs& a, int64_t off, int64_t r0, in
     m2::strips_tile_f32<MR, S>(x_rows, rstride * Kx, 1, Kx, strip + Kh * 16, 16, lds, acc);
 #pragma GCC unroll 4
     for (int s = 0; s < S; ++s) {
-      const int q = q0 + s;  // gates i, f (g2 = 0), then g, o of half q / 2
+      const int64_t q = q0 + s;  // gates i, f (g2 = 0), then g, o of half q / 2
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) {
         _mm256_store_ps(tile[q / 2][r] + 16 * (q % 2), acc[r][2 * s]);
@@ -612,7 +612,7 @@ BM_AVX2 void pointwise_row_avx2(const BackwardArgs& a, int64_t t, int64_t r, int
   }
 }
 
-// [dh, dx] for MR rows and panel p, by quarters (16 columns; kStripsFor of them per K pass); the
+// [dh, dx] for MR rows and panel p, by quarters (16 columns; in_strip_groups of them per K pass); the
 // AVX2 backward's panels are strips, [np, 4, 4H, 16].
 template <int MR>
 BM_AVX2 void grad_state_tile_avx2(const BackwardArgs& a, const float* dg, int64_t lda, int64_t off, int64_t r0,
@@ -620,7 +620,7 @@ BM_AVX2 void grad_state_tile_avx2(const BackwardArgs& a, const float* dg, int64_
   const int64_t H = a.steps.H, G = 4 * H, F = H + a.I;
   const float* panel = a.panels + p * G * m2::kNR;
   const int nq = int(std::min<int64_t>(4, (F - p * m2::kNR + 15) / 16));  // quarters with columns < F
-  m2::in_strip_groups<m2::kStripsFor<MR>>(nq, [&](int q0, auto strips) BM_AVX2 {
+  m2::in_strip_groups<MR>(nq, [&](int64_t q0, auto strips) BM_AVX2 {
     constexpr int S = decltype(strips)::value;
     __m256 acc[MR][2 * S];
     m2::zero_tile<MR, 2 * S>(acc);

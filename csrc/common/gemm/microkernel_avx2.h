@@ -65,7 +65,7 @@ BM_AVX2 BM_ALWAYS_INLINE void zero_tile(__m256 (&acc)[MR][NV]) {
 // Strips tile: acc[r][2 s + j] += sum_k A(r, k) * w[s * lds + k * ldw + 8 j .. 8 j + 7] for S strips of
 // 16 columns (s = 0 .. S - 1) at stride lds, A(r, k) = a[r * lda + k * kstride] (kstride = 1: rows in
 // place; larger: A read transposed, as a weight gradient reads dgates^T), one K pass for all S.
-// Few rows take several strips (kStripsFor): a 1-row tile over one strip had 2 FMA chains, a quarter
+// Few rows take several strips (in_strip_groups): a 1-row tile over one strip had 2 FMA chains, a quarter
 // of the 8 that Zen 3's two 4-cycle FMA pipes need to stay busy.
 template <int MR, int S>
 BM_AVX2 BM_ALWAYS_INLINE void strips_tile_f32(const float* a, int64_t lda, int64_t kstride, int64_t K, const float* w,
@@ -104,22 +104,30 @@ BM_AVX2 BM_ALWAYS_INLINE void pair_tile_f32(const float* a, int64_t lda, int64_t
   strips_tile_f32<MR, 1>(a, lda, kstride, K, w, ldw, 0, acc);
 }
 
-// Strips per K pass for an MR-row tile: at least 8 accumulators where the registers allow (1 row: 4
-// strips, 8 accumulators; 2 and 3 rows: 2 strips, 8 and 12).
-template <int MR>
-constexpr int kStripsFor = MR == 1 ? 4 : MR <= 3 ? 2 : 1;
+// f(first, std::integral_constant<int, G>{}) over [0, n) in groups of G items, for each size G in Gs
+// (largest first, the last 1): as many groups of the first size as fit, then of the next, ...
+template <int G, typename F>
+BM_AVX2 BM_ALWAYS_INLINE void groups_of(int64_t n, int64_t& first, const F& f) {
+  for (; first + G <= n; first += G) f(first, std::integral_constant<int, G>{});
+}
 
-// f(q, std::integral_constant<int, S>{}) over strips q .. q + S - 1 covering 0 .. n - 1: groups of
-// MAXS (1, 2 or 4) first, then smaller ones.
-template <int MAXS, typename F>
-BM_AVX2 BM_ALWAYS_INLINE void in_strip_groups(int n, const F& f) {
-  static_assert(MAXS == 1 || MAXS == 2 || MAXS == 4);
-  int q = 0;
-  if constexpr (MAXS >= 4)
-    for (; q + 4 <= n; q += 4) f(q, std::integral_constant<int, 4>{});
-  if constexpr (MAXS >= 2)
-    for (; q + 2 <= n; q += 2) f(q, std::integral_constant<int, 2>{});
-  for (; q < n; ++q) f(q, std::integral_constant<int, 1>{});
+template <int... Gs, typename F>
+BM_AVX2 BM_ALWAYS_INLINE void in_groups(int64_t n, const F& f) {
+  int64_t first = 0;
+  (groups_of<Gs>(n, first, f), ...);
+}
+
+// in_groups over the strips an MR-row tile multiplies per K pass: at least 8 accumulators where the
+// registers allow (1 row: 4 strips, 8 accumulators; 2 and 3 rows: 2 strips, 8 and 12), fewer where
+// a panel has fewer strips left.
+template <int MR, typename F>
+BM_AVX2 BM_ALWAYS_INLINE void in_strip_groups(int64_t n, const F& f) {
+  if constexpr (MR == 1)
+    in_groups<4, 2, 1>(n, f);
+  else if constexpr (MR <= 3)
+    in_groups<2, 1>(n, f);
+  else
+    in_groups<1>(n, f);
 }
 
 // Loads / stores a quarter tile from / to rows of 16 floats at stride ldc.
