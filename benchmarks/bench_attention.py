@@ -62,18 +62,17 @@ def _call(impl, q, k, v, mask, lengths, bias=None):
     return lambda: BF.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
-def _measure(benchmark, fn, quick, *, slow, **info):
-    """Times `fn` with the suite's round counts and records `info` for `bigmodel bench`'s table."""
-    rounds = (3 if slow else 5) if quick else (7 if slow else 15)
-    benchmark.extra_info.update(info)
-    benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1, iterations=1)
+def _measure(time_round, build, quick, *, slow, **info):
+    """Times one round of `build()`'s callable with the suite's round counts and records `info` for
+    `bigmodel bench`'s table."""
+    time_round(build, rounds=(3 if slow else 5) if quick else (7 if slow else 15), **info)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("shape", SHAPES + GPU_SHAPES, ids=[s[0] for s in SHAPES + GPU_SHAPES])
-def test_attention(benchmark, quick, device, timed, shape, mask, mode, impl):
+def test_attention(time_round, quick, device, timed, shape, mask, mode, impl, rnd):
     on_gpu_list = shape in GPU_SHAPES
     if on_gpu_list != (device == "cuda"):
         pytest.skip("CPU shapes run on the CPU, GPU shapes on CUDA")
@@ -87,40 +86,44 @@ def test_attention(benchmark, quick, device, timed, shape, mask, mode, impl):
         pytest.skip("on CUDA every mode is bf16 already")
     name, B, L, H, d = shape
     dtype = GPU_DTYPE if device == "cuda" or mode.endswith("-bf16") else torch.float32
-    g = torch.Generator().manual_seed(1)
-    q, k, v = (
-        torch.randn(B, H, L, d, generator=g).to(device, dtype).requires_grad_(mode.startswith("train"))
-        for _ in range(3)
-    )
-    # Lengths between L/4 and L, the longest present (so no row is fully masked for native).
-    lengths = torch.randint(L // 4, L + 1, (B,), generator=g)
-    lengths[0] = L
-    lengths = lengths.to(device)
-    bias = None
-    if mask == "bias":
-        bias = (
-            (0.1 * torch.randn(1, H, L, L, generator=g))
-            .to(device, dtype)
-            .requires_grad_(mode.startswith("train"))
+
+    def build():
+        g = torch.Generator().manual_seed(1)
+        q, k, v = (
+            torch.randn(B, H, L, d, generator=g).to(device, dtype).requires_grad_(mode.startswith("train"))
+            for _ in range(3)
         )
-    attend = _call(impl, q, k, v, mask, lengths, bias)
+        # Lengths between L/4 and L, the longest present (so no row is fully masked for native).
+        lengths = torch.randint(L // 4, L + 1, (B,), generator=g)
+        lengths[0] = L
+        lengths = lengths.to(device)
+        bias = None
+        if mask == "bias":
+            bias = (
+                (0.1 * torch.randn(1, H, L, L, generator=g))
+                .to(device, dtype)
+                .requires_grad_(mode.startswith("train"))
+            )
+        attend = _call(impl, q, k, v, mask, lengths, bias)
 
-    if mode.startswith("forward"):
+        if mode.startswith("forward"):
 
-        def fn():
-            with torch.no_grad():
-                attend()
-    else:
+            def fn():
+                with torch.no_grad():
+                    attend()
+        else:
 
-        def fn():
-            q.grad = k.grad = v.grad = None
-            if bias is not None:
-                bias.grad = None
-            attend().sum().backward()
+            def fn():
+                q.grad = k.grad = v.grad = None
+                if bias is not None:
+                    bias.grad = None
+                attend().sum().backward()
+
+        return timed(fn)
 
     _measure(
-        benchmark,
-        timed(fn),
+        time_round,
+        build,
         quick,
         slow=mode.startswith("train") or L >= 1024,
         op="attention",
@@ -141,26 +144,30 @@ DECODE_STEPS = 32
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mode", ["forward", "forward-bf16"])
 @pytest.mark.parametrize("mask", ["none", "key-padding"])
-def test_attention_decode(benchmark, quick, device, timed, mask, mode, impl):
+def test_attention_decode(time_round, quick, device, timed, mask, mode, impl, rnd):
     if device == "cuda":
         pytest.skip("a CPU serving case")
     name, B, S, H, d = DECODE_SHAPE
     dtype = torch.bfloat16 if mode.endswith("-bf16") else torch.float32
-    g = torch.Generator().manual_seed(1)
-    q = torch.randn(B, H, 1, d, generator=g).to(dtype)
-    k, v = (torch.randn(B, H, S, d, generator=g).to(dtype) for _ in range(2))
-    lengths = torch.randint(S // 4, S + 1, (B,), generator=g)
-    lengths[0] = S
-    attend = _call(impl, q, k, v, mask, lengths)
 
-    def fn():
-        with torch.no_grad():
-            for _ in range(DECODE_STEPS):
-                attend()
+    def build():
+        g = torch.Generator().manual_seed(1)
+        q = torch.randn(B, H, 1, d, generator=g).to(dtype)
+        k, v = (torch.randn(B, H, S, d, generator=g).to(dtype) for _ in range(2))
+        lengths = torch.randint(S // 4, S + 1, (B,), generator=g)
+        lengths[0] = S
+        attend = _call(impl, q, k, v, mask, lengths)
+
+        def fn():
+            with torch.no_grad():
+                for _ in range(DECODE_STEPS):
+                    attend()
+
+        return timed(fn)
 
     _measure(
-        benchmark,
-        timed(fn),
+        time_round,
+        build,
         quick,
         slow=False,
         op="attention",
@@ -181,7 +188,7 @@ def _has_cuda_kernel() -> bool:
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("weights", [False, True], ids=["", "weights"])
 @pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
-def test_multihead_attention(benchmark, quick, device, timed, shape, weights, mode, impl):
+def test_multihead_attention(time_round, quick, device, timed, shape, weights, mode, impl, rnd):
     """nn.MultiheadAttention vs bigmodel's, self-attention with a right-padded key_padding_mask,
     need_weights=False on both sides, or (case `+weights`, seed and short shapes) need_weights=True,
     the module's default, returning the head-averaged weights (training backpropagates the output
@@ -202,38 +209,42 @@ def test_multihead_attention(benchmark, quick, device, timed, shape, weights, mo
     dtype = GPU_DTYPE if device == "cuda" or mode.endswith("-bf16") else torch.float32
     name, B, L, H, d = shape
     E = H * d
-    torch.manual_seed(0)
-    ref = torch.nn.MultiheadAttention(E, H, batch_first=True)
-    if impl == "native":
-        module = ref
-    else:
-        module = bigmodel.nn.MultiheadAttention(E, H, batch_first=True)
-        module.load_state_dict(ref.state_dict())
-    module = module.to(device, dtype).train()
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(B, L, E, generator=g).to(device, dtype).requires_grad_(mode.startswith("train"))
-    lengths = torch.randint(L // 4, L + 1, (B,), generator=g)
-    lengths[0] = L
-    pad = (torch.arange(L) >= lengths.view(-1, 1)).to(device)  # True = padding, as nn.MHA wants
-    params = list(module.parameters())
 
-    if mode.startswith("forward"):
+    def build():
+        torch.manual_seed(0)
+        ref = torch.nn.MultiheadAttention(E, H, batch_first=True)
+        if impl == "native":
+            module = ref
+        else:
+            module = bigmodel.nn.MultiheadAttention(E, H, batch_first=True)
+            module.load_state_dict(ref.state_dict())
+        module = module.to(device, dtype).train()
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(B, L, E, generator=g).to(device, dtype).requires_grad_(mode.startswith("train"))
+        lengths = torch.randint(L // 4, L + 1, (B,), generator=g)
+        lengths[0] = L
+        pad = (torch.arange(L) >= lengths.view(-1, 1)).to(device)  # True = padding, as nn.MHA wants
+        params = list(module.parameters())
 
-        def fn():
-            with torch.no_grad():
-                module(x, x, x, key_padding_mask=pad, need_weights=weights)
-    else:
+        if mode.startswith("forward"):
 
-        def fn():
-            for p in params:
-                p.grad = None
-            x.grad = None
-            out, _ = module(x, x, x, key_padding_mask=pad, need_weights=weights)
-            out.sum().backward()
+            def fn():
+                with torch.no_grad():
+                    module(x, x, x, key_padding_mask=pad, need_weights=weights)
+        else:
+
+            def fn():
+                for p in params:
+                    p.grad = None
+                x.grad = None
+                out, _ = module(x, x, x, key_padding_mask=pad, need_weights=weights)
+                out.sum().backward()
+
+        return timed(fn)
 
     _measure(
-        benchmark,
-        timed(fn),
+        time_round,
+        build,
         quick,
         slow=mode.startswith("train") or L >= 1024,
         op="mha",

@@ -35,7 +35,7 @@ def _step(model, optimizer, ids, lengths, labels, device):
 
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_classifier(benchmark, quick, device, case, impl):
+def test_classifier(time_round, quick, device, case, impl, rnd):
     if quick and case[0] != "seed":
         pytest.skip("--quick runs the seed case only")
     name, B, T, V, E, H, L, bidir = case
@@ -44,12 +44,16 @@ def test_classifier(benchmark, quick, device, case, impl):
     ids = torch.randint(1, V, (B, T), generator=g)
     ids[torch.arange(T).unsqueeze(0) >= lengths.unsqueeze(1)] = 0
     labels = torch.randint(0, 2, (B,), generator=g)
-    torch.manual_seed(0)
-    model = TextClassifier(V, E, H, L, bidir, backend=IMPLS[impl]).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    ids, lengths, labels = ids.to(device), lengths.to(device), labels.to(device)
-    rounds = 3 if quick else 7
-    benchmark.extra_info.update(
+
+    def build():
+        torch.manual_seed(0)
+        model = TextClassifier(V, E, H, L, bidir, backend=IMPLS[impl]).to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        return _step(model, optimizer, ids.to(device), lengths.to(device), labels.to(device), device)
+
+    time_round(
+        build,
+        rounds=3 if quick else 7,
         op="classifier",
         case=name,
         shape=f"B={B} T={T} V={V} E={E} H={H} L={L}" + (" bidir" if bidir else ""),
@@ -57,7 +61,4 @@ def test_classifier(benchmark, quick, device, case, impl):
         impl=impl,
         tokens=int(lengths.sum()),
         device=device,
-    )
-    benchmark.pedantic(
-        _step(model, optimizer, ids, lengths, labels, device), rounds=rounds, warmup_rounds=1, iterations=1
     )

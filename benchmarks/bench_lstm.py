@@ -80,26 +80,31 @@ def _step(impl, mode, model, x, lengths):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
-def test_lstm(benchmark, quick, device, timed, shape, mode, impl):
+def test_lstm(time_round, quick, device, timed, shape, mode, impl, rnd):
     if quick and shape[0] != "seed":
         pytest.skip("--quick runs the seed shape only")
     if mode == "train-features" and (quick or shape[0] != "seed"):
         pytest.skip("train-features: seed shape only, not in --quick")
     _, T, B, IN, H, L, bidir = shape
-    model = _make(impl, shape, device)
     g = torch.Generator().manual_seed(1)
-    # In training the input requires grad, as in the seed classifier where an Embedding feeds the
-    # LSTM: both sides must compute the input gradient (but in train-features).
-    needs_grad = not mode.startswith("forward") and mode != "train-features"
-    x = torch.randn(T, B, IN, generator=g).to(device).requires_grad_(needs_grad)
-    if mode.endswith("-bf16"):  # bf16 module and input on both sides
-        model = model.bfloat16()
-        x = x.bfloat16()
+    x = torch.randn(T, B, IN, generator=g)
     lengths = torch.randint(1, T + 1, (B,), generator=g)  # on the CPU, as pack_padded_sequence wants
-    fn = timed(_step(impl, mode, model, x, lengths))
+
+    def build():
+        model = _make(impl, shape, device)
+        # In training the input requires grad, as in the seed classifier where an Embedding feeds the
+        # LSTM: both sides must compute the input gradient (but in train-features).
+        needs_grad = not mode.startswith("forward") and mode != "train-features"
+        xd = x.to(device)
+        if mode.endswith("-bf16"):  # bf16 module and input on both sides
+            model = model.bfloat16()
+            xd = xd.bfloat16()
+        return timed(_step(impl, mode, model, xd.requires_grad_(needs_grad), lengths))
+
     slow = not mode.startswith("forward")
-    rounds = (3 if slow else 5) if quick else (7 if slow else 15)
-    benchmark.extra_info.update(
+    time_round(
+        build,
+        rounds=(3 if slow else 5) if quick else (7 if slow else 15),
         op="lstm",
         case=shape[0],
         shape=f"T={T} B={B} I={IN} H={H} L={L}" + (" bidir" if bidir else ""),
@@ -108,7 +113,6 @@ def test_lstm(benchmark, quick, device, timed, shape, mode, impl):
         device=device,
         tokens=int(lengths.sum()) if mode == "varlen-train" else T * B,
     )
-    benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1, iterations=1)
 
 
 # nn.LSTMCell driven one step at a time (step-by-step decoding, custom recurrences): every call is one
@@ -150,20 +154,25 @@ def _cell_step(mode, cell, x):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mode", CELL_MODES)
 @pytest.mark.parametrize("shape", CELL_SHAPES, ids=[s[0] for s in CELL_SHAPES])
-def test_lstm_cell_steps(benchmark, quick, device, timed, shape, mode, impl):
+def test_lstm_cell_steps(time_round, quick, device, timed, shape, mode, impl, rnd):
     name, T, B, IN, H = shape
-    torch.manual_seed(0)
-    cell = nn.LSTMCell(IN, H)
-    if impl == "bigmodel":
-        ours = bigmodel.nn.LSTMCell(IN, H)
-        ours.load_state_dict(cell.state_dict())
-        cell = ours
-    cell = cell.to(device)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(T, B, IN, generator=g).to(device).requires_grad_(mode == "train")
-    fn = timed(_cell_step(mode, cell, x))
-    rounds = 5 if quick else 15
-    benchmark.extra_info.update(
+
+    def build():
+        torch.manual_seed(0)
+        cell = nn.LSTMCell(IN, H)
+        if impl == "bigmodel":
+            ours = bigmodel.nn.LSTMCell(IN, H)
+            ours.load_state_dict(cell.state_dict())
+            cell = ours
+        cell = cell.to(device)
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(T, B, IN, generator=g).to(device).requires_grad_(mode == "train")
+        return timed(_cell_step(mode, cell, x))
+
+    time_round(
+        build,
+        rounds=5 if quick else 15,
+        warmup=2,
         op="lstm",
         case=name,
         shape=f"LSTMCell, {T} calls of B={B} I={IN} H={H}",
@@ -172,4 +181,3 @@ def test_lstm_cell_steps(benchmark, quick, device, timed, shape, mode, impl):
         device=device,
         tokens=T * B,
     )
-    benchmark.pedantic(fn, rounds=rounds, warmup_rounds=2, iterations=1)

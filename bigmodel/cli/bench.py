@@ -2,14 +2,15 @@
 
 Each op family's pytest-benchmark file runs in its own process twice: once as users run PyTorch,
 once with glibc's allocator tuned to keep freed blocks (GLIBC_TUNABLES, which must be set before
-the process starts). Native and bigmodel run side by side in each process, so every ratio comes from
-one process.
+the process starts). Native and bigmodel run side by side in each process, their rounds alternating
+(benchmarks/conftest.py), so every ratio comes from one process and the same stretch of time.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -68,16 +69,19 @@ def _run_pytest(path: Path, quick: bool, tuned: bool, out_json: Path, device: st
 
 
 def _medians(path: Path) -> dict[tuple, dict]:
+    """Each case and side's median time over its rounds. The suite records one round per benchmark
+    (extra_info["round"], native and bigmodel alternating); a file whose benchmarks each time several
+    rounds (pytest-benchmark's usual form) gives each side's own median."""
     data = json.loads(path.read_text())
-    rows = {}
+    rows, times = {}, {}
     for b in data["benchmarks"]:
         e = b["extra_info"]
-        rows[(e["op"], e["case"], e["mode"], e["impl"])] = {
-            "shape": e["shape"],
-            "median_ms": b["stats"]["median"] * 1e3,
-            "tokens": e.get("tokens"),
-            "device": e.get("device", "cpu"),
-        }
+        key = (e["op"], e["case"], e["mode"], e["impl"])
+        rows[key] = {"shape": e["shape"], "tokens": e.get("tokens"), "device": e.get("device", "cpu")}
+        times.setdefault(key, []).append(b["stats"]["median"] * 1e3)
+    for key, row in rows.items():
+        row["median_ms"] = statistics.median(times[key])
+        row["rounds"] = len(times[key])
     return rows
 
 
@@ -131,7 +135,10 @@ def machine_line(device: str = "cpu") -> str:
         where = f"GPU {torch.cuda.get_device_name()}"
     else:
         where = f"{torch.get_num_threads()} threads"
-    return f"{cpu_model()}, {where}, torch {torch.__version__}, medians of pytest-benchmark rounds"
+    return (
+        f"{cpu_model()}, {where}, torch {torch.__version__}, "
+        "medians of pytest-benchmark rounds, native and bigmodel alternating"
+    )
 
 
 def _check_devices(rows: dict[tuple, dict], device: str, family_file: str) -> None:

@@ -1,4 +1,8 @@
+import itertools
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,3 +45,40 @@ def test_table_and_plot(tmp_path):
     path = tmp_path / "speedups.png"
     plot_speedups(records, path, "test machine")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_suite_alternates_native_and_bigmodel_round_by_round():
+    """Each case's rounds run in a row, native and bigmodel taking turns, so that a slow stretch of a
+    shared host falls on both sides of a ratio."""
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "bench_lstm.py",
+            "--collect-only",
+            "-q",
+            "--quick",
+            "-p",
+            "no:cacheprovider",
+        ],
+        cwd=root / "benchmarks",
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    ids = [
+        line.split("[", 1)[1].rstrip("]") for line in out.splitlines() if "bench_lstm.py::test_lstm[" in line
+    ]
+    assert ids[:5] == [
+        "r0-seed-forward-native",
+        "r0-seed-forward-bigmodel",
+        "r1-seed-forward-native",
+        "r1-seed-forward-bigmodel",
+        "r2-seed-forward-native",
+    ]
+    cases = [i.split("-", 1)[1].rsplit("-", 1)[0] for i in ids]
+    # a case's rounds are contiguous: once the suite leaves a case it never comes back to it
+    assert len(set(cases)) == len([case for case, _ in itertools.groupby(cases)])

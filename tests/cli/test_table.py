@@ -47,3 +47,14 @@ def test_table_needs_both_sides_of_a_case(tmp_path, capsys):
     only_native = _bench_json(tmp_path / "n.json", [("seed", "forward", "native", 10.0)])
     assert main(["table", str(only_native)]) == 2
     assert "no case has both" in capsys.readouterr().err
+
+
+def test_table_takes_each_sides_median_over_its_rounds(tmp_path, capsys):
+    """The suite records one benchmark per round (native and bigmodel alternating): each side's time
+    is the median of its rounds, however many there are."""
+    rounds = [("seed", "train", "native", ms) for ms in (200.0, 500.0, 180.0)]
+    rounds += [("seed", "train", "bigmodel", ms) for ms in (100.0, 90.0, 95.0, 400.0, 80.0)]
+    path = _bench_json(tmp_path / "rounds.json", rounds)
+    assert main(["table", str(path)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| lstm | seed"))
+    assert "| 200.0 | 95.0 | 2.11x |" in row
