@@ -1,8 +1,9 @@
 """Paired timing of nn.LSTM against bigmodel.nn.LSTM: the two layers alternate call by call.
 
-On a shared, noisy machine the suite's medians can move by a third between two tests run a minute
-apart; here every round times one native call and then one bigmodel call on the same input and
-weights, so a slow stretch of the host hits both. Prints the medians and minima of each side and the
+On a shared, noisy machine a slow stretch of the host moves any median by up to a third, so every
+round here times one native call and then one bigmodel call on the same input and weights, as the
+suite's rounds alternate (benchmarks/conftest.py): a slow stretch hits both. This probe takes any
+shape and round count from the command line. Prints the medians and minima of each side and the
 ratio of the medians. Run it once as users run PyTorch and once with glibc's allocator tuned:
 
     python benchmarks/paired.py                              # seed shape, float32, forward + train
