@@ -418,3 +418,43 @@ def test_constructor_validation_like_nn_lstm():
             nn.LSTM(*args)
         with pytest.raises(want.type, match=re.escape(want.value.args[0])):
             bigmodel.nn.LSTM(*args)
+
+
+def test_calls_from_several_python_threads():
+    """A threaded server calls one model from several Python threads at once: each thread's output
+    and gradients equal the same call made alone (the packed-weight cache, the buffer pool and the
+    time loop's per-step barrier shared by concurrent calls, each with its own OpenMP team, more
+    threads than cores)."""
+    import threading
+
+    torch.manual_seed(0)
+    lstm = bigmodel.nn.LSTM(40, 64, num_layers=2, bidirectional=True)
+    params = list(lstm.parameters())
+    inputs = [torch.randn(30, 2 + 5 * i, 40, requires_grad=True) for i in range(4)]
+    lengths = [torch.randint(1, 31, (x.shape[1],)) for x in inputs]
+
+    def call(i):
+        out, (h_n, _) = lstm(inputs[i], lengths=lengths[i])
+        loss = out.square().sum() + h_n.sum()
+        return [out.detach(), *torch.autograd.grad(loss, [inputs[i], *params])]
+
+    expected = [call(i) for i in range(len(inputs))]
+    got, errors = {}, []
+
+    def worker(i):
+        try:
+            for _ in range(3):
+                got[i] = call(i)
+        except Exception as e:  # reported below, with the thread that raised it
+            errors.append((i, e))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "concurrent calls did not finish"
+    assert not errors, errors
+    for i, want in enumerate(expected):
+        for g, e in zip(got[i], want, strict=True):
+            torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4)
