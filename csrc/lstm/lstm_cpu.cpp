@@ -21,6 +21,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -354,6 +356,38 @@ int64_t l2_budget() {
   return budget;
 }
 
+// Calls of this file's CPU ops running now, from any of the caller's threads (several Python
+// threads serving one model, torch.jit.fork). Each call's parallel regions get their own OpenMP
+// team, so two calls of all threads each would put twice as many workers as cores on their
+// per-step barriers; a call takes its share of the intra-op threads instead. Two Python threads
+// each making 20 inference calls side by side on 2 cores (T = 64, B = 16, I = 100, H = 200): 213 ms
+// with a team of 2 a call, 147 ms with the share (training 311 -> 241 ms; NOTES v33). A lone call
+// takes every thread, as before.
+std::atomic<int64_t> calls_in_flight{0};
+
+// The calling thread's share, fixed when its call starts (0: no call on this thread), so that the
+// grid, the step kernels' team and the denormal guard of one call agree.
+thread_local int64_t call_threads = 0;
+
+struct InFlight {
+  InFlight() : outer_(call_threads) {
+    const int64_t calls = calls_in_flight.fetch_add(1, std::memory_order_relaxed) + 1;
+    call_threads = std::max<int64_t>(1, at::get_num_threads() / calls);
+  }
+  ~InFlight() {
+    calls_in_flight.fetch_sub(1, std::memory_order_relaxed);
+    call_threads = outer_;
+  }
+  InFlight(const InFlight&) = delete;
+  InFlight& operator=(const InFlight&) = delete;
+
+ private:
+  const int64_t outer_;
+};
+
+// The intra-op threads this call may use.
+int64_t team_threads() { return call_threads > 0 ? call_threads : std::max<int64_t>(1, at::get_num_threads()); }
+
 // Bytes of weights a worker may stream every step and still find close by: its L2 budget and, on
 // AMD, three quarters of its 4 MiB share of the L3 too. Zen's L3 (4 MiB per core on Zen 2 to 4)
 // feeds a step's weights nearly as fast as the L2: on a Zen 4 VM (1 MiB L2) row groups streaming
@@ -391,7 +425,7 @@ int64_t stream_budget() {
 // only where it replaces small blocks (B = 8: 1.3-1.5x faster, B = 13, 14: 1.1-1.3x; NOTES v21).
 fast::Grid choose_grid(int64_t B, int64_t col_panels, int64_t stream_bytes, int64_t block_rows = 6,
                        bool fill_blocks = false, bool tall = false) {
-  const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t nt = team_threads();
   fast::Grid g;
   g.rows = block_rows;
 #if AT_PARALLEL_OPENMP
@@ -976,7 +1010,7 @@ void step_units_all(const StepArgs& a, int64_t u0, int64_t n) {
 // on one core).
 int64_t step_workers(int64_t I, int64_t H) {
   const int64_t bytes = 16 * H * (I + H);
-  return bytes < (int64_t(1) << 17) ? 1 : std::max<int64_t>(1, at::get_num_threads());
+  return bytes < (int64_t(1) << 17) ? 1 : team_threads();
 }
 
 // The B rows of x ([1, B, I]) and h ([B, H]) side by side, each zero-padded to whole vectors: row b's
@@ -1179,6 +1213,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_cpu(
     const Tensor& input, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
     const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh, const std::optional<Tensor>& w_hr,
     const std::optional<Tensor>& lengths, bool reverse, bool train) {
+  const InFlight in_flight;
   const Dims d = check_layer_args(kOp, input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
   const PackPlan p = make_plan(d.T, d.B, lengths, kOp);
   const bool step = uses_step_rows(input, d, p);
@@ -1238,6 +1273,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
     const Tensor& w_ih, const Tensor& w_hh, const std::optional<Tensor>& w_hr,
     const std::optional<Tensor>& lengths, const Tensor& output, const Tensor& gates, const Tensor& cells,
     bool reverse, bool has_bias, bool input_grad) {
+  const InFlight in_flight;
   const char* op = "lstm_backward";
   const Dims d = check_layer_args(op, input, h0, c0, w_ih, w_hh, std::nullopt, std::nullopt, w_hr);
   const PackPlan p = make_plan(d.T, d.B, lengths, op);
