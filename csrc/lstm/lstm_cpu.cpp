@@ -357,7 +357,7 @@ int64_t l2_budget() {
 }
 
 // Calls of this file's CPU ops running now, from any of the caller's threads (several Python
-// threads serving one model, torch.jit.fork). Each call's parallel regions get their own OpenMP
+// threads serving one model, say). Each call's parallel regions get their own OpenMP
 // team, so two calls of all threads each would put twice as many workers as cores on their
 // per-step barriers; a call takes its share of the intra-op threads instead. Two Python threads
 // each making 20 inference calls side by side on 2 cores (T = 64, B = 16, I = 100, H = 200): 213 ms
