@@ -29,11 +29,15 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("rnd", range(n), ids=[f"r{i}" for i in range(n)])
 
 
+def _params(item) -> dict:
+    """A collected test's parameters ({} for a test without any)."""
+    callspec = getattr(item, "callspec", None)
+    return callspec.params if callspec is not None else {}
+
+
 def _case_of(item) -> tuple:
     """The case a round belongs to: the test and its parameters but the round and the side."""
-    params = getattr(item, "callspec", None)
-    params = params.params if params is not None else {}
-    rest = tuple((k, repr(v)) for k, v in params.items() if k not in ("rnd", "impl"))
+    rest = tuple((k, repr(v)) for k, v in _params(item).items() if k not in ("rnd", "impl"))
     return (item.path, item.originalname, rest)
 
 
@@ -44,7 +48,7 @@ def pytest_collection_modifyitems(items):
     for item in items:
         case = _case_of(item)
         first_seen.setdefault(case, len(first_seen))
-        params = item.callspec.params if hasattr(item, "callspec") else {}
+        params = _params(item)
         keys[item.nodeid] = (first_seen[case], params.get("rnd", 0), IMPL_ORDER.get(params.get("impl"), 0))
     items.sort(key=lambda item: keys[item.nodeid])
 
@@ -68,7 +72,7 @@ def time_round(request, benchmark, _prepared):
     round ``rnd`` of this side of the case (skipping rounds past N), recording ``info`` for the table.
     ``build`` runs, followed by W untimed calls, only where this side of the case has no callable yet."""
     case = _case_of(request.node)
-    params = request.node.callspec.params
+    params = _params(request.node)
     impl, rnd = params["impl"], params["rnd"]
 
     def run(build, *, rounds: int, warmup: int = 1, **info):
